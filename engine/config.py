@@ -1,0 +1,358 @@
+"""Typed configuration tree for every stage, loaded from YAML with dotted overrides.
+
+``load_config(PPOConfig, "configs/ppo_tiny.yaml", ["actor.lr=1e-6"])`` reads the
+YAML, applies the overrides, checks types and ranges, and returns the tree.
+Unknown keys are errors that name the closest valid key. ``save_config`` writes
+the resolved tree to ``<output_dir>/config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, raised before any work starts."""
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class TinyModelConfig:
+    """A small random Llama-style model built from a config (no download)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2  # vLLM's CPU attention needs hidden_size / num_heads >= 32
+    num_kv_heads: int = 2
+    intermediate_size: int = 128
+    max_position_embeddings: int = 256
+
+
+@dataclass
+class ModelConfig:
+    """The policy: an HF checkpoint directory, or a tiny random model when ``path`` is empty."""
+
+    path: str = ""
+    tokenizer: str = ""  # empty: the checkpoint's own tokenizer, or the offline toy tokenizer
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
+    attn_implementation: str = "auto"  # auto = flash_attention_2 on GPU when installed, else sdpa
+
+
+@dataclass
+class RewardConfig:
+    """The frozen reward: a Python callable ``module:function`` or a sequence-classification model."""
+
+    kind: str = "function"  # function | model
+    function: str = "engine.tasks:toy_reward"
+    model_path: str = ""
+    clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
+
+
+@dataclass
+class DataConfig:
+    prompts: str = "toy"  # "toy" (generated) or a JSONL file with a "prompt" field
+    num_prompts: int = 512
+    max_prompt_len: int = 64
+    on_long_prompt: str = "truncate"  # truncate | drop
+    shuffle: bool = True
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"  # vllm | hf
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    kv_cache_gib: float = 1.0  # VLLM_CPU_KVCACHE_SPACE on CPU
+    gpu_memory_utilization: float = 0.4
+    enforce_eager: bool = True
+    sleep_during_train: bool = True  # GPU: release vLLM memory while training
+
+
+@dataclass
+class KLConfig:
+    kind: str = "k1"  # k1 | k2 | k3
+    coef: float = 0.05
+    adaptive: bool = False
+    target: float = 6.0
+    horizon: int = 10000
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    warmup_steps: int = 0
+    zero_stage: int = 2
+
+
+@dataclass
+class CriticConfig(OptimConfig):
+    init_from: str = "policy"  # policy | reward | a checkpoint path
+
+
+@dataclass
+class PPOAlgoConfig:
+    rollout_batch_size: int = 8  # prompts per step, across all ranks
+    samples_per_prompt: int = 1
+    mini_batch_size: int = 8  # samples per optimizer step, across all ranks
+    micro_batch_size: int = 4  # samples per forward/backward, per rank
+    ppo_epochs: int = 1
+    clip_low: float = 0.2
+    clip_high: float | None = None
+    dual_clip: float | None = None
+    value_clip: float | None = 0.2
+    vf_coef: float = 1.0
+    entropy_coef: float = 0.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_advantages: bool = True
+    reward_norm: bool = True
+    kl: KLConfig = field(default_factory=KLConfig)
+
+
+@dataclass
+class PlacementConfig:
+    mode: str = "colocate"  # colocate (this engine); split arrives with async PPO
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb: bool = False
+    wandb_project: str = "tritonrlhf"
+    progress_bar: bool = True
+
+
+@dataclass
+class StageConfig:
+    """Keys every stage shares."""
+
+    output_dir: str = "runs/default"
+    seed: int = 0
+    total_steps: int = 10
+    save_every: int = 0
+    resume: str = "never"  # auto | never | a checkpoint path
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    actor: OptimConfig = field(default_factory=OptimConfig)
+    critic: CriticConfig = field(default_factory=lambda: CriticConfig(lr=5e-5))
+    placement: PlacementConfig = field(default_factory=PlacementConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        """Range and consistency checks; raises ConfigError naming the key."""
+        _choice("resume", self.resume, ("auto", "never"), allow_path=True)
+        _choice("reward.kind", self.reward.kind, ("function", "model"))
+        _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        _choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
+        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        _choice("placement.mode", self.placement.mode, ("colocate",))
+        for name, opt in (("actor", self.actor), ("critic", self.critic)):
+            _positive(f"{name}.lr", opt.lr)
+            _choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
+            if opt.grad_clip < 0:
+                raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
+        _positive("total_steps", self.total_steps)
+        _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
+        _positive("rollout.temperature", self.rollout.temperature)
+        _positive("data.max_prompt_len", self.data.max_prompt_len)
+        p = self.ppo
+        if not 0.0 <= p.clip_low < 1.0:
+            raise ConfigError(f"ppo.clip_low must be in [0, 1), got {p.clip_low}")
+        if p.clip_high is not None and p.clip_high < 0:
+            raise ConfigError(f"ppo.clip_high must be >= 0, got {p.clip_high}")
+        if p.dual_clip is not None and p.dual_clip <= 1.0:
+            raise ConfigError(f"ppo.dual_clip must be > 1, got {p.dual_clip}")
+        if not (0.0 <= p.gamma <= 1.0 and 0.0 <= p.lam <= 1.0):
+            raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {p.gamma}, {p.lam}")
+        for key in ("rollout_batch_size", "samples_per_prompt", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
+            _positive(f"ppo.{key}", getattr(p, key))
+        samples = p.rollout_batch_size * p.samples_per_prompt
+        unit = p.micro_batch_size * world_size
+        if p.mini_batch_size % unit:
+            raise ConfigError(
+                f"ppo.mini_batch_size={p.mini_batch_size} is not divisible by "
+                f"micro_batch_size x world_size = {p.micro_batch_size} x {world_size}"
+            )
+        if samples % p.mini_batch_size:
+            raise ConfigError(
+                f"rollout_batch_size x samples_per_prompt = {samples} is not divisible by "
+                f"ppo.mini_batch_size={p.mini_batch_size}"
+            )
+        if self.reward.kind == "model" and not self.reward.model_path:
+            raise ConfigError("reward.kind=model needs reward.model_path")
+        for key, path in (("model.path", self.model.path), ("reward.model_path", self.reward.model_path),
+                          ("model.tokenizer", self.model.tokenizer)):
+            if path and not Path(path).exists():
+                raise ConfigError(f"{key}: path does not exist: {path}")
+        if self.critic.init_from not in ("policy", "reward") and not Path(self.critic.init_from).exists():
+            raise ConfigError(f"critic.init_from: path does not exist: {self.critic.init_from}")
+        if self.data.prompts != "toy" and not Path(self.data.prompts).exists():
+            raise ConfigError(f"data.prompts: file does not exist: {self.data.prompts}")
+
+
+def _choice(key: str, value: Any, choices: tuple, allow_path: bool = False) -> None:
+    if value in choices:
+        return
+    if allow_path and isinstance(value, str) and value:
+        if not Path(value).exists():
+            raise ConfigError(f"{key}: checkpoint path does not exist: {value}")
+        return
+    raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not value > 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+# --------------------------------------------------------------------------- loading
+T = TypeVar("T")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _closest(key: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(key, options, n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _coerce(path: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(path, inner[0], value)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return _build(tp, value, path)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{path} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(f"{path}[{i}]", a, v) for i, (a, v) in enumerate(zip(args, value)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{path} must be a bool, got {value!r}")
+    if tp in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}")
+        try:
+            out = tp(value) if not isinstance(value, str) else tp(float(value)) if tp is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{path} must be {tp.__name__}, got {value!r}") from None
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{path} must be an int, got {value!r}")
+        return out
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if key not in types_:
+            raise ConfigError(f"unknown config key {full!r}{_closest(key, list(types_))}")
+        kwargs[key] = _coerce(full, types_[key], value)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node, node_cls = tree, cls
+    for i, part in enumerate(parts):
+        types_ = _field_types(node_cls)
+        if part not in types_:
+            where = ".".join(parts[:i]) or "<root>"
+            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} under {where}){_closest(part, list(types_))}")
+        if i == len(parts) - 1:
+            node[part] = value
+        else:
+            node_cls = types_[part]
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{'.'.join(parts[: i + 1])} is not a section")
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"actor.lr=1e-6"`` -> ``("actor.lr", 1e-6)``; values are parsed as YAML scalars."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> T:
+    """Load ``cls`` from a YAML file plus dotted overrides; errors name the key."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file does not exist: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: invalid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p}: top level must be a mapping")
+    for text in overrides or []:
+        key, value = parse_override(text)
+        _set_dotted(tree, cls, key, value)
+    return _build(cls, tree)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain YAML-serialisable data."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:
+    """Write the resolved config to ``<output_dir>/config.yaml``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    return path
