@@ -1,0 +1,107 @@
+"""Per-step metrics: ``metrics.jsonl``, tensorboard, wandb (optional) and a tqdm bar.
+
+Only the logging rank (rank 0) writes; the others get a no-op logger so the
+trainer loop can call it unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from engine.config import LoggingConfig
+
+
+class MetricsLogger:
+    """Appends one JSON object per step to ``<output_dir>/metrics.jsonl`` and mirrors it.
+
+    tensorboard and wandb are imported lazily, only when enabled, so neither is a
+    hard dependency.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | Path,
+        cfg: LoggingConfig,
+        total_steps: int,
+        initial_step: int = 0,
+        enabled: bool = True,
+        run_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.enabled = enabled
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self._tb = self._wandb = self._bar = None
+        self.history: list[dict[str, Any]] = []
+        self._start = time.time()
+        if not enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if cfg.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(log_dir=str(Path(output_dir) / "tensorboard"))
+            except ImportError:  # tensorboard not installed: jsonl still has everything
+                self._tb = None
+        if cfg.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise RuntimeError("logging.wandb=true but wandb is not installed (pip install wandb)") from e
+            self._wandb = wandb.init(project=cfg.wandb_project, dir=str(output_dir), config=run_config)
+        if cfg.progress_bar:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc="ppo", dynamic_ncols=True)
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        """Record ``metrics`` for ``step``; non-finite floats are written as null in JSON."""
+        if not self.enabled:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        self.history.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row, allow_nan=False) + "\n")
+        for key, value in row.items():
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                if self._tb is not None:
+                    self._tb.add_scalar(key, value, step)
+        if self._wandb is not None:
+            self._wandb.log(row, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            shown = {k: row[k] for k in ("reward/mean", "kl/mean", "loss/policy") if row.get(k) is not None}
+            self._bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in shown.items()})
+
+    def write_summary(self, extra: dict[str, Any] | None = None) -> Path | None:
+        """Write ``summary.json``: the last step's metrics, first/last reward and wall time."""
+        if not self.enabled:
+            return None
+        summary: dict[str, Any] = {"steps": len(self.history), "wall_s": time.time() - self._start}
+        if self.history:
+            summary["first"] = self.history[0]
+            summary["last"] = self.history[-1]
+        summary.update(extra or {})
+        path = self.path.parent / "summary.json"
+        path.write_text(json.dumps(summary, indent=2, allow_nan=False))
+        return path
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def _plain(v: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers; NaN/inf to None (valid JSON)."""
+    if hasattr(v, "item") and getattr(v, "numel", lambda: 1)() == 1:
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
