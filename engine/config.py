@@ -187,7 +187,13 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"ppo.dual_clip must be > 1, got {p.dual_clip}")
         if not (0.0 <= p.gamma <= 1.0 and 0.0 <= p.lam <= 1.0):
             raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {p.gamma}, {p.lam}")
-        for key in ("rollout_batch_size", "samples_per_prompt", "mini_batch_size", "micro_batch_size", "ppo_epochs"):
+        for key in (
+            "rollout_batch_size",
+            "samples_per_prompt",
+            "mini_batch_size",
+            "micro_batch_size",
+            "ppo_epochs",
+        ):
             _positive(f"ppo.{key}", getattr(p, key))
         samples = p.rollout_batch_size * p.samples_per_prompt
         unit = p.micro_batch_size * world_size
@@ -203,8 +209,11 @@ class PPOConfig(StageConfig):
             )
         if self.reward.kind == "model" and not self.reward.model_path:
             raise ConfigError("reward.kind=model needs reward.model_path")
-        for key, path in (("model.path", self.model.path), ("reward.model_path", self.reward.model_path),
-                          ("model.tokenizer", self.model.tokenizer)):
+        for key, path in (
+            ("model.path", self.model.path),
+            ("reward.model_path", self.reward.model_path),
+            ("model.tokenizer", self.model.tokenizer),
+        ):
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}: path does not exist: {path}")
         if self.critic.init_from not in ("policy", "reward") and not Path(self.critic.init_from).exists():
@@ -299,7 +308,9 @@ def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> Non
         types_ = _field_types(node_cls)
         if part not in types_:
             where = ".".join(parts[:i]) or "<root>"
-            raise ConfigError(f"unknown config key {dotted!r} (no {part!r} under {where}){_closest(part, list(types_))}")
+            raise ConfigError(
+                f"unknown config key {dotted!r} (no {part!r} under {where}){_closest(part, list(types_))}"
+            )
         if i == len(parts) - 1:
             node[part] = value
         else:
