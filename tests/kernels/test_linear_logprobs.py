@@ -1,0 +1,194 @@
+"""linear_logprobs against float64 formulas written here, forward and backward.
+
+Small CHUNK_BYTES budgets force several chunks so the chunk loop, the in-place
+dlogits and the grad_weight accumulation are all exercised.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from conftest import DTYPES, INTERPRET, assert_close_fp64
+
+import kernels.logprobs as logprobs_module
+from kernels import _dispatch, linear_logprobs, linear_logprobs_reference, logprobs_from_logits_reference
+
+# The package re-exports the function under the module's own name, so fetch the module explicitly.
+linear_module = importlib.import_module("kernels.linear_logprobs")
+
+FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
+
+
+def fp64_linear_logprobs(hidden, weight, targets, temperature):
+    """(h64, w64, logp64, entropy64): the float64 formula on the full logits."""
+    h = hidden.detach().double().requires_grad_()
+    w = weight.detach().double().requires_grad_()
+    logp_all = torch.log_softmax((h @ w.T) / temperature, dim=-1)
+    logp = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)
+    p = logp_all.exp()
+    entropy = -(p * torch.where(p > 0, logp_all, 0.0)).sum(-1)
+    return h, w, logp, entropy
+
+
+def assert_dispatched(name: str, before: int) -> None:
+    if INTERPRET:
+        assert _dispatch.LAUNCHES[name] > before, f"Triton kernel {name} did not run"
+    else:
+        assert _dispatch.LAUNCHES[name] == before, f"plain CPU must use the reference, but {name} ran"
+
+
+def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entropy"), fn=linear_logprobs):
+    dtype = hidden.dtype
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    before = _dispatch.LAUNCHES[FWD]
+    logp, entropy = fn(h, w, targets, temperature, return_entropy=True)
+    if fn is linear_logprobs:
+        assert_dispatched(FWD, before)
+    assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
+    assert logp.shape == targets.shape
+
+    upstream = {"logp": torch.randn_like(logp), "entropy": torch.randn_like(entropy)}
+    outs = {"logp": logp, "entropy": entropy}
+    before = _dispatch.LAUNCHES[BWD]
+    torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
+    if fn is linear_logprobs:
+        assert_dispatched(BWD, before)
+    assert h.grad.dtype == dtype and w.grad.dtype == dtype
+
+    h64, w64, logp64, entropy64 = fp64_linear_logprobs(hidden, weight, targets, temperature)
+    outs64 = {"logp": logp64, "entropy": entropy64}
+    gh64, gw64 = torch.autograd.grad(
+        [outs64[k] for k in grads], (h64, w64), [upstream[k].double() for k in grads]
+    )
+
+    eager = {}
+    if dtype != torch.float32:
+        # Eager PyTorch at the same precision, full (unchunked) logits.
+        he, we = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        outs_e = logprobs_from_logits_reference(he @ we.T, targets, temperature, return_entropy=True)
+        torch.autograd.backward(
+            [dict(zip(("logp", "entropy"), outs_e))[k] for k in grads], [upstream[k] for k in grads]
+        )
+        eager = {"logp": outs_e[0].detach(), "entropy": outs_e[1].detach(), "h": he.grad, "w": we.grad}
+    assert_close_fp64(logp, logp64.detach(), dtype, eager=eager.get("logp"), name="logp")
+    assert_close_fp64(entropy, entropy64.detach(), dtype, eager=eager.get("entropy"), name="entropy")
+    assert_close_fp64(h.grad, gh64, dtype, eager=eager.get("h"), name="grad_hidden")
+    assert_close_fp64(w.grad, gw64, dtype, eager=eager.get("w"), name="grad_weight")
+
+
+def make_inputs(lead, hidden_size, vocab, dtype):
+    hidden = torch.randn(*lead, hidden_size).to(dtype)
+    weight = (torch.randn(vocab, hidden_size) / hidden_size**0.5 * 2).to(dtype)
+    targets = torch.randint(0, vocab, lead)
+    return hidden, weight, targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead, vocab", [((9,), 1271), ((2, 5), 401), ((2, 2, 3), 1000)])
+def test_matches_fp64_chunked(monkeypatch, lead, vocab, dtype):
+    # A budget of ~3 rows per chunk: several chunks, the last one partial.
+    monkeypatch.setattr(
+        linear_module, "CHUNK_BYTES", 3 * vocab * torch.tensor([], dtype=dtype).element_size()
+    )
+    run_and_check(*make_inputs(lead, 64, vocab, dtype), temperature=1.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("temperature", [0.7, 1.3])
+def test_temperature_single_chunk(temperature, dtype):
+    run_and_check(*make_inputs((6,), 48, 1000, dtype), temperature=temperature)
+
+
+@pytest.mark.parametrize("grads", [("logp",), ("entropy",)])
+def test_single_output_backward(monkeypatch, grads):
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * 401 * 4)
+    run_and_check(*make_inputs((5,), 32, 401, torch.float32), temperature=0.7, grads=grads)
+
+
+def test_reference_is_chunked_and_matches(monkeypatch):
+    """The public reference (CPU path, benchmark baseline) chunks too and matches fp64."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * 401 * 4)
+    calls = []
+    original = linear_module.logprobs_from_logits_reference
+
+    def spy(logits, *args, **kwargs):
+        calls.append(logits.shape[0])
+        return original(logits, *args, **kwargs)
+
+    monkeypatch.setattr(linear_module, "logprobs_from_logits_reference", spy)
+    run_and_check(*make_inputs((7,), 32, 401, torch.float32), temperature=1.3, fn=linear_logprobs_reference)
+    assert max(calls) == 2, "reference must never see more than one chunk of rows"
+
+
+def test_large_vocab(monkeypatch):
+    """151936 vocabulary, 3 rows, bf16, two chunks."""
+    vocab = 151936
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * vocab * 2)
+    run_and_check(*make_inputs((3,), 16, vocab, torch.bfloat16), temperature=1.0)
+
+
+def test_chunk_rows_rule(monkeypatch):
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 256 * 2**20)
+    assert linear_module.chunk_rows(10_000, 151936, 2) == 832
+    assert linear_module.chunk_rows(100, 151936, 2) == 100
+    assert linear_module.chunk_rows(10_000, 10**9, 4) == 1
+
+
+def test_out_of_range_targets():
+    hidden, weight, _ = make_inputs((3,), 16, 50, torch.float32)
+    targets = torch.tensor([3, 50, -1])
+    if not INTERPRET:
+        with pytest.raises(ValueError, match="targets"):
+            linear_logprobs(hidden, weight, targets)
+        return
+    logp = linear_logprobs(hidden, weight, targets)
+    assert torch.isfinite(logp[0]) and torch.isnan(logp[1:]).all()
+
+
+@pytest.mark.parametrize(
+    "hidden, weight, targets, error, match",
+    [
+        (
+            torch.randn(3, 8),
+            torch.randn(10, 7),
+            torch.zeros(3, dtype=torch.long),
+            ValueError,
+            r"hidden\[3, 8\].*weight\[10, 7\]",
+        ),
+        (
+            torch.randn(3, 8),
+            torch.randn(10, 8),
+            torch.zeros(2, dtype=torch.long),
+            ValueError,
+            r"targets\[2\]",
+        ),
+        (
+            torch.randn(3, 8),
+            torch.randn(0, 8),
+            torch.zeros(3, dtype=torch.long),
+            ValueError,
+            r"weight\[0, 8\]",
+        ),
+        (
+            torch.randint(0, 3, (3, 8)),
+            torch.randn(10, 8),
+            torch.zeros(3, dtype=torch.long),
+            TypeError,
+            "hidden",
+        ),
+        (torch.randn(3, 8), torch.randn(10, 8).half(), torch.zeros(3, dtype=torch.long), TypeError, "dtype"),
+        (torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3), TypeError, "targets"),
+        (
+            torch.randn(3, 8),
+            torch.randn(10, 8, device="meta"),
+            torch.zeros(3, dtype=torch.long),
+            ValueError,
+            "device",
+        ),
+    ],
+)
+def test_bad_inputs(hidden, weight, targets, error, match):
+    with pytest.raises(error, match=match):
+        linear_logprobs(hidden, weight, targets)
