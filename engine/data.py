@@ -1,0 +1,231 @@
+"""Prompt data: checked JSONL reading, the tokenized prompt set, and a resumable sampler.
+
+``read_jsonl`` is shared by every stage (PPO prompts; SFT, RM and DPO records) and
+reports problems as ``file:line: ...``. ``PromptDataset`` tokenizes prompts once and
+applies ``data.max_prompt_len``. ``PromptSampler`` deals global batches of indices
+epoch after epoch; its ``state_dict`` is two integers and the seed, so a resumed
+run draws exactly the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.config import ConfigError, DataConfig
+from engine.tasks import toy_prompts
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+
+class DataError(ConfigError):
+    """A problem with a data file or with what is left of it after filtering."""
+
+
+# --------------------------------------------------------------------------- JSONL
+def read_jsonl(
+    path: str | os.PathLike, required: Sequence[str] = (), *, text: Sequence[str] | None = None
+) -> list[dict[str, Any]]:
+    """Read one JSON object per line; blank lines are skipped.
+
+    Every record must have the ``required`` columns; those named in ``text``
+    (default: all of ``required``) must be non-empty strings. Errors name the
+    file, the line and the column.
+    """
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"data file does not exist: {p}")
+    if not p.is_file():
+        raise DataError(f"data path is not a file: {p}")
+    text_cols = list(required) if text is None else list(text)
+    records = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{p}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{where}: malformed JSON: {e.msg} (column {e.colno})") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+            for col in required:
+                if col not in rec:
+                    raise DataError(f"{where}: missing column {col!r} (has {sorted(rec)})")
+            for col in text_cols:
+                value = rec.get(col)
+                if not isinstance(value, str):
+                    raise DataError(f"{where}: column {col!r} must be a string, got {type(value).__name__}")
+                if not value.strip():
+                    raise DataError(f"{where}: column {col!r} is empty")
+            records.append(rec)
+    if not records:
+        raise DataError(f"{p}: no records")
+    return records
+
+
+# --------------------------------------------------------------------------- prompts
+@dataclass
+class PromptBatch:
+    """Prompts for one rollout step, as the rollout engine takes them.
+
+    indices:   [B] dataset indices (for logging and resume checks)
+    texts:     [B] original prompt strings (what reward functions see)
+    input_ids: [B] token-id lists of varying length <= max_prompt_len, unpadded
+    """
+
+    indices: list[int]
+    texts: list[str]
+    input_ids: list[list[int]]
+
+
+class PromptDataset:
+    """Tokenized prompts from ``data.prompts``: ``"toy"`` (``tasks.toy_prompts``) or a JSONL with ``prompt``.
+
+    Each prompt is tokenized without special tokens, then <bos> is prepended when
+    the tokenizer has one and the text did not already start with it. Prompts longer than ``max_prompt_len`` tokens are cut to
+    their last tokens (bos kept) under ``on_long_prompt="truncate"``, or removed
+    under ``"drop"``; ``num_truncated`` / ``num_dropped`` count them. ``texts`` keep
+    the original strings. ``num_prompts`` applies to toy prompts only.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int = 0) -> None:
+        if cfg.on_long_prompt not in ("truncate", "drop"):
+            raise ConfigError(f"data.on_long_prompt must be truncate or drop, got {cfg.on_long_prompt!r}")
+        if cfg.max_prompt_len < 2:
+            raise ConfigError(f"data.max_prompt_len must be >= 2, got {cfg.max_prompt_len}")
+        if cfg.prompts == "toy":
+            raw, source = toy_prompts(cfg.num_prompts, seed), "toy prompts"
+        else:
+            raw, source = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])], cfg.prompts
+        bos = tokenizer.bos_token_id
+        encoded = tokenizer(raw, add_special_tokens=False)["input_ids"]
+        self.texts: list[str] = []
+        self.input_ids: list[list[int]] = []
+        self.num_truncated = self.num_dropped = 0
+        limit = cfg.max_prompt_len
+        for text, ids in zip(raw, encoded):
+            ids = list(ids)
+            if bos is not None and ids[:1] != [bos]:  # chat-rendered text may already hold bos
+                ids.insert(0, bos)
+            if len(ids) > limit:
+                if cfg.on_long_prompt == "drop":
+                    self.num_dropped += 1
+                    continue
+                self.num_truncated += 1
+                ids = [bos] + ids[len(ids) - limit + 1 :] if bos is not None else ids[-limit:]
+            self.texts.append(text)
+            self.input_ids.append(ids)
+        if not self.input_ids:
+            raise DataError(
+                f"{source}: all {len(raw)} prompts are longer than data.max_prompt_len={limit} tokens "
+                "and data.on_long_prompt=drop; raise max_prompt_len or use truncate"
+            )
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+    def __getitem__(self, i: int) -> tuple[str, list[int]]:
+        return self.texts[i], self.input_ids[i]
+
+    def batch(self, indices: Sequence[int]) -> PromptBatch:
+        idx = [int(i) for i in indices]
+        return PromptBatch(idx, [self.texts[i] for i in idx], [self.input_ids[i] for i in idx])
+
+
+# --------------------------------------------------------------------------- sampler
+class PromptSampler:
+    """Endless, deterministic, resumable batches of dataset indices, sharded over ranks.
+
+    The global stream is epoch 0's order, then epoch 1's, ...; each epoch's order is a
+    permutation seeded by ``(seed, epoch)`` (or ``range`` without shuffle). A global
+    batch is the next ``batch_size`` indices of that stream, so batches run across
+    epoch boundaries and none is dropped. Rank ``r`` of ``world_size`` gets the
+    contiguous slice ``[r * b, (r + 1) * b)`` of each global batch, with
+    ``b = batch_size // world_size``: the shares are disjoint. Every rank walks the
+    same stream, so the state is the same on all ranks.
+    """
+
+    def __init__(
+        self,
+        dataset_len: int,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        if dataset_len <= 0:
+            raise ValueError(f"PromptSampler: dataset_len must be > 0, got {dataset_len}")
+        if batch_size <= 0 or batch_size % world_size:
+            raise ValueError(
+                f"PromptSampler: batch_size={batch_size} must be a positive multiple of {world_size=}"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"PromptSampler: rank={rank} not in [0, {world_size})")
+        self.dataset_len, self.batch_size, self.seed, self.shuffle = dataset_len, batch_size, seed, shuffle
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+        self.position = 0  # next index within the current epoch's order
+        self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
+
+    def _epoch_order(self, epoch: int) -> torch.Tensor:
+        if epoch != self._order_epoch:
+            if self.shuffle:
+                g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+                self._order = torch.randperm(self.dataset_len, generator=g)
+            else:
+                self._order = torch.arange(self.dataset_len)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_global_batch(self) -> list[int]:
+        """The next ``batch_size`` indices for all ranks together; advances the state."""
+        out: list[int] = []
+        while len(out) < self.batch_size:
+            order = self._epoch_order(self.epoch)
+            take = min(self.batch_size - len(out), self.dataset_len - self.position)
+            out.extend(order[self.position : self.position + take].tolist())
+            self.position += take
+            if self.position == self.dataset_len:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def next_batch(self) -> list[int]:
+        """This rank's share (``batch_size // world_size`` indices) of the next global batch."""
+        per = self.batch_size // self.world_size
+        return self.next_global_batch()[self.rank * per : (self.rank + 1) * per]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, int]:
+        return {
+            "epoch": self.epoch,
+            "position": self.position,
+            "seed": self.seed,
+            "dataset_len": self.dataset_len,
+            "batch_size": self.batch_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue exactly where ``state`` was taken; the seed, data size and batch size must match."""
+        for key in ("seed", "dataset_len", "batch_size"):
+            if key in state and state[key] != getattr(self, key):
+                raise ValueError(
+                    f"PromptSampler: checkpoint has {key}={state[key]} but this run has {getattr(self, key)}; "
+                    "resuming would not continue the same stream"
+                )
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.dataset_len:
+            raise ValueError(f"PromptSampler: bad state epoch={epoch} position={position}")
+        self.epoch, self.position = epoch, position

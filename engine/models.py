@@ -1,0 +1,415 @@
+"""Model and tokenizer loading: the offline toy tokenizer, tiny random models, and checked loaders.
+
+Every role loads through here: the policy directory vLLM reads (``prepare_policy``),
+the trainable actor and frozen reference (``load_causal_lm``), the frozen reward
+(``load_reward_model``). Each loader checks that a checkpoint is the kind of model
+its role needs, so a reward checkpoint given as policy (or the reverse) fails at
+start-up with a message naming the path, not deep inside a forward pass.
+
+Nothing here downloads: the tiny model and its tokenizer are built from code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from engine.config import ConfigError, ModelConfig, TinyModelConfig
+
+if TYPE_CHECKING:  # transformers is imported lazily: `import engine` stays cheap
+    from transformers import (
+        LlamaForCausalLM,
+        LlamaForSequenceClassification,
+        PretrainedConfig,
+        PreTrainedModel,
+        PreTrainedTokenizerBase,
+        PreTrainedTokenizerFast,
+    )
+
+# --------------------------------------------------------------------------- tokenizer
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+# One token per character. Uppercase input is lowercased by the normalizer; any
+# other character outside this alphabet becomes <unk>.
+ALPHABET = "\n abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'\"-()/+=*<>[]"
+TOY_VOCAB_SIZE = len(SPECIAL_TOKENS) + len(ROLE_TOKENS) + len(ALPHABET)  # 64
+
+# `<|role|>content<eos>` per message; assistant turns are wrapped in
+# {% generation %} so `return_assistant_tokens_mask=True` marks what SFT trains on.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown chat role: ' + message['role']) }}"
+    "{% endif %}"
+    "{{ '<|' + message['role'] + '|>' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + eos_token }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """The offline character-level toy tokenizer: 64 ids, identical on every call.
+
+    Ids 0-3 are <pad>, <bos>, <eos>, <unk>; 4-6 the chat role markers; the rest
+    one character each of ``ALPHABET``. Encoding prepends <bos>; decoding joins
+    characters without spaces, so ``decode(encode(s), skip_special_tokens=True) == s``
+    for lowercase text in the alphabet. Pads on the left (generation layout).
+    As with Llama's tokenizers, the chat template also starts with <bos>: encode
+    rendered chat text with ``add_special_tokens=False`` (``PromptDataset`` does).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *ROLE_TOKENS, *ALPHABET))}
+    assert len(vocab) == TOY_VOCAB_SIZE == 64, len(vocab)
+    # BPE with no merges is a character-level model with an <unk> fallback.
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens(list(SPECIAL_TOKENS) + list(ROLE_TOKENS))
+    tok.normalizer = normalizers.Lowercase()
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+# --------------------------------------------------------------------------- tiny models
+def _round_up(n: int, multiple: int = 64) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _tiny_llama_config(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, **extra: Any) -> Any:
+    from transformers import LlamaConfig
+
+    if cfg.hidden_size % cfg.num_heads:
+        raise ConfigError(
+            f"model.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}"
+        )
+    if cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(
+            f"model.tiny.num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads}"
+        )
+    return LlamaConfig(
+        vocab_size=_round_up(len(tokenizer)),
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        head_dim=cfg.hidden_size // cfg.num_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        dtype="float32",
+        **extra,
+    )
+
+
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, seed: int) -> LlamaForCausalLM:
+    """A randomly initialised Llama causal LM sized by ``cfg``; same ``seed``, same weights.
+
+    The vocabulary is ``len(tokenizer)`` rounded up to a multiple of 64. The global
+    torch RNG is left untouched.
+    """
+    from transformers import LlamaForCausalLM
+
+    config = _tiny_llama_config(tokenizer, cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.float().eval()
+
+
+def build_tiny_reward_model(
+    tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, seed: int
+) -> LlamaForSequenceClassification:
+    """A random Llama sequence classifier with one output: a stand-in reward model for tests."""
+    from transformers import LlamaForSequenceClassification
+
+    config = _tiny_llama_config(tokenizer, cfg, num_labels=1)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForSequenceClassification(config)
+    return model.float().eval()
+
+
+# --------------------------------------------------------------------------- checkpoint checks
+_CAUSAL_SUFFIXES = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+
+
+def _load_config(path: str | os.PathLike, role: str) -> PretrainedConfig:
+    from transformers import AutoConfig
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{role}: checkpoint path does not exist: {p}")
+    if not p.is_dir() or not (p / "config.json").is_file():
+        raise ConfigError(f"{role}: {p} is not a Hugging Face checkpoint directory (no config.json)")
+    try:
+        return AutoConfig.from_pretrained(p)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and role
+        raise ConfigError(f"{role}: cannot read {p / 'config.json'}: {e}") from e
+
+
+def _checkpoint_kind(config: PretrainedConfig) -> str:
+    """``"causal_lm"``, ``"seq_cls"`` or ``"unknown"``, from ``architectures`` or ``model_type``."""
+    archs = list(getattr(config, "architectures", None) or [])
+    if any(a.endswith("ForSequenceClassification") for a in archs):
+        return "seq_cls"
+    if any(a.endswith(_CAUSAL_SUFFIXES) for a in archs):
+        return "causal_lm"
+    if not archs:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            return "causal_lm"
+    return "unknown"
+
+
+def _require_causal_lm(path: str | os.PathLike, role: str) -> PretrainedConfig:
+    config = _load_config(path, role)
+    kind = _checkpoint_kind(config)
+    if kind == "seq_cls":
+        raise ConfigError(
+            f"{role}: {path} is a sequence-classification checkpoint "
+            f"({', '.join(config.architectures)}), not a causal LM; a reward model belongs in reward.model_path"
+        )
+    if kind != "causal_lm":
+        raise ConfigError(
+            f"{role}: {path} is not a causal LM checkpoint "
+            f"(architectures={getattr(config, 'architectures', None)}, model_type={config.model_type!r})"
+        )
+    return config
+
+
+def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, model_config: PretrainedConfig) -> None:
+    """Raise ConfigError if any token id the tokenizer can produce has no embedding row.
+
+    A tokenizer smaller than the embedding is fine (vocabularies are often padded).
+    """
+    n_tok, n_emb = len(tokenizer), model_config.vocab_size
+    if n_tok > n_emb:
+        raise ConfigError(
+            f"tokenizer has {n_tok} tokens but the model's embedding has vocab_size={n_emb}; "
+            "ids >= vocab_size would index past the embedding (wrong tokenizer for this checkpoint?)"
+        )
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None and not 0 <= tid < n_emb:
+            raise ConfigError(f"tokenizer {name}={tid} is outside the model's vocab_size={n_emb}")
+
+
+# --------------------------------------------------------------------------- policy directory
+INIT_POLICY_DIR = "init_policy"
+_SPEC_FILE = "tiny_spec.json"
+
+
+def _tiny_spec(cfg: TinyModelConfig, seed: int, tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1]))
+    return {
+        "tiny": asdict(cfg),
+        "seed": seed,
+        "tokenizer_sha256": hashlib.sha256(vocab.encode()).hexdigest(),
+    }
+
+
+def prepare_policy(cfg: ModelConfig, work_dir: Path, seed: int) -> tuple[Path, PreTrainedTokenizerBase]:
+    """Return ``(directory vLLM loads, tokenizer)`` for the policy.
+
+    Empty ``cfg.path``: build the toy tokenizer and a tiny random model and save both
+    to ``work_dir/init_policy`` (reused when its recorded spec matches, rebuilt when
+    not). Otherwise check that ``cfg.path`` is a causal-LM checkpoint and that the
+    tokenizer (``cfg.tokenizer`` or the checkpoint's own) fits its embedding.
+    Call on one rank per node, then barrier; the write is atomic (rename).
+    """
+    if not cfg.path:
+        tokenizer = build_tokenizer()
+        out = Path(work_dir) / INIT_POLICY_DIR
+        spec = _tiny_spec(cfg.tiny, seed, tokenizer)
+        spec_file = out / _SPEC_FILE
+        if spec_file.is_file() and json.loads(spec_file.read_text()) == spec:
+            return out, tokenizer
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{INIT_POLICY_DIR}.", dir=out.parent))
+        try:
+            build_tiny_model(tokenizer, cfg.tiny, seed).save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
+            if out.exists():
+                shutil.rmtree(out)
+            try:
+                os.replace(tmp, out)
+            except OSError:  # another process finished first; fine if it built the same thing
+                if not (spec_file.is_file() and json.loads(spec_file.read_text()) == spec):
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return out, tokenizer
+
+    path = Path(cfg.path)
+    config = _require_causal_lm(path, "model.path")
+    tokenizer = load_tokenizer(
+        cfg.tokenizer or path, role="model.tokenizer" if cfg.tokenizer else "model.path"
+    )
+    check_tokenizer_matches(tokenizer, config)
+    return path, tokenizer
+
+
+def load_tokenizer(path: str | os.PathLike, role: str = "tokenizer") -> PreTrainedTokenizerBase:
+    """``AutoTokenizer`` from a directory, left-padded, with a pad token (eos when it has none)."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{role}: tokenizer path does not exist: {p}")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except Exception as e:  # noqa: BLE001 - re-raised with the path and role
+        raise ConfigError(f"{role}: cannot load a tokenizer from {p} ({e}); set model.tokenizer") from e
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ConfigError(f"{role}: tokenizer at {p} has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# --------------------------------------------------------------------------- dtype / attention
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+
+def _device_type(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device).type
+
+
+def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
+    """``"auto"`` -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere; or a named dtype."""
+    key = name.lower().removeprefix("torch.")
+    if key == "auto":
+        if _device_type(device) == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if key not in _DTYPES:
+        raise ConfigError(f"model.dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[key]
+
+
+_ATTN = ("eager", "sdpa", "flash_attention_2")
+
+
+def resolve_attn_implementation(
+    name: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+) -> str:
+    """``"auto"`` -> flash_attention_2 on CUDA with flash-attn installed (and a 16-bit dtype), else sdpa."""
+    if name != "auto":
+        if name not in _ATTN:
+            raise ConfigError(f"model.attn_implementation must be auto or one of {list(_ATTN)}, got {name!r}")
+        if name == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 but flash_attn is not installed")
+        return name
+    if (
+        _device_type(device) == "cuda"
+        and dtype in (None, torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+# --------------------------------------------------------------------------- loaders
+def load_causal_lm(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load a causal LM (actor, reference) on CPU in ``dtype``; errors if it is not one.
+
+    ``device`` only steers ``attn_implementation="auto"``; the caller moves the model.
+    """
+    from transformers import AutoModelForCausalLM
+
+    _require_causal_lm(path, "causal LM")
+    attn = resolve_attn_implementation(attn_implementation, device, dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+
+
+def load_reward_model(
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    attn_implementation: str = "auto",
+    device: str | torch.device | None = None,
+) -> PreTrainedModel:
+    """Load a frozen one-output sequence classifier (``num_labels == 1``) in eval mode.
+
+    A causal-LM checkpoint, or a classifier with several labels, is a ConfigError.
+    """
+    from transformers import AutoModelForSequenceClassification
+
+    config = _load_config(path, "reward.model_path")
+    kind = _checkpoint_kind(config)
+    if kind == "causal_lm":
+        raise ConfigError(
+            f"reward.model_path: {path} is a causal-LM checkpoint ({', '.join(config.architectures or [])}), "
+            "not a sequence-classification reward model (num_labels=1); train one with the RM stage"
+        )
+    if kind != "seq_cls":
+        raise ConfigError(
+            f"reward.model_path: {path} is not a sequence-classification checkpoint "
+            f"(architectures={getattr(config, 'architectures', None)})"
+        )
+    if config.num_labels != 1:
+        raise ConfigError(
+            f"reward.model_path: {path} has num_labels={config.num_labels}; a reward model needs 1"
+        )
+    if config.pad_token_id is None:
+        # The classifier scores the last non-pad token; it needs to know the pad id.
+        eos = config.eos_token_id
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is None:
+            raise ConfigError(f"reward.model_path: {path} has no pad_token_id or eos_token_id in config.json")
+        config.pad_token_id = eos
+    attn = resolve_attn_implementation(attn_implementation, device, dtype)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, config=config, dtype=dtype, attn_implementation=attn
+    )
+    model.eval().requires_grad_(False)
+    return model

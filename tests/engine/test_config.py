@@ -1,0 +1,148 @@
+"""The config tree: shipped YAMLs, dotted overrides, type and range errors, save/load round trip."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, PPOConfig, load_config, save_config
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TINY = CONFIGS / "ppo_tiny.yaml"
+BIG = CONFIGS / "ppo_7b_8gpu.yaml"
+
+
+def _load(*overrides: str, path: Path = TINY) -> PPOConfig:
+    return load_config(PPOConfig, path, list(overrides))
+
+
+# --------------------------------------------------------------------------- shipped configs
+def test_ppo_tiny_loads_and_validates():
+    cfg = _load()
+    cfg.validate(world_size=1)
+    assert cfg.model.path == "" and cfg.data.prompts == "toy"
+    assert cfg.reward.kind == "function" and cfg.reward.function == "engine.tasks:toy_reward"
+    assert cfg.rollout.backend == "vllm" and cfg.actor.zero_stage == 2
+    assert cfg.model.tiny.hidden_size // cfg.model.tiny.num_heads >= 32  # vLLM CPU attention
+    cfg.validate(world_size=2)  # also fits a 2-rank DeepSpeed run
+
+
+def test_ppo_7b_loads_and_fits_8_gpus(tmp_path):
+    cfg = _load(path=BIG)
+    assert cfg.actor.zero_stage == cfg.critic.zero_stage == 3
+    assert (cfg.ppo.rollout_batch_size, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size) == (512, 64, 4)
+    assert cfg.rollout.max_new_tokens == 1024 and cfg.rollout.gpu_memory_utilization == 0.5
+    assert (cfg.actor.lr, cfg.critic.lr) == (1e-6, 5e-6)
+    with pytest.raises(ConfigError, match="path does not exist"):
+        cfg.validate(world_size=8)  # the placeholder checkpoints are not on this machine
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "hi"}\n')
+    local = _load(
+        f"model.path={tmp_path}", f"reward.model_path={tmp_path}", f"data.prompts={prompts}", path=BIG
+    )
+    local.validate(world_size=8)  # the batch arithmetic holds on 8 ranks
+
+
+# --------------------------------------------------------------------------- overrides
+def test_dotted_overrides():
+    cfg = _load(
+        "actor.lr=1e-6",  # YAML reads this as a string; it is coerced to float
+        "ppo.kl.coef=0.2",  # nested two levels
+        "ppo.kl.adaptive=true",
+        "data.shuffle=false",
+        "ppo.clip_high=0.28",
+        "ppo.value_clip=null",  # None for an optional field
+        "actor.betas=[0.9, 0.999]",  # tuple
+        "model.tiny.num_layers=4",
+        "seed=3",
+    )
+    assert cfg.actor.lr == 1e-6 and isinstance(cfg.actor.lr, float)
+    assert cfg.ppo.kl.coef == 0.2 and cfg.ppo.kl.adaptive is True
+    assert cfg.data.shuffle is False
+    assert cfg.ppo.clip_high == 0.28 and cfg.ppo.value_clip is None
+    assert cfg.actor.betas == (0.9, 0.999)
+    assert cfg.model.tiny.num_layers == 4 and cfg.model.tiny.hidden_size == 64  # siblings kept
+    assert cfg.seed == 3
+
+
+def test_overrides_without_yaml():
+    cfg = load_config(PPOConfig, None, ["critic.lr=2e-6"])
+    assert cfg.critic.lr == 2e-6 and cfg.actor.lr == PPOConfig().actor.lr
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("actor.lrr=1e-6", "'lr'"),
+        ("totl_steps=3", "'total_steps'"),
+        ("ppo.kl.coeff=0.1", "'coef'"),
+        ("rolout.max_new_tokens=8", "'rollout'"),
+    ],
+)
+def test_unknown_key_names_closest(override, suggestion):
+    with pytest.raises(ConfigError, match=rf"unknown config key.*did you mean {suggestion}"):
+        _load(override)
+
+
+def test_unknown_key_in_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ppo:\n  mini_batchsize: 8\n")
+    with pytest.raises(ConfigError, match=r"'ppo.mini_batchsize'.*did you mean 'mini_batch_size'"):
+        load_config(PPOConfig, path)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("total_steps=abc", "total_steps must be int"),
+        ("total_steps=1.5", "total_steps must be an int"),
+        ("data.shuffle=maybe", "data.shuffle must be a bool"),
+        ("actor.betas=[0.9]", r"actor.betas must be a list of 2 values"),
+        ("actor.lr=true", "actor.lr must be float"),
+        ("ppo=3", "ppo must be a mapping"),
+        ("model.path=[a]", "model.path must be a string"),
+        ("actorlr", "must look like key.sub=value"),
+    ],
+)
+def test_bad_types(override, message):
+    with pytest.raises(ConfigError, match=message):
+        _load(override)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "world_size", "message"),
+    [
+        (["actor.lr=-1e-6"], 1, "actor.lr must be > 0"),
+        (["critic.lr=0"], 1, "critic.lr must be > 0"),
+        (["ppo.clip_low=1.0"], 1, r"ppo.clip_low must be in \[0, 1\)"),
+        (["ppo.clip_low=-0.1"], 1, "ppo.clip_low"),
+        (["ppo.dual_clip=1.0"], 1, "ppo.dual_clip must be > 1"),
+        (["ppo.gamma=1.5"], 1, "ppo.gamma"),
+        (
+            ["ppo.mini_batch_size=8", "ppo.micro_batch_size=4"],
+            4,
+            "not divisible by micro_batch_size x world_size",
+        ),
+        (["ppo.mini_batch_size=12"], 1, "not divisible by ppo.mini_batch_size=12"),
+        (["actor.zero_stage=4"], 1, "actor.zero_stage must be one of"),
+        (["rollout.backend=sglang"], 1, "rollout.backend must be one of"),
+        (["data.on_long_prompt=skip"], 1, "data.on_long_prompt"),
+        (["reward.kind=model"], 1, "reward.kind=model needs reward.model_path"),
+        (["model.path=/definitely/not/here"], 1, "model.path: path does not exist"),
+        (["resume=/definitely/not/here"], 1, "resume: checkpoint path does not exist"),
+    ],
+)
+def test_out_of_range(overrides, world_size, message):
+    cfg = _load(*overrides)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(world_size=world_size)
+
+
+# --------------------------------------------------------------------------- save / load
+@pytest.mark.parametrize("path", [TINY, BIG])
+def test_save_config_round_trip(tmp_path, path):
+    cfg = _load("ppo.clip_high=0.3", "actor.betas=[0.8, 0.9]", "ppo.dual_clip=3.0", path=path)
+    written = save_config(cfg, tmp_path / "run")
+    assert written == tmp_path / "run" / "config.yaml"
+    assert load_config(PPOConfig, written) == cfg
