@@ -1,0 +1,524 @@
+"""PPO clipped policy loss and clipped value loss, with their statistics.
+
+Both losses share one layout: inputs are ``[..., T]`` (the last dim is the sequence; all
+leading dims are flattened into sequences), ``mask`` is bool, integer or float (a float
+mask weights tokens). The scalar loss is one of three reductions:
+
+- ``token_mean``: ``sum(loss * mask) / sum(mask)``; 0 when every token is masked.
+- ``seq_mean_token_mean``: mean over each sequence's masked tokens, then mean over
+  sequences. Sequences with no unmasked token are excluded from the outer mean; 0 if
+  every sequence is empty.
+- ``seq_mean_token_sum``: sum of each sequence's masked token losses, then mean over the
+  sequences that have at least one unmasked token (empty sequences excluded, as above).
+
+Masked tokens never contribute, even when their inputs are inf/NaN padding. Statistics
+are masked means (0 when nothing is unmasked), returned as 0-d float32 tensors without a
+host sync.
+
+Launches: forward is two Triton launches (a streaming kernel writing per-block partial
+sums, then a one-program kernel that reduces them deterministically and writes the loss,
+the statistics and the per-sequence gradient weights); backward is one launch. No atomics
+and no memset, so results are bitwise reproducible.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
+from kernels.kl import _k3
+
+REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+_NSTAT = 8  # partial-sum columns: count, loss, clipped, stat_a, stat_b, dual, max, unused
+
+
+# --------------------------------------------------------------------------- reference
+def _masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
+    """Reduce per-token ``loss[..., T]`` with ``mask`` as documented in the module docstring."""
+    m = mask.float()
+    lm = torch.where(mask != 0, loss * m, torch.zeros_like(loss))
+    if reduction == "token_mean":
+        count = m.sum()
+        return lm.sum() / torch.where(count > 0, count, torch.ones_like(count))
+    rows_sum, rows_cnt = lm.sum(-1), m.sum(-1)
+    valid = rows_cnt > 0
+    if reduction == "seq_mean_token_mean":
+        per = torch.where(valid, rows_sum / torch.where(valid, rows_cnt, torch.ones_like(rows_cnt)), 0.0)
+    else:
+        per = torch.where(valid, rows_sum, 0.0)
+    return per.sum() / valid.sum().clamp(min=1)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.float()
+    count = m.sum()
+    return torch.where(mask != 0, x * m, 0.0).sum() / torch.where(count > 0, count, torch.ones_like(count))
+
+
+def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    on = mask != 0
+    x = torch.where(on, x, float("-inf")).amax()
+    return torch.where(on.any(), x, 0.0)
+
+
+def ppo_policy_loss_reference(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    reduction: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss, PyTorch reference (CPU path and benchmarks' baseline).
+
+    Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and a dict of 0-d float32
+    stats: ``clipfrac`` (clipped term strictly larger), ``approx_kl`` (masked mean of the k3
+    estimator ``expm1(d) - d``, ``d = logp - old_logp``, i.e. KL(old || new)), ``ratio_mean``,
+    ``ratio_max`` (over unmasked tokens, 0 if none) and ``dual_clipfrac``.
+    Memory traffic: reads logp, old_logp, advantages and mask once (eager PyTorch adds
+    several N-sized fp32 temporaries); backward writes N gradients.
+    """
+    clip_high = clip_low if clip_high is None else clip_high
+    on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
+    adv = torch.where(on, advantages.float(), 0.0)
+    d = torch.where(on, logp.float() - old_logp.float(), 0.0)
+    ratio = torch.exp(d)
+    l1 = -adv * ratio
+    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+    loss = torch.maximum(l1, l2)
+    clipped = l2 > l1
+    if dual_clip is not None:
+        l3 = -adv * dual_clip
+        dual = (adv < 0) & (loss > l3)
+        loss = torch.where(dual, l3, loss)
+    else:
+        dual = torch.zeros_like(clipped)
+    out = _masked_reduce(loss, mask, reduction)
+    with torch.no_grad():
+        d, ratio = d.detach(), ratio.detach()
+        stats = {
+            "clipfrac": _masked_mean(clipped.float(), mask),
+            "approx_kl": _masked_mean(torch.expm1(d) - d, mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+            "ratio_max": _masked_max(ratio, mask),
+            "dual_clipfrac": _masked_mean(dual.float(), mask),
+        }
+    return out, stats
+
+
+def ppo_value_loss_reference(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    reduction: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss ``0.5 * max((v - R)^2, (v_clip - R)^2)``, PyTorch reference.
+
+    ``v_clip = old + clamp(v - old, -clip, clip)``; ``clip=None`` gives ``0.5 * (v - R)^2``.
+    Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and 0-d float32 stats
+    ``vf_clipfrac``, ``values_mean``, ``returns_mean``, ``values_max``.
+    Memory traffic: reads values, old_values, returns and mask once; backward writes N.
+    """
+    on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
+    v, r = torch.where(on, values.float(), 0.0), torch.where(on, returns.float(), 0.0)
+    l1 = (v - r) ** 2
+    if clip is not None:
+        old = torch.where(on, old_values.float(), 0.0)
+        v_clip = old + (v - old).clamp(-clip, clip)
+        l2 = (v_clip - r) ** 2
+        loss = 0.5 * torch.maximum(l1, l2)
+        clipped = l2 > l1
+    else:
+        loss = 0.5 * l1
+        clipped = torch.zeros_like(l1, dtype=torch.bool)
+    out = _masked_reduce(loss, mask, reduction)
+    with torch.no_grad():
+        stats = {
+            "vf_clipfrac": _masked_mean(clipped.float(), mask),
+            "values_mean": _masked_mean(v.detach(), mask),
+            "returns_mean": _masked_mean(r, mask),
+            "values_max": _masked_max(v.detach(), mask),
+        }
+    return out, stats
+
+
+# --------------------------------------------------------------------------- kernels
+@triton.jit
+def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constexpr):
+    """Per-token (loss, dloss/dx, clipped, stat_a, stat_b, dual, max_val), all fp32 (flags 0/1).
+
+    Policy: x=logp, old=old_logp, y=advantages, p0=1-clip_low, p1=1+clip_high, p2=dual
+    clip, FLAG=has dual clip. Value: x=values, old=old_values, y=returns, p0=clip,
+    FLAG=has clip.
+    """
+    if IS_VALUE:
+        diff = x - y
+        l1 = diff * diff
+        if FLAG:
+            v_clip = old + tl.minimum(tl.maximum(x - old, -p0), p0)
+            l2 = (v_clip - y) * (v_clip - y)
+            clipped = (l2 > l1).to(tl.float32)
+            loss = 0.5 * tl.maximum(l1, l2)
+            coef = tl.where(l2 > l1, 0.0, diff)
+        else:
+            clipped = tl.zeros_like(l1)
+            loss = 0.5 * l1
+            coef = diff
+        dual = tl.zeros_like(l1)
+        stat_a = x
+        stat_b = y
+        max_val = x
+    else:
+        d = x - old
+        ratio = tl.exp(d)
+        l1 = -y * ratio
+        l2 = -y * tl.minimum(tl.maximum(ratio, p0), p1)
+        clipped = (l2 > l1).to(tl.float32)
+        loss = tl.maximum(l1, l2)
+        coef = tl.where(l2 > l1, 0.0, l1)  # d(-A * ratio)/dlogp = -A * ratio
+        if FLAG:
+            l3 = -y * p2
+            is_dual = (y < 0.0) & (loss > l3)
+            loss = tl.where(is_dual, l3, loss)
+            coef = tl.where(is_dual, 0.0, coef)
+            dual = is_dual.to(tl.float32)
+        else:
+            dual = tl.zeros_like(l1)
+        stat_a = _k3(d)
+        stat_b = ratio
+        max_val = ratio
+    return loss, coef, clipped, stat_a, stat_b, dual, max_val
+
+
+@triton.jit
+def _ppo_fwd_kernel(
+    x_ptr,
+    old_ptr,
+    y_ptr,
+    mask_ptr,
+    part_ptr,
+    rowpart_ptr,
+    S,
+    T,
+    n_tb,
+    p0,
+    p1,
+    p2,
+    IS_VALUE: tl.constexpr,
+    FLAG: tl.constexpr,
+    SEQ: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    inb = (rows < S)[:, None] & (cols < T)[None, :]
+    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
+    x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
+    loss, coef, clipped, stat_a, stat_b, dual, max_val = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    lm = tl.where(on, loss * m, 0.0)
+    base = part_ptr + (pid_s * n_tb + pid_t) * 8
+    tl.store(base + 0, tl.sum(tl.sum(m, axis=1), axis=0))
+    tl.store(base + 1, tl.sum(tl.sum(lm, axis=1), axis=0))
+    tl.store(base + 2, tl.sum(tl.sum(tl.where(on, clipped * m, 0.0), axis=1), axis=0))
+    tl.store(base + 3, tl.sum(tl.sum(tl.where(on, stat_a * m, 0.0), axis=1), axis=0))
+    tl.store(base + 4, tl.sum(tl.sum(tl.where(on, stat_b * m, 0.0), axis=1), axis=0))
+    tl.store(base + 5, tl.sum(tl.sum(tl.where(on, dual * m, 0.0), axis=1), axis=0))
+    tl.store(base + 6, tl.max(tl.max(tl.where(on, max_val, float("-inf")), axis=1), axis=0))
+    if SEQ:
+        row_ok = rows < S
+        tl.store(rowpart_ptr + rows * n_tb + pid_t, tl.sum(lm, axis=1), mask=row_ok)
+        tl.store(rowpart_ptr + S * n_tb + rows * n_tb + pid_t, tl.sum(m, axis=1), mask=row_ok)
+
+
+@triton.jit
+def _ppo_finalize_kernel(
+    part_ptr,
+    n_part,
+    rowpart_ptr,
+    S,
+    n_tb,
+    rowscale_ptr,
+    loss_ptr,
+    stats_ptr,
+    REDUCTION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    k = tl.arange(0, 8)
+    acc_sum = tl.zeros([8], dtype=tl.float32)
+    acc_max = tl.full([8], float("-inf"), dtype=tl.float32)
+    for p in range(0, n_part, BLOCK_P):
+        pr = p + tl.arange(0, BLOCK_P)
+        ok = (pr < n_part)[:, None] & (k < 8)[None, :]
+        tile = tl.load(part_ptr + pr[:, None] * 8 + k[None, :], mask=ok, other=0.0)
+        acc_sum += tl.sum(tile, axis=0)
+        acc_max = tl.maximum(acc_max, tl.max(tl.where(ok, tile, float("-inf")), axis=0))
+    count = tl.sum(tl.where(k == 0, acc_sum, 0.0), axis=0)
+    has = count > 0.0
+    den = tl.where(has, count, 1.0)
+    if REDUCTION == 0:
+        loss = tl.sum(tl.where(k == 1, acc_sum, 0.0), axis=0) / den
+        inv_den = 1.0 / den
+    else:
+        total = tl.zeros([BLOCK_R], dtype=tl.float32)
+        nvalid = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for r0 in range(0, S, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_ok = rows < S
+            rs = tl.zeros([BLOCK_R], dtype=tl.float32)
+            rc = tl.zeros([BLOCK_R], dtype=tl.float32)
+            for j in range(0, n_tb):
+                rs += tl.load(rowpart_ptr + rows * n_tb + j, mask=row_ok, other=0.0)
+                rc += tl.load(rowpart_ptr + S * n_tb + rows * n_tb + j, mask=row_ok, other=0.0)
+            valid = rc > 0.0
+            if REDUCTION == 1:
+                rc_safe = tl.where(valid, rc, 1.0)
+                total += tl.where(valid, rs / rc_safe, 0.0)
+                scale = tl.where(valid, 1.0 / rc_safe, 0.0)
+            else:
+                total += tl.where(valid, rs, 0.0)
+                scale = tl.where(valid, 1.0, 0.0)
+            tl.store(rowscale_ptr + rows, scale, mask=row_ok)
+            nvalid += valid.to(tl.float32)
+        nden = tl.maximum(tl.sum(nvalid, axis=0), 1.0)
+        loss = tl.sum(total, axis=0) / nden
+        inv_den = 1.0 / nden
+    # stats: 0 clipped, 1 stat_a, 2 stat_b, 3 dual (masked means), 4 max, 5 backward scale.
+    tl.store(stats_ptr + 0, tl.sum(tl.where(k == 2, acc_sum, 0.0), axis=0) / den)
+    tl.store(stats_ptr + 1, tl.sum(tl.where(k == 3, acc_sum, 0.0), axis=0) / den)
+    tl.store(stats_ptr + 2, tl.sum(tl.where(k == 4, acc_sum, 0.0), axis=0) / den)
+    tl.store(stats_ptr + 3, tl.sum(tl.where(k == 5, acc_sum, 0.0), axis=0) / den)
+    vmax = tl.max(tl.where(k == 6, acc_max, float("-inf")), axis=0)
+    tl.store(stats_ptr + 4, tl.where(has, vmax, 0.0))
+    tl.store(stats_ptr + 5, inv_den)
+    tl.store(loss_ptr, loss)
+
+
+@triton.jit
+def _ppo_bwd_kernel(
+    g_ptr,
+    stats_ptr,
+    rowscale_ptr,
+    x_ptr,
+    old_ptr,
+    y_ptr,
+    mask_ptr,
+    grad_ptr,
+    S,
+    T,
+    p0,
+    p1,
+    p2,
+    IS_VALUE: tl.constexpr,
+    FLAG: tl.constexpr,
+    SEQ: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    cols = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < S
+    inb = row_ok[:, None] & (cols < T)[None, :]
+    offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+    m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+    x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+    on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
+    x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
+    _, coef, _, _, _, _, _ = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    scale = tl.load(g_ptr).to(tl.float32) * tl.load(stats_ptr + 5)
+    if SEQ:
+        w = scale * tl.load(rowscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        w = scale
+    grad = tl.where(on, (w * m) * coef, 0.0)
+    tl.store(grad_ptr + offs, grad, mask=inb)
+
+
+# --------------------------------------------------------------------------- launchers
+def _blocks(S: int, T: int) -> tuple[int, int]:
+    block_t = min(triton.next_power_of_2(T), 1024)
+    block_s = min(triton.next_power_of_2(S), max(1, 4096 // block_t))
+    return block_s, block_t
+
+
+def _loss_fwd(x, old, y, mask, params, is_value: bool, flag: bool, reduction_id: int):
+    S, T = x.shape
+    block_s, block_t = _blocks(S, T)
+    grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
+    n_tb = grid[1]
+    n_part = grid[0] * grid[1]
+    seq = reduction_id != 0
+    dev = x.device
+    part = torch.empty((n_part, _NSTAT), dtype=torch.float32, device=dev)
+    rowpart = torch.empty((2, S, n_tb) if seq else (1,), dtype=torch.float32, device=dev)
+    rowscale = torch.empty((S,) if seq else (1,), dtype=torch.float32, device=dev)
+    loss = torch.empty((), dtype=torch.float32, device=dev)
+    stats = torch.empty((_NSTAT,), dtype=torch.float32, device=dev)
+    name = "ppo_value_loss" if is_value else "ppo_policy_loss"
+    record_launch(f"{name}_fwd")
+    _ppo_fwd_kernel[grid](
+        x, old, y, mask, part, rowpart, S, T, n_tb, *params,
+        IS_VALUE=is_value, FLAG=flag, SEQ=seq, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
+    )  # fmt: skip
+    record_launch(f"{name}_finalize")
+    _ppo_finalize_kernel[(1,)](
+        part, n_part, rowpart, S, n_tb, rowscale, loss, stats,
+        REDUCTION=reduction_id, BLOCK_P=256, BLOCK_R=1024, num_warps=4,
+    )  # fmt: skip
+    return loss, stats, rowscale
+
+
+def _loss_bwd(g, stats, rowscale, x, old, y, mask, params, is_value: bool, flag: bool, reduction_id: int):
+    S, T = x.shape
+    block_s, block_t = _blocks(S, T)
+    grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
+    grad = torch.empty_like(x)
+    record_launch("ppo_value_loss_bwd" if is_value else "ppo_policy_loss_bwd")
+    _ppo_bwd_kernel[grid](
+        g, stats, rowscale, x, old, y, mask, grad, S, T, *params,
+        IS_VALUE=is_value, FLAG=flag, SEQ=reduction_id != 0, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
+    )  # fmt: skip
+    return grad
+
+
+# --------------------------------------------------------------------------- autograd
+class PPOLossFunction(torch.autograd.Function):
+    """Shared autograd wrapper for both losses; differentiable w.r.t. ``x`` only."""
+
+    @staticmethod
+    def forward(ctx, x, old, y, mask, params, is_value, flag, reduction_id):
+        loss, stats, rowscale = _loss_fwd(x, old, y, mask, params, is_value, flag, reduction_id)
+        ctx.save_for_backward(x, old, y, mask, stats, rowscale)
+        ctx.cfg = (params, is_value, flag, reduction_id)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        x, old, y, mask, stats, rowscale = ctx.saved_tensors
+        grad = _loss_bwd(grad_loss.contiguous(), stats, rowscale, x, old, y, mask, *ctx.cfg)
+        return grad, None, None, None, None, None, None, None
+
+
+# --------------------------------------------------------------------------- public API
+def _validate(names: tuple[str, str, str], tensors, mask, reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    for name, t in zip(names, tensors):
+        check_float(name, t)
+    if mask.dtype.is_complex:
+        raise TypeError(f"mask must be bool, integer or float, got {mask.dtype}")
+    kw = dict(zip(names, tensors), mask=mask)
+    check_same_device(**kw)
+    check_same_shape(**kw)
+    if tensors[0].dim() == 0 or tensors[0].numel() == 0:
+        raise ValueError(
+            f"inputs must be non-empty with at least one dim, got shape {list(tensors[0].shape)}"
+        )
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    t = t.reshape(-1, t.shape[-1]).contiguous()
+    return t.view(torch.uint8) if t.dtype == torch.bool else t
+
+
+def _stat_views(stats: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    return {name: stats[i] for i, name in enumerate(names) if name}
+
+
+def ppo_policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float | None = None,
+    dual_clip: float | None = None,
+    reduction: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO clipped surrogate loss (optionally asymmetric and dual-clipped) and its stats.
+
+    Per token: ``ratio = exp(logp - old_logp)``,
+    ``loss = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))``
+    (``clip_high=None`` means ``clip_low``); with ``dual_clip=c``, tokens with ``A < 0`` are
+    capped at ``-A * c``. See the module docstring for the reductions.
+
+    Args:
+        logp, old_logp, advantages: ``[..., T]`` float tensors.
+        mask: ``[..., T]`` bool, integer or float.
+
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss, differentiable w.r.t. ``logp`` only, and 0-d
+        float32 stats ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``ratio_max``,
+        ``dual_clipfrac`` (see :func:`ppo_policy_loss_reference`).
+    """
+    _validate(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, reduction)
+    if clip_low < 0 or (clip_high is not None and clip_high < 0):
+        raise ValueError(f"clip_low/clip_high must be >= 0, got {clip_low}, {clip_high}")
+    if dual_clip is not None and dual_clip <= 1.0:
+        raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if not use_triton(logp):
+        return ppo_policy_loss_reference(
+            logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction
+        )
+    clip_high = clip_low if clip_high is None else clip_high
+    params = (1.0 - clip_low, 1.0 + clip_high, float(dual_clip or 0.0))
+    x, old, y, m = (_as_2d(t) for t in (logp, old_logp, advantages, mask))
+    loss, stats = PPOLossFunction.apply(
+        x, old, y, m, params, False, dual_clip is not None, REDUCTIONS.index(reduction)
+    )
+    names = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")
+    return loss, _stat_views(stats, names)
+
+
+def ppo_value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip: float | None = 0.2,
+    reduction: str = "token_mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss ``0.5 * max((v - R)^2, (v_clip - R)^2)`` and its stats.
+
+    ``v_clip = old_values + clamp(values - old_values, -clip, clip)``; ``clip=None`` gives
+    the unclipped ``0.5 * (v - R)^2``. See the module docstring for the reductions.
+
+    Args:
+        values, old_values, returns: ``[..., T]`` float tensors.
+        mask: ``[..., T]`` bool, integer or float.
+
+    Returns:
+        ``(loss, stats)``: 0-d float32 loss, differentiable w.r.t. ``values`` only, and 0-d
+        float32 stats ``vf_clipfrac``, ``values_mean``, ``returns_mean``, ``values_max``.
+    """
+    _validate(("values", "old_values", "returns"), (values, old_values, returns), mask, reduction)
+    if clip is not None and clip < 0:
+        raise ValueError(f"clip must be >= 0 or None, got {clip}")
+    if not use_triton(values):
+        return ppo_value_loss_reference(values, old_values, returns, mask, clip, reduction)
+    params = (float(clip or 0.0), 0.0, 0.0)
+    x, old, y, m = (_as_2d(t) for t in (values, old_values, returns, mask))
+    loss, stats = PPOLossFunction.apply(
+        x, old, y, m, params, True, clip is not None, REDUCTIONS.index(reduction)
+    )
+    names = ("vf_clipfrac", "values_mean", "returns_mean", "", "values_max")
+    return loss, _stat_views(stats, names)

@@ -1,0 +1,116 @@
+"""kl_penalty: forward and backward against float64 formulas, dispatch, bad inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import DTYPES, INTERPRET, TOLERANCES, assert_close_fp64
+
+from kernels import kl_penalty
+from kernels._dispatch import LAUNCHES
+
+SHAPES = [(37,), (3, 41), (2, 3, 17)]
+
+
+def _formula64(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str):
+    """(kl, dkl/dlogp * g, dkl/dref * g) in float64, written out by hand."""
+    lp, rf, g = logp.double(), ref.double(), g.double()
+    d = lp - rf
+    if kind == "k1":
+        return d, g, -g
+    if kind == "k2":
+        return 0.5 * d * d, g * d, -g * d
+    r = rf - lp
+    return torch.expm1(r) - r, -g * torch.expm1(r), g * torch.expm1(r)
+
+
+def _eager(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str):
+    """The same formulas in eager PyTorch at the inputs' own precision."""
+    lp, rf = logp.detach().requires_grad_(), ref.detach().requires_grad_()
+    d = lp - rf
+    out = {"k1": lambda: d, "k2": lambda: 0.5 * d * d, "k3": lambda: torch.expm1(-d) + d}[kind]()
+    out.backward(g.to(out.dtype))
+    return out.detach().float(), lp.grad.float(), rf.grad.float()
+
+
+def _check_launched(before: dict[str, int], names: tuple[str, ...]) -> None:
+    for name in names:
+        if INTERPRET:
+            assert LAUNCHES[name] > before.get(name, 0), f"Triton kernel {name} did not run"
+        else:
+            assert LAUNCHES[name] == before.get(name, 0), f"{name} launched without TRITON_INTERPRET"
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_kl_penalty_matches_fp64(kind: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    logp = (-3.0 * torch.rand(shape)).to(dtype)
+    ref = (logp.float() + 0.7 * torch.randn(shape)).to(dtype)
+    a, b = logp.clone().requires_grad_(), ref.clone().requires_grad_()
+    before = dict(LAUNCHES)
+    out = kl_penalty(a, b, kind)
+    _check_launched(before, ("kl_fwd",))
+    assert out.dtype == torch.float32 and out.shape == shape
+    g = torch.randn(shape)
+    out.backward(g)
+    _check_launched(before, ("kl_bwd",))
+    want, want_da, want_db = _formula64(logp, ref, g, kind)
+    eager = _eager(logp, ref, g, kind) if dtype != torch.float32 else (None, None, None)
+    assert_close_fp64(out, want, dtype, eager=eager[0], name=f"{kind} forward")
+    assert a.grad.dtype == dtype and b.grad.dtype == dtype
+    assert_close_fp64(a.grad.float(), want_da, dtype, eager=eager[1], name=f"{kind} grad logp")
+    assert_close_fp64(b.grad.float(), want_db, dtype, eager=eager[2], name=f"{kind} grad ref_logp")
+
+
+def test_k3_tiny_differences_do_not_cancel() -> None:
+    """r ~ 1e-7: naive exp(r) - 1 - r is off by ~1e-8 (even negative); k3 stays relatively exact."""
+    logp = -1.5 + 0.4 * torch.rand(64)
+    ref = logp + torch.linspace(-8, 8, 64) * 1.2e-7
+    ref[::7] = logp[::7]  # exactly zero differences too
+    a = logp.clone().requires_grad_()
+    out = kl_penalty(a, ref, "k3")
+    g = torch.randn(64)
+    out.backward(g)
+    want, want_da, _ = _formula64(logp, ref, g, "k3")
+    assert (out >= 0).all()
+    rtol = TOLERANCES[torch.float32][1]
+    assert ((out.double() - want).abs() <= rtol * want.abs()).all(), (out, want)
+    assert ((a.grad.double() - want_da).abs() <= rtol * want_da.abs() + 1e-30).all()
+    naive = torch.exp(ref - logp) - 1 - (ref - logp)
+    assert ((naive.double() - want).abs() > rtol * want.abs()).any(), (
+        "test inputs should defeat the naive form"
+    )
+
+
+def test_k3_large_differences() -> None:
+    logp = torch.tensor([-20.0, -0.1, -5.0, -1e-3])
+    ref = torch.tensor([-0.1, -20.0, -4.0, -1e-3 - 0.3])
+    out = kl_penalty(logp, ref, "k3")
+    want, _, _ = _formula64(logp, ref, torch.ones(4), "k3")
+    assert_close_fp64(out, want, torch.float32)
+
+
+def test_kl_mixed_input_dtypes() -> None:
+    logp = -torch.rand(3, 5)
+    ref = (-torch.rand(3, 5)).to(torch.bfloat16).requires_grad_()
+    out = kl_penalty(logp, ref, "k2")
+    out.backward(torch.ones_like(out))
+    assert ref.grad.dtype == torch.bfloat16
+    want, _, want_db = _formula64(logp, ref.detach(), torch.ones(3, 5), "k2")
+    assert_close_fp64(out, want, torch.float32)
+    assert_close_fp64(ref.grad.float(), want_db, torch.bfloat16)
+
+
+def test_kl_bad_inputs() -> None:
+    x = torch.zeros(2, 3)
+    with pytest.raises(TypeError, match="logp"):
+        kl_penalty(torch.zeros(2, 3, dtype=torch.long), x)
+    with pytest.raises(TypeError, match="ref_logp"):
+        kl_penalty(x, torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"logp\[2, 3\].*ref_logp\[3, 2\]"):
+        kl_penalty(x, torch.zeros(3, 2))
+    with pytest.raises(ValueError, match="ref_logp"):
+        kl_penalty(x, torch.zeros(2, 3, device="meta"))
+    with pytest.raises(ValueError, match="kind"):
+        kl_penalty(x, x, "k4")
