@@ -1,0 +1,351 @@
+"""Experience batches and the pure functions that turn scores into PPO targets.
+
+Data layout (fixed; the trainer relies on it): a batch of B samples is
+``sequences[B, P+R]`` = a left-padded prompt (P = longest prompt in the batch)
+followed by a right-padded response (R = longest response). The log-prob of
+response token j is predicted at position P-1+j. Every per-token RL tensor is
+``[B, R]`` and is meaningful only where ``action_mask`` is 1.
+
+Nothing here touches distributed state: merging statistics across ranks is the
+trainer's job (see ``RunningMoments.merge_stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+import kernels
+
+_TENSOR_FIELDS = (
+    "sequences",
+    "attention_mask",
+    "action_mask",
+    "old_logprobs",
+    "rollout_logprobs",
+    "ref_logprobs",
+    "values",
+    "scores",
+    "rewards",
+    "advantages",
+    "returns",
+)
+
+
+# --------------------------------------------------------------------------- container
+@dataclass
+class Experience:
+    """One batch of rollouts with everything PPO needs (B samples, P prompt, R response).
+
+    Shapes (per-token RL tensors are float32 and valid where ``action_mask`` is 1):
+
+    - ``sequences``        [B, P+R] int64   left-padded prompt + right-padded response
+    - ``attention_mask``   [B, P+R] int64/bool  1 on real tokens
+    - ``action_mask``      [B, R]   bool    1 on real response tokens
+    - ``old_logprobs``     [B, R]   the trainer's recomputed log-probs before the update
+    - ``rollout_logprobs`` [B, R]   the rollout engine's (vLLM) log-probs
+    - ``ref_logprobs``     [B, R]   the frozen reference policy's log-probs
+    - ``values``           [B, R]   critic values of the state before each response token
+    - ``scores``           [B]      the reward model / function score per sample
+    - ``rewards``          [B, R]   per-token rewards (KL penalty + score on the last token)
+    - ``advantages``       [B, R]   GAE advantages (optionally whitened)
+    - ``returns``          [B, R]   GAE returns (value targets)
+    - ``policy_version``   int      actor optimizer steps taken when the rollout was generated
+
+    Fields not yet computed may be ``None``; ``split``/``cat``/``select``/``to``
+    carry ``None`` through.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    old_logprobs: torch.Tensor | None = None
+    rollout_logprobs: torch.Tensor | None = None
+    ref_logprobs: torch.Tensor | None = None
+    values: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+    policy_version: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.sequences.shape[0])
+
+    @property
+    def response_len(self) -> int:
+        """R, the padded response length."""
+        return int(self.action_mask.shape[1])
+
+    @property
+    def prompt_len(self) -> int:
+        """P, the padded prompt length."""
+        return int(self.sequences.shape[1] - self.action_mask.shape[1])
+
+    def _map(self, fn) -> Experience:
+        updates = {
+            name: fn(getattr(self, name)) for name in _TENSOR_FIELDS if getattr(self, name) is not None
+        }
+        return dataclasses.replace(self, **updates)
+
+    def to(self, device: torch.device | str) -> Experience:
+        """A copy with every tensor moved to ``device``."""
+        return self._map(lambda t: t.to(device))
+
+    def select(self, indices: torch.Tensor | Sequence[int]) -> Experience:
+        """The samples at ``indices`` (a list, a LongTensor, or a bool mask of length B)."""
+        idx = torch.as_tensor(indices, device=self.sequences.device)
+        if idx.dtype == torch.bool:
+            idx = idx.nonzero(as_tuple=True)[0]
+        return self._map(lambda t: t.index_select(0, idx.to(t.device)))
+
+    def split(self, micro_batch_size: int) -> list[Experience]:
+        """Consecutive chunks of ``micro_batch_size`` samples (the last may be smaller)."""
+        if micro_batch_size <= 0:
+            raise ValueError(f"micro_batch_size must be > 0, got {micro_batch_size}")
+        n = self.batch_size
+        return [
+            self.select(torch.arange(i, min(i + micro_batch_size, n))) for i in range(0, n, micro_batch_size)
+        ]
+
+    @staticmethod
+    def cat(items: Sequence[Experience]) -> Experience:
+        """Concatenate along the batch dimension, re-padding prompts (left) and responses (right).
+
+        Batches with different P or R are aligned to the largest: prompt-side
+        tensors get left padding, response-side tensors right padding (zeros,
+        pad token id 0 with attention 0). ``policy_version`` is the minimum.
+        """
+        if not items:
+            raise ValueError("Experience.cat needs at least one batch")
+        P = max(e.prompt_len for e in items)
+        R = max(e.response_len for e in items)
+        out: dict[str, torch.Tensor | None] = {}
+        for name in _TENSOR_FIELDS:
+            vals = [getattr(e, name) for e in items]
+            if all(v is None for v in vals):
+                out[name] = None
+                continue
+            if any(v is None for v in vals):
+                raise ValueError(f"Experience.cat: field {name!r} is set in some batches and None in others")
+            if name in ("sequences", "attention_mask"):
+                vals = [_pad_seq(v, e.prompt_len, P, R) for v, e in zip(vals, items)]
+            elif name != "scores":
+                vals = [torch.nn.functional.pad(v, (0, R - v.shape[1])) for v in vals]
+            out[name] = torch.cat(vals, 0)
+        return Experience(**out, policy_version=min(e.policy_version for e in items))
+
+
+def _pad_seq(x: torch.Tensor, p: int, P: int, R: int) -> torch.Tensor:
+    """[B, p+r] -> [B, P+R]: left-pad the prompt part, right-pad the response part."""
+    prompt, resp = x[:, :p], x[:, p:]
+    prompt = torch.nn.functional.pad(prompt, (P - p, 0))
+    resp = torch.nn.functional.pad(resp, (0, R - resp.shape[1]))
+    return torch.cat([prompt, resp], 1)
+
+
+# --------------------------------------------------------------------------- KL control
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, coef: float) -> None:
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient never moves."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient (Ziegler et al. 2019, as in TRL).
+
+    ``error = clip(current_kl / target - 1, -0.2, 0.2)``;
+    ``coef *= 1 + error * n_steps / horizon``. ``n_steps`` is the number of
+    samples (or steps, consistently) since the last update.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int) -> None:
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got {target}, {horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        if not math.isfinite(current_kl):
+            return
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = int(state.get("horizon", self.horizon))
+
+
+def make_kl_controller(coef: float, adaptive: bool, target: float, horizon: int):
+    """``KLConfig`` fields -> FixedKLController or AdaptiveKLController."""
+    return AdaptiveKLController(coef, target, horizon) if adaptive else FixedKLController(coef)
+
+
+# --------------------------------------------------------------------------- reward normalization
+class RunningMoments:
+    """Running mean / std of a scalar stream (Welford per batch, Chan et al. to merge).
+
+    Keeps ``count``, ``mean`` and ``m2`` (sum of squared deviations) in float64.
+    ``std`` is the population std. To merge ranks, the trainer all-gathers each
+    rank's batch ``(count, mean, m2)`` (see ``batch_stats``) and feeds each one
+    to ``merge_stats``; every rank then holds identical moments.
+    """
+
+    def __init__(self, eps: float = 1e-8) -> None:
+        self.eps = eps
+        self.count = 0.0
+        self.mean = 0.0
+        self.m2 = 0.0
+
+    @property
+    def var(self) -> float:
+        return self.m2 / self.count if self.count > 0 else 1.0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(max(self.var, 0.0))
+
+    @staticmethod
+    def batch_stats(x: torch.Tensor) -> tuple[float, float, float]:
+        """``(count, mean, m2)`` of a batch of values, in float64."""
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return 0.0, 0.0, 0.0
+        mean = float(x.mean())
+        return float(n), mean, float(((x - mean) ** 2).sum())
+
+    def merge_stats(self, count: float, mean: float, m2: float) -> tuple[float, float]:
+        """Fold in another set of moments (Chan's parallel update); returns ``(mean, std)``."""
+        if count <= 0:
+            return self.mean, self.std
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean += delta * count / total
+        self.m2 += m2 + delta * delta * self.count * count / total
+        self.count = total
+        return self.mean, self.std
+
+    def update(self, x: torch.Tensor) -> tuple[float, float]:
+        """Fold in a batch of values; returns the updated ``(mean, std)``."""
+        return self.merge_stats(*self.batch_stats(x))
+
+    def normalize(self, x: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """``(x - mean) / std`` (or ``x / std`` without shifting), in x's dtype."""
+        y = x - self.mean if shift_mean else x
+        return y / (self.std + self.eps)
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = float(state["count"]), float(state["mean"]), float(state["m2"])
+
+
+# --------------------------------------------------------------------------- rewards & advantages
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` where ``mask`` is set (masked-out NaNs are ignored)."""
+    x = torch.where(mask.bool(), x, torch.zeros_like(x))
+    return x.sum() if dim is None else x.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over positions where ``mask`` is set; 0 where nothing is set."""
+    count = mask.to(x.dtype).sum() if dim is None else mask.to(x.dtype).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp_min(1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the masked positions (Bessel-corrected by default)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.sum().to(x.dtype)
+        var = var * n / (n - 1).clamp_min(1)
+    return var
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalize ``x`` to masked mean 0 (unless ``shift_mean`` is False) and std 1; masked-out -> 0."""
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask.bool(), out, torch.zeros_like(out))
+
+
+def last_token_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real response token per row (-1 for an empty response)."""
+    R = action_mask.shape[1]
+    pos = torch.arange(R, device=action_mask.device).expand_as(action_mask)
+    return torch.where(action_mask.bool(), pos, torch.full_like(pos, -1)).max(dim=1).values
+
+
+def compute_rewards(
+    scores: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    action_mask: torch.Tensor,
+    kl_coef: float,
+    kl_kind: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token rewards: ``-kl_coef * kl`` on every response token plus the score on the last one.
+
+    scores [B], logprobs/ref_logprobs/action_mask [B, R] -> (rewards [B, R], kl [B, R]),
+    float32, zero where ``action_mask`` is 0. A row with no response tokens gets no score.
+    """
+    mask = action_mask.bool()
+    kl = kernels.kl_penalty(logprobs, ref_logprobs, kind=kl_kind).float()
+    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    rewards = -float(kl_coef) * kl
+    last = last_token_index(mask)
+    has = last >= 0
+    rows = torch.arange(rewards.shape[0], device=rewards.device)[has]
+    rewards[rows, last[has]] += scores.to(rewards)[has]
+    return rewards, kl
+
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    action_mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+    whiten: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE over the response tokens (``kernels.gae``), advantages optionally whitened.
+
+    rewards, values, action_mask [B, R] -> (advantages [B, R], returns [B, R]) float32,
+    zero where ``action_mask`` is 0. Returns are computed before whitening.
+    """
+    mask = action_mask.bool()
+    rewards = torch.where(mask, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
+    values = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
+    advantages, returns = kernels.gae(rewards, values, mask.float(), gamma, lam)
+    if whiten:
+        advantages = masked_whiten(advantages, mask)
+    zero = torch.zeros_like(advantages)
+    return torch.where(mask, advantages, zero), torch.where(mask, returns.float(), zero)
