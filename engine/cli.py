@@ -1,0 +1,44 @@
+"""Command line: ``python -m engine.cli STAGE --config FILE [dotted.key=value ...]``.
+
+The same module runs under ``deepspeed --num_gpus N -m engine.cli ppo ...`` and
+``torchrun``; the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides
+the world. Config errors print one clear line and exit with status 2 before any
+work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from engine.config import ConfigError, PPOConfig, load_config
+
+
+def _ppo(config: str | None, overrides: list[str]) -> Any:
+    from engine.trainer import run_ppo
+
+    return run_ppo(load_config(PPOConfig, config, overrides))
+
+
+STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {"ppo": _ppo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.cli", description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. actor.lr=1e-6")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        STAGES[args.stage](args.config, args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""The synchronous PPO loop (``colocate`` placement): generate, score, advantages, update, sync.
+
+Each rank holds its own rollout engine beside its DeepSpeed shard of the actor
+and critic, generates its share of the batch, and after every update receives
+the new actor weights (``engine.weight_sync``). Read ``PPOTrainer.step`` top to
+bottom for the algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import distributed as dist
+from engine.config import PPOConfig, save_config, to_dict
+from engine.metrics import MetricsLogger
+
+
+@dataclass
+class RolloutBatch:
+    """Samples of one rank laid out for the trainer.
+
+    sequences:        [B, P+R] long, left-padded prompt then right-padded response.
+    attention_mask:   [B, P+R] long, 1 on real tokens.
+    action_mask:      [B, R]   bool, 1 on real response tokens.
+    rollout_logprobs: [B, R]   float32, the rollout engine's sampled-token log-probs (0 on padding).
+    prompts, responses: B decoded strings, for the reward function.
+    versions:         [B] long, the policy version that generated each sample.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    versions: torch.Tensor
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sequences.shape[1] - self.action_mask.shape[1]
+
+
+def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
+    """Pack rollout ``Sample``s into the left-pad-prompt / right-pad-response layout."""
+    P = max(len(s.prompt_ids) for s in samples)
+    R = max(max(len(s.response_ids) for s in samples), 1)
+    B = len(samples)
+    seq = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    amask = torch.zeros((B, R), dtype=torch.bool)
+    lps = torch.zeros((B, R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        seq[i, P - p : P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        attn[i, P - p : P] = 1
+        if r:
+            seq[i, P : P + r] = torch.tensor(s.response_ids, dtype=torch.long)
+            attn[i, P : P + r] = 1
+            amask[i, :r] = True
+            lps[i, :r] = torch.tensor(s.logprobs[:r], dtype=torch.float32)
+    prompts = tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
+    responses = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
+    return RolloutBatch(seq, attn, amask, lps, prompts, responses, versions)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _writable_dir(path: Path) -> None:
+    """Create ``path`` or raise ConfigError if it can't be written, before any work starts."""
+    from engine.config import ConfigError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir is not writable: {path} ({e.strerror or e})") from None
+
+
+def _init_single_process() -> None:
+    """A world of one on gloo, so single-process runs take the same code path as launched ones."""
+    import deepspeed
+
+    dist.ensure_single_process_env()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D float tensor of varying length from every rank (for global reward stats)."""
+    if dist.world_size() == 1:
+        return x
+    import torch.distributed as tdist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else x.device
+    n = torch.tensor([x.numel()], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
+    tdist.all_gather(sizes, n)
+    longest = int(max(int(s) for s in sizes))
+    buf = torch.zeros(longest, dtype=torch.float32, device=dev)
+    buf[: x.numel()] = x.to(dev, torch.float32)
+    out = [torch.zeros_like(buf) for _ in sizes]
+    tdist.all_gather(out, buf)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)]).to(x.device)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class PPOTrainer:
+    """Builds every role from a ``PPOConfig`` and runs ``total_steps`` PPO steps.
+
+    Construction validates everything that can be checked without generating
+    (config ranges, batch divisibility by micro-batch x world size, paths, the
+    reward callable, tokenizer/model vocabularies) so bad input fails before
+    the first rollout.
+    """
+
+    def __init__(self, cfg: PPOConfig) -> None:
+        from engine.config import ConfigError
+        from engine.data import PromptDataset, PromptSampler
+        from engine.experience import RunningMoments, make_kl_controller
+        from engine.tasks import load_callable
+
+        dist.init_distributed()
+        if not dist.is_initialized():  # plain `python`: a world of one, same code path
+            _init_single_process()
+        self.cfg = cfg
+        self.rank, self.world = dist.rank(), dist.world_size()
+        cfg.validate(self.world)
+        if cfg.ppo.rollout_batch_size % self.world:
+            raise ConfigError(
+                f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} is not divisible by world size {self.world}"
+            )
+        self.out = Path(cfg.output_dir)
+        if self.rank == 0:
+            _writable_dir(self.out)
+        reward_fn = load_callable(cfg.reward.function) if cfg.reward.kind == "function" else None
+        dist.barrier()
+        if self.rank == 0:
+            save_config(cfg, self.out)
+        seed_everything(cfg.seed)
+        self.device = _device()
+
+        # Policy checkpoint on disk (vLLM loads from it): rank 0 builds a tiny one if asked.
+        from engine.models import load_causal_lm, load_reward_model, prepare_policy, resolve_dtype
+
+        if self.rank == 0:
+            self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
+        dist.barrier()
+        if self.rank != 0:
+            self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
+        p = cfg.ppo
+        self.sampler = PromptSampler(
+            len(self.dataset), p.rollout_batch_size, cfg.seed, cfg.data.shuffle, self.rank, self.world
+        )
+        self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
+        self.mini_per_rank = p.mini_batch_size // self.world
+        grad_accum = self.mini_per_rank // p.micro_batch_size
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        attn = cfg.model.attn_implementation
+
+        # Roles: actor + critic (DeepSpeed), frozen reference and reward.
+        from engine.actor import ActorWorker
+        from engine.critic import CriticWorker, ValueModel
+        from engine.scoring import ReferenceModel, RewardScorer
+
+        T = cfg.rollout.temperature
+        actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
+        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T)
+        self.ref = ReferenceModel(
+            load_causal_lm(self.policy_dir, dtype, attn, self.device), self.device, p.micro_batch_size
+        )
+        if cfg.reward.kind == "function":
+            self.reward = RewardScorer.from_function(reward_fn, clip=cfg.reward.clip)
+        else:
+            rm = load_reward_model(cfg.reward.model_path, dtype, attn, self.device)
+            self.reward = RewardScorer(model=rm, clip=cfg.reward.clip, device=self.device)
+        init = cfg.critic.init_from
+        if init == "policy":
+            value_model = ValueModel.from_policy(str(self.policy_dir))
+        elif init == "reward":
+            if cfg.reward.kind != "model":
+                raise ConfigError("critic.init_from=reward needs reward.kind=model")
+            value_model = ValueModel.from_reward_model(cfg.reward.model_path)
+        else:
+            value_model = ValueModel.from_reward_model(init)
+        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype)
+
+        # Rollout engine beside this rank's shard, and the weight pipe into it.
+        self.rollout = self._build_rollout(dtype)
+        from engine.weight_sync import ColocatedWeightSync
+
+        self.sync = ColocatedWeightSync(self.actor.module, self.rollout, zero_stage=cfg.actor.zero_stage)
+        self.kl_ctl = make_kl_controller(p.kl.coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
+        self.reward_norm = RunningMoments()
+        self.version = 0
+        self.step_idx = 0
+        self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        self.logger = MetricsLogger(
+            self.out, cfg.logging, cfg.total_steps, 0, enabled=self.rank == 0, run_config=to_dict(cfg)
+        )
+
+    def _build_rollout(self, dtype: torch.dtype):
+        c = self.cfg
+        if c.rollout.backend == "vllm":
+            from engine.rollout import VLLMRollout
+
+            max_len = c.data.max_prompt_len + c.rollout.max_new_tokens + 1
+            vdtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+            return VLLMRollout(str(self.policy_dir), c.rollout, c.seed + self.rank, max_len, vdtype)
+        from engine.models import load_causal_lm
+        from engine.rollout import HFRollout
+
+        lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
+        return HFRollout(lm, self.tokenizer, c.rollout)
+
+    # ------------------------------------------------------------------ one PPO step
+    def generate(self):
+        """Sample this rank's share of prompts; returns the collated ``RolloutBatch``."""
+        prompts = self.dataset.batch(self.sampler.next_batch())
+        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        groups = self.rollout.generate(prompts.input_ids, n=self.cfg.ppo.samples_per_prompt, seed=seed)
+        self.rollout.sleep()
+        return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id)
+
+    @torch.no_grad()
+    def make_experience(self, rb: RolloutBatch):
+        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats)."""
+        from engine.experience import Experience, compute_advantages, compute_rewards, masked_mean
+
+        p = self.cfg.ppo
+        exp = Experience(
+            rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
+        )
+        exp.policy_version = int(rb.versions.min())
+        exp.old_logprobs, entropy = self.actor.logprobs(exp)
+        exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+        exp.values = self.critic.values(exp)
+        raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        raw = raw.float()
+        # Invalid (non-finite / missing) rewards: the sample stays in the batch shape but carries no loss.
+        exp.action_mask = exp.action_mask & valid.view(-1, 1)
+        scores = raw
+        if p.reward_norm:
+            gathered = _all_gather_cat(raw[valid])
+            self.reward_norm.update(gathered)
+            scores = self.reward_norm.normalize(raw)
+        exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
+        exp.rewards, kl = compute_rewards(
+            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, self.kl_ctl.value, p.kl.kind
+        )
+        exp.advantages, exp.returns = compute_advantages(
+            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages
+        )
+        m = exp.action_mask
+        mf = m.float()
+        stats = {
+            "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
+            "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
+            "kl/mean": float((kl * mf).sum(1).mean()),  # per-sequence KL, summed over tokens
+            "kl/token_mean": float(masked_mean(kl, m)),
+            "entropy/mean": float(masked_mean(entropy, m)),
+            "response_len/mean": float(rb.action_mask.float().sum(1).mean()),
+            "values/mean": float(masked_mean(exp.values, m)),
+            "advantages/mean": float(masked_mean(exp.advantages, m)),
+            "returns/mean": float(masked_mean(exp.returns, m)),
+            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
+            "rollout/invalid_rewards": float((~valid).sum()),
+            "rollout/tokens": float(rb.attention_mask.sum()),
+            "rollout/response_tokens": float(rb.action_mask.sum()),
+        }
+        return exp, stats
+
+    def train(self, exp) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor and one critic step each."""
+        p = self.cfg.ppo
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(p.ppo_epochs):
+            perm = torch.randperm(exp.batch_size, generator=self._gen)
+            for i in range(0, exp.batch_size, self.mini_per_rank):
+                mb = exp.select(perm[i : i + self.mini_per_rank])
+                micro = mb.split(p.micro_batch_size)
+                a = self.actor.train_minibatch(micro)
+                c = self.critic.train_minibatch(micro)
+                for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
+                    (f"critic/{k}", v) for k, v in c.items()
+                ]:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def step(self) -> dict[str, float]:
+        """Generate, score, compute advantages, update, sync; returns this step's metrics."""
+        t0 = time.perf_counter()
+        rb = self.generate()
+        t1 = time.perf_counter()
+        exp, stats = self.make_experience(rb)
+        t2 = time.perf_counter()
+        train_stats = self.train(exp)
+        t3 = time.perf_counter()
+        self.version += 1
+        sync_stats = self.sync.push(self.version)
+        t4 = time.perf_counter()
+        self.step_idx += 1
+
+        local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
+        local.update(
+            {
+                "time/rollout_s": t1 - t0,
+                "time/score_s": t2 - t1,
+                "time/train_s": t3 - t2,
+                "time/sync_s": t4 - t3,
+                "time/step_s": t4 - t0,
+            }
+        )
+        # Sums (tokens, invalid rewards) add over ranks; everything else averages; times take the max.
+        sums = {
+            k: local.pop(k) for k in ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
+        }
+        times = {k: local.pop(k) for k in list(local) if k.startswith("time/")}
+        m = dist.all_reduce_mean(local)
+        m.update({k: v * self.world for k, v in dist.all_reduce_mean(sums).items()})
+        m.update({k: dist.all_reduce_max(v) for k, v in times.items()})
+        self.kl_ctl.update(m["kl/mean"], self.cfg.ppo.rollout_batch_size * self.cfg.ppo.samples_per_prompt)
+        samples = self.samples_per_rank * self.world
+        m.update(
+            {
+                "loss/policy": m.get("actor/policy_loss", float("nan")),
+                "loss/value": m.get("critic/value_loss", float("nan")),
+                "clipfrac": m.get("actor/clipfrac", float("nan")),
+                "kl_coef": self.kl_ctl.value,
+                "throughput/samples_per_s": samples / m["time/step_s"],
+                "throughput/tokens_per_s": m["rollout/response_tokens"] / m["time/step_s"],
+                "policy_version": self.version,
+                "rollout/policy_version": exp.policy_version,
+            }
+        )
+        return m
+
+    def fit(self) -> dict[str, Any]:
+        """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
+        try:
+            while self.step_idx < self.cfg.total_steps:
+                metrics = self.step()
+                self.logger.log(self.step_idx, metrics)
+            summary = {
+                "prompts/truncated": self.dataset.num_truncated,
+                "prompts/dropped": self.dataset.num_dropped,
+                "rewards/invalid": self.reward.num_invalid,
+                "world_size": self.world,
+                "policy_dir": str(self.policy_dir),
+            }
+            self.logger.write_summary(summary)
+            return summary
+        finally:
+            self.logger.close()
+
+    def close(self) -> None:
+        self.rollout.close()
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
+    """Entry point of ``python -m engine.cli ppo``."""
+    trainer = PPOTrainer(cfg)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
