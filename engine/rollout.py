@@ -1,0 +1,454 @@
+"""Rollout engines: sample responses and their log-probs from the current policy.
+
+Two backends share one small interface, :class:`RolloutEngine`:
+
+* :class:`VLLMRollout` -- a vLLM ``LLM`` kept **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
+  beside the trainer. Weights arrive from the trainer through :meth:`load_weights` (one call per
+  bucket) and :meth:`finish_sync`; the engine is never restarted and nothing touches disk.
+* :class:`HFRollout` -- transformers ``generate`` on an HF model, the fallback and the reference.
+
+Coexisting with DeepSpeed (``colocate`` placement)
+--------------------------------------------------
+Under ``deepspeed --num_gpus N`` torch.distributed is already initialised (world N) before the
+rollout engine is built, and every rank builds its own engine. What vLLM 0.32 does then (read
+from ``vllm/distributed/parallel_state.py`` and checked with 2 ranks on gloo):
+
+* ``init_distributed_environment`` skips ``init_process_group`` when a default group exists and
+  builds its WORLD group from *all* existing ranks. ``initialize_model_parallel`` lays ranks out
+  as ``ExternalDP x DP x PP x PCP x TP``; with ``tensor_parallel_size=1`` every rank becomes its own
+  TP group of one and an "external DP" replica -- exactly colocate placement. Generation issues no
+  cross-rank collectives, so ranks may generate different numbers of prompts.
+* The default ``uni`` executor also works on CPU, but it takes ``local_rank`` from the device
+  string (``cuda`` -> 0), so on GPU every rank's engine would land on ``cuda:0``. The
+  ``external_launcher`` executor (built for torchrun SPMD) reads ``RANK``/``LOCAL_RANK`` from the
+  environment instead -- which the DeepSpeed launcher sets -- and forces in-process mode. So with
+  world size > 1 we use ``distributed_executor_backend="external_launcher"``; with world size 1
+  (plain ``python``) the default executor, which creates its own 1-process group.
+* Building the engine creates process groups (``new_group`` is collective over the default
+  group) and, with ``external_launcher``, all-reduces the KV budget: every rank must build its
+  engine at the same point of the program. Only the constructor is collective.
+* Not done: presenting vLLM a fake world of 1 (rewriting ``RANK``/``WORLD_SIZE``). vLLM sizes its
+  groups from ``torch.distributed.get_world_size()`` of the process-global default group, not
+  from those variables, so the rewrite would change nothing -- and nothing needs hiding.
+
+vLLM caps torch's intra-op threads at start-up ("Reducing Torch threads ... for serving") and
+replaces ``torch.set_num_threads`` with a no-op on CPU; that applies to the trainer in the same
+process too. Set ``OMP_NUM_THREADS`` to choose the count.
+
+Log-probs
+---------
+``Sample.logprobs`` are the sampled tokens' log-probs under the *processed* distribution
+(temperature, top-k, top-p applied), i.e. ``logprobs_mode="processed_logprobs"``.
+:func:`processed_logprobs` is the one reference formula; the HF backend and the vLLM
+``sequence_logprobs`` use it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import weakref
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+import torch
+
+if TYPE_CHECKING:
+    from engine.config import RolloutConfig
+
+
+@dataclass
+class Sample:
+    """One sampled response.
+
+    ``logprobs[i]`` is the log-prob of ``response_ids[i]`` under the processed sampling
+    distribution; ``len(logprobs) == len(response_ids)``. ``finish_reason`` is ``"stop"`` (EOS,
+    included in ``response_ids``) or ``"length"``. ``policy_version`` is the engine's
+    weight version when the sample was drawn.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    policy_version: int
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    """What the trainer needs from a rollout backend.
+
+    A weight sync is ``load_weights`` once per bucket, then ``finish_sync(version)``; the engine
+    must not generate between the two. Names are HF checkpoint names
+    (``model.layers.0.self_attn.q_proj.weight``).
+    """
+
+    policy_version: int
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
+    ) -> list[list[Sample]]:
+        """``n`` samples for each prompt; ``out[i][j]`` is sample ``j`` of prompt ``i``."""
+        ...
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None: ...
+
+    def finish_sync(self, version: int) -> None: ...
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Log-probs of a fixed ``response_ids`` after ``prompt_ids``, processed like sampling."""
+        ...
+
+    def sleep(self) -> None: ...
+
+    def wake(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --------------------------------------------------------------------------- reference
+def processed_logprobs(
+    logits: torch.Tensor,
+    token_ids: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+) -> torch.Tensor:
+    """Log-probs of ``token_ids`` under ``softmax(logits / T)`` with top-k/top-p masking.
+
+    logits: ``[L, V]`` (any float dtype, computed in fp32); token_ids: ``[L]``; returns ``[L]``
+    fp32. Masking follows vLLM's sampler order (temperature, top-k, top-p); masked tokens get
+    ``-inf``. Accepts log-probs as ``logits`` too (log_softmax is shift-invariant).
+    """
+    x = logits.float() / temperature
+    if 0 < top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, dim=-1, descending=False)
+        cum = sorted_x.softmax(-1).cumsum(-1)
+        drop = cum <= 1.0 - top_p
+        drop[..., -1] = False  # keep at least the most likely token
+        x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return x.log_softmax(-1).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def _on_gpu() -> bool:
+    return torch.cuda.is_available()
+
+
+def _sample_seeds(base: int | None, fallback: torch.Generator, count: int) -> list[int]:
+    """One seed per request so results do not depend on how vLLM batches them."""
+    if base is None:
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=fallback))
+    return [base + i for i in range(count)]
+
+
+# --------------------------------------------------------------------------- vLLM
+class VLLMRollout:
+    """An in-process vLLM engine whose weights are replaced in place by the trainer.
+
+    Build it on every rank at the same point of the program (the constructor is collective
+    when torch.distributed is initialised, see the module docstring). ``dtype`` is vLLM's
+    compute dtype; ``max_model_len`` bounds prompt + response.
+    """
+
+    def __init__(
+        self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int, dtype: str = "float32"
+    ):
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors pass by reference
+        gpu = _on_gpu()
+        if not gpu:
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, math.ceil(cfg.kv_cache_gib)))  # whole GiB
+        from vllm import LLM
+
+        kwargs: dict[str, Any] = {}
+        shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if shares_dist and torch.distributed.get_world_size() > 1:
+            kwargs["distributed_executor_backend"] = "external_launcher"
+        if gpu:
+            kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
+            kwargs["enable_sleep_mode"] = cfg.sleep_during_train
+        self.cfg = cfg
+        self.policy_version = 0
+        self._asleep = False
+        self._reloading = False
+        self._rng = torch.Generator().manual_seed(seed)
+        self.llm = LLM(
+            model=model_dir,
+            dtype=dtype,
+            seed=seed,
+            max_model_len=max_model_len,
+            enforce_eager=cfg.enforce_eager,
+            logprobs_mode="processed_logprobs",
+            max_logprobs=-1,  # sequence_logprobs at T != 1 needs the full prompt distribution
+            tensor_parallel_size=1,
+            **kwargs,
+        )
+        self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
+        # vLLM's engine shutdown (close, or GC of the LLM) destroys the *default* process group.
+        # When the trainer owns that group (DeepSpeed), keep it: re-arm the in-process client's
+        # finalizer so only vLLM's own groups are torn down.
+        client = self.llm.llm_engine.engine_core
+        self._finalizer = getattr(client, "_finalizer", None)
+        if self._finalizer is not None and shares_dist:
+            self._finalizer.detach()
+            self._finalizer = weakref.finalize(client, _shutdown_core, client.engine_core, True)
+
+    def _params(self, seed: int, **over: Any):
+        from vllm import SamplingParams
+
+        c = self.cfg
+        kw: dict[str, Any] = dict(
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            max_tokens=c.max_new_tokens,
+            logprobs=0,
+            seed=seed,
+            detokenize=False,
+        )
+        kw.update(over)
+        return SamplingParams(**kw)
+
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
+    ) -> list[list[Sample]]:
+        self.wake()
+        seeds = _sample_seeds(seed, self._rng, len(prompt_ids) * n)
+        requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n)]
+        params = [self._params(s) for s in seeds]
+        outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
+        samples = []
+        for req, out in zip(requests, outs):
+            o = out.outputs[0]
+            lps = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
+            reason = "stop" if o.finish_reason == "stop" else "length"
+            samples.append(
+                Sample(req["prompt_token_ids"], list(o.token_ids), lps, reason, self.policy_version)
+            )
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Prompt log-probs of ``prompt + response``, with temperature/top-k/top-p applied.
+
+        vLLM's prompt log-probs skip the sampling processors (they are ``log_softmax(logits)``),
+        so unless the config is plain T=1 sampling we fetch the full distribution at each
+        response position (``O(len * vocab)`` Python objects: a diagnostic, not a hot path)
+        and apply :func:`processed_logprobs` to it.
+        """
+        self.wake()
+        c = self.cfg
+        plain = c.temperature == 1.0 and c.top_k in (-1, 0) and c.top_p >= 1.0
+        ids = list(prompt_ids) + list(response_ids)
+        sp = self._params(
+            0,
+            max_tokens=1,
+            temperature=1.0,
+            top_k=-1,
+            top_p=1.0,
+            logprobs=None,
+            prompt_logprobs=0 if plain else -1,
+        )
+        out = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
+        positions = out.prompt_logprobs[len(prompt_ids) :]
+        if plain:
+            return [pos[tok].logprob for pos, tok in zip(positions, response_ids)]
+        full = torch.full((len(response_ids), self.vocab_size), float("-inf"))
+        for row, pos in enumerate(positions):
+            full[row, list(pos)] = torch.tensor([lp.logprob for lp in pos.values()])
+        return processed_logprobs(full, torch.tensor(response_ids), c.temperature, c.top_k, c.top_p).tolist()
+
+    # -- weight sync ------------------------------------------------------------------------
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Load one bucket of HF-named tensors into the running model (no copy kept).
+
+        The first call of a sync opens vLLM's layer-wise reload (the repacked CPU/quantised
+        kernel tensors are kept and refilled in place); layers are processed as soon as all
+        their weights have arrived, so a fused layer (qkv_proj, gate_up_proj) may span buckets.
+        """
+        self.wake()
+        if not self._reloading:
+            self.llm.collective_rpc(_worker_begin_reload)
+            self._reloading = True
+        self.llm.collective_rpc(_worker_load_weights, args=(list(named_tensors),))
+
+    def finish_sync(self, version: int) -> None:
+        """Close the reload, drop caches built from the old weights, stamp ``version``."""
+        if self._reloading:
+            self.llm.collective_rpc(_worker_finish_reload)
+            self._reloading = False
+        self.llm.reset_prefix_cache()  # cached KV blocks were computed by the old weights
+        self.policy_version = version
+
+    # -- memory -------------------------------------------------------------------------------
+    def sleep(self) -> None:
+        """GPU: offload weights and drop the KV cache while the trainer runs. CPU: no-op."""
+        if _on_gpu() and self.cfg.sleep_during_train and not self._asleep:
+            self.llm.reset_prefix_cache()
+            self.llm.sleep(level=1)
+            self._asleep = True
+
+    def wake(self) -> None:
+        if self._asleep:
+            self.llm.wake_up()
+            self._asleep = False
+
+    def close(self) -> None:
+        """Shut the engine down; the trainer's process group (if any) survives."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is None:
+            return
+        if self._finalizer is not None:
+            self._finalizer()  # runs once, then detaches
+        else:
+            llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+@contextmanager
+def _default_group_kept():
+    """Make ``destroy_process_group()`` of the default group a no-op (subgroups still go)."""
+    dist = torch.distributed
+    original = dist.destroy_process_group
+
+    def guarded(group=None):
+        if group is not None:
+            original(group)
+
+    dist.destroy_process_group = guarded
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
+def _shutdown_core(engine_core: Any, keep_default_group: bool) -> None:
+    with _default_group_kept() if keep_default_group else nullcontext():
+        engine_core.shutdown()
+
+
+# Worker-side steps, run through ``collective_rpc`` (in-process: a direct call, tensors by
+# reference). They mirror vllm.model_executor.model_loader.reload.inplace.reload_weights,
+# split so that one reload can span several buckets.
+def _worker_begin_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
+
+    with set_current_vllm_config(worker.vllm_config):
+        initialize_layerwise_reload(worker.model_runner.get_model())
+
+
+def _worker_load_weights(worker: Any, named_tensors: Sequence[tuple[str, torch.Tensor]]) -> None:
+    from vllm.config import set_current_vllm_config
+
+    with set_current_vllm_config(worker.vllm_config), torch.no_grad():
+        worker.model_runner.get_model().load_weights(iter(named_tensors))
+
+
+def _worker_finish_reload(worker: Any) -> None:
+    from vllm.config import set_current_vllm_config
+    from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
+
+    runner = worker.model_runner
+    with set_current_vllm_config(worker.vllm_config):
+        finalize_layerwise_reload(runner.get_model(), worker.vllm_config.model_config)
+    for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
+        getattr(runner, reset, lambda: None)()
+
+
+# --------------------------------------------------------------------------- HF fallback
+class HFRollout:
+    """transformers ``generate`` with the same :class:`Sample` output (no vLLM needed).
+
+    ``model`` may be the trainer's own module (then ``load_weights`` copies onto itself, which is
+    harmless). Log-probs are :func:`processed_logprobs` of the raw logits, so they match vLLM's.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig):
+        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.policy_version = 0
+        self._rng = torch.Generator().manual_seed(0)
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    def _device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
+    ) -> list[list[Sample]]:
+        c = self.cfg
+        seed = _sample_seeds(seed, self._rng, 1)[0]
+        flat = [list(p) for p in prompt_ids for _ in range(n)]
+        if not flat:
+            return [[] for _ in prompt_ids]
+        width = max(map(len, flat))
+        dev = self._device()
+        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in flat], device=dev)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in flat], device=dev)
+        was_training = self.model.training
+        self.model.eval()
+        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+            torch.manual_seed(seed)
+            out = self.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=True,
+                temperature=c.temperature,
+                top_k=c.top_k if c.top_k > 0 else 0,
+                top_p=c.top_p,
+                max_new_tokens=c.max_new_tokens,
+                eos_token_id=self.eos_id,
+                pad_token_id=self.pad_id,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        self.model.train(was_training)
+        new = out.sequences[:, width:]
+        logits = torch.stack(out.logits, dim=1)  # [B, T, V] raw logits
+        lps = processed_logprobs(logits, new, c.temperature, c.top_k, c.top_p)
+        samples = []
+        for i, p in enumerate(flat):
+            resp = new[i].tolist()
+            stop = self.eos_id in resp
+            length = resp.index(self.eos_id) + 1 if stop else len(resp)
+            samples.append(
+                Sample(
+                    p,
+                    resp[:length],
+                    lps[i, :length].tolist(),
+                    "stop" if stop else "length",
+                    self.policy_version,
+                )
+            )
+        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+
+    @torch.no_grad()
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        c = self.cfg
+        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self._device())
+        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
+        return processed_logprobs(logits, ids[0, len(prompt_ids) :], c.temperature, c.top_k, c.top_p).tolist()
+
+    @torch.no_grad()
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        params = dict(self.model.named_parameters())
+        for name, t in named_tensors:
+            if params[name].data_ptr() != t.data_ptr():
+                params[name].copy_(t)
+
+    def finish_sync(self, version: int) -> None:
+        self.policy_version = version
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.model = None
