@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job: set up .venv (idempotent) and run the RLHF pipeline on a tiny model, on CPU.
+# Usage: bash scripts/demo.sh [RUN_DIR]   (RUN_DIR defaults to runs/demo)
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+bash scripts/setup_env.sh
+RUN_DIR="${1:-runs/demo}"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+mkdir -p "$RUN_DIR"
+exec "$ROOT/.venv/bin/python" -m engine.pipeline "$RUN_DIR"
