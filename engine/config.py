@@ -146,6 +146,7 @@ class StageConfig:
     seed: int = 0
     total_steps: int = 10
     save_every: int = 0
+    keep_last: int = 3  # complete checkpoints kept under <output_dir>/checkpoints; older ones are pruned
     resume: str = "never"  # auto | never | a checkpoint path
 
 
@@ -251,18 +252,18 @@ def _closest(key: str, options: list[str]) -> str:
     return f"; did you mean {match[0]!r}?" if match else ""
 
 
-def _coerce(path: str, tp: Any, value: Any) -> Any:
+def _coerce(path: str, tp: Any, value: Any, base: Any = None) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(path, inner[0], value)
+        return _coerce(path, inner[0], value, base)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
-        return _build(tp, value, path)
+        return _build(tp, value, path, base if dataclasses.is_dataclass(base) else None)
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path} must be a list of {len(args)} values, got {value!r}")
@@ -290,15 +291,22 @@ def _coerce(path: str, tp: Any, value: Any) -> Any:
     return value
 
 
-def _build(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+def _build(cls: type[T], data: dict[str, Any], prefix: str = "", base: Any = None) -> T:
+    """``cls`` from ``data``, starting from ``base`` (or the class defaults) for keys ``data`` lacks.
+
+    Sections keep the defaults their parent gives them (``field(default_factory=...)``),
+    so overriding one key of a section never resets its other keys.
+    """
     types_ = _field_types(cls)
+    if base is None:
+        base = cls()
     kwargs = {}
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else key
         if key not in types_:
             raise ConfigError(f"unknown config key {full!r}{_closest(key, list(types_))}")
-        kwargs[key] = _coerce(full, types_[key], value)
-    return cls(**kwargs)
+        kwargs[key] = _coerce(full, types_[key], value, getattr(base, key))
+    return dataclasses.replace(base, **kwargs)
 
 
 def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> None:
@@ -367,3 +375,132 @@ def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:
     path = out / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     return path
+
+
+# --------------------------------------------------------------------------- SFT and RM stages
+@dataclass
+class SFTDataConfig:
+    """Training records for SFT: a JSONL of ``{"prompt", "response"}`` or chat ``{"messages": [...]}``.
+
+    (The ``datasets`` library is not a dependency; convert HF datasets to JSONL.)
+    """
+
+    train: str = "data/demo/sft.jsonl"
+    format: str = "auto"  # auto (from the first record) | prompt_response | messages
+    eval_size: int = 128  # records held out for the eval loss (0: none)
+    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
+    max_prompt_len: int = 48
+    on_long_prompt: str = "truncate"  # truncate (keep the prompt's last tokens) | drop
+    packing: bool = False  # pack several examples into each max_len row (block-diagonal attention)
+    shuffle: bool = True
+
+
+@dataclass
+class SFTTrainConfig:
+    batch_size: int = 32  # sequences (rows when packing) per optimizer step, across all ranks
+    micro_batch_size: int = 32  # per rank per forward/backward
+    eval_every: int = 100  # steps; 0: only at the end
+    log_every: int = 10
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: causal-LM cross-entropy on response tokens only."""
+
+    output_dir: str = "runs/sft"
+    total_steps: int = 600
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=20)
+    )
+    logging: LoggingConfig = field(
+        default_factory=lambda: LoggingConfig(tensorboard=False, progress_bar=False)
+    )
+
+    def validate(self, world_size: int = 1) -> None:
+        _validate_stage(self, world_size)
+        _choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
+        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        if not 2 <= self.data.max_prompt_len < self.data.max_len:
+            raise ConfigError(
+                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
+            )
+        if self.data.train and not Path(self.data.train).exists():
+            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
+
+
+@dataclass
+class RMDataConfig:
+    """Preference pairs: a JSONL of ``{"prompt", "chosen", "rejected"}`` (optional numeric ``margin``)."""
+
+    train: str = "data/demo/preferences.jsonl"
+    eval_size: int = 256  # pairs held out for accuracy / margin (0: none)
+    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
+    max_prompt_len: int = 48
+    on_long_prompt: str = "truncate"  # truncate | drop
+    shuffle: bool = True
+
+
+@dataclass
+class RMTrainConfig:
+    batch_size: int = 32  # pairs per optimizer step, across all ranks
+    micro_batch_size: int = 32  # pairs per rank per forward/backward
+    eval_every: int = 100
+    log_every: int = 10
+    margin: float = 0.0  # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    margin_from_data: bool = False  # add each record's numeric "margin" field to ``margin``
+    head_init_std: float = 0.0  # score head N(0, std); 0: 1 / (hidden_size + 1)
+
+
+@dataclass
+class RMConfig(StageConfig):
+    """Reward modelling: a scalar head on the SFT checkpoint, Bradley-Terry loss on preference pairs."""
+
+    output_dir: str = "runs/rm"
+    total_steps: int = 300
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="runs/sft"))
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    train: RMTrainConfig = field(default_factory=RMTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    logging: LoggingConfig = field(
+        default_factory=lambda: LoggingConfig(tensorboard=False, progress_bar=False)
+    )
+
+    def validate(self, world_size: int = 1) -> None:
+        _validate_stage(self, world_size)
+        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        if not 2 <= self.data.max_prompt_len < self.data.max_len:
+            raise ConfigError(
+                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
+            )
+        if not self.model.path:
+            raise ConfigError("model.path must name the SFT checkpoint the reward model starts from")
+        if self.train.head_init_std < 0:
+            raise ConfigError(f"train.head_init_std must be >= 0, got {self.train.head_init_std}")
+        if not Path(self.data.train).exists():
+            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
+
+
+def _validate_stage(cfg: Any, world_size: int) -> None:
+    """Checks shared by the SFT and RM stages (``cfg`` has model/data/train/optim sections)."""
+    _choice("resume", cfg.resume, ("never",))
+    _positive("total_steps", cfg.total_steps)
+    _positive("optim.lr", cfg.optim.lr)
+    _choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
+    if cfg.optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
+    t = cfg.train
+    _positive("train.batch_size", t.batch_size)
+    _positive("train.micro_batch_size", t.micro_batch_size)
+    if t.batch_size % (t.micro_batch_size * world_size):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by "
+            f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
+        )
+    if cfg.data.eval_size < 0:
+        raise ConfigError(f"data.eval_size must be >= 0, got {cfg.data.eval_size}")
+    for key, path in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key}: path does not exist: {path}")

@@ -146,3 +146,15 @@ def test_save_config_round_trip(tmp_path, path):
     written = save_config(cfg, tmp_path / "run")
     assert written == tmp_path / "run" / "config.yaml"
     assert load_config(PPOConfig, written) == cfg
+
+
+def test_section_override_keeps_parent_defaults():
+    """Overriding one key of a section keeps the defaults the parent gave that section."""
+    from engine.config import PPOConfig, RMConfig, load_config
+
+    rm = load_config(RMConfig, None, ["optim.warmup_steps=3", "model.dtype=fp32"])
+    assert rm.optim.lr == RMConfig().optim.lr != 1e-5  # RMConfig's own lr, not OptimConfig's
+    assert rm.optim.warmup_steps == 3
+    assert rm.model.path == RMConfig().model.path != ""
+    ppo = load_config(PPOConfig, None, ["critic.zero_stage=3"])
+    assert ppo.critic.lr == PPOConfig().critic.lr and ppo.critic.zero_stage == 3
