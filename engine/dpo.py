@@ -1,0 +1,380 @@
+"""The DPO stage (and IPO): preference optimisation against a frozen copy of the starting policy.
+
+Loss, with ``h = [logπ(y_w) - logπ_ref(y_w)] - [logπ(y_l) - logπ_ref(y_l)]``:
+
+* ``sigmoid`` (DPO, Rafailov et al. 2023): ``-log sigmoid(beta * h)``;
+* ``ipo`` (Azar et al. 2023): ``(h - 1 / (2 * beta))^2``. With ``dpo.length_normalize``
+  (the default for IPO, as in the IPO paper's formulation and TRL's ``ipo``) each
+  sequence log-ratio is divided by its response length, so ``h`` is a per-token
+  average; DPO always uses sequence sums unless ``length_normalize`` is set.
+
+Sequence log-probs are sums of response-token log-probs from ``engine.actor.PolicyLogprobs``
+(``kernels.linear_logprobs``: no ``[tokens, vocab]`` logits), for policy and reference alike.
+The reference is a frozen copy of the starting weights; its log-probs are computed once
+per micro-batch under ``no_grad``, before the policy's forward.
+
+Implicit rewards are ``beta * (logπ - logπ_ref)`` (the same log-ratios the loss sees);
+``rewards/accuracy`` is the fraction of pairs whose chosen reward is strictly higher.
+
+Data: the RM stage's preference JSONL ``{"prompt", "chosen", "rejected"}`` and its
+``RMDataConfig``; pairs whose chosen and rejected texts are identical (or become so after
+truncation to ``data.max_len``) are dropped and counted as ``data/pairs_identical_dropped``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from engine import distributed as D
+from engine.config import (
+    ConfigError,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    RMDataConfig,
+    StageConfig,
+    _choice,
+    _validate_stage,
+    load_config,
+)
+from engine.data import DataError, PromptSampler, read_jsonl
+from engine.stages_common import (
+    EncodeStats,
+    encode_prompt,
+    encode_response,
+    fit_prompt,
+    fit_response,
+    save_hf_checkpoint,
+    setup_stage,
+    split_eval,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from engine.experience import Experience
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class DPOLossConfig:
+    beta: float = 0.1
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo
+    length_normalize: bool | None = None  # None: True for ipo, False for sigmoid
+
+
+@dataclass
+class DPOTrainConfig:
+    batch_size: int = 32  # pairs per optimizer step, across all ranks
+    micro_batch_size: int = 16  # pairs per rank per forward/backward (2x rows: chosen + rejected)
+    eval_every: int = 50  # steps; 0: only at the end
+    log_every: int = 10
+
+
+# Section defaults differ from the shared classes, so they are subclasses, not ``default_factory``
+# lambdas: ``load_config`` rebuilds an overridden section from its class defaults.
+@dataclass
+class QuietLoggingConfig(LoggingConfig):
+    """metrics.jsonl only: the offline stages are short, a bar and tensorboard add little."""
+
+    tensorboard: bool = False
+    progress_bar: bool = False
+
+
+@dataclass
+class DPOModelConfig(ModelConfig):
+    path: str = "runs/sft"
+
+
+@dataclass
+class DPOOptimConfig(OptimConfig):
+    lr: float = 1e-4
+    warmup_steps: int = 10
+
+
+@dataclass
+class DPOConfig(StageConfig):
+    """DPO / IPO from a causal-LM checkpoint (usually the SFT stage's output) on preference pairs."""
+
+    output_dir: str = "runs/dpo"
+    total_steps: int = 200
+    model: DPOModelConfig = field(default_factory=DPOModelConfig)
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    train: DPOTrainConfig = field(default_factory=DPOTrainConfig)
+    dpo: DPOLossConfig = field(default_factory=DPOLossConfig)
+    optim: DPOOptimConfig = field(default_factory=DPOOptimConfig)
+    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        _validate_stage(self, world_size)
+        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        _choice("dpo.loss", self.dpo.loss, ("sigmoid", "ipo"))
+        if not self.dpo.beta > 0:
+            raise ConfigError(f"dpo.beta must be > 0, got {self.dpo.beta}")
+        if not 2 <= self.data.max_prompt_len < self.data.max_len:
+            raise ConfigError(
+                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
+            )
+        if not os.path.exists(self.data.train):
+            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
+
+    @property
+    def length_normalize(self) -> bool:
+        ln = self.dpo.length_normalize
+        return self.dpo.loss == "ipo" if ln is None else bool(ln)
+
+
+# --------------------------------------------------------------------------- pure loss
+def dpo_loss(
+    chosen_logratios: torch.Tensor, rejected_logratios: torch.Tensor, beta: float, loss: str = "sigmoid"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair loss and implicit rewards.
+
+    ``chosen_logratios`` / ``rejected_logratios``: [B] float, ``logπ(y) - logπ_ref(y)``
+    (sequence sums, or per-token means when length-normalised).
+    Returns ``(losses [B], chosen_rewards [B], rejected_rewards [B])``; rewards are
+    ``beta * logratio`` and detached.
+    """
+    h = chosen_logratios - rejected_logratios
+    if loss == "sigmoid":
+        losses = -F.logsigmoid(beta * h)
+    elif loss == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:
+        raise ValueError(f"dpo_loss: loss must be sigmoid or ipo, got {loss!r}")
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class PreferencePair:
+    """Token ids of one pair: ``prompt`` starts with <bos>; ``chosen``/``rejected`` end with <eos>."""
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+
+
+def load_preference_pairs(
+    path: str | os.PathLike,
+    tokenizer: PreTrainedTokenizerBase,
+    max_len: int,
+    max_prompt_len: int,
+    on_long_prompt: str = "truncate",
+) -> tuple[list[PreferencePair], EncodeStats]:
+    """Read, check and tokenize ``{"prompt", "chosen", "rejected"}`` records (errors name file:line).
+
+    Pairs with identical responses (as text, or after truncation) are dropped and
+    counted in ``stats.extra["pairs_identical_dropped"]``.
+    """
+    records = read_jsonl(path, ["prompt", "chosen", "rejected"])
+    stats = EncodeStats(extra={"pairs_identical_dropped": 0})
+    bos = tokenizer.bos_token_id
+    pairs = []
+    for rec in records:
+        if rec["chosen"].strip() == rec["rejected"].strip():
+            stats.extra["pairs_identical_dropped"] += 1
+            continue
+        prompt = fit_prompt(
+            encode_prompt(tokenizer, rec["prompt"]), max_prompt_len, on_long_prompt, bos, stats
+        )
+        if prompt is None:
+            continue
+        chosen = fit_response(prompt, encode_response(tokenizer, rec["chosen"]), max_len, stats)
+        rejected = fit_response(prompt, encode_response(tokenizer, rec["rejected"]), max_len, stats)
+        if chosen == rejected:
+            stats.extra["pairs_identical_dropped"] += 1
+            continue
+        pairs.append(PreferencePair(prompt, chosen, rejected))
+    if not pairs:
+        raise DataError(
+            f"{path}: no usable pairs among {len(records)} records "
+            f"({stats.extra['pairs_identical_dropped']} had chosen == rejected, "
+            f"{stats.prompts_dropped} prompts longer than max_prompt_len={max_prompt_len} were dropped)"
+        )
+    return pairs, stats
+
+
+def pack_rows(
+    prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int
+) -> Experience:
+    """An ``Experience`` (sequences, attention_mask, action_mask) in the engine's layout.
+
+    sequences [N, P+R]: left-padded prompt then right-padded response; P, R the longest.
+    """
+    from engine.experience import Experience
+
+    P = max(len(p) for p in prompts)
+    R = max(max(len(r) for r in responses), 1)
+    N = len(prompts)
+    seq = torch.full((N, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((N, P + R), dtype=torch.long)
+    for i, (p, r) in enumerate(zip(prompts, responses)):
+        seq[i, P - len(p) : P] = torch.as_tensor(list(p), dtype=torch.long)
+        attn[i, P - len(p) : P] = 1
+        if r:
+            seq[i, P : P + len(r)] = torch.as_tensor(list(r), dtype=torch.long)
+            attn[i, P : P + len(r)] = 1
+    return Experience(seq, attn, attn[:, P:].bool())
+
+
+def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Experience:
+    """B pairs -> 2B rows: rows ``[0, B)`` the chosen responses, ``[B, 2B)`` the rejected ones."""
+    prompts = [p.prompt for p in pairs] * 2
+    responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    return pack_rows(prompts, responses, pad_id)
+
+
+# --------------------------------------------------------------------------- the stage
+def _pair_stats(
+    logp: torch.Tensor, ref_logp: torch.Tensor, batch: Experience, cfg: DPOConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-pair losses [B], sums of the logged statistics over the B pairs)."""
+    mask = batch.action_mask
+    lengths = mask.sum(-1).clamp_min(1).float()
+    pol = (logp * mask).sum(-1)
+    ratios = pol - (ref_logp * mask).sum(-1)
+    if cfg.length_normalize:
+        ratios = ratios / lengths
+    B = batch.batch_size // 2
+    losses, rc, rr = dpo_loss(ratios[:B], ratios[B:], cfg.dpo.beta, cfg.dpo.loss)
+    sums = {
+        "loss": losses.detach().sum(),
+        "rewards/chosen": rc.sum(),
+        "rewards/rejected": rr.sum(),
+        "rewards/margin": (rc - rr).sum(),
+        "rewards/accuracy": (rc > rr).float().sum(),
+        "logps/chosen": pol[:B].detach().sum(),
+        "logps/rejected": pol[B:].detach().sum(),
+    }
+    return losses, sums
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@torch.no_grad()
+def evaluate_pairs(policy: Any, ref: Any, batches: Sequence[Experience], cfg: DPOConfig) -> dict[str, float]:
+    """Means of loss, implicit rewards, margin and accuracy over held-out pair batches."""
+    policy.eval()
+    sums: dict[str, float] = {}
+    n = 0
+    for b in batches:
+        logp, _ = policy(b.sequences.to(policy.device), b.attention_mask.to(policy.device), b.response_len)
+        _, s = _pair_stats(logp.cpu(), ref.logprobs(b), b, cfg)
+        for k, v in s.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        n += b.batch_size // 2
+    policy.train()
+    return {f"eval/{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
+    """Train ``total_steps`` DPO/IPO steps, evaluate on held-out pairs, save an HF checkpoint.
+
+    Returns the summary (also in ``<output_dir>/summary.json``); per-step metrics go to
+    ``metrics.jsonl``.
+    """
+    from engine.actor import PolicyLogprobs, TrainEngine
+    from engine.scoring import ReferenceModel
+    from engine.sft import load_sft_model
+
+    logger = setup_stage(cfg, "dpo")
+    t_start = time.time()
+    model, tokenizer = load_sft_model(cfg)  # tiny model when model.path is empty; checks the kind
+    pad = tokenizer.pad_token_id
+    d = cfg.data
+    pairs, stats = load_preference_pairs(d.train, tokenizer, d.max_len, d.max_prompt_len, d.on_long_prompt)
+    train_idx, eval_idx = split_eval(len(pairs), d.eval_size, cfg.seed)
+    train = [pairs[i] for i in train_idx]
+    mb = cfg.train.micro_batch_size
+    eval_batches = [collate_pairs([pairs[i] for i in c], pad) for c in _chunks(eval_idx, mb)]
+
+    world = D.world_size()
+    grad_accum = cfg.train.batch_size // (mb * world)
+    ref_lm = copy.deepcopy(model)  # the frozen starting weights, copied before DeepSpeed wraps them
+    train_engine = TrainEngine(PolicyLogprobs(model), cfg.optim, mb, grad_accum)
+    engine = train_engine.engine
+    ref = ReferenceModel(ref_lm, device=engine.device, micro_batch_size=2 * mb)
+    sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, d.shuffle, D.rank(), world)
+    data_metrics = {
+        "data/train_pairs": len(train),
+        "data/eval_pairs": len(eval_idx),
+        **stats.as_metrics(),
+    }
+    history: list[dict[str, float]] = []
+    window: dict[str, float] = {}
+    n_window = steps_window = 0
+    t_window = time.time()
+    for step in range(1, cfg.total_steps + 1):
+        for chunk in _chunks(sampler.next_batch(), mb):
+            batch = collate_pairs([train[i] for i in chunk], pad).to(engine.device)
+            ref_logp = ref.logprobs(batch)  # no grad, once per micro-batch
+            logp, _ = engine(batch.sequences, batch.attention_mask, batch.response_len)
+            losses, sums = _pair_stats(logp, ref_logp, batch, cfg)
+            loss = losses.mean()
+            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+            for k, v in sums.items():
+                window[k] = window.get(k, 0.0) + float(v)
+            n_window += len(chunk)
+        step_stats = train_engine.finish()
+        steps_window += 1
+        last = step == cfg.total_steps
+        if step % cfg.train.log_every == 0 or last or step == 1:
+            w = D.all_reduce_mean({k: v / max(n_window, 1) for k, v in window.items()})
+            row = {**w, **step_stats, "time/step_s": (time.time() - t_window) / steps_window}
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                if eval_batches:
+                    row.update(D.all_reduce_mean(evaluate_pairs(engine, ref, eval_batches, cfg)))
+            if step == 1:
+                row.update(data_metrics)
+            logger.log(step, row)
+            history.append({"step": step, **row})
+            window, n_window, steps_window, t_window = {}, 0, 0, time.time()
+        if cfg.save_every and step % cfg.save_every == 0 and not last:
+            save_hf_checkpoint(engine.module.lm, tokenizer, f"{cfg.output_dir}/checkpoint-{step}")
+    ckpt = save_hf_checkpoint(engine.module.lm, tokenizer, cfg.output_dir)
+    summary = {
+        "train/margin_first": history[0]["rewards/margin"],
+        "train/margin_last": history[-1]["rewards/margin"],
+        "train/loss_first": history[0]["loss"],
+        "train/loss_last": history[-1]["loss"],
+        **{k: v for k, v in history[-1].items() if k.startswith("eval/")},
+        **data_metrics,
+        "loss_type": cfg.dpo.loss,
+        "length_normalize": cfg.length_normalize,
+        "skipped_steps": train_engine.skipped,
+        "checkpoint": str(ckpt),
+        "world_size": world,
+        "wall_s": time.time() - t_start,
+    }
+    logger.write_summary(summary)
+    logger.close()
+    return summary
+
+
+def main_dpo(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``load_config(DPOConfig, config_path, overrides)`` then ``run_dpo``."""
+    return run_dpo(load_config(DPOConfig, config_path, overrides))
+
+
+if __name__ == "__main__":
+    import sys
+
+    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
+    path = args[0] if args and "=" not in args[0] else None
+    result = main_dpo(path, [a for a in args if "=" in a])
+    if D.is_main():
+        print(
+            {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()}
+        )
