@@ -9,6 +9,7 @@ work starts.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -17,12 +18,34 @@ from engine.config import ConfigError, PPOConfig, load_config
 
 
 def _ppo(config: str | None, overrides: list[str]) -> Any:
+    cfg = load_config(PPOConfig, config, overrides)
+    # The cheap checks first, in about a second: before torch.distributed and the heavy imports.
+    # The launcher's WORLD_SIZE is the world the trainer will see (it validates again there).
+    cfg.validate(int(os.environ.get("WORLD_SIZE") or 1))
     from engine.trainer import run_ppo
 
-    return run_ppo(load_config(PPOConfig, config, overrides))
+    return run_ppo(cfg)
 
 
-STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {"ppo": _ppo}
+def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
+    """Import a stage's ``main_*`` only when that stage runs (heavy imports stay lazy)."""
+
+    def run(config: str | None, overrides: list[str]) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(config, overrides)
+
+    return run
+
+
+STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
+    "sft": _lazy("engine.sft", "main_sft"),
+    "rm": _lazy("engine.reward_training", "main_rm"),
+    "ppo": _ppo,
+    "dpo": _lazy("engine.dpo", "main_dpo"),
+    "bon": _lazy("engine.best_of_n", "main_bon"),
+    "eval": _lazy("engine.evaluate", "main_eval"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:

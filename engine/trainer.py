@@ -363,7 +363,11 @@ class PPOTrainer:
             while self.step_idx < self.cfg.total_steps:
                 metrics = self.step()
                 self.logger.log(self.step_idx, metrics)
+            from engine.stages_common import save_hf_checkpoint
+
+            final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
             summary = {
+                "final_policy": str(final),
                 "prompts/truncated": self.dataset.num_truncated,
                 "prompts/dropped": self.dataset.num_dropped,
                 "rewards/invalid": self.reward.num_invalid,

@@ -1,0 +1,262 @@
+"""The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, eval, report.
+
+``python -m engine.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
+Each stage runs as its own ``python -m engine.cli STAGE`` process (or
+``deepspeed --num_gpus N -m engine.cli`` with ``--world N``), so vLLM and
+DeepSpeed start clean, exactly as a user would run them. The run directory gets
+one folder per stage, ``report.md``, ``summary.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+# Stage overrides per size. "demo" is the README's main job (<= 15 min on 2 cores);
+# "ci" is the same pipeline at a reduced size for the end-to-end test.
+SIZES: dict[str, dict[str, Any]] = {
+    "demo": {
+        "data": {"n_sft": 4000, "n_pairs": 4000, "n_prompts": 512},
+        "sft": ["total_steps=400"],
+        "rm": ["total_steps=200"],
+        "ppo": ["total_steps=30"],
+        "dpo": ["total_steps=100"],
+        "eval": ["data.num_prompts=128"],
+    },
+    "ci": {
+        "data": {"n_sft": 600, "n_pairs": 600, "n_prompts": 64},
+        "sft": ["total_steps=40"],
+        "rm": ["total_steps=30", "data.eval_size=64"],
+        "ppo": ["total_steps=3"],
+        "dpo": ["total_steps=10", "data.eval_size=64"],
+        "eval": ["data.num_prompts=16"],
+    },
+}
+
+
+def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float:
+    """Run one ``engine.cli`` stage; raise with the log's tail if it fails. Returns seconds."""
+    if world > 1:
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "-m", "engine.cli"]
+    else:
+        cmd = [sys.executable, "-m", "engine.cli"]
+    cmd += [stage, *overrides]
+    t0 = time.time()
+    print(f"[pipeline] {stage}: {' '.join(overrides)}", flush=True)
+    with log.open("w") as f:
+        proc = subprocess.run(
+            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
+        )
+    dt = time.time() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
+        raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); log {log}:\n{tail}")
+    print(f"[pipeline] {stage} done in {dt:.0f}s", flush=True)
+    return dt
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return (
+        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    )
+
+
+def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Run every stage into ``run_dir``; returns the summary (also written as summary.json)."""
+    from engine.demo_task import write_demo_data
+
+    t_start = time.time()
+    run = Path(run_dir).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    logs = run / "logs"
+    logs.mkdir(exist_ok=True)
+    s = SIZES[size]
+    paths = write_demo_data(run / "data", seed=seed, **s["data"])
+    sft, rm, ppo, dpo = run / "sft", run / "rm", run / "ppo", run / "dpo"
+    times: dict[str, float] = {}
+    common = [f"seed={seed}"]
+
+    times["sft"] = _run_stage(
+        "sft",
+        [f"output_dir={sft}", f"data.train={paths['sft']}", *common, *s["sft"]],
+        logs / "sft.log",
+        world,
+    )
+    times["rm"] = _run_stage(
+        "rm",
+        [f"output_dir={rm}", f"model.path={sft}", f"data.train={paths['preferences']}", *common, *s["rm"]],
+        logs / "rm.log",
+        world,
+    )
+    times["ppo"] = _run_stage(
+        "ppo",
+        [
+            "--config",
+            str(Path(__file__).resolve().parent.parent / "configs" / "ppo_demo.yaml"),
+            f"output_dir={ppo}",
+            f"model.path={sft}",
+            f"reward.model_path={rm}",
+            f"data.prompts={paths['prompts']}",
+            *common,
+            *s["ppo"],
+        ],
+        logs / "ppo.log",
+        world,
+    )
+    times["dpo"] = _run_stage(
+        "dpo",
+        [f"output_dir={dpo}", f"model.path={sft}", f"data.train={paths['preferences']}", *common, *s["dpo"]],
+        logs / "dpo.log",
+        world,
+    )
+    evals: dict[str, dict[str, Any]] = {}
+    for name, policy in (("sft", sft), ("ppo", ppo / "final"), ("dpo", dpo)):
+        out = run / f"eval_{name}"
+        ov = [
+            f"output_dir={out}",
+            f"models.policy={policy}",
+            f"models.baseline={sft}",
+            f"models.reference={sft}",
+            f"models.reward_model={rm}",
+            "models.gold=engine.demo_task:gold_reward",
+            f"data.prompts={paths['eval_prompts']}",
+            *common,
+            *s["eval"],
+        ]
+        if name == "sft":
+            ov.append(f"data.pairs={paths['preferences']}")
+        times[f"eval_{name}"] = _run_stage("eval", ov, logs / f"eval_{name}.log", 1)
+        evals[name] = _read_json(out / "eval.json")
+
+    rm_summary = _read_json(rm / "summary.json")
+    ppo_rows = _read_jsonl(ppo / "metrics.jsonl")
+    summary = {
+        "rm/accuracy": rm_summary.get("eval/accuracy", evals["sft"].get("rm_accuracy")),
+        "rm/accuracy_train_pairs_eval": evals["sft"].get("rm_accuracy"),
+        "gold/sft": evals["sft"].get("gold_reward"),
+        "gold/ppo": evals["ppo"].get("gold_reward"),
+        "gold/dpo": evals["dpo"].get("gold_reward"),
+        "rm_reward/sft": evals["sft"].get("rm_reward"),
+        "rm_reward/ppo": evals["ppo"].get("rm_reward"),
+        "rm_reward/dpo": evals["dpo"].get("rm_reward"),
+        "win_rate_gold/ppo_vs_sft": evals["ppo"].get("win_rate_gold"),
+        "win_rate_gold/dpo_vs_sft": evals["dpo"].get("win_rate_gold"),
+        "kl/ppo": evals["ppo"].get("kl"),
+        "kl/dpo": evals["dpo"].get("kl"),
+        "response_len/ppo": evals["ppo"].get("response_len"),
+        "stage_seconds": times,
+        "size": size,
+        "world_size": world,
+        "minutes": (time.time() - t_start) / 60.0,
+    }
+    (run / "summary.json").write_text(json.dumps(summary, indent=2))
+    plots = _plots(run, ppo_rows, rm, summary)
+    _report(run, summary, ppo_rows, plots)
+    return summary
+
+
+def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dict[str, Any]) -> list[str]:
+    """reward & KL per PPO step, gold score of SFT/PPO/DPO, RM accuracy over training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = []
+    if ppo_rows:
+        steps = [r["step"] for r in ppo_rows]
+        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
+        ax[0].plot(steps, [r.get("reward/mean") for r in ppo_rows], marker="o")
+        ax[0].set(title="PPO: RM reward per step", xlabel="step", ylabel="mean RM score")
+        ax[1].plot(steps, [r.get("kl/mean") for r in ppo_rows], marker="o", color="tab:red")
+        ax[1].set(title="PPO: KL to reference per step", xlabel="step", ylabel="sequence KL (nats)")
+        fig.tight_layout()
+        fig.savefig(run / "ppo_reward_kl.png", dpi=110)
+        plt.close(fig)
+        out.append("ppo_reward_kl.png")
+    names = ["sft", "ppo", "dpo"]
+    gold = [summary.get(f"gold/{n}") or 0.0 for n in names]
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.bar(names, gold, color=["tab:gray", "tab:blue", "tab:green"])
+    ax.set(title="Gold score on held-out prompts", ylabel="mean gold score", ylim=(0, 1))
+    for i, g in enumerate(gold):
+        ax.text(i, g + 0.01, f"{g:.3f}", ha="center")
+    fig.tight_layout()
+    fig.savefig(run / "gold_scores.png", dpi=110)
+    plt.close(fig)
+    out.append("gold_scores.png")
+    rm_rows = [r for r in _read_jsonl(rm_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    if rm_rows:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ax.plot([r["step"] for r in rm_rows], [r["eval/accuracy"] for r in rm_rows], marker="o")
+        ax.axhline(0.5, color="gray", ls="--", label="chance")
+        ax.set(title="Reward model held-out accuracy", xlabel="step", ylabel="pairwise accuracy", ylim=(0, 1))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(run / "rm_accuracy.png", dpi=110)
+        plt.close(fig)
+        out.append("rm_accuracy.png")
+    return out
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]) -> None:
+    acc, g_sft, g_ppo = summary["rm/accuracy"], summary["gold/sft"], summary["gold/ppo"]
+    checks = [
+        ("RM held-out accuracy >= 0.75", acc is not None and acc >= 0.75, _fmt(acc)),
+        (
+            "PPO gold score > SFT gold score",
+            None not in (g_ppo, g_sft) and g_ppo > g_sft,
+            f"{_fmt(g_ppo)} vs {_fmt(g_sft)}",
+        ),
+        ("KL to reference reported", summary["kl/ppo"] is not None, _fmt(summary["kl/ppo"])),
+    ]
+    lines = [
+        "# RLHF demo report",
+        "",
+        f"Size `{summary['size']}`, {summary['world_size']} rank(s), {summary['minutes']:.1f} minutes in all.",
+        "",
+        "| check | result | value |",
+        "|---|---|---|",
+        *[f"| {name} | {'PASS' if ok else 'FAIL'} | {val} |" for name, ok, val in checks],
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "stage_seconds"],
+        "",
+        "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
+        "",
+        *[f"![{p}]({p})" for p in plots],
+        "",
+    ]
+    (run / "report.md").write_text("\n".join(lines))
+    print("\n".join(lines[: 12 + len(checks)]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m engine.pipeline", description=__doc__.splitlines()[0])
+    ap.add_argument("run_dir", nargs="?", default="runs/demo")
+    ap.add_argument("--size", choices=sorted(SIZES), default="demo")
+    ap.add_argument("--world", type=int, default=1, help="ranks per stage (deepspeed --num_gpus N)")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args(argv)
+    run_pipeline(a.run_dir, a.size, a.world, a.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
