@@ -7,5 +7,7 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 RUN_DIR="${1:-runs/demo}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# Cache bytecode: every stage/test subprocess otherwise recompiles torch & co. (~5 s each).
+unset PYTHONDONTWRITEBYTECODE
 mkdir -p "$RUN_DIR"
 exec "$ROOT/.venv/bin/python" -m engine.pipeline "$RUN_DIR"
