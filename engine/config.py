@@ -408,7 +408,7 @@ class SFTConfig(StageConfig):
     """Supervised fine-tuning: causal-LM cross-entropy on response tokens only."""
 
     output_dir: str = "runs/sft"
-    total_steps: int = 600
+    total_steps: int = 500
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     train: SFTTrainConfig = field(default_factory=SFTTrainConfig)

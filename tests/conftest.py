@@ -47,7 +47,9 @@ def assert_close_fp64(
     assert not torch.isnan(out).any() or torch.isnan(ref64).any(), f"{name}: unexpected NaN"
     atol, rtol = TOLERANCES[dtype]
     err = (out.double() - ref64).abs()
-    both_inf = torch.isinf(out.double()) & torch.isinf(ref64) & (torch.sign(out.double()) == torch.sign(ref64))
+    both_inf = (
+        torch.isinf(out.double()) & torch.isinf(ref64) & (torch.sign(out.double()) == torch.sign(ref64))
+    )
     err = err.masked_fill(both_inf, 0.0)
     bound = atol + rtol * ref64.abs().masked_fill(torch.isinf(ref64), 0.0)
     if eager is not None:

@@ -1,0 +1,340 @@
+"""The reward-model stage: a scalar head on the SFT checkpoint, trained with the Bradley-Terry loss.
+
+The model is ``AutoModelForSequenceClassification.from_pretrained(sft_dir, num_labels=1)``:
+the SFT backbone plus a fresh ``score`` head, re-initialised here as
+N(0, std) (default std = 1 / (H + 1), as the critic's value head) so rewards start
+near zero whatever transformers' default init does. A sequence
+``<bos> prompt response <eos>`` (the layout every stage uses) is scored at its
+last real token, from the attention mask, exactly as ``engine.scoring`` scores
+PPO rollouts.
+
+Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, with ``margin``
+from ``train.margin`` plus, with ``train.margin_from_data``, each record's numeric
+``margin`` field. Pairs whose chosen and rejected texts are equal are dropped and
+counted. Held-out pairs give the pairwise accuracy and the mean margin
+``r_chosen - r_rejected``; records with ``gold_chosen``/``gold_rejected`` (the demo
+task) also give the accuracy against the gold ordering.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine import distributed as D
+from engine.config import RMConfig, RMDataConfig, RMTrainConfig, load_config
+from engine.data import DataError, PromptSampler, read_jsonl
+from engine.stages_common import (
+    EncodeStats,
+    encode_prompt,
+    encode_response,
+    fit_prompt,
+    fit_response,
+    nonblank_line_numbers,
+    pad_right,
+    require_checkpoint_kind,
+    save_hf_checkpoint,
+    setup_stage,
+    split_eval,
+)
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+# --------------------------------------------------------------------------- pairs and batches
+@dataclass
+class PairExample:
+    """One tokenized pair; ``gold_*`` are NaN when the record has no gold scores."""
+
+    chosen: list[int]
+    rejected: list[int]
+    margin: float = 0.0
+    gold_chosen: float = math.nan
+    gold_rejected: float = math.nan
+
+
+@dataclass
+class RMBatch:
+    """B pairs as 2B right-padded rows: chosen rows 0..B-1, then rejected rows B..2B-1.
+
+    input_ids:      [2B, T] long
+    attention_mask: [2B, T] long, 1 = real token
+    margin:         [B] float32, subtracted from r_chosen - r_rejected in the loss
+    gold_order:     [B] float32, 1 if gold prefers chosen, 0 if rejected, NaN if unknown or tied
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    margin: torch.Tensor
+    gold_order: torch.Tensor
+
+
+def rm_collate(pairs: Sequence[PairExample], pad_id: int) -> RMBatch:
+    rows = [p.chosen for p in pairs] + [p.rejected for p in pairs]
+    ids = pad_right(rows, pad_id)
+    am = pad_right([[1] * len(r) for r in rows], 0, ids.shape[1])
+    gold = [
+        float(p.gold_chosen > p.gold_rejected) if p.gold_chosen != p.gold_rejected else math.nan
+        for p in pairs
+    ]
+    return RMBatch(
+        ids,
+        am,
+        torch.tensor([p.margin for p in pairs], dtype=torch.float32),
+        torch.tensor(gold, dtype=torch.float32),
+    )
+
+
+# --------------------------------------------------------------------------- loss
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, margin: torch.Tensor | float = 0.0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean of ``-log sigmoid(r_chosen - r_rejected - margin)`` over [B] pairs, and stats.
+
+    Stats (detached): ``accuracy`` (r_chosen > r_rejected; ties count 1/2) and
+    ``margin`` (mean r_chosen - r_rejected).
+    """
+    diff = r_chosen.float() - r_rejected.float()
+    loss = -F.logsigmoid(diff - margin).mean()
+    d = diff.detach()
+    acc = ((d > 0).float() + 0.5 * (d == 0).float()).mean()
+    return loss, {"accuracy": acc, "margin": d.mean()}
+
+
+class RewardScores(nn.Module):
+    """``forward(input_ids[N, T], attention_mask[N, T]) -> [N]`` float32 scores at each row's last real token.
+
+    Wraps an HF sequence classifier (``model.score`` a Linear(H, 1)); pooling by the
+    attention mask, not by the pad id, so a tokenizer whose pad is its eos still works.
+    """
+
+    def __init__(self, model: PreTrainedModel) -> None:
+        super().__init__()
+        from engine.critic import reward_head_of
+
+        reward_head_of(model)  # checks the head is a Linear(H, 1)
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        from engine.actor import base_model_of, position_ids_from_mask
+        from engine.critic import reward_head_of
+
+        out = base_model_of(self.model)(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        pos = torch.arange(attention_mask.shape[1], device=attention_mask.device).expand_as(attention_mask)
+        last = torch.where(attention_mask.bool(), pos, torch.zeros_like(pos)).max(dim=1).values
+        h = hidden[torch.arange(input_ids.shape[0], device=input_ids.device), last]
+        return reward_head_of(self.model)(h).squeeze(-1).float()
+
+
+# --------------------------------------------------------------------------- data
+def load_pairs(
+    cfg: RMDataConfig, train: RMTrainConfig, tokenizer: PreTrainedTokenizerBase
+) -> tuple[list[PairExample], EncodeStats]:
+    """Read, check and tokenize preference pairs; identical pairs are dropped and counted."""
+    records = read_jsonl(cfg.train, ["prompt", "chosen", "rejected"])
+    lines = nonblank_line_numbers(cfg.train)
+    stats = EncodeStats(extra={"pairs_identical_dropped": 0, "pairs_identical_after_truncation_dropped": 0})
+    bos = tokenizer.bos_token_id
+    pairs = []
+    for rec, line in zip(records, lines):
+        where = f"{cfg.train}:{line}"
+        if rec["chosen"].strip() == rec["rejected"].strip():
+            stats.extra["pairs_identical_dropped"] += 1
+            continue
+        margin = float(train.margin)
+        if train.margin_from_data:
+            m = rec.get("margin")
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
+                raise DataError(f"{where}: train.margin_from_data=true needs a numeric 'margin', got {m!r}")
+            margin += float(m)
+        prompt = fit_prompt(
+            encode_prompt(tokenizer, rec["prompt"]), cfg.max_prompt_len, cfg.on_long_prompt, bos, stats
+        )
+        if prompt is None:
+            continue
+        chosen = prompt + fit_response(prompt, encode_response(tokenizer, rec["chosen"]), cfg.max_len, stats)
+        rejected = prompt + fit_response(
+            prompt, encode_response(tokenizer, rec["rejected"]), cfg.max_len, stats
+        )
+        if chosen == rejected:
+            stats.extra["pairs_identical_after_truncation_dropped"] += 1
+            continue
+        gold = [rec.get(k) for k in ("gold_chosen", "gold_rejected")]
+        gold = [
+            float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else math.nan for g in gold
+        ]
+        pairs.append(PairExample(chosen, rejected, margin, *gold))
+    if len(pairs) < 2:
+        raise DataError(
+            f"{cfg.train}: only {len(pairs)} usable pairs of {len(records)} "
+            f"(dropped: {stats.as_metrics()}); need at least 2"
+        )
+    return pairs, stats
+
+
+# --------------------------------------------------------------------------- model
+def load_rm_model(cfg: RMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The SFT checkpoint as a one-label sequence classifier with a re-initialised score head."""
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.critic import reward_head_of
+    from engine.models import (
+        check_tokenizer_matches,
+        load_tokenizer,
+        resolve_attn_implementation,
+        resolve_dtype,
+    )
+
+    path = cfg.model.path
+    require_checkpoint_kind(path, "model.path", "causal_lm")
+    tokenizer = load_tokenizer(cfg.model.tokenizer or path, role="model.tokenizer")
+    dtype = resolve_dtype(cfg.model.dtype)
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        path,
+        num_labels=1,
+        dtype=dtype,
+        attn_implementation=resolve_attn_implementation(cfg.model.attn_implementation, dtype=dtype),
+        output_loading_info=True,
+    )
+    head = reward_head_of(model)
+    head_names = {n for n, p in model.named_parameters() if any(p is q for q in head.parameters())}
+    backbone_missing = [k for k in info["missing_keys"] if k not in head_names]
+    if backbone_missing:
+        raise ValueError(
+            f"model.path: {path}: backbone weights missing from the checkpoint: {backbone_missing[:5]}"
+        )
+    check_tokenizer_matches(tokenizer, model.config)
+    std = cfg.train.head_init_std or 1.0 / (model.config.hidden_size + 1)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        nn.init.normal_(head.weight, std=std)
+        if head.bias is not None:
+            nn.init.zeros_(head.bias)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    return model.train(), tokenizer
+
+
+# --------------------------------------------------------------------------- the stage
+def _scores(engine: Any, b: RMBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    r = engine(b.input_ids.to(engine.device), b.attention_mask.to(engine.device))
+    B = b.margin.shape[0]
+    return r[:B], r[B:]
+
+
+@torch.no_grad()
+def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
+    """Held-out loss, accuracy, mean margin and (where gold is known) accuracy against gold."""
+    engine.eval()
+    rc_all, rr_all, m_all, gold_all = [], [], [], []
+    for b in batches:
+        rc, rr = _scores(engine, b)
+        rc_all.append(rc.cpu())
+        rr_all.append(rr.cpu())
+        m_all.append(b.margin)
+        gold_all.append(b.gold_order)
+    engine.train()
+    rc, rr, m, gold = (torch.cat(x) for x in (rc_all, rr_all, m_all, gold_all))
+    loss, st = bradley_terry_loss(rc, rr, m)
+    out = {
+        "eval/loss": float(loss),
+        "eval/accuracy": float(st["accuracy"]),
+        "eval/margin": float(st["margin"]),
+        "eval/reward_mean": float(torch.cat([rc, rr]).mean()),
+        "eval/reward_std": float(torch.cat([rc, rr]).std()),
+    }
+    known = ~torch.isnan(gold)
+    if known.any():
+        pred = (rc > rr).float()[known]
+        out["eval/accuracy_vs_gold"] = float((pred == gold[known]).float().mean())
+    return out
+
+
+def run_rm(cfg: RMConfig) -> dict[str, Any]:
+    """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``)."""
+    from engine.actor import TrainEngine
+
+    logger = setup_stage(cfg)
+    t_start = time.time()
+    model, tokenizer = load_rm_model(cfg)
+    pad = tokenizer.pad_token_id
+    pairs, stats = load_pairs(cfg.data, cfg.train, tokenizer)
+    train_idx, eval_idx = split_eval(len(pairs), cfg.data.eval_size, cfg.seed)
+    train = [pairs[i] for i in train_idx]
+    mb = cfg.train.micro_batch_size
+    eval_batches = [
+        rm_collate([pairs[i] for i in eval_idx[j : j + mb]], pad) for j in range(0, len(eval_idx), mb)
+    ]
+
+    world = D.world_size()
+    grad_accum = cfg.train.batch_size // (mb * world)
+    train_engine = TrainEngine(RewardScores(model), cfg.optim, mb, grad_accum)
+    engine = train_engine.engine
+    sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, D.rank(), world)
+    data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(eval_idx), **stats.as_metrics()}
+    history: list[dict[str, float]] = []
+    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0.0}
+    t_window = time.time()
+    for step in range(1, cfg.total_steps + 1):
+        idx = sampler.next_batch()
+        for j in range(0, len(idx), mb):
+            b = rm_collate([train[i] for i in idx[j : j + mb]], pad)
+            rc, rr = _scores(engine, b)
+            loss, st = bradley_terry_loss(rc, rr, b.margin.to(rc.device))
+            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+            window["loss"] += float(loss.detach())
+            window["accuracy"] += float(st["accuracy"])
+            window["margin"] += float(st["margin"])
+            window["n"] += 1
+        step_stats = train_engine.finish()
+        last = step == cfg.total_steps
+        if step % cfg.train.log_every == 0 or last or step == 1:
+            w = D.all_reduce_mean(window)
+            n = max(w.pop("n"), 1.0)
+            row = {f"train/{k}": v / n for k, v in w.items()}
+            row["train/pairs_per_s"] = n * mb * world / max(time.time() - t_window, 1e-9)
+            row.update(step_stats)
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                row.update(evaluate(engine, eval_batches) if eval_batches else {})
+            if step == 1:
+                row.update(data_metrics)
+            logger.log(step, row)
+            history.append(row)
+            window = dict.fromkeys(window, 0.0)
+            t_window = time.time()
+        if cfg.save_every and step % cfg.save_every == 0 and not last:
+            save_hf_checkpoint(engine.module.model, tokenizer, f"{cfg.output_dir}/checkpoint-{step}")
+    ckpt = save_hf_checkpoint(engine.module.model, tokenizer, cfg.output_dir)
+    summary = {
+        "train/accuracy_first": history[0]["train/accuracy"],
+        "train/accuracy_last": history[-1]["train/accuracy"],
+        "train/loss_last": history[-1]["train/loss"],
+        **{k: v for k, v in history[-1].items() if k.startswith("eval/")},
+        **data_metrics,
+        "skipped_steps": train_engine.skipped,
+        "checkpoint": str(ckpt),
+        "world_size": world,
+        "wall_s": time.time() - t_start,
+    }
+    logger.write_summary(summary)
+    logger.close()
+    return summary
+
+
+def main_rm(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """``load_config(RMConfig, config_path, overrides)`` then ``run_rm``."""
+    return run_rm(load_config(RMConfig, config_path, overrides))
