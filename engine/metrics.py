@@ -30,6 +30,7 @@ class MetricsLogger:
         initial_step: int = 0,
         enabled: bool = True,
         run_config: dict[str, Any] | None = None,
+        desc: str = "ppo",
     ) -> None:
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
@@ -55,7 +56,7 @@ class MetricsLogger:
         if cfg.progress_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=total_steps, initial=initial_step, desc="ppo", dynamic_ncols=True)
+            self._bar = tqdm(total=total_steps, initial=initial_step, desc=desc, dynamic_ncols=True)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         """Record ``metrics`` for ``step``; non-finite floats are written as null in JSON."""

@@ -268,7 +268,7 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``)."""
     from engine.actor import TrainEngine
 
-    logger = setup_stage(cfg)
+    logger = setup_stage(cfg, "rm")
     t_start = time.time()
     model, tokenizer = load_rm_model(cfg)
     pad = tokenizer.pad_token_id

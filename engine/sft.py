@@ -278,7 +278,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     """Train, evaluate and save; returns the final metrics (also in ``summary.json``)."""
     from engine.actor import TrainEngine
 
-    logger = setup_stage(cfg)
+    logger = setup_stage(cfg, "sft")
     t_start = time.time()
     model, tokenizer = load_sft_model(cfg)
     pad = tokenizer.pad_token_id

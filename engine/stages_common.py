@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- setup
-def setup_stage(cfg: Any) -> MetricsLogger:
+def setup_stage(cfg: Any, name: str = "train") -> MetricsLogger:
     """Init distributed (if launched), validate, seed, write the resolved config; return the logger.
 
     Call first in every stage. Rank 0 writes; other ranks get a disabled logger.
@@ -47,7 +47,7 @@ def setup_stage(cfg: Any) -> MetricsLogger:
         (out / "metrics.jsonl").unlink(missing_ok=True)  # resume=never: a fresh log
         save_config(cfg, out)
     D.barrier()
-    return MetricsLogger(out, cfg.logging, cfg.total_steps, enabled=D.is_main())
+    return MetricsLogger(out, cfg.logging, cfg.total_steps, enabled=D.is_main(), desc=name)
 
 
 # --------------------------------------------------------------------------- tokenizing
