@@ -1,6 +1,6 @@
 """Command line: ``python -m engine.cli STAGE --config FILE [dotted.key=value ...]``.
 
-The same module runs under ``deepspeed --num_gpus N -m engine.cli ppo ...`` and
+The same module runs under ``deepspeed --num_gpus N --module engine.cli ppo ...`` and
 ``torchrun``; the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides
 the world. Config errors print one clear line and exit with status 2 before any
 work starts.

@@ -152,6 +152,11 @@ class PPOTrainer:
         if self.rank == 0:
             _writable_dir(self.out)
         reward_fn = load_callable(cfg.reward.function) if cfg.reward.kind == "function" else None
+        from engine.checkpoint import CheckpointManager
+
+        # Resolve `resume` now, so a bad path fails in a second rather than after building every role.
+        self.ckpt = CheckpointManager(self.out, cfg.keep_last, self.rank, self.world)
+        self._resume_from = self.ckpt.resolve(cfg.resume)
         dist.barrier()
         if self.rank == 0:
             save_config(cfg, self.out)
@@ -215,8 +220,14 @@ class PPOTrainer:
         self.version = 0
         self.step_idx = 0
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        self._maybe_resume()
         self.logger = MetricsLogger(
-            self.out, cfg.logging, cfg.total_steps, 0, enabled=self.rank == 0, run_config=to_dict(cfg)
+            self.out,
+            cfg.logging,
+            cfg.total_steps,
+            self.step_idx,
+            enabled=self.rank == 0,
+            run_config=to_dict(cfg),
         )
 
     def _build_rollout(self, dtype: torch.dtype):
@@ -359,18 +370,32 @@ class PPOTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
+        from engine.checkpoint import GracefulShutdown
+
+        every = self.cfg.save_every
         try:
-            while self.step_idx < self.cfg.total_steps:
-                metrics = self.step()
-                self.logger.log(self.step_idx, metrics)
+            with GracefulShutdown() as stop:
+                while self.step_idx < self.cfg.total_steps:
+                    metrics = self.step()
+                    self.logger.log(self.step_idx, metrics)
+                    # Step boundary; should_stop_all is a collective, so every rank evaluates it.
+                    if stop.should_stop_all() and self.step_idx < self.cfg.total_steps:
+                        path = self.save_checkpoint()
+                        if self.rank == 0:
+                            print(stop.stop_message(self.step_idx, path), flush=True)
+                        return {"stopped": True, "step": self.step_idx, "checkpoint": str(path)}
+                    if every and self.step_idx % every == 0:
+                        self.save_checkpoint()
             from engine.stages_common import save_hf_checkpoint
 
             final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
+            # Each rank scored its own samples: the run's count is the sum (a collective, every rank).
+            invalid = dist.all_reduce_mean({"n": float(self.reward.num_invalid)})["n"] * self.world
             summary = {
                 "final_policy": str(final),
                 "prompts/truncated": self.dataset.num_truncated,
                 "prompts/dropped": self.dataset.num_dropped,
-                "rewards/invalid": self.reward.num_invalid,
+                "rewards/invalid": round(invalid),
                 "world_size": self.world,
                 "policy_dir": str(self.policy_dir),
             }
@@ -378,6 +403,86 @@ class PPOTrainer:
             return summary
         finally:
             self.logger.close()
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's loop state for a checkpoint (``CheckpointManager`` adds the global RNGs)."""
+        rollout_rng = getattr(self.rollout, "_rng", None)  # the rollout engine's fallback seed stream
+        return {
+            "step_idx": self.step_idx,
+            "version": self.version,
+            "sampler": self.sampler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_norm": self.reward_norm.state_dict(),
+            "gen": self._gen.get_state(),
+            "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
+            "reward_invalid": self.reward.num_invalid,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_idx = int(state["step_idx"])
+        self.version = int(state["version"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_norm.load_state_dict(state["reward_norm"])
+        self._gen.set_state(state["gen"])
+        rollout_rng = getattr(self.rollout, "_rng", None)
+        if rollout_rng is not None and state.get("rollout_rng") is not None:
+            rollout_rng.set_state(state["rollout_rng"])
+        self.reward.num_invalid = int(state.get("reward_invalid", 0))
+
+    def _engines(self) -> dict[str, Any]:
+        return {"actor": self.actor.engine, "critic": self.critic.engine}
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint step ``step_idx`` (collective): engines, loop state, RNGs and the actor in HF format."""
+        from engine.checkpoint import hf_exporter
+
+        path = self.ckpt.save(
+            self.step_idx,
+            self._engines(),
+            self.state_dict(),
+            hf_exporter(self.actor.module, self.tokenizer, self.rank),
+            policy_version=self.version,
+            config=to_dict(self.cfg),
+        )
+        if self.rank == 0:
+            secs = self.ckpt.last_save_seconds.get("total", 0.0)
+            print(f"[ppo] saved checkpoint {path} ({secs:.1f}s)", flush=True)
+        return path
+
+    def _maybe_resume(self) -> None:
+        """Load the checkpoint ``cfg.resume`` resolved to, then give the rollout engine its weights."""
+        if self.cfg.resume == "never":
+            return
+        if self._resume_from is not None:
+            self.load_state_dict(self.ckpt.load(self._resume_from, self._engines()))
+            self.sync.push(self.version)  # vLLM was built from the initial policy
+            if self.rank == 0:
+                print(f"[ppo] resumed from {self._resume_from} at step {self.step_idx}", flush=True)
+        if self.rank == 0:  # a killed run may have logged steps past its last checkpoint
+            self._drop_metrics_after(self.out / "metrics.jsonl", self.step_idx)
+        dist.barrier()
+
+    @staticmethod
+    def _drop_metrics_after(path: Path, step: int) -> None:
+        """Rewrite ``path`` keeping the rows with ``step <= step`` (and dropping a torn last line)."""
+        if not path.is_file():
+            return
+        import json
+
+        lines = path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if line.strip() and json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except ValueError:
+                pass
+        if len(kept) != len(lines):
+            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept))
+            os.replace(tmp, path)
 
     def close(self) -> None:
         self.rollout.close()
