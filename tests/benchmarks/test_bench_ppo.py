@@ -1,0 +1,62 @@
+"""The PPO benchmark's bookkeeping: warm-up steps left out, phase means, sync share, CSV rows.
+
+The run itself is the slow end-to-end path (covered by tests/engine/test_ppo_e2e.py); here a
+synthetic ``metrics.jsonl`` stands in for it.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_ppo", ROOT / "benchmarks" / "bench_ppo.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(step: int, step_s: float, sync_s: float) -> dict:
+    return {
+        "step": step,
+        "time/rollout_s": 0.5 * step_s,
+        "time/score_s": 0.1 * step_s,
+        "time/train_s": 0.4 * step_s - sync_s,
+        "time/sync_s": sync_s,
+        "time/step_s": step_s,
+        "throughput/samples_per_s": 16 / step_s,
+        "throughput/tokens_per_s": 160 / step_s,
+        "rollout/logprob_gap": 1e-7 * step,
+        "reward/mean": 0.01 * step,
+    }
+
+
+def test_summarize_skips_warmup_and_reports_sync_share(tmp_path: Path) -> None:
+    bench = _load_bench()
+    rows = [_row(1, 30.0, 3.0), _row(2, 2.0, 0.02), _row(3, 4.0, 0.06)]  # step 1: one-off costs
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = bench.summarize(tmp_path, warmup=1)
+    assert s["step_s"] == pytest.approx(3.0) and s["generate_s"] == pytest.approx(1.5)
+    assert s["sync_s"] == pytest.approx(0.04)
+    assert s["sync_pct"] == pytest.approx(100 * 0.08 / 6.0)
+    assert s["samples_per_s"] == pytest.approx((8 + 4) / 2)
+    assert s["tokens_per_s"] == pytest.approx((80 + 40) / 2)
+    assert s["logprob_gap_max"] == pytest.approx(3e-7)  # over every step, warm-up included
+    assert (s["reward_first"], s["reward_last"]) == (0.01, 0.03)
+
+    out = tmp_path / "ppo.csv"
+    for _ in range(2):
+        bench.write_csv({"ranks": 1, **{k: f"{v:.4g}" for k, v in s.items()}}, out)
+    with out.open() as f:
+        got = list(csv.DictReader(f))
+    assert len(got) == 2 and list(got[0]) == bench.COLUMNS  # one header, rows appended
+    assert got[1]["sync_pct"] == f"{s['sync_pct']:.4g}"
