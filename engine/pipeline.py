@@ -41,6 +41,21 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+def _stage_env() -> dict[str, str]:
+    """The child's environment without this process's distributed identity.
+
+    A parent that ran DeepSpeed in-process holds its MASTER_PORT; a child that
+    inherited RANK/WORLD_SIZE/MASTER_PORT would think it was launched and try to
+    bind that port. The deepspeed launcher sets its own for multi-rank stages.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
 def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float:
     """Run one ``engine.cli`` stage; raise with the log's tail if it fails. Returns seconds."""
     if world > 1:
@@ -51,9 +66,7 @@ def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float
     t0 = time.time()
     print(f"[pipeline] {stage}: {' '.join(overrides)}", flush=True)
     with log.open("w") as f:
-        proc = subprocess.run(
-            cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"}
-        )
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_stage_env())
     dt = time.time() - t0
     if proc.returncode != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])

@@ -65,3 +65,20 @@ def assert_close_fp64(
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+# In-process DeepSpeed tests set a world of one through these variables; a later
+# test's subprocess that inherited them would think it was launched and try to
+# bind the port this process still holds. Restore them after every test.
+_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+_SESSION_DIST_ENV = {k: os.environ.get(k) for k in _DIST_VARS}
+
+
+@pytest.fixture(autouse=True)
+def _restore_dist_env():
+    yield
+    for key, value in _SESSION_DIST_ENV.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
