@@ -2,7 +2,7 @@
 
 ``python -m engine.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
 Each stage runs as its own ``python -m engine.cli STAGE`` process (or
-``deepspeed --num_gpus N -m engine.cli`` with ``--world N``), so vLLM and
+``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
 one folder per stage, ``report.md``, ``summary.json`` and PNG plots.
 """
@@ -59,7 +59,7 @@ def _stage_env() -> dict[str, str]:
 def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float:
     """Run one ``engine.cli`` stage; raise with the log's tail if it fails. Returns seconds."""
     if world > 1:
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "-m", "engine.cli"]
+        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--module", "engine.cli"]
     else:
         cmd = [sys.executable, "-m", "engine.cli"]
     cmd += [stage, *overrides]

@@ -1,0 +1,137 @@
+"""Launch ``ppo_run.py`` (the CLI plus parameter fingerprints) on 1 or 2 ranks and read back what it wrote.
+
+Shared by ``tests/engine/test_ppo_e2e.py`` and ``tests/engine/test_ppo_inputs.py``. One rank is a
+plain ``python`` process; two ranks go through ``deepspeed --num_gpus 2``. The launch runs in its
+own session so a timeout kills every rank, and the ``/dev/shm`` buffers DeepSpeed leaves behind
+are removed -- only this launch's: their names carry the master port, which we choose. (Deleting
+"whatever appeared meanwhile" would delete the buffers of a concurrent run before its peer rank
+opened them, and hang it.)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCRIPTS = Path(__file__).resolve().parent
+REPO = SCRIPTS.parents[2]
+TINY_CONFIG = REPO / "configs" / "ppo_tiny.yaml"
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"  # ..._<uid>_<addr>_<port>_<rank>
+
+# Every run's metrics.jsonl row must carry these (the issue's list).
+REQUIRED_KEYS = (
+    "step",
+    "reward/mean",
+    "kl/mean",
+    "loss/policy",
+    "loss/value",
+    "clipfrac",
+    "entropy/mean",
+    "response_len/mean",
+    "kl_coef",
+    "time/rollout_s",
+    "time/score_s",
+    "time/train_s",
+    "time/sync_s",
+    "time/step_s",
+    "throughput/samples_per_s",
+    "throughput/tokens_per_s",
+    "rollout/logprob_gap",
+    "policy_version",
+)
+
+
+@dataclass
+class PPORun:
+    """What one launch left behind: exit status, output, and the files it wrote."""
+
+    returncode: int
+    output: str
+    out_dir: Path
+    wall_s: float
+    ranks: list[dict[str, Any]] = field(default_factory=list)  # ppo_run.py's fingerprints, by rank
+
+    @property
+    def metrics(self) -> list[dict[str, Any]]:
+        with (self.out_dir / "metrics.jsonl").open() as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+    @property
+    def summary(self) -> dict[str, Any]:
+        return json.loads((self.out_dir / "summary.json").read_text())
+
+    def series(self, key: str) -> list[float]:
+        return [row[key] for row in self.metrics]
+
+    def check(self) -> None:
+        assert self.returncode == 0, (
+            f"exit {self.returncode} after {self.wall_s:.0f}s:\n{self.output[-6000:]}"
+        )
+
+
+def require(*modules: str) -> None:
+    """Skip the calling test unless ``modules`` are installed; looks them up without importing
+    (importing vLLM costs about 20 s here, and the run happens in a subprocess anyway)."""
+    import importlib.util
+
+    import pytest
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {', '.join(missing)}")
+
+
+def launch(out_dir: Path, overrides: list[str], ranks: int = 1, timeout_s: float = 420) -> PPORun:
+    """Run ``ppo_run.py ppo --config configs/ppo_tiny.yaml output_dir=OUT <overrides>`` on ``ranks``."""
+    fp_dir = out_dir / "fingerprints"
+    script = [str(SCRIPTS / "ppo_run.py"), "--fingerprints", str(fp_dir), "ppo", "--config", str(TINY_CONFIG)]
+    args = [f"output_dir={out_dir}", "logging.progress_bar=false", *overrides]
+    port = _free_port()
+    if ranks == 1:
+        cmd = [sys.executable, *script, *args]
+    else:
+        launcher = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *script, *args]
+    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_PORT=str(port))
+    env.pop("WORLD_SIZE", None)  # a plain python run must not look launched
+    env.pop("RANK", None)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank, not only the launcher
+        output, _ = proc.communicate()
+        output += f"\n[ppo_launch] killed after {timeout_s:.0f}s"
+    finally:
+        for f in glob.glob(SHM_BUFFERS.format(port=port)):
+            Path(f).unlink(missing_ok=True)
+    run = PPORun(proc.returncode, output, out_dir, time.perf_counter() - t0)
+    run.ranks = (
+        [json.loads(p.read_text()) for p in sorted(fp_dir.glob("rank*.json"))] if fp_dir.is_dir() else []
+    )
+    return run
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
