@@ -19,7 +19,6 @@ round) and ``summary.json``.
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -335,15 +334,3 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
 def main_bon(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """``load_config(BoNConfig, config_path, overrides)`` then ``run_bon``."""
     return run_bon(load_config(BoNConfig, config_path, overrides))
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    path = args[0] if args and "=" not in args[0] else None
-    result = main_bon(path, [a for a in args if "=" in a])
-    if D.is_main():
-        print(
-            {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()}
-        )

@@ -12,6 +12,9 @@ import os
 import torch
 import torch.distributed as dist
 
+# The variables a launcher (deepspeed, torchrun) sets to give a process its place in the world.
+DIST_ENV_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
 
 def launched() -> bool:
     """True when started by a launcher (deepspeed, torchrun) that set WORLD_SIZE/RANK."""

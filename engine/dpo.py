@@ -24,7 +24,6 @@ truncation to ``data.max_len``) are dropped and counted as ``data/pairs_identica
 from __future__ import annotations
 
 import copy
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -366,15 +365,3 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
 def main_dpo(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """``load_config(DPOConfig, config_path, overrides)`` then ``run_dpo``."""
     return run_dpo(load_config(DPOConfig, config_path, overrides))
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    path = args[0] if args and "=" not in args[0] else None
-    result = main_dpo(path, [a for a in args if "=" in a])
-    if D.is_main():
-        print(
-            {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in result.items()}
-        )

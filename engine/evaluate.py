@@ -25,7 +25,6 @@ written to ``<output_dir>/eval.json``; per-prompt rows go to ``eval_samples.json
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -268,17 +267,3 @@ def _build_rollout(cfg: EvalConfig, policy_dir: str, policy: Any, tokenizer: Any
 def main_eval(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """``load_config(EvalConfig, config_path, overrides)`` then ``run_eval``."""
     return run_eval(load_config(EvalConfig, config_path, overrides))
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = [a for a in sys.argv[1:] if not a.startswith("--local_rank")]
-    path = args[0] if args and "=" not in args[0] else None
-    res = main_eval(path, [a for a in args if "=" in a])
-    if D.is_main():
-        print(
-            json.dumps(
-                {k: (round(v, 4) if isinstance(v, float) and math.isfinite(v) else v) for k, v in res.items()}
-            )
-        )

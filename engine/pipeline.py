@@ -41,9 +41,6 @@ SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-
-
 def _stage_env() -> dict[str, str]:
     """The child's environment without this process's distributed identity.
 
@@ -51,7 +48,9 @@ def _stage_env() -> dict[str, str]:
     inherited RANK/WORLD_SIZE/MASTER_PORT would think it was launched and try to
     bind that port. The deepspeed launcher sets its own for multi-rank stages.
     """
-    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    from engine.distributed import DIST_ENV_VARS
+
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_VARS}
     env["PYTHONUNBUFFERED"] = "1"
     return env
 

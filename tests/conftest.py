@@ -70,8 +70,9 @@ def _seed() -> None:
 # In-process DeepSpeed tests set a world of one through these variables; a later
 # test's subprocess that inherited them would think it was launched and try to
 # bind the port this process still holds. Restore them after every test.
-_DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
-_SESSION_DIST_ENV = {k: os.environ.get(k) for k in _DIST_VARS}
+from engine.distributed import DIST_ENV_VARS  # noqa: E402
+
+_SESSION_DIST_ENV = {k: os.environ.get(k) for k in DIST_ENV_VARS}
 
 
 @pytest.fixture(autouse=True)
