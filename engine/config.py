@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import os
 import types
 import typing
@@ -127,7 +128,25 @@ class PPOAlgoConfig:
 
 @dataclass
 class PlacementConfig:
-    mode: str = "colocate"  # colocate (this engine); split arrives with async PPO
+    """Where the roles run inside one launch (see ``engine.placement``).
+
+    ``colocate``: every rank holds a vLLM engine beside its DeepSpeed shard and generates its own
+    share. ``split``: the last ``rollout_ranks`` ranks run only vLLM; the others form the DeepSpeed
+    data-parallel group of actor and critic, and score (reference and reward) the samples.
+    """
+
+    mode: str = "colocate"  # colocate | split
+    rollout_ranks: int = 1  # split: how many ranks (the last ones of the world) only generate
+    timeout_s: float = 600.0  # split: bound on every blocking wait between trainer and rollout
+    bucket_mb: int = 256  # weight-sync bucket size (MiB)
+
+
+@dataclass
+class AsyncConfig:
+    """Bounded-staleness async PPO (``split`` placement) and the behaviour-policy correction."""
+
+    max_staleness: int = 0  # 0 = synchronous, 1 = one-step-off, N: samples at most N versions old
+    tis_cap: float = 2.0  # truncated importance weight min(pi_old / pi_rollout, C); 0 disables
 
 
 @dataclass
@@ -148,6 +167,7 @@ class StageConfig:
     save_every: int = 0
     keep_last: int = 3  # complete checkpoints kept under <output_dir>/checkpoints; older ones are pruned
     resume: str = "never"  # auto | never | a checkpoint path
+    max_consecutive_skips: int = 10  # stop (checkpoint + error) after this many non-finite updates in a row
 
 
 @dataclass
@@ -160,6 +180,7 @@ class PPOConfig(StageConfig):
     actor: OptimConfig = field(default_factory=OptimConfig)
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(lr=5e-5))
     placement: PlacementConfig = field(default_factory=PlacementConfig)
+    async_: AsyncConfig = field(default_factory=AsyncConfig)  # YAML key: async
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
@@ -169,7 +190,15 @@ class PPOConfig(StageConfig):
         _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         _choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        _choice("placement.mode", self.placement.mode, ("colocate",))
+        _choice("placement.mode", self.placement.mode, ("colocate", "split"))
+        _positive("placement.timeout_s", self.placement.timeout_s)
+        _positive("placement.bucket_mb", self.placement.bucket_mb)
+        if self.async_.max_staleness < 0:
+            raise ConfigError(f"async.max_staleness must be >= 0, got {self.async_.max_staleness}")
+        if self.async_.max_staleness > 0 and self.placement.mode != "split":
+            raise ConfigError("async.max_staleness > 0 needs placement.mode=split (colocate is synchronous)")
+        if self.async_.tis_cap != 0 and self.async_.tis_cap < 1:
+            raise ConfigError(f"async.tis_cap must be 0 (off) or >= 1, got {self.async_.tis_cap}")
         for name, opt in (("actor", self.actor), ("critic", self.critic)):
             _positive(f"{name}.lr", opt.lr)
             _choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
@@ -242,9 +271,19 @@ def _positive(key: str, value: float) -> None:
 T = TypeVar("T")
 
 
+def _key(name: str) -> str:
+    """The config key of a field: a Python keyword is spelled with a trailing ``_`` (``async_``)."""
+    return name[:-1] if name.endswith("_") and keyword.iskeyword(name[:-1]) else name
+
+
+def _attr(key: str) -> str:
+    return f"{key}_" if keyword.iskeyword(key) else key
+
+
 def _field_types(cls: type) -> dict[str, Any]:
+    """Config key -> type for each field of ``cls``."""
     hints = typing.get_type_hints(cls)
-    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+    return {_key(f.name): hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _closest(key: str, options: list[str]) -> str:
@@ -305,7 +344,7 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "", base: Any = Non
         full = f"{prefix}.{key}" if prefix else key
         if key not in types_:
             raise ConfigError(f"unknown config key {full!r}{_closest(key, list(types_))}")
-        kwargs[key] = _coerce(full, types_[key], value, getattr(base, key))
+        kwargs[_attr(key)] = _coerce(full, types_[key], value, getattr(base, _attr(key)))
     return dataclasses.replace(base, **kwargs)
 
 
@@ -359,13 +398,15 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain YAML-serialisable data."""
 
     def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
+        if dataclasses.is_dataclass(v):
+            return {_key(f.name): conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
             return [conv(x) for x in v]
         if isinstance(v, dict):
             return {k: conv(x) for k, x in v.items()}
         return v
 
-    return conv(dataclasses.asdict(cfg))
+    return conv(cfg)
 
 
 def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:
