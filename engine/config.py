@@ -139,6 +139,7 @@ class PlacementConfig:
     rollout_ranks: int = 1  # split: how many ranks (the last ones of the world) only generate
     timeout_s: float = 600.0  # split: bound on every blocking wait between trainer and rollout
     bucket_mb: int = 256  # weight-sync bucket size (MiB)
+    probe_every: int = 0  # every N steps, after the sync, compare vLLM's and the trainer's log-probs
 
 
 @dataclass

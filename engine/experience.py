@@ -349,3 +349,29 @@ def compute_advantages(
         advantages = masked_whiten(advantages, mask)
     zero = torch.zeros_like(advantages)
     return torch.where(mask, advantages, zero), torch.where(mask, returns.float(), zero)
+
+
+def truncated_is_weights(
+    old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, action_mask: torch.Tensor, cap: float
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Per-token truncated importance weights ``min(exp(old - behaviour), cap)`` and their stats.
+
+    old_logprobs, behaviour_logprobs: [B, R] float (the trainer's recomputation before the update,
+    and the rollout engine's sampled-token log-probs); action_mask: [B, R] bool. Returns
+    (w [B, R] float32, 1 where masked; stats ``is/mean``, ``is/max`` of the untruncated weights
+    and ``is/truncated_frac``) over valid tokens. Truncation bounds the variance that stale or
+    mismatched rollouts add (Espeholt et al. 2018; "truncated IS" in verl / AReaL).
+    """
+    raw = torch.exp((old_logprobs.float() - behaviour_logprobs.float()).clamp(max=30.0))
+    raw = torch.where(action_mask, raw, torch.ones_like(raw))
+    w = raw.clamp(max=cap)
+    if action_mask.any():
+        valid = raw[action_mask]
+        stats = {
+            "is/mean": float(valid.mean()),
+            "is/max": float(valid.max()),
+            "is/truncated_frac": float((valid > cap).float().mean()),
+        }
+    else:
+        stats = {"is/mean": 1.0, "is/max": 1.0, "is/truncated_frac": 0.0}
+    return w, stats

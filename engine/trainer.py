@@ -1,9 +1,16 @@
-"""The synchronous PPO loop (``colocate`` placement): generate, score, advantages, update, sync.
+"""The PPO loop: generate, score, advantages, update, sync.
 
-Each rank holds its own rollout engine beside its DeepSpeed shard of the actor
-and critic, generates its share of the batch, and after every update receives
-the new actor weights (``engine.weight_sync``). Read ``PPOTrainer.step`` top to
-bottom for the algorithm.
+``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
+actor and critic, generates its share of the batch, and after every update receives the new
+actor weights (``engine.weight_sync``). Synchronous.
+
+``split`` placement (``engine.placement``): the trainer ranks ask the rollout ranks for batches
+(``engine.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
+trainer 0 keeps the requests for batches ``k+1 .. k+s`` queued while it trains on batch ``k``, so
+generation overlaps training and no sample is more than ``s`` policy versions old; older samples
+are refused. The loss corrects for the behaviour policy with truncated importance weights.
+
+Read ``PPOTrainer.step`` top to bottom for the algorithm.
 """
 
 from __future__ import annotations
@@ -132,12 +139,14 @@ class PPOTrainer:
     the first rollout.
     """
 
-    def __init__(self, cfg: PPOConfig) -> None:
+    def __init__(self, cfg: PPOConfig, placement: Any = None) -> None:
         from engine.config import ConfigError
         from engine.data import PromptDataset, PromptSampler
         from engine.experience import RunningMoments, make_kl_controller
         from engine.tasks import load_callable
 
+        self.placement = placement  # engine.placement.Placement in split mode (a trainer rank)
+        self.split = placement is not None
         dist.init_distributed()
         if not dist.is_initialized():  # plain `python`: a world of one, same code path
             _init_single_process()
@@ -172,15 +181,24 @@ class PPOTrainer:
         if self.rank != 0:
             self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.rollout = None
+        if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
+            from engine.rollout_server import RemoteRollout
+
+            self.rollout = RemoteRollout(
+                placement, {"policy_dir": str(self.policy_dir), **self._vllm_args(dtype)}
+            )
         self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
         p = cfg.ppo
+        # split: trainer 0 draws every global batch for the rollout ranks and deals out the samples.
+        shard = (0, 1) if self.split else (self.rank, self.world)
         self.sampler = PromptSampler(
-            len(self.dataset), p.rollout_batch_size, cfg.seed, cfg.data.shuffle, self.rank, self.world
+            len(self.dataset), p.rollout_batch_size, cfg.seed, cfg.data.shuffle, *shard
         )
         self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
         self.mini_per_rank = p.mini_batch_size // self.world
         grad_accum = self.mini_per_rank // p.micro_batch_size
-        dtype = resolve_dtype(cfg.model.dtype, self.device)
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
@@ -210,16 +228,25 @@ class PPOTrainer:
             value_model = ValueModel.from_reward_model(init)
         self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype)
 
-        # Rollout engine beside this rank's shard, and the weight pipe into it.
-        self.rollout = self._build_rollout(dtype)
-        from engine.weight_sync import ColocatedWeightSync
+        # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
+        # weight pipe into it.
+        from engine.weight_sync import BroadcastWeightSync, ColocatedWeightSync
 
-        self.sync = ColocatedWeightSync(self.actor.module, self.rollout, zero_stage=cfg.actor.zero_stage)
+        bucket = cfg.placement.bucket_mb << 20
+        if self.split:
+            self.sync = BroadcastWeightSync(self.actor.module, placement, bucket, cfg.actor.zero_stage)
+        else:
+            self.rollout = self._build_rollout(dtype)
+            self.sync = ColocatedWeightSync(self.actor.module, self.rollout, bucket, cfg.actor.zero_stage)
         self.kl_ctl = make_kl_controller(p.kl.coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
         self.reward_norm = RunningMoments()
         self.version = 0
         self.step_idx = 0
+        self.requested = 0  # split: batches requested from the rollout ranks so far
+        self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        if self.rollout is not None and self.split:
+            self.rollout.wait_ready()
         self._maybe_resume()
         self.logger = MetricsLogger(
             self.out,
@@ -230,14 +257,21 @@ class PPOTrainer:
             run_config=to_dict(cfg),
         )
 
+    def _vllm_args(self, dtype: torch.dtype) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "seed": c.seed + self.rank,
+            "max_len": c.data.max_prompt_len + c.rollout.max_new_tokens + 1,
+            "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+        }
+
     def _build_rollout(self, dtype: torch.dtype):
         c = self.cfg
         if c.rollout.backend == "vllm":
             from engine.rollout import VLLMRollout
 
-            max_len = c.data.max_prompt_len + c.rollout.max_new_tokens + 1
-            vdtype = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
-            return VLLMRollout(str(self.policy_dir), c.rollout, c.seed + self.rank, max_len, vdtype)
+            a = self._vllm_args(dtype)
+            return VLLMRollout(str(self.policy_dir), c.rollout, a["seed"], a["max_len"], a["dtype"])
         from engine.models import load_causal_lm
         from engine.rollout import HFRollout
 
@@ -245,18 +279,55 @@ class PPOTrainer:
         return HFRollout(lm, self.tokenizer, c.rollout)
 
     # ------------------------------------------------------------------ one PPO step
-    def generate(self):
-        """Sample this rank's share of prompts; returns the collated ``RolloutBatch``."""
+    def _draw_batch(self) -> tuple[list[list[int]], int]:
+        """The next batch of prompt ids (this rank's share) and its sampling seed."""
         prompts = self.dataset.batch(self.sampler.next_batch())
-        seed = int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
-        groups = self.rollout.generate(prompts.input_ids, n=self.cfg.ppo.samples_per_prompt, seed=seed)
-        self.rollout.sleep()
-        return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id)
+        return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+
+    def generate(self) -> tuple[RolloutBatch, list[dict[str, Any]]]:
+        """This rank's share of batch ``step_idx``, collated, and the rollout timeline events."""
+        n = self.cfg.ppo.samples_per_prompt
+        if not self.split:
+            ids, seed = self._draw_batch()
+            t0 = time.time()
+            groups = self.rollout.generate(ids, n=n, seed=seed)
+            events = [
+                {"role": "rollout0", "phase": "generate", "t0": t0, "t1": time.time(), "tag": self.step_idx}
+            ]
+            self.rollout.sleep()
+            return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id), events
+        k, samples, events = self.step_idx, None, []
+        if self.placement.is_coordinator:
+            # Keep batches k .. k+s requested: the rollout ranks generate them while we train.
+            while self.requested <= k + self.cfg.async_.max_staleness:
+                j = self.requested
+                ids, seed = self.pending[j] = self.pending.get(j) or self._draw_batch()
+                self.rollout.request(j, ids, n, seed)
+                self.requested += 1
+            samples, events = self.rollout.collect(k)
+            del self.pending[k]
+        if self.world > 1:
+            samples = dist.broadcast_object(samples)
+            samples = samples[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
+        return collate_samples(samples, self.tokenizer, self.pad_id), events
 
     @torch.no_grad()
     def make_experience(self, rb: RolloutBatch):
-        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats)."""
-        from engine.experience import Experience, compute_advantages, compute_rewards, masked_mean
+        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats).
+
+        Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
+        ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
+        scaled by the truncated importance weights ``min(pi_old / pi_rollout, C)`` toward the
+        behaviour policy (the rollout engine's processed log-probs, which include temperature and
+        top-k/top-p truncation, so those are corrected rather than ignored).
+        """
+        from engine.experience import (
+            Experience,
+            compute_advantages,
+            compute_rewards,
+            masked_mean,
+            truncated_is_weights,
+        )
 
         p = self.cfg.ppo
         exp = Experience(
@@ -268,8 +339,11 @@ class PPOTrainer:
         exp.values = self.critic.values(exp)
         raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
         raw = raw.float()
-        # Invalid (non-finite / missing) rewards: the sample stays in the batch shape but carries no loss.
-        exp.action_mask = exp.action_mask & valid.view(-1, 1)
+        # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
+        # carry no loss.
+        staleness = self.version - rb.versions
+        fresh = staleness <= self.cfg.async_.max_staleness
+        exp.action_mask = exp.action_mask & (valid & fresh).view(-1, 1)
         scores = raw
         if p.reward_norm:
             gathered = _all_gather_cat(raw[valid])
@@ -282,6 +356,12 @@ class PPOTrainer:
         exp.advantages, exp.returns = compute_advantages(
             exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages
         )
+        is_stats = {}
+        if self.cfg.async_.tis_cap > 0:
+            w, is_stats = truncated_is_weights(
+                exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
+            )
+            exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
         m = exp.action_mask
         mf = m.float()
         stats = {
@@ -298,6 +378,10 @@ class PPOTrainer:
             "rollout/invalid_rewards": float((~valid).sum()),
             "rollout/tokens": float(rb.attention_mask.sum()),
             "rollout/response_tokens": float(rb.action_mask.sum()),
+            "async/staleness_max": float(staleness.max()),
+            "async/staleness_mean": float(staleness.float().mean()),
+            "async/refused": float((~fresh).sum()),
+            **is_stats,
         }
         return exp, stats
 
@@ -322,33 +406,50 @@ class PPOTrainer:
 
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
-        t0 = time.perf_counter()
-        rb = self.generate()
-        t1 = time.perf_counter()
+        t0 = time.time()
+        rb, events = self.generate()
+        t1 = time.time()
         exp, stats = self.make_experience(rb)
-        t2 = time.perf_counter()
+        t2 = time.time()
         train_stats = self.train(exp)
-        t3 = time.perf_counter()
+        t3 = time.time()
+        if self.split:  # the rollout ranks join the sync only after the batches queued before it
+            if self.rollout is not None:
+                self.rollout.drain()
+            dist.barrier(self.cfg.placement.timeout_s)
+        t3b = time.time()
         self.version += 1
         sync_stats = self.sync.push(self.version)
-        t4 = time.perf_counter()
+        t4 = time.time()
         self.step_idx += 1
+        every = self.cfg.placement.probe_every
+        if every and self.step_idx % every == 0:
+            sync_stats["sync/probe_gap_max"] = self.probe_sync()
+        phases = ("rollout_wait" if self.split else "generate", "score", "train", "rollout_wait", "sync")
+        events += [
+            {"role": "trainer", "phase": ph, "t0": a, "t1": b, "tag": self.step_idx}
+            for ph, a, b in zip(phases, (t0, t1, t2, t3, t3b), (t1, t2, t3, t3b, t4))
+            if b > a or ph != "rollout_wait"
+        ]
+        generate_s = sum(e["t1"] - e["t0"] for e in events if e["phase"] == "generate")
+        self._write_timeline(events)
 
         local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
         local.update(
             {
-                "time/rollout_s": t1 - t0,
+                "time/rollout_s": (t1 - t0) + (t3b - t3),  # generating, or (split) waiting for it
                 "time/score_s": t2 - t1,
                 "time/train_s": t3 - t2,
-                "time/sync_s": t4 - t3,
+                "time/sync_s": t4 - t3b,
                 "time/step_s": t4 - t0,
+                "time/generate_s": generate_s if self.rank == 0 else 0.0,
             }
         )
         # Sums (tokens, invalid rewards) add over ranks; everything else averages; times take the max.
         sums = {
             k: local.pop(k) for k in ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
         }
-        times = {k: local.pop(k) for k in list(local) if k.startswith("time/")}
+        times = {k: local.pop(k) for k in list(local) if k.startswith("time/") or k.endswith("max")}
         m = dist.all_reduce_mean(local)
         m.update({k: v * self.world for k, v in dist.all_reduce_mean(sums).items()})
         m.update({k: dist.all_reduce_max(v) for k, v in times.items()})
@@ -364,9 +465,42 @@ class PPOTrainer:
                 "throughput/tokens_per_s": m["rollout/response_tokens"] / m["time/step_s"],
                 "policy_version": self.version,
                 "rollout/policy_version": exp.policy_version,
+                # The share of generation that training hid (split + async); 0 when synchronous.
+                "async/hidden_frac": max(0.0, 1.0 - m["time/rollout_s"] / m["time/generate_s"])
+                if self.split and m["time/generate_s"] > 0
+                else 0.0,
             }
         )
         return m
+
+    @torch.no_grad()
+    def probe_sync(self) -> float:
+        """Mean |rollout - trainer| log-prob on a fixed sequence, under the weights just synced.
+
+        The sequence is the first prompt followed by its own first tokens as the "response". A
+        diagnostic of the weight pipe (about 1e-7 in fp32 when it works): collective on every
+        trainer (the actor forward may gather ZeRO-3 shards).
+        """
+        from engine.experience import Experience
+
+        prompt = list(self.dataset.batch([0]).input_ids[0])
+        response = prompt[: max(1, min(8, len(prompt)))]
+        seq = torch.tensor([prompt + response])
+        exp = Experience(seq, torch.ones_like(seq), torch.ones(1, len(response), dtype=torch.bool))
+        mine = self.actor.logprobs(exp)[0][0]
+        if self.rollout is None:  # a split trainer other than 0: only joins the forward
+            return 0.0
+        theirs = torch.tensor(self.rollout.sequence_logprobs(prompt, response))
+        return float((mine - theirs).abs().mean())
+
+    def _write_timeline(self, events: list[dict[str, Any]]) -> None:
+        """Append this step's phase intervals (wall clock; trainer and rollout ranks) to timeline.jsonl."""
+        if self.rank != 0:
+            return
+        import json
+
+        with open(self.out / "timeline.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step_idx, "events": events}) + "\n")
 
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
@@ -417,6 +551,7 @@ class PPOTrainer:
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.reward.num_invalid,
+            "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -430,6 +565,10 @@ class PPOTrainer:
         if rollout_rng is not None and state.get("rollout_rng") is not None:
             rollout_rng.set_state(state["rollout_rng"])
         self.reward.num_invalid = int(state.get("reward_invalid", 0))
+        # split: batches requested before the checkpoint are requested again, with the same
+        # prompts and seeds (under async they are now sampled from the restored, newer policy).
+        self.pending = dict(state.get("pending", {}))
+        self.requested = self.step_idx
 
     def _engines(self) -> dict[str, Any]:
         return {"actor": self.actor.engine, "critic": self.critic.engine}
@@ -485,12 +624,22 @@ class PPOTrainer:
             os.replace(tmp, path)
 
     def close(self) -> None:
-        self.rollout.close()
+        if self.rollout is not None:
+            self.rollout.close()
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Entry point of ``python -m engine.cli ppo``."""
-    trainer = PPOTrainer(cfg)
+    """Entry point of ``python -m engine.cli ppo``; in ``split`` placement rollout ranks serve instead."""
+    placement = None
+    if cfg.placement.mode == "split":
+        from engine.placement import setup_split
+
+        placement = setup_split(cfg.placement.rollout_ranks, cfg.placement.timeout_s)
+        if placement.role == "rollout":
+            from engine.rollout_server import serve
+
+            return serve(cfg, placement)
+    trainer = PPOTrainer(cfg, placement)
     try:
         return trainer.fit()
     finally:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, PPOConfig, load_config, save_config
+from engine.config import ConfigError, PPOConfig, load_config, save_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "ppo_tiny.yaml"
@@ -158,3 +158,34 @@ def test_section_override_keeps_parent_defaults():
     assert rm.model.path == RMConfig().model.path != ""
     ppo = load_config(PPOConfig, None, ["critic.zero_stage=3"])
     assert ppo.critic.lr == PPOConfig().critic.lr and ppo.critic.zero_stage == 3
+
+
+def test_placement_and_async_keys() -> None:
+    cfg = load_config(PPOConfig, None, ["placement.mode=split", "async.max_staleness=2", "async.tis_cap=3"])
+    assert cfg.placement.mode == "split" and cfg.async_.max_staleness == 2 and cfg.async_.tis_cap == 3.0
+    cfg.validate(1)
+    assert to_dict(cfg)["async"] == {"max_staleness": 2, "tis_cap": 3.0}
+    with pytest.raises(ConfigError, match="did you mean 'max_staleness'"):
+        load_config(PPOConfig, None, ["async.staleness=1"])
+    for bad, match in (
+        (["async.max_staleness=1"], "needs placement.mode=split"),
+        (["placement.mode=split", "async.max_staleness=-1"], "max_staleness must be >= 0"),
+        (["async.tis_cap=0.5"], "tis_cap must be 0"),
+        (["placement.mode=spread"], "placement.mode"),
+        (["placement.timeout_s=0"], "placement.timeout_s"),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            load_config(PPOConfig, None, bad).validate(1)
+
+
+def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> None:
+    from engine.placement import setup_split
+
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(ConfigError, match="needs a launch"):
+        setup_split(1, 10.0)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match=r"rollout_ranks=2 must be in \[1, world_size - 1\] = \[1, 1\]"):
+        setup_split(2, 10.0)

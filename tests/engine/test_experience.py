@@ -167,3 +167,29 @@ def test_experience_split_cat_select_round_trip() -> None:
     assert mixed.sequences.shape == (B + 1, P + R)
     assert mixed.attention_mask[-1].tolist() == [0, 1, 1, 1, 1, 0, 0]
     assert mixed.action_mask[-1].tolist() == [True, True, False, False]
+
+
+def test_truncated_is_weights_against_float64() -> None:
+    from engine.experience import truncated_is_weights
+
+    g = torch.Generator().manual_seed(3)
+    old = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 3
+    behaviour = old + torch.randn(4, 9, generator=g, dtype=torch.float64)
+    mask = torch.rand(4, 9, generator=g) > 0.3
+    w, stats = truncated_is_weights(old.float(), behaviour.float(), mask, cap=1.5)
+    raw = torch.exp(old - behaviour)
+    want = torch.where(mask, raw.clamp(max=1.5), torch.ones_like(raw))
+    torch.testing.assert_close(w.double(), want, rtol=1e-5, atol=1e-6)
+    assert stats["is/max"] == pytest.approx(float(raw[mask].max()), rel=1e-5)
+    assert stats["is/mean"] == pytest.approx(float(raw[mask].mean()), rel=1e-5)
+    assert stats["is/truncated_frac"] == pytest.approx(float((raw[mask] > 1.5).double().mean()))
+    # w >= 0, so scaling the advantages by w scales the clipped surrogate per token by w.
+    import kernels
+
+    adv = torch.randn(4, 9, generator=g)
+    logp = old.float() + 0.3 * torch.randn(4, 9, generator=g)
+    a, _ = kernels.ppo_policy_loss(logp, old.float(), adv * w, mask, clip_low=0.2)
+    r = torch.exp(logp.double() - old)
+    per_token = -torch.minimum(r * adv.double(), r.clamp(0.8, 1.2) * adv.double()) * w.double()
+    want = per_token[mask].sum() / mask.sum()
+    torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-6)

@@ -197,3 +197,41 @@ def test_deepspeed_two_ranks_swap(tiny_dir, tmp_path):
         assert (a - b).abs().max() < 1e-4
     # The ranks generated different amounts independently (no lockstep in generate).
     assert len(results[0]["generated"]) == 1 and len(results[1]["generated"]) == 2
+
+
+def test_split_broadcast_many_buckets_arrive_intact(tmp_path) -> None:
+    """``split``: trainer 0 broadcasts 5 tensors in ~1 KiB buckets over a gloo weight group; the
+    rollout rank loads each bucket as it arrives (two in flight). Twice, with changed weights."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    script = Path(__file__).parent / "_scripts" / "broadcast_sync.py"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), "1024"],
+            env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    trainer = torch.load(tmp_path / "trainer.pt")
+    stats = trainer["stats"][0]
+    assert stats["sync/buckets"] >= 4 and stats["sync/bytes"] == sum(
+        p.numel() * 4 for p in trainer["params"].values()
+    )
+    for version, scale in ((3, -0.5), (4, 1.0)):  # v3 was sent before the weights were scaled by -2
+        got = torch.load(tmp_path / f"rollout_v{version}.pt")
+        assert got["version"] == version and got["calls"] == stats["sync/buckets"] * (version - 2)
+        assert set(got["got"]) == set(trainer["params"])
+        for name, p in trainer["params"].items():
+            torch.testing.assert_close(got["got"][name], p.detach() * scale, rtol=0, atol=0)
