@@ -5,6 +5,7 @@ Usage::
     python benchmarks/bench_ppo.py                                  # configs/ppo_tiny.yaml, 10 steps, 1 rank
     python benchmarks/bench_ppo.py --ranks 2 --steps 6 actor.zero_stage=3 critic.zero_stage=3
     python benchmarks/bench_ppo.py --config configs/ppo_7b_8gpu.yaml --ranks 8 --steps 20
+    python benchmarks/bench_ppo.py --compare --steps 12                # the placement comparison below
 
 Runs ``python -m engine.cli ppo`` (``deepspeed --num_gpus N --module engine.cli ppo`` for N > 1) in a
 subprocess with the given dotted overrides, then reads the run's ``metrics.jsonl``. Reported
@@ -15,6 +16,14 @@ train (actor and critic updates), sync (weights into the rollout engine) -- and 
 step time (the target is under 5%).
 
 A row is appended to ``benchmarks/results/ppo.csv`` with the device, versions and git SHA.
+
+``--compare`` runs the same config and steps in four ways -- ``colocate`` on 1 rank and on 2 ranks
+(synchronous), ``split`` with 1 trainer + 1 rollout rank synchronously (``async.max_staleness=0``)
+and one-step-off (``max_staleness=1``) -- with one thread per process (``OMP_NUM_THREADS=1``), appends
+a row for each, prints the speed-up of async over the best synchronous mode, and draws the
+per-phase timeline of a few steps of each mode into ``benchmarks/results/ppo_timeline.png``: for
+``split``, ``generate`` is the rollout rank's time; ``hidden_pct`` is the share of it that the
+trainer did not wait for (it trained meanwhile).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ COLUMNS = [
     "zero_stage", "model_params", "rollout_batch", "max_new_tokens", "steps", "warmup",
     "samples_per_s", "tokens_per_s", "generate_s", "score_s", "train_s", "sync_s", "step_s",
     "sync_pct", "logprob_gap_max", "reward_first", "reward_last", "wall_s", "overrides",
+    "max_staleness", "generate_busy_s", "hidden_pct", "threads",
 ]  # fmt: skip
 PHASES = {"generate_s": "time/rollout_s", "score_s": "time/score_s", "train_s": "time/train_s"}
 PHASES |= {"sync_s": "time/sync_s", "step_s": "time/step_s"}
@@ -117,10 +127,14 @@ def summarize(out_dir: Path, warmup: int) -> dict[str, float]:
     stats["sync_pct"] = 100 * sum(r["time/sync_s"] for r in timed) / sum(r["time/step_s"] for r in timed)
     stats["logprob_gap_max"] = max(r["rollout/logprob_gap"] for r in rows)
     stats["reward_first"], stats["reward_last"] = rows[0]["reward/mean"], rows[-1]["reward/mean"]
+    if "time/generate_s" in timed[0]:
+        stats["generate_busy_s"] = mean("time/generate_s")  # the rollout engine's own generate time
+        stats["hidden_pct"] = 100 * mean("async/hidden_frac")
     return stats
 
 
-def bench(args: argparse.Namespace) -> dict[str, str]:
+def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
+    """One run; ``keep``: copy its timeline.jsonl there."""
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
         out = Path(tmp) / "run"
         wall = run_ppo(Path(args.config), args.steps, args.ranks, args.overrides, out, args.timeout)
@@ -128,6 +142,8 @@ def bench(args: argparse.Namespace) -> dict[str, str]:
         cfg = yaml.safe_load((out / "config.yaml").read_text())
         summary = json.loads((out / "summary.json").read_text())
         params = _model_params(Path(summary["policy_dir"]))
+        if keep is not None and (out / "timeline.jsonl").is_file():
+            keep.write_text((out / "timeline.jsonl").read_text())
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     zero = {cfg["actor"]["zero_stage"], cfg["critic"]["zero_stage"]}
     row = {
@@ -148,6 +164,8 @@ def bench(args: argparse.Namespace) -> dict[str, str]:
         "warmup": args.warmup,
         "wall_s": f"{wall:.1f}",
         "overrides": " ".join(args.overrides),
+        "max_staleness": cfg["async"]["max_staleness"],
+        "threads": os.environ.get("OMP_NUM_THREADS", ""),
     }
     row |= {k: f"{v:.4g}" for k, v in stats.items()}
     return row
@@ -163,6 +181,81 @@ def write_csv(row: dict, path: Path) -> None:
         writer.writerow(row)
 
 
+COMPARE = [  # (label, ranks, overrides)
+    ("colocate, 1 rank", 1, []),
+    ("colocate, 2 ranks", 2, []),
+    ("split 1+1, sync", 2, ["placement.mode=split", "async.max_staleness=0"]),
+    ("split 1+1, async s=1", 2, ["placement.mode=split", "async.max_staleness=1"]),
+]
+PHASE_COLORS = {
+    "generate": "tab:green",
+    "weight_load": "tab:purple",
+    "score": "tab:orange",
+    "train": "tab:blue",
+    "sync": "tab:red",
+    "rollout_wait": "lightgray",
+}
+
+
+def compare(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The four placements on one config; rows appended, timeline PNG written (see module doc)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    rows, timelines = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_cmp_") as tmp:
+        for i, (label, ranks, extra) in enumerate(COMPARE):
+            run_args = argparse.Namespace(
+                **{**vars(args), "ranks": ranks, "overrides": [*args.overrides, *extra]}
+            )
+            keep = Path(tmp) / f"timeline{i}.jsonl"
+            row = bench(run_args, keep)
+            row["mode"] = label
+            write_csv(row, Path(args.out))
+            rows.append(row)
+            timelines[label] = (
+                [json.loads(line) for line in keep.read_text().splitlines()] if keep.exists() else []
+            )
+            print(
+                f"{label}: {row['samples_per_s']} samples/s, step {row['step_s']}s, sync {row['sync_pct']}%"
+            )
+    best_sync = max(float(r["samples_per_s"]) for r in rows[:3])
+    speedup = float(rows[3]["samples_per_s"]) / best_sync
+    print(f"async / best synchronous = {speedup:.2f}x (target >= 1.2x)")
+    plot_timelines(timelines, Path(args.out).with_name("ppo_timeline.png"), rows[0]["device"], args.warmup)
+    return rows
+
+
+def plot_timelines(
+    timelines: dict[str, list[dict]], path: Path, device: str, warmup: int, steps: int = 4
+) -> None:
+    """One panel per mode: lanes for the trainer and the rollout engine, ``steps`` steps after warm-up."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(timelines), 1, figsize=(11, 1.6 * len(timelines) + 0.8), squeeze=False)
+    for ax, (label, lines) in zip(axes[:, 0], timelines.items()):
+        chosen = [line for line in lines if warmup < line["step"] <= warmup + steps]
+        events = [e for line in chosen for e in line["events"]]
+        if not events:
+            continue
+        start = min(e["t0"] for e in events)
+        for e in events:
+            lane = 0 if e["role"] == "trainer" else 1
+            color = PHASE_COLORS.get(e["phase"], "black")
+            ax.broken_barh([(e["t0"] - start, e["t1"] - e["t0"])], (lane - 0.4, 0.8), color=color)
+        ax.set_yticks([0, 1], ["trainer", "rollout"])
+        ax.set_title(label, fontsize=9, loc="left")
+    axes[-1, 0].set_xlabel("seconds")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS.values()]
+    fig.legend(handles, list(PHASE_COLORS), loc="upper center", ncol=len(PHASE_COLORS), fontsize=8)
+    fig.suptitle(f"PPO phases, steps {warmup + 1}-{warmup + steps} ({device})", y=0.995, fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"timeline plot: {path}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "ppo_tiny.yaml"))
@@ -171,12 +264,15 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     parser.add_argument("--ranks", type=int, default=1, help="1: plain python; N > 1: deepspeed --num_gpus N")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo.csv"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is killed")
+    parser.add_argument("--compare", action="store_true", help="colocate vs split sync vs split async")
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. actor.zero_stage=3")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     if args.ranks < 1:
         parser.error("--ranks must be >= 1")
+    if args.compare:
+        return compare(args)[-1]
     row = bench(args)
     write_csv(row, Path(args.out))
     print(

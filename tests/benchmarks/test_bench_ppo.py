@@ -60,3 +60,24 @@ def test_summarize_skips_warmup_and_reports_sync_share(tmp_path: Path) -> None:
         got = list(csv.DictReader(f))
     assert len(got) == 2 and list(got[0]) == bench.COLUMNS  # one header, rows appended
     assert got[1]["sync_pct"] == f"{s['sync_pct']:.4g}"
+
+
+def test_plot_timelines_draws_each_mode(tmp_path: Path) -> None:
+    from benchmarks.bench_ppo import plot_timelines
+
+    def step(k: int, overlap: bool) -> dict:
+        t = 10.0 * k
+        gen = (t + 1, t + 4) if overlap else (t, t + 1)
+        return {
+            "step": k,
+            "events": [
+                {"role": "rollout0", "phase": "generate", "t0": gen[0], "t1": gen[1], "tag": k},
+                {"role": "trainer", "phase": "train", "t0": t + 1, "t1": t + 3, "tag": k},
+                {"role": "trainer", "phase": "sync", "t0": t + 3, "t1": t + 3.1, "tag": k},
+            ],
+        }
+
+    timelines = {"sync": [step(k, False) for k in range(1, 7)], "async": [step(k, True) for k in range(1, 7)]}
+    out = tmp_path / "timeline.png"
+    plot_timelines(timelines, out, "test device", warmup=1)
+    assert out.stat().st_size > 5000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
