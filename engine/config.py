@@ -139,6 +139,7 @@ class PlacementConfig:
     rollout_ranks: int = 1  # split: how many ranks (the last ones of the world) only generate
     timeout_s: float = 600.0  # split: bound on every blocking wait between trainer and rollout
     bucket_mb: int = 256  # weight-sync bucket size (MiB)
+    scoring: str = "trainer"  # split: where reference log-probs and rewards are computed: trainer | rollout
     probe_every: int = 0  # every N steps, after the sync, compare vLLM's and the trainer's log-probs
 
 
@@ -192,6 +193,9 @@ class PPOConfig(StageConfig):
         _choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         _choice("placement.mode", self.placement.mode, ("colocate", "split"))
+        _choice("placement.scoring", self.placement.scoring, ("trainer", "rollout"))
+        if self.placement.scoring == "rollout" and self.placement.mode != "split":
+            raise ConfigError("placement.scoring=rollout needs placement.mode=split")
         _positive("placement.timeout_s", self.placement.timeout_s)
         _positive("placement.bucket_mb", self.placement.bucket_mb)
         if self.async_.max_staleness < 0:

@@ -74,6 +74,10 @@ class Sample:
     logprobs: list[float]
     finish_reason: str
     policy_version: int
+    # Filled where the sample is scored beside its rollout engine (split, placement.scoring=rollout):
+    ref_logprobs: list[float] | None = None  # the frozen reference's log-probs of response_ids
+    score: float | None = None  # the reward (0 when invalid)
+    score_valid: bool = True  # False: non-finite or missing reward
 
 
 @runtime_checkable

@@ -38,6 +38,7 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
         engine = VLLMRollout(
             hello["policy_dir"], cfg.rollout, hello["seed"], hello["max_len"], hello["dtype"]
         )
+        scorer = _Scorer(cfg, hello) if hello["scoring"] == "rollout" else None
         outbox.send({"kind": "ready", "rank": placement.global_rank})
         events: list[dict[str, Any]] = []
         while True:
@@ -50,6 +51,10 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
                 groups = engine.generate(msg["prompts"], n=msg["n"], seed=msg["seed"])
                 events.append(_event("generate", t0, time.time(), msg["batch"]))
                 samples = [s for g in groups for s in g]
+                if scorer is not None:
+                    t1 = time.time()
+                    scorer.score(samples)
+                    events.append(_event("score", t1, time.time(), msg["batch"]))
                 outbox.send({"kind": "samples", "batch": msg["batch"], "samples": samples, "events": events})
                 events = []
                 served += 1
@@ -72,6 +77,39 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
         if engine is not None:
             engine.close()
     return {"role": "rollout", "batches": served}
+
+
+class _Scorer:
+    """Reference log-probs and rewards beside the rollout engine (``placement.scoring=rollout``)."""
+
+    def __init__(self, cfg: Any, hello: dict[str, Any]) -> None:
+        import torch
+
+        from engine.models import load_tokenizer
+        from engine.scoring import build_scoring
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or hello["policy_dir"])
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            hello["dtype"]
+        ]
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device)
+        self.temperature = cfg.rollout.temperature
+
+    def score(self, samples: list) -> None:
+        """Fill each sample's ``ref_logprobs``, ``score`` and ``score_valid`` in place."""
+        from engine.experience import Experience
+        from engine.trainer import collate_samples
+
+        if not samples:
+            return
+        rb = collate_samples(samples, self.tokenizer, self.tokenizer.pad_token_id)
+        exp = Experience(rb.sequences, rb.attention_mask, rb.action_mask)
+        ref = self.ref.logprobs(exp, self.temperature).float().cpu()
+        scores, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        for i, s in enumerate(samples):
+            s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
+            s.score, s.score_valid = float(scores[i]), bool(valid[i])
 
 
 def _event(phase: str, t0: float, t1: float, tag: int, **extra: float) -> dict[str, Any]:

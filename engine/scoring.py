@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -159,3 +160,19 @@ def _as_float(x: object) -> float:
         return float(x)  # type: ignore[arg-type]
     except (TypeError, ValueError):
         return math.nan
+
+
+def build_scoring(cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The frozen roles of a PPO config: ``(ReferenceModel, RewardScorer)`` on ``device``.
+
+    Used by the trainer ranks, or by the rollout ranks under ``placement.scoring=rollout``.
+    """
+    from engine.models import load_causal_lm, load_reward_model
+    from engine.tasks import load_callable
+
+    attn = cfg.model.attn_implementation
+    ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, cfg.ppo.micro_batch_size)
+    if cfg.reward.kind == "function":
+        return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
+    rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
+    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device)

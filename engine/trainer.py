@@ -40,6 +40,8 @@ class RolloutBatch:
     rollout_logprobs: [B, R]   float32, the rollout engine's sampled-token log-probs (0 on padding).
     prompts, responses: B decoded strings, for the reward function.
     versions:         [B] long, the policy version that generated each sample.
+    ref_logprobs, scores [B] float32, score_valid [B] bool: present when the rollout ranks scored
+                      the samples (``placement.scoring=rollout``), else None.
     """
 
     sequences: torch.Tensor
@@ -49,6 +51,9 @@ class RolloutBatch:
     prompts: list[str]
     responses: list[str]
     versions: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    score_valid: torch.Tensor | None = None
 
     @property
     def prompt_len(self) -> int:
@@ -76,7 +81,14 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
     prompts = tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
     responses = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
     versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
-    return RolloutBatch(seq, attn, amask, lps, prompts, responses, versions)
+    rb = RolloutBatch(seq, attn, amask, lps, prompts, responses, versions)
+    if samples and all(s.ref_logprobs is not None for s in samples):
+        rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            rb.ref_logprobs[i, : len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
+        rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)
+        rb.score_valid = torch.tensor([s.score_valid for s in samples], dtype=torch.bool)
+    return rb
 
 
 def seed_everything(seed: int) -> None:
@@ -160,7 +172,8 @@ class PPOTrainer:
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             _writable_dir(self.out)
-        reward_fn = load_callable(cfg.reward.function) if cfg.reward.kind == "function" else None
+        if cfg.reward.kind == "function":
+            load_callable(cfg.reward.function)  # fail in a second, not after building every role
         from engine.checkpoint import CheckpointManager
 
         # Resolve `resume` now, so a bad path fails in a second rather than after building every role.
@@ -173,7 +186,7 @@ class PPOTrainer:
         self.device = _device()
 
         # Policy checkpoint on disk (vLLM loads from it): rank 0 builds a tiny one if asked.
-        from engine.models import load_causal_lm, load_reward_model, prepare_policy, resolve_dtype
+        from engine.models import load_causal_lm, prepare_policy, resolve_dtype
 
         if self.rank == 0:
             self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
@@ -186,9 +199,8 @@ class PPOTrainer:
         if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
             from engine.rollout_server import RemoteRollout
 
-            self.rollout = RemoteRollout(
-                placement, {"policy_dir": str(self.policy_dir), **self._vllm_args(dtype)}
-            )
+            hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
+            self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
         self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
         p = cfg.ppo
         # split: trainer 0 draws every global batch for the rollout ranks and deals out the samples.
@@ -204,19 +216,15 @@ class PPOTrainer:
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
         from engine.actor import ActorWorker
         from engine.critic import CriticWorker, ValueModel
-        from engine.scoring import ReferenceModel, RewardScorer
+        from engine.scoring import build_scoring
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
         self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T)
-        self.ref = ReferenceModel(
-            load_causal_lm(self.policy_dir, dtype, attn, self.device), self.device, p.micro_batch_size
-        )
-        if cfg.reward.kind == "function":
-            self.reward = RewardScorer.from_function(reward_fn, clip=cfg.reward.clip)
-        else:
-            rm = load_reward_model(cfg.reward.model_path, dtype, attn, self.device)
-            self.reward = RewardScorer(model=rm, clip=cfg.reward.clip, device=self.device)
+        self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
+        if not (self.split and cfg.placement.scoring == "rollout"):
+            self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
+        self.invalid_rewards = 0
         init = cfg.critic.init_from
         if init == "policy":
             value_model = ValueModel.from_policy(str(self.policy_dir))
@@ -335,10 +343,15 @@ class PPOTrainer:
         )
         exp.policy_version = int(rb.versions.min())
         exp.old_logprobs, entropy = self.actor.logprobs(exp)
-        exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+        if rb.ref_logprobs is not None:  # scored beside the rollout engine
+            exp.ref_logprobs = rb.ref_logprobs.to(exp.old_logprobs)
+            raw, valid = rb.scores, rb.score_valid
+        else:
+            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+            raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
         exp.values = self.critic.values(exp)
-        raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
         raw = raw.float()
+        self.invalid_rewards += int((~valid).sum())
         # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
         # carry no loss.
         staleness = self.version - rb.versions
@@ -524,7 +537,7 @@ class PPOTrainer:
 
             final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
             # Each rank scored its own samples: the run's count is the sum (a collective, every rank).
-            invalid = dist.all_reduce_mean({"n": float(self.reward.num_invalid)})["n"] * self.world
+            invalid = dist.all_reduce_mean({"n": float(self.invalid_rewards)})["n"] * self.world
             summary = {
                 "final_policy": str(final),
                 "prompts/truncated": self.dataset.num_truncated,
@@ -550,7 +563,7 @@ class PPOTrainer:
             "reward_norm": self.reward_norm.state_dict(),
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
-            "reward_invalid": self.reward.num_invalid,
+            "reward_invalid": self.invalid_rewards,
             "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
         }
 
@@ -564,7 +577,7 @@ class PPOTrainer:
         rollout_rng = getattr(self.rollout, "_rng", None)
         if rollout_rng is not None and state.get("rollout_rng") is not None:
             rollout_rng.set_state(state["rollout_rng"])
-        self.reward.num_invalid = int(state.get("reward_invalid", 0))
+        self.invalid_rewards = int(state.get("reward_invalid", 0))
         # split: batches requested before the checkpoint are requested again, with the same
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
         self.pending = dict(state.get("pending", {}))

@@ -3,9 +3,9 @@
 Three runs of the tiny config, each shared by several tests (module-scoped fixtures):
 
 * ``colocate``: plain ``python``, one rank generating and training (the reference);
-* ``split_sync``: ``deepspeed --num_gpus 2``, rank 0 trains, rank 1 only runs vLLM,
-  ``async.max_staleness=0``;
-* ``split_async``: the same with ``async.max_staleness=1`` (one-step-off).
+* ``split_sync``: ``deepspeed --num_gpus 2``, rank 0 trains, rank 1 runs vLLM and scores the
+  samples (reference log-probs and reward, ``placement.scoring=rollout``), ``async.max_staleness=0``;
+* ``split_async``: ``async.max_staleness=1`` (one-step-off), scoring on the trainer.
 
 All probe the weight pipe after every sync (``placement.probe_every=1``): vLLM's log-probs of a
 fixed sequence against the trainer's. A fourth test launches trainer and rollout by hand (a
@@ -60,7 +60,9 @@ def colocate(tmp_path_factory) -> PPORun:
 
 @pytest.fixture(scope="module")
 def split_sync(tmp_path_factory) -> PPORun:
-    return _launch(tmp_path_factory, "split_sync", ["placement.mode=split", "async.max_staleness=0"], 2)
+    # The reference and the reward run on the rollout rank here, on the trainer in split_async.
+    extra = ["placement.mode=split", "async.max_staleness=0", "placement.scoring=rollout"]
+    return _launch(tmp_path_factory, "split_sync", extra, 2)
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +133,9 @@ def test_async_overlaps_generation_with_training(split_sync, split_async):
 
 
 def test_split_sync_equals_colocate(colocate, split_sync):
+    """Same seed, max_staleness 0: same samples, rewards, KL and losses step by step -- with the
+    reference and reward computed on the rollout rank in the split run."""
+    assert any(e["role"].startswith("rollout") and e["phase"] == "score" for e in _timeline(split_sync))
     for a, b in zip(colocate.metrics, split_sync.metrics, strict=True):
         for key in (
             "reward/mean",
