@@ -200,10 +200,10 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     """``total_steps`` rounds of generate -> score -> keep the best -> SFT -> sync; returns the summary."""
     from engine.actor import TrainEngine
     from engine.data import PromptDataset, PromptSampler
+    from engine.experience import collate_samples
     from engine.models import load_causal_lm, prepare_policy
     from engine.sft import SFTExample, sft_collate, sft_loss_sum
     from engine.stages_common import save_hf_checkpoint, setup_stage
-    from engine.trainer import collate_samples
     from engine.weight_sync import ColocatedWeightSync
 
     logger = setup_stage(cfg, "bon")

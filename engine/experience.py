@@ -16,6 +16,7 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -139,6 +140,67 @@ class Experience:
                 vals = [torch.nn.functional.pad(v, (0, R - v.shape[1])) for v in vals]
             out[name] = torch.cat(vals, 0)
         return Experience(**out, policy_version=min(e.policy_version for e in items))
+
+
+@dataclass
+class RolloutBatch:
+    """Samples of one rank laid out for the trainer.
+
+    sequences:        [B, P+R] long, left-padded prompt then right-padded response.
+    attention_mask:   [B, P+R] long, 1 on real tokens.
+    action_mask:      [B, R]   bool, 1 on real response tokens.
+    rollout_logprobs: [B, R]   float32, the rollout engine's sampled-token log-probs (0 on padding).
+    prompts, responses: B decoded strings, for the reward function.
+    versions:         [B] long, the policy version that generated each sample.
+    ref_logprobs, scores [B] float32, score_valid [B] bool: present when the rollout ranks scored
+                      the samples (``placement.scoring=rollout``), else None.
+    """
+
+    sequences: torch.Tensor
+    attention_mask: torch.Tensor
+    action_mask: torch.Tensor
+    rollout_logprobs: torch.Tensor
+    prompts: list[str]
+    responses: list[str]
+    versions: torch.Tensor
+    ref_logprobs: torch.Tensor | None = None
+    scores: torch.Tensor | None = None
+    score_valid: torch.Tensor | None = None
+
+    @property
+    def prompt_len(self) -> int:
+        return self.sequences.shape[1] - self.action_mask.shape[1]
+
+
+def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
+    """Pack rollout ``Sample``s into the left-pad-prompt / right-pad-response layout."""
+    P = max(len(s.prompt_ids) for s in samples)
+    R = max(max(len(s.response_ids) for s in samples), 1)
+    B = len(samples)
+    seq = torch.full((B, P + R), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, P + R), dtype=torch.long)
+    amask = torch.zeros((B, R), dtype=torch.bool)
+    lps = torch.zeros((B, R), dtype=torch.float32)
+    for i, s in enumerate(samples):
+        p, r = len(s.prompt_ids), len(s.response_ids)
+        seq[i, P - p : P] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        attn[i, P - p : P] = 1
+        if r:
+            seq[i, P : P + r] = torch.tensor(s.response_ids, dtype=torch.long)
+            attn[i, P : P + r] = 1
+            amask[i, :r] = True
+            lps[i, :r] = torch.tensor(s.logprobs[:r], dtype=torch.float32)
+    prompts = tokenizer.batch_decode([s.prompt_ids for s in samples], skip_special_tokens=True)
+    responses = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
+    versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
+    rb = RolloutBatch(seq, attn, amask, lps, prompts, responses, versions)
+    if samples and all(s.ref_logprobs is not None for s in samples):
+        rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            rb.ref_logprobs[i, : len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
+        rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)
+        rb.score_valid = torch.tensor([s.score_valid for s in samples], dtype=torch.bool)
+    return rb
 
 
 def _pad_seq(x: torch.Tensor, p: int, P: int, R: int) -> torch.Tensor:

@@ -98,8 +98,7 @@ class _Scorer:
 
     def score(self, samples: list) -> None:
         """Fill each sample's ``ref_logprobs``, ``score`` and ``score_valid`` in place."""
-        from engine.experience import Experience
-        from engine.trainer import collate_samples
+        from engine.experience import Experience, collate_samples
 
         if not samples:
             return
