@@ -22,6 +22,14 @@ def _ppo(config: str | None, overrides: list[str]) -> Any:
     # The cheap checks first, in about a second: before torch.distributed and the heavy imports.
     # The launcher's WORLD_SIZE is the world the trainer will see (it validates again there).
     cfg.validate(int(os.environ.get("WORLD_SIZE") or 1))
+    # Checkpoint kinds (config.json only): a reward model given as the policy, or a causal LM as
+    # the reward, fails here rather than after the policy has loaded. The loaders check again.
+    from engine.models import require_checkpoint_kind
+
+    if cfg.model.path:
+        require_checkpoint_kind(cfg.model.path, "model.path", "causal_lm")
+    if cfg.reward.kind == "model":
+        require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
     from engine.trainer import run_ppo
 
     return run_ppo(cfg)

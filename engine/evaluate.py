@@ -16,10 +16,19 @@ For a reward model (``models.reward_model``) and ``data.pairs``: ``rm_accuracy``
 of pairs with ``r(chosen) > r(rejected)`` strictly (``pairwise_accuracy``); identical pairs are
 dropped and counted.
 
-Generation: one rollout engine. With vLLM the baseline's weights are swapped into the same
-engine (``load_weights`` + ``finish_sync``) instead of building a second ``LLM`` in-process.
-Rank 0 does the work; other ranks (under ``deepspeed``) wait. The result is returned and
-written to ``<output_dir>/eval.json``; per-prompt rows go to ``eval_samples.jsonl``.
+Several policies in one process: ``models.policies={sft: runs/sft, ppo: runs/ppo/final}`` (a
+YAML mapping, name -> checkpoint) instead of ``models.policy``. The baseline, reference, RM,
+gold scorer, prompts and the baseline's samples are loaded or made once, and one rollout
+engine serves every policy. Each policy's metrics go to ``<output_dir>/<name>/eval.json``
+(the keys of a single-policy ``eval.json``) with its ``eval_samples.jsonl``; the top-level
+``eval.json`` holds ``{"policies": {name: metrics}}`` and the RM accuracy.
+
+Generation: one rollout engine, built from the baseline (else the first policy). With vLLM each
+other policy's weights are swapped into it (``load_weights`` + ``finish_sync``) instead of
+building another ``LLM`` in-process; a policy of another architecture gets a fresh engine.
+A policy whose checkpoint is the baseline's reuses the baseline's samples (same seed, same
+samples). Rank 0 does the work; other ranks (under ``deepspeed``) wait. The result is returned
+and written to ``<output_dir>/eval.json``; per-prompt rows go to ``eval_samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -39,7 +48,8 @@ from engine.config import ConfigError, RolloutConfig, StageConfig, _choice, load
 # --------------------------------------------------------------------------- config
 @dataclass
 class EvalModelsConfig:
-    policy: str = ""  # causal-LM checkpoint to evaluate; empty: RM accuracy only
+    policy: str = ""  # causal-LM checkpoint to evaluate; empty: RM accuracy only (or `policies`)
+    policies: dict[str, str] = field(default_factory=dict)  # name -> checkpoint, several in one run
     baseline: str = "runs/sft"  # win rates against this policy; empty: none
     reference: str = ""  # KL reference; empty: the baseline
     reward_model: str = ""  # sequence-classification RM; empty: no RM metrics
@@ -72,21 +82,41 @@ class EvalConfig(StageConfig):
     def validate(self, world_size: int = 1) -> None:
         m, d = self.models, self.data
         _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
-        if not m.policy and not (m.reward_model and d.pairs):
+        if not isinstance(m.policies, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in m.policies.items()
+        ):
             raise ConfigError(
-                "nothing to evaluate: set models.policy, or models.reward_model with data.pairs"
+                f"models.policies must be a mapping name -> checkpoint path, e.g. "
+                f"'models.policies={{sft: runs/sft, ppo: runs/ppo/final}}'; got {m.policies!r}"
+            )
+        if m.policy and m.policies:
+            raise ConfigError("set models.policy or models.policies, not both")
+        for name in m.policies:
+            if not name or name != Path(name).name or name.startswith("."):
+                raise ConfigError(f"models.policies: {name!r} is not a usable name (it names a folder)")
+        if not self.policy_paths() and not (m.reward_model and d.pairs):
+            raise ConfigError(
+                "nothing to evaluate: set models.policy (or models.policies), "
+                "or models.reward_model with data.pairs"
             )
         if self.rollout.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0, got {self.rollout.temperature}")
         if d.num_prompts < 0:
             raise ConfigError(f"data.num_prompts must be >= 0, got {d.num_prompts}")
-        paths = [(f"models.{k}", getattr(m, k)) for k in ("policy", "baseline", "reference", "reward_model")]
+        paths = [("models.policy", m.policy), *((f"models.policies.{k}", v) for k, v in m.policies.items())]
+        paths += [(f"models.{k}", getattr(m, k)) for k in ("baseline", "reference", "reward_model")]
         paths += [("models.tokenizer", m.tokenizer), ("data.pairs", d.pairs)]
-        if m.policy and d.prompts != "toy":
+        if self.policy_paths() and d.prompts != "toy":
             paths.append(("data.prompts", d.prompts))
         for key, path in paths:
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}: path does not exist: {path}")
+
+    def policy_paths(self) -> dict[str, str]:
+        """name -> checkpoint of every policy to evaluate (``{"policy": models.policy}`` alone)."""
+        if self.models.policies:
+            return dict(self.models.policies)
+        return {"policy": self.models.policy} if self.models.policy else {}
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -119,10 +149,6 @@ def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
 
 
 # --------------------------------------------------------------------------- helpers
-def _generate(rollout: Any, prompt_ids: list[list[int]], seed: int) -> list[Any]:
-    return [g[0] for g in rollout.generate(prompt_ids, n=1, seed=seed)]
-
-
 @torch.no_grad()
 def _logprobs(lm: Any, batch: Any, temperature: float) -> torch.Tensor:
     from engine.scoring import ReferenceModel
@@ -156,93 +182,81 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
+def _same(a: str | Path, b: str | Path) -> bool:
+    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
+
+
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    from engine.best_of_n import build_reward
-    from engine.config import DataConfig, RewardConfig
+    from engine.config import DataConfig
     from engine.data import PromptDataset
-    from engine.dpo import collate_pairs, load_preference_pairs, pack_rows
-    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
+    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
 
     t0 = time.time()
-    m, d, T = cfg.models, cfg.data, cfg.rollout.temperature
+    m, d = cfg.models, cfg.data
     torch.manual_seed(cfg.seed)
-    # Load (and so kind-check) every checkpoint before generating anything.
-    policy = load_causal_lm(m.policy, torch.float32, "sdpa") if m.policy else None
+    policies = cfg.policy_paths()
+    single = not m.policies
+    roles = {name: "models.policy" if single else f"models.policies.{name}" for name in policies}
     ref_path = m.reference or m.baseline
-    baseline = load_causal_lm(m.baseline, torch.float32, "sdpa") if m.policy and m.baseline else None
-    ref = load_causal_lm(ref_path, torch.float32, "sdpa") if m.policy and ref_path else None
-    rm = (
-        build_reward(RewardConfig(kind="model", model_path=m.reward_model, clip=0.0))
-        if m.reward_model
-        else None
-    )
-    gold = build_reward(RewardConfig(kind="function", function=m.gold, clip=0.0)) if m.gold else None
-    tokenizer = load_tokenizer(m.tokenizer or m.policy or m.baseline or m.reward_model, role="tokenizer")
-    for model in (policy, baseline, ref):
-        if model is not None:
-            check_tokenizer_matches(tokenizer, model.config)
-    result: dict[str, Any] = {"policy": m.policy, "baseline": m.baseline, "reference": ref_path}
-    result["reward_model"] = m.reward_model
+    # Check every checkpoint's kind (config.json only) and load the shared models before generating.
+    configs = {name: require_checkpoint_kind(p, roles[name], "causal_lm") for name, p in policies.items()}
 
-    if policy is not None:
+    def load(path: str, role: str) -> Any:
+        return load_causal_lm(path, torch.float32, "sdpa", role=role)
+
+    baseline = load(m.baseline, "models.baseline") if policies and m.baseline else None
+    ref = None
+    if policies and ref_path:
+        ref = baseline if _same(ref_path, m.baseline) else load(ref_path, "models.reference")
+    rm = _load_rm(m.reward_model) if m.reward_model else None
+    gold = _load_gold(m.gold) if m.gold else None
+    first = next(iter(policies.values()), "")
+    tokenizer = load_tokenizer(m.tokenizer or first or m.baseline or m.reward_model, role="tokenizer")
+    for config in [*configs.values(), *(x.config for x in (baseline, ref) if x is not None)]:
+        check_tokenizer_matches(tokenizer, config)
+    result: dict[str, Any] = {}
+    if single:
+        result["policy"] = m.policy
+    result.update({"baseline": m.baseline, "reference": ref_path, "reward_model": m.reward_model})
+
+    if policies:
         dataset = PromptDataset(
             DataConfig(prompts=d.prompts, max_prompt_len=d.max_prompt_len, num_prompts=d.num_prompts or 64),
             tokenizer,
             seed=cfg.seed,
         )
         n = min(len(dataset), d.num_prompts) if d.num_prompts else len(dataset)
-        texts, prompt_ids = dataset.texts[:n], dataset.input_ids[:n]
-        rollout = _build_rollout(cfg, m.policy, policy, tokenizer)
+        ev = _PolicyEval(cfg, tokenizer, dataset.texts[:n], dataset.input_ids[:n], ref, rm, gold)
+        per_policy: dict[str, dict[str, Any]] = {}
         try:
-            pol = _generate(rollout, prompt_ids, cfg.seed)
-            base = None
             if baseline is not None:
-                if cfg.rollout.backend == "vllm":
-                    rollout.load_weights(list(baseline.named_parameters()))
-                    rollout.finish_sync(1)
-                else:
-                    rollout.model = baseline
-                base = _generate(rollout, prompt_ids, cfg.seed)
+                ev.set_baseline(m.baseline, baseline)
+            for name, path in policies.items():
+                t1 = time.time()
+                model = baseline if _same(path, m.baseline) else load(path, roles[name])
+                metrics, rows = ev.evaluate(path, model)
+                del model
+                metrics["wall_s"] = time.time() - t1
+                out = Path(cfg.output_dir) if single else Path(cfg.output_dir) / name
+                _write_rows(out / "eval_samples.jsonl", rows)
+                if not single:
+                    metrics = {"policy": path, **metrics}
+                    shared = {k: result[k] for k in ("baseline", "reference", "reward_model")}
+                    text = json.dumps({**shared, **metrics}, indent=2, allow_nan=True)
+                    (out / "eval.json").write_text(text)
+                per_policy[name] = metrics
+                print(f"[eval] {name}: " + _brief(metrics), flush=True)
         finally:
-            rollout.close()
-        pb = pack_rows(prompt_ids, [s.response_ids for s in pol], tokenizer.pad_token_id)
-        pol_text = tokenizer.batch_decode([s.response_ids for s in pol], skip_special_tokens=True)
-        rows: dict[str, Any] = {"prompt": texts, "policy_response": pol_text}
-        rows["policy_response_ids"] = [s.response_ids for s in pol]
-        lengths = pb.action_mask.sum(-1).double()
-        result.update({"num_prompts": n, "temperature": T, "response_len": float(lengths.mean())})
-        result["stop_rate"] = sum(s.finish_reason == "stop" for s in pol) / n
-        if ref is not None:
-            kl = sequence_kl(_logprobs(policy, pb, T), _logprobs(ref, pb, T), pb.action_mask)
-            result["kl"], rows["kl"] = _mean(kl), kl.tolist()
-        if base is not None:
-            bb = pack_rows(prompt_ids, [s.response_ids for s in base], tokenizer.pad_token_id)
-            rows["baseline_response"] = tokenizer.batch_decode(
-                [s.response_ids for s in base], skip_special_tokens=True
-            )
-            result["baseline_response_len"] = float(bb.action_mask.sum(-1).double().mean())
-        for name, scorer in (("rm", rm), ("gold", gold)):
-            if scorer is None:
-                continue
-            if name == "rm":
-                a = _rm_scores(scorer, pb)
-            else:
-                a = scorer.score(texts, pol_text)[0]
-            result[f"{name}_reward"], rows[f"{name}_policy"] = _mean(a), a.tolist()
-            if base is not None:
-                b = (
-                    _rm_scores(scorer, bb)
-                    if name == "rm"
-                    else scorer.score(texts, rows["baseline_response"])[0]
-                )
-                result[f"{name}_reward_baseline"], rows[f"{name}_baseline"] = _mean(b), b.tolist()
-                result[f"win_rate_{name}"] = win_rate(a, b)
-        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
-        with (Path(cfg.output_dir) / "eval_samples.jsonl").open("w") as f:
-            for i in range(n):
-                f.write(json.dumps({k: v[i] for k, v in rows.items()}) + "\n")
+            ev.close()
+        if single:
+            result.update(per_policy["policy"])
+            result.pop("wall_s", None)
+        else:
+            result["policies"] = per_policy
 
     if rm is not None and d.pairs:
+        from engine.dpo import collate_pairs, load_preference_pairs
+
         pairs, stats = load_preference_pairs(d.pairs, tokenizer, d.pairs_max_len, d.pairs_max_prompt_len)
         scores = _rm_scores(rm, collate_pairs(pairs, tokenizer.pad_token_id))
         c, r = scores[: len(pairs)], scores[len(pairs) :]
@@ -253,15 +267,144 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _build_rollout(cfg: EvalConfig, policy_dir: str, policy: Any, tokenizer: Any) -> Any:
-    if cfg.rollout.backend == "vllm":
-        from engine.rollout import VLLMRollout
+def _load_rm(path: str) -> Any:
+    from engine.models import load_reward_model
+    from engine.scoring import RewardScorer
 
-        max_len = cfg.data.max_prompt_len + cfg.rollout.max_new_tokens + 1
-        return VLLMRollout(policy_dir, cfg.rollout, cfg.seed, max_len, "float32")
-    from engine.rollout import HFRollout
+    return RewardScorer(model=load_reward_model(path, torch.float32, "auto", role="models.reward_model"))
 
-    return HFRollout(policy, tokenizer, cfg.rollout)
+
+def _load_gold(spec: str) -> Any:
+    from engine.scoring import RewardScorer
+    from engine.tasks import load_callable
+
+    return RewardScorer.from_function(load_callable(spec))
+
+
+def _brief(metrics: dict[str, Any]) -> str:
+    keys = ("gold_reward", "rm_reward", "kl", "win_rate_gold", "response_len", "wall_s")
+    return ", ".join(f"{k} {metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+def _write_rows(path: Path, rows: dict[str, list[Any]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n = len(rows["prompt"])
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({k: v[i] for k, v in rows.items()}) + "\n")
+
+
+_ARCH_KEYS = (
+    "architectures",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "tie_word_embeddings",
+)
+
+
+def _arch(config: Any) -> tuple:
+    """What must match for one policy's weights to be swapped into an engine built for another."""
+    return tuple(repr(getattr(config, k, None)) for k in _ARCH_KEYS)
+
+
+class _PolicyEval:
+    """The shared state of an eval run: prompts, the rollout engine, scorers and the baseline's samples.
+
+    ``evaluate(path, model)`` samples the policy once per prompt (the engine is built on first
+    use and re-pointed at each policy) and returns ``(metrics, per-prompt rows)``.
+    """
+
+    def __init__(
+        self, cfg: EvalConfig, tokenizer: Any, texts: list[str], prompt_ids: list[list[int]], ref, rm, gold
+    ):
+        self.cfg, self.tok, self.texts, self.prompt_ids = cfg, tokenizer, texts, prompt_ids
+        self.ref, self.scorers = ref, {"rm": rm, "gold": gold}
+        self.rollout: Any = None
+        self._engine_arch: tuple | None = None
+        self._loaded = ""  # the checkpoint whose weights the engine holds
+        self._version = 0
+        self.base: dict[str, Any] | None = None  # baseline samples, batch, texts and scores
+
+    def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
+            self.rollout = None
+
+    def _point_at(self, path: str, model: Any) -> None:
+        """Make the rollout engine generate from ``model`` (whose checkpoint is ``path``)."""
+        c = self.cfg
+        if self.rollout is not None and self._loaded and _same(self._loaded, path):
+            return
+        if c.rollout.backend != "vllm":
+            from engine.rollout import HFRollout
+
+            if self.rollout is None:
+                self.rollout = HFRollout(model, self.tok, c.rollout)
+            self.rollout.model = model
+        elif self.rollout is None or self._engine_arch != _arch(model.config):
+            from engine.rollout import VLLMRollout
+
+            self.close()
+            max_len = c.data.max_prompt_len + c.rollout.max_new_tokens + 1
+            self.rollout = VLLMRollout(str(path), c.rollout, c.seed, max_len, "float32")
+            self._engine_arch = _arch(model.config)
+        else:
+            self._version += 1
+            self.rollout.load_weights(list(model.named_parameters()))
+            self.rollout.finish_sync(self._version)
+        self._loaded = str(path)
+
+    def _sample(self, path: str, model: Any) -> tuple[list[Any], Any, list[str]]:
+        """(samples, packed batch, decoded responses) of ``model``: one sample per prompt at seed ``cfg.seed``."""
+        from engine.dpo import pack_rows
+
+        self._point_at(path, model)
+        samples = [g[0] for g in self.rollout.generate(self.prompt_ids, n=1, seed=self.cfg.seed)]
+        ids = [s.response_ids for s in samples]
+        batch = pack_rows(self.prompt_ids, ids, self.tok.pad_token_id)
+        return samples, batch, self.tok.batch_decode(ids, skip_special_tokens=True)
+
+    def _scores(self, name: str, batch: Any, responses: list[str]) -> torch.Tensor:
+        scorer = self.scorers[name]
+        return _rm_scores(scorer, batch) if name == "rm" else scorer.score(self.texts, responses)[0]
+
+    def set_baseline(self, path: str, model: Any) -> None:
+        samples, batch, text = self._sample(path, model)
+        scores = {k: self._scores(k, batch, text) for k, s in self.scorers.items() if s is not None}
+        self.base = {"path": path, "samples": samples, "batch": batch, "text": text, "scores": scores}
+
+    def evaluate(self, path: str, model: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
+        T, n, base = self.cfg.rollout.temperature, len(self.prompt_ids), self.base
+        if base is not None and _same(path, base["path"]):  # same weights, same seed: same samples
+            samples, batch, text = base["samples"], base["batch"], base["text"]
+        else:
+            samples, batch, text = self._sample(path, model)
+        rows: dict[str, list[Any]] = {"prompt": self.texts, "policy_response": text}
+        rows["policy_response_ids"] = [s.response_ids for s in samples]
+        result: dict[str, Any] = {"num_prompts": n, "temperature": T}
+        result["response_len"] = float(batch.action_mask.sum(-1).double().mean())
+        result["stop_rate"] = sum(s.finish_reason == "stop" for s in samples) / n
+        if self.ref is not None:
+            kl = sequence_kl(_logprobs(model, batch, T), _logprobs(self.ref, batch, T), batch.action_mask)
+            result["kl"], rows["kl"] = _mean(kl), kl.tolist()
+        if base is not None:
+            rows["baseline_response"] = base["text"]
+            result["baseline_response_len"] = float(base["batch"].action_mask.sum(-1).double().mean())
+        for name, scorer in self.scorers.items():
+            if scorer is None:
+                continue
+            a = self._scores(name, batch, text)
+            result[f"{name}_reward"], rows[f"{name}_policy"] = _mean(a), a.tolist()
+            if base is not None:
+                b = base["scores"][name]
+                result[f"{name}_reward_baseline"], rows[f"{name}_baseline"] = _mean(b), b.tolist()
+                result[f"win_rate_{name}"] = win_rate(a, b)
+        return result, rows
 
 
 def main_eval(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

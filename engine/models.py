@@ -4,7 +4,9 @@ Every role loads through here: the policy directory vLLM reads (``prepare_policy
 the trainable actor and frozen reference (``load_causal_lm``), the frozen reward
 (``load_reward_model``). Each loader checks that a checkpoint is the kind of model
 its role needs, so a reward checkpoint given as policy (or the reverse) fails at
-start-up with a message naming the path, not deep inside a forward pass.
+start-up with a message naming the config key and the path, not deep inside a forward
+pass. ``require_checkpoint_kind`` is that one check (it reads only ``config.json``); the
+stages and the PPO command line also call it before loading anything.
 
 Nothing here downloads: the tiny model and its tokenizer are built from code.
 """
@@ -193,20 +195,37 @@ def _checkpoint_kind(config: PretrainedConfig) -> str:
     return "unknown"
 
 
-def _require_causal_lm(path: str | os.PathLike, role: str) -> PretrainedConfig:
+_KIND_NAMES = {
+    "causal_lm": ("a causal-LM checkpoint (a policy)", "a causal-LM (policy / SFT) checkpoint"),
+    "seq_cls": (
+        "a sequence-classification checkpoint (a reward model)",
+        "a sequence-classification reward model (num_labels=1; the rm stage trains one)",
+    ),
+}
+
+
+def require_checkpoint_kind(path: str | os.PathLike, role: str, kind: str) -> PretrainedConfig:
+    """The checkpoint's config; ConfigError naming ``role`` unless it is of ``kind``.
+
+    ``kind`` is ``"causal_lm"`` (a policy: actor, reference, SFT/DPO/best-of-n start) or
+    ``"seq_cls"`` (a reward model). Only ``config.json`` is read, so the check costs
+    milliseconds and runs before any weights load.
+    """
     config = _load_config(path, role)
-    kind = _checkpoint_kind(config)
-    if kind == "seq_cls":
+    found = _checkpoint_kind(config)
+    if found == kind:
+        return config
+    archs = getattr(config, "architectures", None)
+    other = "not a causal LM" if kind == "causal_lm" else "not a sequence-classification reward model"
+    if found == "unknown":
         raise ConfigError(
-            f"{role}: {path} is a sequence-classification checkpoint "
-            f"({', '.join(config.architectures)}), not a causal LM; a reward model belongs in reward.model_path"
+            f"{role}: {path} is {other} checkpoint "
+            f"(architectures={archs}, model_type={config.model_type!r}); this role needs {_KIND_NAMES[kind][1]}"
         )
-    if kind != "causal_lm":
-        raise ConfigError(
-            f"{role}: {path} is not a causal LM checkpoint "
-            f"(architectures={getattr(config, 'architectures', None)}, model_type={config.model_type!r})"
-        )
-    return config
+    raise ConfigError(
+        f"{role}: {path} is {_KIND_NAMES[found][0]}, {other} (architectures={archs}); "
+        f"this role needs {_KIND_NAMES[kind][1]}"
+    )
 
 
 def check_tokenizer_matches(tokenizer: PreTrainedTokenizerBase, model_config: PretrainedConfig) -> None:
@@ -274,7 +293,7 @@ def prepare_policy(cfg: ModelConfig, work_dir: Path, seed: int) -> tuple[Path, P
         return out, tokenizer
 
     path = Path(cfg.path)
-    config = _require_causal_lm(path, "model.path")
+    config = require_checkpoint_kind(path, "model.path", "causal_lm")
     tokenizer = load_tokenizer(
         cfg.tokenizer or path, role="model.tokenizer" if cfg.tokenizer else "model.path"
     )
@@ -359,14 +378,17 @@ def load_causal_lm(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
+    *,
+    role: str = "model.path",
 ) -> PreTrainedModel:
     """Load a causal LM (actor, reference) on CPU in ``dtype``; errors if it is not one.
 
     ``device`` only steers ``attn_implementation="auto"``; the caller moves the model.
+    ``role`` (the config key the path came from) leads any error message.
     """
     from transformers import AutoModelForCausalLM
 
-    _require_causal_lm(path, "causal LM")
+    require_checkpoint_kind(path, role, "causal_lm")
     attn = resolve_attn_implementation(attn_implementation, device, dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
@@ -376,36 +398,25 @@ def load_reward_model(
     dtype: torch.dtype = torch.float32,
     attn_implementation: str = "auto",
     device: str | torch.device | None = None,
+    *,
+    role: str = "reward.model_path",
 ) -> PreTrainedModel:
     """Load a frozen one-output sequence classifier (``num_labels == 1``) in eval mode.
 
-    A causal-LM checkpoint, or a classifier with several labels, is a ConfigError.
+    A causal-LM checkpoint, or a classifier with several labels, is a ConfigError naming ``role``.
     """
     from transformers import AutoModelForSequenceClassification
 
-    config = _load_config(path, "reward.model_path")
-    kind = _checkpoint_kind(config)
-    if kind == "causal_lm":
-        raise ConfigError(
-            f"reward.model_path: {path} is a causal-LM checkpoint ({', '.join(config.architectures or [])}), "
-            "not a sequence-classification reward model (num_labels=1); train one with the RM stage"
-        )
-    if kind != "seq_cls":
-        raise ConfigError(
-            f"reward.model_path: {path} is not a sequence-classification checkpoint "
-            f"(architectures={getattr(config, 'architectures', None)})"
-        )
+    config = require_checkpoint_kind(path, role, "seq_cls")
     if config.num_labels != 1:
-        raise ConfigError(
-            f"reward.model_path: {path} has num_labels={config.num_labels}; a reward model needs 1"
-        )
+        raise ConfigError(f"{role}: {path} has num_labels={config.num_labels}; a reward model needs 1")
     if config.pad_token_id is None:
         # The classifier scores the last non-pad token; it needs to know the pad id.
         eos = config.eos_token_id
         if isinstance(eos, list):
             eos = eos[0] if eos else None
         if eos is None:
-            raise ConfigError(f"reward.model_path: {path} has no pad_token_id or eos_token_id in config.json")
+            raise ConfigError(f"{role}: {path} has no pad_token_id or eos_token_id in config.json")
         config.pad_token_id = eos
     attn = resolve_attn_implementation(attn_implementation, device, dtype)
     model = AutoModelForSequenceClassification.from_pretrained(

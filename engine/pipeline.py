@@ -4,7 +4,8 @@
 Each stage runs as its own ``python -m engine.cli STAGE`` process (or
 ``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
-one folder per stage, ``report.md``, ``summary.json`` and PNG plots.
+one folder per stage, ``report.md``, ``summary.json`` and PNG plots. The three policies
+(SFT, PPO, DPO) are evaluated by one ``eval`` process (``eval/<name>/eval.json``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,88 +77,136 @@ def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float
     return dt
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json_if_exists(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``, or ``{}`` when a stage did not write it."""
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+def read_rows_if_exists(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSONL log such as ``metrics.jsonl``, or ``[]`` when it is missing."""
     return (
         [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     )
 
 
-def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Run every stage into ``run_dir``; returns the summary (also written as summary.json)."""
-    from engine.demo_task import write_demo_data
+@dataclass
+class Stages:
+    """One run directory and how its stages launch: each method runs one ``engine.cli`` stage.
 
-    t_start = time.time()
-    run = Path(run_dir).resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    logs = run / "logs"
-    logs.mkdir(exist_ok=True)
-    s = SIZES[size]
-    paths = write_demo_data(run / "data", seed=seed, **s["data"])
-    sft, rm, ppo, dpo = run / "sft", run / "rm", run / "ppo", run / "dpo"
-    times: dict[str, float] = {}
-    common = [f"seed={seed}"]
+    Layout under ``root``: ``data/``, ``sft/``, ``rm/``, ``ppo/``, ``dpo/``, ``eval/``, ``logs/``.
+    ``times`` collects each stage's wall seconds. ``engine.kl_sweep`` reuses it.
+    """
 
-    times["sft"] = _run_stage(
-        "sft",
-        [f"output_dir={sft}", f"data.train={paths['sft']}", *common, *s["sft"]],
-        logs / "sft.log",
-        world,
-    )
-    times["rm"] = _run_stage(
-        "rm",
-        [f"output_dir={rm}", f"model.path={sft}", f"data.train={paths['preferences']}", *common, *s["rm"]],
-        logs / "rm.log",
-        world,
-    )
-    times["ppo"] = _run_stage(
-        "ppo",
-        [
+    root: Path
+    size: str = "demo"
+    world: int = 1
+    seed: int = 0
+    times: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root).resolve()
+        (self.root / "logs").mkdir(parents=True, exist_ok=True)
+
+    @property
+    def sizes(self) -> dict[str, Any]:
+        return SIZES[self.size]
+
+    @property
+    def data_paths(self) -> dict[str, Path]:
+        """The demo data files ``data()`` writes (``sft``, ``preferences``, ``prompts``, ``eval_prompts``)."""
+        names = ("sft", "preferences", "prompts", "eval_prompts")
+        return {k: self.root / "data" / f"{k}.jsonl" for k in names}
+
+    def _stage(self, name: str, stage: str, overrides: list[str], world: int | None = None) -> None:
+        log = self.root / "logs" / f"{name}.log"
+        self.times[name] = _run_stage(stage, [f"seed={self.seed}", *overrides], log, world or self.world)
+
+    def data(self) -> dict[str, Path]:
+        from engine.demo_task import write_demo_data
+
+        return write_demo_data(self.root / "data", seed=self.seed, **self.sizes["data"])
+
+    def sft(self) -> Path:
+        out = self.root / "sft"
+        ov = [f"output_dir={out}", f"data.train={self.data_paths['sft']}"]
+        self._stage("sft", "sft", [*ov, *self.sizes["sft"]])
+        return out
+
+    def rm(self) -> Path:
+        return self._from_sft_on_pairs("rm")
+
+    def _from_sft_on_pairs(self, stage: str) -> Path:
+        """``rm`` or ``dpo``: from ``sft/``, trained on the preference pairs, into ``<stage>/``."""
+        out = self.root / stage
+        ov = [f"output_dir={out}", f"model.path={self.root / 'sft'}"]
+        self._stage(stage, stage, [*ov, f"data.train={self.data_paths['preferences']}", *self.sizes[stage]])
+        return out
+
+    def ppo(self, out: Path | None = None, overrides: Sequence[str] = (), name: str = "ppo") -> Path:
+        """PPO from ``sft/`` with ``rm/`` as reward; ``overrides`` come last. Returns the run folder."""
+        out = out or self.root / "ppo"
+        ov = [
             "--config",
             str(Path(__file__).resolve().parent.parent / "configs" / "ppo_demo.yaml"),
-            f"output_dir={ppo}",
-            f"model.path={sft}",
-            f"reward.model_path={rm}",
-            f"data.prompts={paths['prompts']}",
-            *common,
-            *s["ppo"],
-        ],
-        logs / "ppo.log",
-        world,
-    )
-    times["dpo"] = _run_stage(
-        "dpo",
-        [f"output_dir={dpo}", f"model.path={sft}", f"data.train={paths['preferences']}", *common, *s["dpo"]],
-        logs / "dpo.log",
-        world,
-    )
-    evals: dict[str, dict[str, Any]] = {}
-    for name, policy in (("sft", sft), ("ppo", ppo / "final"), ("dpo", dpo)):
-        out = run / f"eval_{name}"
+            f"output_dir={out}",
+            f"model.path={self.root / 'sft'}",
+            f"reward.model_path={self.root / 'rm'}",
+            f"data.prompts={self.data_paths['prompts']}",
+        ]
+        mine = {o.split("=", 1)[0] for o in overrides}
+        sized = [o for o in self.sizes["ppo"] if o.split("=", 1)[0] not in mine]
+        self._stage(name, "ppo", [*ov, *sized, *overrides])
+        return out
+
+    def dpo(self) -> Path:
+        return self._from_sft_on_pairs("dpo")
+
+    def evaluate(
+        self,
+        policies: dict[str, Path],
+        out: Path | None = None,
+        rm_pairs: bool = True,
+        name: str = "eval",
+    ) -> dict[str, Any]:
+        """Every policy in one eval process against the SFT baseline/reference and the RM.
+
+        ``rm_pairs`` adds the RM's accuracy on the preference pairs (the pipeline's ``rm/*`` keys).
+        Returns the top-level ``eval.json``: ``{"policies": {name: metrics}, "rm_accuracy": ...}``.
+        """
+        out = out or self.root / "eval"
+        sft = self.root / "sft"
         ov = [
             f"output_dir={out}",
-            f"models.policy={policy}",
+            "models.policies=" + json.dumps({k: str(v) for k, v in policies.items()}),
             f"models.baseline={sft}",
             f"models.reference={sft}",
-            f"models.reward_model={rm}",
+            f"models.reward_model={self.root / 'rm'}",
             "models.gold=engine.demo_task:gold_reward",
-            f"data.prompts={paths['eval_prompts']}",
-            *common,
-            *s["eval"],
+            f"data.prompts={self.data_paths['eval_prompts']}",
+            *([f"data.pairs={self.data_paths['preferences']}"] if rm_pairs else []),
+            *self.sizes["eval"],
         ]
-        if name == "sft":
-            ov.append(f"data.pairs={paths['preferences']}")
-        times[f"eval_{name}"] = _run_stage("eval", ov, logs / f"eval_{name}.log", 1)
-        evals[name] = _read_json(out / "eval.json")
+        self._stage(name, "eval", ov, world=1)
+        return read_json_if_exists(out / "eval.json")
 
-    rm_summary = _read_json(rm / "summary.json")
-    ppo_rows = _read_jsonl(ppo / "metrics.jsonl")
+
+def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0) -> dict[str, Any]:
+    """Run every stage into ``run_dir``; returns the summary (also written as summary.json)."""
+    t_start = time.time()
+    st = Stages(Path(run_dir), size, world, seed)
+    run = st.root
+    st.data()
+    sft, rm, ppo, dpo = st.sft(), st.rm(), st.ppo(), st.dpo()
+    ev = st.evaluate({"sft": sft, "ppo": ppo / "final", "dpo": dpo})
+    evals: dict[str, dict[str, Any]] = ev.get("policies", {})
+    for name in ("sft", "ppo", "dpo"):
+        evals.setdefault(name, {})
+
+    rm_summary = read_json_if_exists(rm / "summary.json")
+    ppo_rows = read_rows_if_exists(ppo / "metrics.jsonl")
     summary = {
-        "rm/accuracy": rm_summary.get("eval/accuracy", evals["sft"].get("rm_accuracy")),
-        "rm/accuracy_train_pairs_eval": evals["sft"].get("rm_accuracy"),
+        "rm/accuracy": rm_summary.get("eval/accuracy", ev.get("rm_accuracy")),
+        "rm/accuracy_train_pairs_eval": ev.get("rm_accuracy"),
         "gold/sft": evals["sft"].get("gold_reward"),
         "gold/ppo": evals["ppo"].get("gold_reward"),
         "gold/dpo": evals["dpo"].get("gold_reward"),
@@ -167,7 +218,7 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         "kl/ppo": evals["ppo"].get("kl"),
         "kl/dpo": evals["dpo"].get("kl"),
         "response_len/ppo": evals["ppo"].get("response_len"),
-        "stage_seconds": times,
+        "stage_seconds": st.times,
         "size": size,
         "world_size": world,
         "minutes": (time.time() - t_start) / 60.0,
@@ -208,7 +259,7 @@ def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dic
     fig.savefig(run / "gold_scores.png", dpi=110)
     plt.close(fig)
     out.append("gold_scores.png")
-    rm_rows = [r for r in _read_jsonl(rm_dir / "metrics.jsonl") if "eval/accuracy" in r]
+    rm_rows = [r for r in read_rows_if_exists(rm_dir / "metrics.jsonl") if "eval/accuracy" in r]
     if rm_rows:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.plot([r["step"] for r in rm_rows], [r["eval/accuracy"] for r in rm_rows], marker="o")

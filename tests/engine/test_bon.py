@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.best_of_n import BoNConfig, run_bon, select_best
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, TinyModelConfig, load_config
 
 
 def test_select_best_is_argmax_per_prompt() -> None:
@@ -50,7 +50,24 @@ def test_config_errors(tmp_path: Path) -> None:
         ).validate()
 
 
-def _cfg(tmp_path: Path, backend: str, rounds: int) -> BoNConfig:
+def test_bon_refuses_checkpoints_of_the_wrong_kind(tmp_path: Path) -> None:
+    """A reward checkpoint as the policy, or a causal LM as the reward, fails before any engine starts."""
+    from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+
+    tok = build_tokenizer()
+    for name, model in (("lm", build_tiny_model), ("rm", build_tiny_reward_model)):
+        model(tok, TinyModelConfig(), seed=0).save_pretrained(tmp_path / name)
+        tok.save_pretrained(tmp_path / name)
+    with pytest.raises(ConfigError, match=r"model.path: .* is a sequence-classification checkpoint"):
+        run_bon(_cfg(tmp_path, "hf", 1, f"model.path={tmp_path / 'rm'}"))
+    with pytest.raises(
+        ConfigError, match=r"reward.model_path: .* is a causal-LM checkpoint .*not a sequence-class"
+    ):
+        run_bon(_cfg(tmp_path, "hf", 1, "reward.kind=model", f"reward.model_path={tmp_path / 'lm'}"))
+    assert not list((tmp_path / "bon").glob("samples_round_*.jsonl"))
+
+
+def _cfg(tmp_path: Path, backend: str, rounds: int, *extra: str) -> BoNConfig:
     return load_config(
         BoNConfig,
         None,
@@ -71,6 +88,7 @@ def _cfg(tmp_path: Path, backend: str, rounds: int) -> BoNConfig:
             "optim.lr=3e-3",
             "optim.zero_stage=0",
             f"total_steps={rounds}",
+            *extra,
         ],
     )
 

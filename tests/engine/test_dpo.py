@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, load_config
+from engine.config import ConfigError, TinyModelConfig, load_config
 from engine.data import DataError
 from engine.demo_task import make_preference_data, write_jsonl
 from engine.dpo import DPOConfig, collate_pairs, dpo_loss, load_preference_pairs, run_dpo
-from engine.models import build_tokenizer
+from engine.models import build_tiny_reward_model, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +122,18 @@ def test_dpo_margin_grows_and_checkpoint_loads(tmp_path: Path) -> None:
     assert "eval/rewards/margin" in summary and (tmp_path / "dpo/config.yaml").is_file()
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "dpo")
     assert model.config.architectures == ["LlamaForCausalLM"]
+
+
+def test_dpo_refuses_a_reward_checkpoint(tmp_path: Path, tok) -> None:
+    rm_dir = tmp_path / "rm"
+    build_tiny_reward_model(tok, TinyModelConfig(), seed=0).save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    with pytest.raises(
+        ConfigError, match=r"model.path: .* is a sequence-classification checkpoint .*not a causal LM"
+    ):
+        run_dpo(_cfg(tmp_path, f"model.path={rm_dir}"))
+    log = tmp_path / "dpo" / "metrics.jsonl"
+    assert not (log.exists() and log.read_text().strip())  # no step ran
 
 
 def test_ipo_runs_length_normalized(tmp_path: Path) -> None:

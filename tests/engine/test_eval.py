@@ -139,12 +139,66 @@ def test_eval_self_kl_is_zero_and_wrong_kinds_fail(ckpts, tmp_path: Path) -> Non
     )
     assert res["kl"] == pytest.approx(0.0, abs=1e-5)
     assert res["win_rate_rm"] == 0.5 and res["win_rate_gold"] == 0.5  # same model, same seed
-    with pytest.raises(ConfigError, match="causal-LM checkpoint"):
+    # A checkpoint of the wrong kind is named with the key it came from.
+    with pytest.raises(ConfigError, match="models.reward_model: .* is a causal-LM checkpoint"):
         run_eval(_cfg(ckpts, tmp_path, "rollout.backend=hf", f"models.reward_model={ckpts['sft']}"))
-    with pytest.raises(ConfigError, match="sequence-classification checkpoint"):
+    with pytest.raises(ConfigError, match="models.policy: .* is a sequence-classification checkpoint"):
         run_eval(_cfg(ckpts, tmp_path, "rollout.backend=hf", f"models.policy={ckpts['rm']}"))
+    with pytest.raises(ConfigError, match="models.baseline: .* is a sequence-classification checkpoint"):
+        run_eval(_cfg(ckpts, tmp_path, "rollout.backend=hf", f"models.baseline={ckpts['rm']}"))
+    with pytest.raises(ConfigError, match="models.policies.bad: .* is a sequence-classification checkpoint"):
+        run_eval(_cfg(ckpts, tmp_path, "models.policy=", _policies(ok=ckpts["policy"], bad=ckpts["rm"])))
     with pytest.raises(ConfigError, match="nothing to evaluate"):
         load_config(EvalConfig, None, ["models.baseline="]).validate()
+
+
+def _policies(**paths: Path) -> str:
+    return "models.policies=" + json.dumps({k: str(v) for k, v in paths.items()})
+
+
+def test_eval_config_policies_errors(ckpts) -> None:
+    with pytest.raises(ConfigError, match="models.policy or models.policies, not both"):
+        load_config(
+            EvalConfig, None, [f"models.policy={ckpts['policy']}", _policies(a=ckpts["policy"])]
+        ).validate()
+    with pytest.raises(ConfigError, match="models.policies must be a mapping"):
+        load_config(EvalConfig, None, ["models.policies=runs/ppo"]).validate()
+    with pytest.raises(ConfigError, match="models.policies.a: path does not exist"):
+        load_config(EvalConfig, None, ["models.policies={a: /no/such/dir}"]).validate()
+    with pytest.raises(ConfigError, match="not a usable name"):
+        load_config(EvalConfig, None, [_policies(**{"x/y": ckpts["policy"]})]).validate()
+
+
+def test_eval_several_policies_in_one_run(ckpts, tmp_path: Path) -> None:
+    """``models.policies``: each policy's metrics equal its own single-policy run's; shared work once."""
+    one = run_eval(_cfg(ckpts, tmp_path / "one", "rollout.backend=hf"))
+    many = run_eval(
+        _cfg(
+            ckpts,
+            tmp_path / "many",
+            "rollout.backend=hf",
+            "models.policy=",
+            _policies(policy=ckpts["policy"], sft=ckpts["sft"]),
+        )
+    )
+    per = many["policies"]
+    assert list(per) == ["policy", "sft"]
+    skip = ("wall_s", "policy")
+    assert {k: v for k, v in per["policy"].items() if k not in skip} == pytest.approx(
+        {k: v for k, v in one.items() if k in per["policy"] and k not in skip}
+    )
+    assert per["policy"]["policy"] == str(ckpts["policy"])
+    # The baseline evaluated as a policy: its own samples, so zero KL and even win rates.
+    assert per["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert per["sft"]["win_rate_rm"] == per["sft"]["win_rate_gold"] == 0.5
+    assert many["rm_accuracy"] == pytest.approx(one["rm_accuracy"]) and "kl" not in many
+    top = json.loads((tmp_path / "many/eval/eval.json").read_text())
+    assert top["policies"].keys() == per.keys()
+    for name in per:
+        on_disk = json.loads((tmp_path / f"many/eval/{name}/eval.json").read_text())
+        assert on_disk["kl"] == pytest.approx(per[name]["kl"]) and on_disk["baseline"] == str(ckpts["sft"])
+        rows = (tmp_path / f"many/eval/{name}/eval_samples.jsonl").read_text().splitlines()
+        assert len(rows) == per[name]["num_prompts"] == 6
 
 
 @pytest.mark.slow

@@ -125,6 +125,18 @@ def _tiny_model_small_vocab(path: Path) -> Path:
     return path
 
 
+def _tiny_checkpoint(path: Path, kind: str) -> Path:
+    """A tiny random causal LM (``kind="lm"``) or one-label reward model (``"rm"``) with the toy tokenizer."""
+    from engine.config import TinyModelConfig
+    from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+
+    tok = build_tokenizer()
+    build = build_tiny_model if kind == "lm" else build_tiny_reward_model
+    build(tok, TinyModelConfig(), seed=0).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def role_errors(tmp_path_factory) -> dict:
     """Each case through ``engine.cli.main`` in one subprocess; name -> {rc, stderr, seconds, vllm_imported}."""
@@ -148,6 +160,18 @@ def role_errors(tmp_path_factory) -> dict:
             *CONFIG,
             f"output_dir={tmp / 'o3'}",
             f"model.path={_tiny_model_small_vocab(tmp / 'small')}",
+        ],
+        "policy_is_reward_model": [
+            *CONFIG,
+            f"output_dir={tmp / 'o4'}",
+            f"model.path={_tiny_checkpoint(tmp / 'rm', 'rm')}",
+        ],
+        "reward_is_causal_lm": [
+            *CONFIG,
+            f"output_dir={tmp / 'o5'}",
+            "reward.kind=model",
+            f"reward.model_path={_tiny_checkpoint(tmp / 'lm', 'lm')}",
+            "critic.init_from=reward",
         ],
     }
     (tmp / "cases.json").write_text(json.dumps(cases))
@@ -198,6 +222,18 @@ def test_output_dir_not_writable(role_errors):
 def test_tokenizer_larger_than_model_vocabulary(role_errors):
     line = _failed_before_rollout(role_errors["vocab"])
     assert "tokenizer has 64 tokens" in line and "vocab_size=32" in line
+
+
+def test_reward_checkpoint_as_policy(role_errors):
+    line = _failed_before_rollout(role_errors["policy_is_reward_model"])
+    assert "model.path:" in line and "is a sequence-classification checkpoint" in line
+    assert "not a causal LM" in line
+
+
+def test_causal_lm_as_reward_model(role_errors):
+    line = _failed_before_rollout(role_errors["reward_is_causal_lm"])
+    assert "reward.model_path:" in line and "is a causal-LM checkpoint" in line
+    assert "not a sequence-classification reward model" in line
 
 
 # --------------------------------------------------------------------------- a short real run
