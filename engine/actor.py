@@ -6,14 +6,15 @@ The reference model (``engine.scoring``) uses the same module.
 
 ``ActorWorker`` wraps it in a DeepSpeed engine (ZeRO stage from ``OptimConfig``)
 and does one optimizer step per mini-batch with the clipped PPO loss. A step
-whose loss or gradients are non-finite on any rank is skipped on every rank.
+whose loss or gradients are non-finite on any rank is skipped on every rank;
+``stop_on_consecutive_skips`` ends a run after too many skips in a row.
 ``TrainEngine`` (the DeepSpeed setup and the guarded step) is shared with the
 critic (``engine.critic``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -197,6 +198,7 @@ class TrainEngine:
         self.device = self.engine.device
         self.steps = 0
         self.skipped = 0
+        self.consecutive_skips = 0  # skipped updates since the last applied one
         self._z0_norm = float("nan")
 
     def micro_step(self, loss: torch.Tensor, finite: bool) -> None:
@@ -219,6 +221,7 @@ class TrainEngine:
         self.optimizer.reset()
         self.steps += 1
         self.skipped += int(skipped)
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
         norm = self.engine.get_global_grad_norm()
         norm = float(norm) if norm is not None else self._z0_norm
         lr = (
@@ -231,6 +234,37 @@ class TrainEngine:
             "lr": float(lr),
             "skipped": float(skipped),
         }
+
+    def counters(self) -> dict[str, int]:
+        """The update counters a checkpoint carries (the engine's own state is DeepSpeed's)."""
+        return {"steps": self.steps, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+
+    def load_counters(self, counters: Mapping[str, int]) -> None:
+        self.steps = int(counters["steps"])
+        self.skipped = int(counters["skipped"])
+        self.consecutive_skips = int(counters["consecutive_skips"])
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for a non-finite loss or gradient."""
+
+
+def stop_on_consecutive_skips(
+    consecutive: int, limit: int, step: int, save: Callable[[], Any] | None = None
+) -> None:
+    """Raise ``NonFiniteError`` naming ``step`` once ``consecutive`` skipped updates reach ``limit``.
+
+    ``limit`` 0 never stops. ``save`` (a checkpoint; collective, so every rank must call this
+    with the same counts, which the guard's agreed skip decision gives) runs first and the
+    message names what it returns, so the run can be resumed once the cause is fixed.
+    """
+    if not limit or consecutive < limit:
+        return
+    saved = f"; checkpoint saved to {save()}" if save is not None else ""
+    raise NonFiniteError(
+        f"step {step}: {consecutive} updates in a row were skipped for a non-finite loss or gradient "
+        f"(max_consecutive_skips={limit}){saved}. Lower the learning rate or fix the data, then resume."
+    )
 
 
 def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int, *fields: str) -> None:

@@ -210,6 +210,9 @@ class PPOConfig(StageConfig):
             if opt.grad_clip < 0:
                 raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
         _positive("total_steps", self.total_steps)
+        for key in ("save_every", "keep_last", "max_consecutive_skips"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
         _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
         _positive("rollout.temperature", self.rollout.temperature)
         _positive("data.max_prompt_len", self.data.max_prompt_len)
@@ -466,7 +469,7 @@ class SFTConfig(StageConfig):
     )
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size)
+        _validate_stage(self, world_size, resumable=True)
         _choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
@@ -515,7 +518,7 @@ class RMConfig(StageConfig):
     )
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size)
+        _validate_stage(self, world_size, resumable=True)
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
             raise ConfigError(
@@ -529,11 +532,26 @@ class RMConfig(StageConfig):
             raise ConfigError(f"data.train: file does not exist: {self.data.train}")
 
 
-def _validate_stage(cfg: Any, world_size: int) -> None:
-    """Checks shared by the SFT and RM stages (``cfg`` has model/data/train/optim sections)."""
-    _choice("resume", cfg.resume, ("never",))
+def _validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
+    """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
+
+    ``resumable`` stages (SFT, RM) accept ``resume=auto|never|<checkpoint path>``; others only never.
+    """
+    if resumable:
+        _choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
+    else:
+        _choice("resume", cfg.resume, ("never",))
     _positive("total_steps", cfg.total_steps)
+    for key, zero in (
+        ("save_every", "no checkpoints"),
+        ("keep_last", "keep all"),
+        ("max_consecutive_skips", "never stop"),
+    ):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
     _positive("optim.lr", cfg.optim.lr)
+    if cfg.optim.lr == float("inf"):
+        raise ConfigError(f"optim.lr must be finite, got {cfg.optim.lr}")
     _choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
     if cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")

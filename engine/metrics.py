@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -97,6 +98,28 @@ class MetricsLogger:
             self._tb.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def drop_rows_after(path: str | os.PathLike, step: int) -> None:
+    """Rewrite a ``metrics.jsonl`` keeping the rows with ``step <= step`` (and dropping a torn last line).
+
+    A resumed run calls it: the killed run may have logged steps past its last checkpoint.
+    """
+    p = Path(path)
+    if not p.is_file():
+        return
+    lines = p.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if line.strip() and json.loads(line).get("step", 0) <= step:
+                kept.append(line + "\n")
+        except ValueError:
+            pass
+    if len(kept) != len(lines):
+        tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, p)
 
 
 def _plain(v: Any) -> Any:

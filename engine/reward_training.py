@@ -31,17 +31,18 @@ from torch import nn
 from engine import distributed as D
 from engine.config import RMConfig, RMDataConfig, RMTrainConfig, load_config
 from engine.data import DataError, PromptSampler, read_jsonl
+from engine.models import require_checkpoint_kind
 from engine.stages_common import (
     EncodeStats,
+    LoopState,
     encode_prompt,
     encode_response,
     fit_prompt,
     fit_response,
     nonblank_line_numbers,
     pad_right,
-    require_checkpoint_kind,
     save_hf_checkpoint,
-    setup_stage,
+    setup_resumable_stage,
     split_eval,
 )
 
@@ -265,10 +266,14 @@ def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
 
 
 def run_rm(cfg: RMConfig) -> dict[str, Any]:
-    """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``)."""
-    from engine.actor import TrainEngine
+    """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``).
 
-    logger = setup_stage(cfg, "rm")
+    Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.sft.run_sft``.
+    """
+    from engine.actor import TrainEngine
+    from engine.checkpoint import GracefulShutdown, hf_exporter
+
+    logger, ckpt = setup_resumable_stage(cfg, "rm")
     t_start = time.time()
     model, tokenizer = load_rm_model(cfg)
     pad = tokenizer.pad_token_id
@@ -286,53 +291,58 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
     engine = train_engine.engine
     sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, D.rank(), world)
     data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(eval_idx), **stats.as_metrics()}
-    history: list[dict[str, float]] = []
-    window = {"loss": 0.0, "accuracy": 0.0, "margin": 0.0, "n": 0.0}
+    loop = LoopState(dict.fromkeys(("loss", "accuracy", "margin", "n"), 0.0))
+    loop = ckpt.attach(train_engine, sampler, hf_exporter(engine.module.model, tokenizer, D.rank()), loop)
     t_window = time.time()
-    for step in range(1, cfg.total_steps + 1):
-        idx = sampler.next_batch()
-        for j in range(0, len(idx), mb):
-            b = rm_collate([train[i] for i in idx[j : j + mb]], pad)
-            rc, rr = _scores(engine, b)
-            loss, st = bradley_terry_loss(rc, rr, b.margin.to(rc.device))
-            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
-            window["loss"] += float(loss.detach())
-            window["accuracy"] += float(st["accuracy"])
-            window["margin"] += float(st["margin"])
-            window["n"] += 1
-        step_stats = train_engine.finish()
-        last = step == cfg.total_steps
-        if step % cfg.train.log_every == 0 or last or step == 1:
-            w = D.all_reduce_mean(window)
-            n = max(w.pop("n"), 1.0)
-            row = {f"train/{k}": v / n for k, v in w.items()}
-            row["train/pairs_per_s"] = n * mb * world / max(time.time() - t_window, 1e-9)
-            row.update(step_stats)
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                row.update(evaluate(engine, eval_batches) if eval_batches else {})
-            if step == 1:
-                row.update(data_metrics)
-            logger.log(step, row)
-            history.append(row)
-            window = dict.fromkeys(window, 0.0)
-            t_window = time.time()
-        if cfg.save_every and step % cfg.save_every == 0 and not last:
-            save_hf_checkpoint(engine.module.model, tokenizer, f"{cfg.output_dir}/checkpoint-{step}")
-    ckpt = save_hf_checkpoint(engine.module.model, tokenizer, cfg.output_dir)
-    summary = {
-        "train/accuracy_first": history[0]["train/accuracy"],
-        "train/accuracy_last": history[-1]["train/accuracy"],
-        "train/loss_last": history[-1]["train/loss"],
-        **{k: v for k, v in history[-1].items() if k.startswith("eval/")},
-        **data_metrics,
-        "skipped_steps": train_engine.skipped,
-        "checkpoint": str(ckpt),
-        "world_size": world,
-        "wall_s": time.time() - t_start,
-    }
-    logger.write_summary(summary)
-    logger.close()
-    return summary
+    try:
+        with GracefulShutdown() as stop:
+            for step in range(loop.step + 1, cfg.total_steps + 1):
+                idx = sampler.next_batch()
+                w = loop.window
+                for j in range(0, len(idx), mb):
+                    b = rm_collate([train[i] for i in idx[j : j + mb]], pad)
+                    rc, rr = _scores(engine, b)
+                    loss, st = bradley_terry_loss(rc, rr, b.margin.to(rc.device))
+                    train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+                    w["loss"] += float(loss.detach())
+                    w["accuracy"] += float(st["accuracy"])
+                    w["margin"] += float(st["margin"])
+                    w["n"] += 1
+                step_stats = train_engine.finish()
+                loop.step = step
+                last = step == cfg.total_steps
+                if step % cfg.train.log_every == 0 or last or step == 1:
+                    w = D.all_reduce_mean(loop.window)
+                    n = max(w.pop("n"), 1.0)
+                    row = {f"train/{k}": v / n for k, v in w.items()}
+                    row["train/pairs_per_s"] = n * mb * world / max(time.time() - t_window, 1e-9)
+                    row.update(step_stats)
+                    if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                        row.update(evaluate(engine, eval_batches) if eval_batches else {})
+                    if step == 1:
+                        row.update(data_metrics)
+                    logger.log(step, row)
+                    loop.logged(row)
+                    t_window = time.time()
+                stopped_at = ckpt.end_step(loop, stop)
+                if stopped_at is not None:
+                    return {"stopped": True, "step": step, "checkpoint": str(stopped_at)}
+        final = save_hf_checkpoint(engine.module.model, tokenizer, cfg.output_dir)
+        summary = {
+            "train/accuracy_first": loop.first["train/accuracy"],
+            "train/accuracy_last": loop.last["train/accuracy"],
+            "train/loss_last": loop.last["train/loss"],
+            **{k: v for k, v in loop.last.items() if k.startswith("eval/")},
+            **data_metrics,
+            "skipped_steps": train_engine.skipped,
+            "checkpoint": str(final),
+            "world_size": world,
+            "wall_s": time.time() - t_start,
+        }
+        logger.write_summary(summary)
+        return summary
+    finally:
+        logger.close()
 
 
 def main_rm(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -10,8 +10,10 @@ position ids (no attention across examples).
 
 ``run_sft(cfg)`` trains ``total_steps`` optimizer steps and saves an HF
 checkpoint plus tokenizer into ``cfg.output_dir`` (with ``config.yaml`` and
-``metrics.jsonl``). With an empty ``model.path`` it trains the tiny model of
-``model.tiny`` from scratch with the offline toy tokenizer.
+``metrics.jsonl``). Every ``save_every`` steps it writes a full-state checkpoint
+under ``<output_dir>/checkpoints/`` (``engine.stages_common.StageCheckpoints``) that
+``resume=auto`` continues from exactly. With an empty ``model.path`` it trains the
+tiny model of ``model.tiny`` from scratch with the offline toy tokenizer.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from engine.config import SFTConfig, SFTDataConfig, load_config
 from engine.data import DataError, PromptSampler, read_jsonl
 from engine.stages_common import (
     EncodeStats,
+    LoopState,
     encode_prompt,
     encode_response,
     fit_prompt,
@@ -36,7 +39,7 @@ from engine.stages_common import (
     nonblank_line_numbers,
     pad_right,
     save_hf_checkpoint,
-    setup_stage,
+    setup_resumable_stage,
     split_eval,
 )
 
@@ -275,10 +278,15 @@ def evaluate(engine: Any, batches: Sequence[SFTBatch]) -> dict[str, float]:
 
 
 def run_sft(cfg: SFTConfig) -> dict[str, Any]:
-    """Train, evaluate and save; returns the final metrics (also in ``summary.json``)."""
-    from engine.actor import TrainEngine
+    """Train, evaluate and save; returns the final metrics (also in ``summary.json``).
 
-    logger = setup_stage(cfg, "sft")
+    With ``save_every`` it writes full-state checkpoints (``StageCheckpoints``) and ``resume``
+    continues from one. SIGTERM/SIGINT finish the step, save, and return ``{"stopped": True, ...}``.
+    """
+    from engine.actor import TrainEngine
+    from engine.checkpoint import GracefulShutdown, hf_exporter
+
+    logger, ckpt = setup_resumable_stage(cfg, "sft")
     t_start = time.time()
     model, tokenizer = load_sft_model(cfg)
     pad = tokenizer.pad_token_id
@@ -308,57 +316,61 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
         "data/train_rows": len(units),
         **stats.as_metrics(),
     }
-    history: list[dict[str, float]] = []
-    window: dict[str, float] = {"nll": 0.0, "correct": 0.0, "n": 0.0, "tokens": 0.0}
+    loop = LoopState(dict.fromkeys(("nll", "correct", "n", "tokens"), 0.0))
+    loop = ckpt.attach(train_engine, sampler, hf_exporter(engine.module, tokenizer, D.rank()), loop)
     t_window = time.time()
-    for step in range(1, cfg.total_steps + 1):
-        batches = [collate(c) for c in _chunks([units[i] for i in sampler.next_batch()], mb)]
-        n_local = sum(b.num_loss_tokens for b in batches)
-        n_global = D.all_reduce_mean({"n": float(n_local)})["n"] * world
-        for b in batches:
-            nll, correct, n = sft_loss_sum(_forward(engine, b), b.labels.to(engine.device))
-            # token mean over the global batch: DeepSpeed divides by grad_accum and averages ranks
-            loss = nll * (grad_accum * world / max(n_global, 1.0))
-            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
-            window["nll"] += float(nll.detach())
-            window["correct"] += float(correct)
-            window["n"] += n
-            window["tokens"] += float((b.input_ids != pad).sum())
-        step_stats = train_engine.finish()
-        last = step == cfg.total_steps
-        if step % cfg.train.log_every == 0 or last or step == 1:
-            w = D.all_reduce_mean(window)
-            elapsed = time.time() - t_window
-            row = {
-                "train/loss": w["nll"] / max(w["n"], 1.0),
-                "train/token_accuracy": w["correct"] / max(w["n"], 1.0),
-                "train/tokens_per_s": w["tokens"] * world / max(elapsed, 1e-9),
-                **step_stats,
-            }
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                row.update(evaluate(engine, eval_batches) if eval_batches else {})
-            if step == 1:
-                row.update(data_metrics)
-            logger.log(step, row)
-            history.append(row)
-            window = dict.fromkeys(window, 0.0)
-            t_window = time.time()
-        if cfg.save_every and step % cfg.save_every == 0 and not last:
-            save_hf_checkpoint(engine.module, tokenizer, f"{cfg.output_dir}/checkpoint-{step}")
-    ckpt = save_hf_checkpoint(engine.module, tokenizer, cfg.output_dir)
-    summary = {
-        "train/loss_first": history[0]["train/loss"],
-        "train/loss_last": history[-1]["train/loss"],
-        **{k: v for k, v in history[-1].items() if k.startswith("eval/")},
-        **data_metrics,
-        "skipped_steps": train_engine.skipped,
-        "checkpoint": str(ckpt),
-        "world_size": world,
-        "wall_s": time.time() - t_start,
-    }
-    logger.write_summary(summary)
-    logger.close()
-    return summary
+    try:
+        with GracefulShutdown() as stop:
+            for step in range(loop.step + 1, cfg.total_steps + 1):
+                batches = [collate(c) for c in _chunks([units[i] for i in sampler.next_batch()], mb)]
+                n_local = sum(b.num_loss_tokens for b in batches)
+                n_global = D.all_reduce_mean({"n": float(n_local)})["n"] * world
+                w = loop.window
+                for b in batches:
+                    nll, correct, n = sft_loss_sum(_forward(engine, b), b.labels.to(engine.device))
+                    # token mean over the global batch: DeepSpeed divides by grad_accum and averages ranks
+                    loss = nll * (grad_accum * world / max(n_global, 1.0))
+                    train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+                    w["nll"] += float(nll.detach())
+                    w["correct"] += float(correct)
+                    w["n"] += n
+                    w["tokens"] += float((b.input_ids != pad).sum())
+                step_stats = train_engine.finish()
+                loop.step = step
+                last = step == cfg.total_steps
+                if step % cfg.train.log_every == 0 or last or step == 1:
+                    w = D.all_reduce_mean(loop.window)
+                    row = {
+                        "train/loss": w["nll"] / max(w["n"], 1.0),
+                        "train/token_accuracy": w["correct"] / max(w["n"], 1.0),
+                        "train/tokens_per_s": w["tokens"] * world / max(time.time() - t_window, 1e-9),
+                        **step_stats,
+                    }
+                    if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                        row.update(evaluate(engine, eval_batches) if eval_batches else {})
+                    if step == 1:
+                        row.update(data_metrics)
+                    logger.log(step, row)
+                    loop.logged(row)
+                    t_window = time.time()
+                stopped_at = ckpt.end_step(loop, stop)
+                if stopped_at is not None:
+                    return {"stopped": True, "step": step, "checkpoint": str(stopped_at)}
+        final = save_hf_checkpoint(engine.module, tokenizer, cfg.output_dir)
+        summary = {
+            "train/loss_first": loop.first["train/loss"],
+            "train/loss_last": loop.last["train/loss"],
+            **{k: v for k, v in loop.last.items() if k.startswith("eval/")},
+            **data_metrics,
+            "skipped_steps": train_engine.skipped,
+            "checkpoint": str(final),
+            "world_size": world,
+            "wall_s": time.time() - t_start,
+        }
+        logger.write_summary(summary)
+        return summary
+    finally:
+        logger.close()
 
 
 def _chunks(items: list, size: int) -> list[list]:

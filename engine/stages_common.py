@@ -1,4 +1,4 @@
-"""What the offline stages (SFT, RM) share: setup, tokenizing records, eval splits, HF saving.
+"""What the offline stages (SFT, RM) share: setup, checkpoints and resume, tokenizing, eval splits, HF saving.
 
 The DeepSpeed engine itself is ``engine.actor.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
@@ -10,9 +10,10 @@ so a PPO prompt is exactly an SFT prompt), right-padded for training.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,9 @@ from engine.data import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+    from engine.actor import TrainEngine
+    from engine.checkpoint import GracefulShutdown
+    from engine.data import PromptSampler
     from engine.metrics import MetricsLogger
 
 
@@ -33,21 +37,160 @@ if TYPE_CHECKING:
 def setup_stage(cfg: Any, name: str = "train") -> MetricsLogger:
     """Init distributed (if launched), validate, seed, write the resolved config; return the logger.
 
-    Call first in every stage. Rank 0 writes; other ranks get a disabled logger.
+    Call first in every stage. Starts a fresh ``metrics.jsonl``. Rank 0 writes; other ranks
+    get a disabled logger.
     """
-    from engine.metrics import MetricsLogger
+    _init_stage(cfg)
+    return _open_output(cfg, name, resume_step=0)
 
+
+def setup_resumable_stage(cfg: Any, name: str) -> tuple[MetricsLogger, StageCheckpoints]:
+    """``setup_stage`` for a stage with full-state checkpoints (SFT, RM).
+
+    Resolves ``cfg.resume`` before any work, so a bad path fails at once; a resumed run keeps
+    the ``metrics.jsonl`` rows up to its checkpoint's step. The checkpoint itself is loaded
+    by ``StageCheckpoints.attach`` once the engine exists.
+    """
+    _init_stage(cfg)
+    ckpt = StageCheckpoints(cfg, name)
+    return _open_output(cfg, name, ckpt.resume_step), ckpt
+
+
+def _init_stage(cfg: Any) -> None:
     D.init_distributed()
     cfg.validate(D.world_size())
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    out = Path(cfg.output_dir)
+
+
+def _open_output(cfg: Any, name: str, resume_step: int) -> MetricsLogger:
+    from engine.metrics import MetricsLogger, drop_rows_after
+
+    out = writable_dir(cfg.output_dir)  # every rank: each raises the same error, none waits at a barrier
     if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "metrics.jsonl").unlink(missing_ok=True)  # resume=never: a fresh log
+        log = out / "metrics.jsonl"
+        if resume_step:
+            drop_rows_after(log, resume_step)  # the killed run may have logged steps past its checkpoint
+        else:
+            log.unlink(missing_ok=True)  # a fresh log
         save_config(cfg, out)
     D.barrier()
-    return MetricsLogger(out, cfg.logging, cfg.total_steps, enabled=D.is_main(), desc=name)
+    return MetricsLogger(out, cfg.logging, cfg.total_steps, resume_step, enabled=D.is_main(), desc=name)
+
+
+def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create ``path`` and check a file can be written in it; ConfigError naming ``key`` if not."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key} is not writable: {p} ({e.strerror or e})") from None
+    return p
+
+
+# --------------------------------------------------------------------------- checkpoints
+@dataclass
+class LoopState:
+    """What a stage's step loop carries from one step to the next; saved in every checkpoint.
+
+    step:   optimizer steps done
+    window: sums since the last logged row (the stage names the keys; zeroed by ``logged``)
+    first, last: the first and the latest logged rows, for the summary
+    """
+
+    window: dict[str, float]
+    step: int = 0
+    first: dict[str, Any] | None = None
+    last: dict[str, Any] | None = None
+
+    def logged(self, row: dict[str, Any]) -> None:
+        """Record that ``row`` was logged and start a new window."""
+        self.first = self.first or row
+        self.last = row
+        self.window = dict.fromkeys(self.window, 0.0)
+
+
+class StageCheckpoints:
+    """Full-state checkpoints of an offline stage (SFT, RM): resume, periodic saves, SIGTERM, skip limit.
+
+    Each checkpoint (``engine.checkpoint`` layout, role ``name``) holds the DeepSpeed engine
+    (weights, optimizer, LR schedule), every RNG, the sampler's position (epoch and index;
+    the shuffle order is a function of the seed and the epoch), the engine's update and skip
+    counters, the ``LoopState``, the resolved config, and an HF export in ``hf/``. A run
+    resumed from it repeats the uninterrupted run's steps exactly.
+    """
+
+    def __init__(self, cfg: Any, name: str) -> None:
+        from engine.checkpoint import CheckpointManager, step_of
+
+        self.cfg, self.role = cfg, name
+        self.manager = CheckpointManager(cfg.output_dir, cfg.keep_last, D.rank(), D.world_size())
+        self.resume_from = self.manager.resolve(cfg.resume)
+        self.resume_step = step_of(self.resume_from) if self.resume_from is not None else 0
+
+    def attach(
+        self, train: TrainEngine, sampler: PromptSampler, export_hf: Callable[[Path], None], loop: LoopState
+    ) -> LoopState:
+        """Give the run's parts; when resuming, load the checkpoint into them (a collective).
+
+        Returns the loop state to continue from (``loop`` itself on a fresh start). A checkpoint
+        of another model shape, world size or data size is a ``ConfigError``.
+        """
+        self.train, self.sampler, self.export_hf = train, sampler, export_hf
+        if self.resume_from is None:
+            return loop
+        state = self.manager.load(self.resume_from, {self.role: train.engine})
+        try:
+            sampler.load_state_dict(state["sampler"])
+        except ValueError as e:
+            raise ConfigError(f"resume: {self.resume_from}: {e}") from None
+        train.load_counters(state["counters"])
+        loop = LoopState(**state["loop"])
+        if D.is_main():
+            print(f"[{self.role}] resumed from {self.resume_from} at step {loop.step}", flush=True)
+        return loop
+
+    def save(self, loop: LoopState) -> Path:
+        """Checkpoint step ``loop.step`` (a collective); returns its folder."""
+        from engine.config import to_dict
+
+        state = {
+            "loop": dataclasses.asdict(loop),
+            "sampler": self.sampler.state_dict(),
+            "counters": self.train.counters(),
+        }
+        path = self.manager.save(
+            loop.step, {self.role: self.train.engine}, state, self.export_hf, config=to_dict(self.cfg)
+        )
+        if D.is_main():
+            secs = self.manager.last_save_seconds.get("total", 0.0)
+            print(f"[{self.role}] saved checkpoint {path} ({secs:.1f}s)", flush=True)
+        return path
+
+    def end_step(self, loop: LoopState, stop: GracefulShutdown) -> Path | None:
+        """Call after every step, on every rank (a collective).
+
+        Saves when ``save_every`` says so. After a SIGTERM/SIGINT, saves and returns the
+        checkpoint: the caller stops. After ``max_consecutive_skips`` skipped updates in a row,
+        saves and raises ``NonFiniteError`` naming the step.
+        """
+        from engine.actor import stop_on_consecutive_skips
+
+        cfg, step = self.cfg, loop.step
+        signalled = stop.should_stop_all() and step < cfg.total_steps
+        saved = None
+        if signalled or (cfg.save_every and step % cfg.save_every == 0):
+            saved = self.save(loop)
+        limit = cfg.max_consecutive_skips
+        stop_on_consecutive_skips(self.train.consecutive_skips, limit, step, lambda: saved or self.save(loop))
+        if not signalled:
+            return None
+        if D.is_main():
+            print(stop.stop_message(step, saved), flush=True)
+        return saved
 
 
 # --------------------------------------------------------------------------- tokenizing
@@ -164,19 +307,3 @@ def save_hf_checkpoint(
         tokenizer.save_pretrained(out)
     D.barrier()
     return out
-
-
-def require_checkpoint_kind(path: str | os.PathLike, role: str, kind: str) -> None:
-    """ConfigError unless ``path`` is an HF checkpoint of ``kind`` (``causal_lm`` or ``seq_cls``)."""
-    from engine.models import _checkpoint_kind, _load_config
-
-    config = _load_config(path, role)
-    found = _checkpoint_kind(config)
-    if found == kind:
-        return
-    names = {"causal_lm": "a causal-LM (policy / SFT)", "seq_cls": "a sequence-classification (reward)"}
-    raise ConfigError(
-        f"{role}: {path} is {names.get(found, 'an unrecognised')} checkpoint "
-        f"(architectures={getattr(config, 'architectures', None)}), but this stage needs "
-        f"{names[kind]} checkpoint"
-    )

@@ -27,26 +27,14 @@ import torch
 from engine import distributed as dist
 from engine.config import PPOConfig, save_config, to_dict
 from engine.experience import RolloutBatch, collate_samples
-from engine.metrics import MetricsLogger
+from engine.metrics import MetricsLogger, drop_rows_after
+from engine.stages_common import writable_dir
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def _writable_dir(path: Path) -> None:
-    """Create ``path`` or raise ConfigError if it can't be written, before any work starts."""
-    from engine.config import ConfigError
-
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"output_dir is not writable: {path} ({e.strerror or e})") from None
 
 
 def _init_single_process() -> None:
@@ -104,13 +92,17 @@ class PPOTrainer:
         self.cfg = cfg
         self.rank, self.world = dist.rank(), dist.world_size()
         cfg.validate(self.world)
+        if cfg.reward.kind == "model":  # reads config.json only: fails before any weights load
+            from engine.models import require_checkpoint_kind
+
+            require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
         if cfg.ppo.rollout_batch_size % self.world:
             raise ConfigError(
                 f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} is not divisible by world size {self.world}"
             )
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
-            _writable_dir(self.out)
+            writable_dir(self.out)
         if cfg.reward.kind == "function":
             load_callable(cfg.reward.function)  # fail in a second, not after building every role
         from engine.checkpoint import CheckpointManager
@@ -456,6 +448,7 @@ class PPOTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
+        from engine.actor import stop_on_consecutive_skips
         from engine.checkpoint import GracefulShutdown
 
         every = self.cfg.save_every
@@ -470,8 +463,15 @@ class PPOTrainer:
                         if self.rank == 0:
                             print(stop.stop_message(self.step_idx, path), flush=True)
                         return {"stopped": True, "step": self.step_idx, "checkpoint": str(path)}
-                    if every and self.step_idx % every == 0:
-                        self.save_checkpoint()
+                    saved = self.save_checkpoint() if every and self.step_idx % every == 0 else None
+                    # K skipped updates in a row (actor or critic; the skip decision is agreed on every
+                    # rank, so all ranks stop together): checkpoint, then an error naming the step.
+                    stop_on_consecutive_skips(
+                        max(self.actor.train.consecutive_skips, self.critic.train.consecutive_skips),
+                        self.cfg.max_consecutive_skips,
+                        self.step_idx,
+                        lambda saved=saved: saved or self.save_checkpoint(),
+                    )
             from engine.stages_common import save_hf_checkpoint
 
             final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
@@ -503,7 +503,11 @@ class PPOTrainer:
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.invalid_rewards,
-            "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
+            "pending": dict(self.pending),
+            "counters": {
+                "actor": self.actor.train.counters(),
+                "critic": self.critic.train.counters(),
+            },  # split: requested batches (prompts, seed) not yet trained
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -517,6 +521,9 @@ class PPOTrainer:
         if rollout_rng is not None and state.get("rollout_rng") is not None:
             rollout_rng.set_state(state["rollout_rng"])
         self.invalid_rewards = int(state.get("reward_invalid", 0))
+        if "counters" in state:
+            self.actor.train.load_counters(state["counters"]["actor"])
+            self.critic.train.load_counters(state["counters"]["critic"])
         # split: batches requested before the checkpoint are requested again, with the same
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
         self.pending = dict(state.get("pending", {}))
@@ -552,28 +559,8 @@ class PPOTrainer:
             if self.rank == 0:
                 print(f"[ppo] resumed from {self._resume_from} at step {self.step_idx}", flush=True)
         if self.rank == 0:  # a killed run may have logged steps past its last checkpoint
-            self._drop_metrics_after(self.out / "metrics.jsonl", self.step_idx)
+            drop_rows_after(self.out / "metrics.jsonl", self.step_idx)
         dist.barrier()
-
-    @staticmethod
-    def _drop_metrics_after(path: Path, step: int) -> None:
-        """Rewrite ``path`` keeping the rows with ``step <= step`` (and dropping a torn last line)."""
-        if not path.is_file():
-            return
-        import json
-
-        lines = path.read_text().splitlines()
-        kept = []
-        for line in lines:
-            try:
-                if line.strip() and json.loads(line).get("step", 0) <= step:
-                    kept.append(line + "\n")
-            except ValueError:
-                pass
-        if len(kept) != len(lines):
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept))
-            os.replace(tmp, path)
 
     def close(self) -> None:
         if self.rollout is not None:

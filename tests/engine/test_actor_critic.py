@@ -6,12 +6,7 @@ The slow test launches ``deepspeed --num_gpus 2`` for ZeRO-2 and ZeRO-3.
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +14,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from engine.actor import ActorWorker, PolicyLogprobs
+from engine.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
 from engine.config import OptimConfig, PPOAlgoConfig
 from engine.critic import CriticWorker, ValueModel
 from engine.experience import Experience
 from engine.scoring import ReferenceModel, RewardScorer
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
 ROOT = Path(__file__).resolve().parents[2]
 VOCAB, P, R = 96, 5, 6
@@ -149,12 +145,14 @@ def test_nonfinite_loss_skips_step_and_leaves_parameters_unchanged() -> None:
     bad.advantages[1, 0] = float("nan")  # one NaN in the second micro-batch only
 
     p0 = params_of(actor.module)
-    stats = actor.train_minibatch(bad.split(2))
-    assert stats["skipped"] == 1 and actor.train.skipped == 1
+    for n in (1, 2):
+        stats = actor.train_minibatch(bad.split(2))
+        assert stats["skipped"] == 1 and actor.train.skipped == actor.train.consecutive_skips == n
     assert all(torch.equal(a, b) for a, b in zip(p0, actor.module.parameters()))
 
     stats = actor.train_minibatch(batch.split(2))  # the guard resets: a good step updates
-    assert stats["skipped"] == 0
+    assert stats["skipped"] == 0 and actor.train.consecutive_skips == 0 and actor.train.skipped == 2
+    assert actor.train.counters() == {"steps": 3, "skipped": 2, "consecutive_skips": 0}
     assert not all(torch.equal(a, b) for a, b in zip(p0, actor.module.parameters()))
 
     critic = CriticWorker(ValueModel.from_policy(tiny_lm()), optim(1e-2), PPOAlgoConfig(), 4, 1)
@@ -163,6 +161,17 @@ def test_nonfinite_loss_skips_step_and_leaves_parameters_unchanged() -> None:
     c0 = params_of(critic.module)
     assert critic.train_minibatch([batch])["skipped"] == 1
     assert all(torch.equal(a, b) for a, b in zip(c0, critic.module.parameters()))
+
+
+def test_stop_on_consecutive_skips() -> None:
+    stop_on_consecutive_skips(2, 3, step=7)  # below the limit
+    stop_on_consecutive_skips(50, 0, step=7)  # 0: never stop
+    saves = []
+    with pytest.raises(
+        NonFiniteError, match=r"^step 7: 3 updates in a row .*=3\); checkpoint saved to ck/step_7\."
+    ):
+        stop_on_consecutive_skips(3, 3, step=7, save=lambda: saves.append(7) or "ck/step_7")
+    assert saves == [7]  # saved first, then raised
 
 
 def test_value_model_from_reward_model_and_reward_scorer() -> None:
@@ -187,35 +196,15 @@ def test_value_model_from_reward_model_and_reward_scorer() -> None:
 
 
 # --------------------------------------------------------------------------- slow
-def _cleanup_shm() -> None:
-    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
-
-
 @pytest.mark.slow
 def test_zero2_zero3_two_ranks_update_and_agree(tmp_path: Path) -> None:
-    deepspeed_bin = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [
-        deepspeed_bin,
-        "--num_gpus",
-        "2",
-        "--master_port",
-        "29631",
-        str(ROOT / "tests/engine/_scripts/train_zero_stages.py"),
-        "--out",
-        str(tmp_path),
-    ]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    port = free_port()
+    script = str(ROOT / "tests/engine/_scripts/train_zero_stages.py")
+    cmd = deepspeed_cmd(2, port, script, "--out", str(tmp_path))
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    finally:
-        _cleanup_shm()
+    proc = run(cmd, timeout_s=420, port=port, OMP_NUM_THREADS="1")
     print(f"deepspeed run: {time.time() - t0:.1f}s")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-8000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     for stage in ("2", "3"):
         r0, r1 = ranks[0][stage], ranks[1][stage]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from engine.config import ConfigError, TinyModelConfig
 from engine.data import PromptSampler
 from engine.models import build_tiny_model
 from tests.engine._scripts.ckpt_common import build_engine, build_torch_engine, param_digest, train_step
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests/engine/_scripts"
@@ -324,18 +324,12 @@ def test_second_signal_exits_at_once() -> None:
 # --------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_zero3_two_ranks_save_load_round_trip(tmp_path: Path) -> None:
-    port = 29000 + os.getpid() % 1000
-    deepspeed_bin = shutil.which("deepspeed", path=str(Path(sys.executable).parent)) or "deepspeed"
-    cmd = [deepspeed_bin, "--num_gpus", "2", "--master_port", str(port), str(SCRIPTS / "ckpt_zero3.py")]
-    cmd += ["--out", str(tmp_path)]
+    port = free_port()
+    cmd = deepspeed_cmd(2, port, str(SCRIPTS / "ckpt_zero3.py"), "--out", str(tmp_path))
     t0 = time.time()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=480)
-    finally:
-        for f in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            f.unlink(missing_ok=True)
+    proc = run(cmd, timeout_s=480, port=port, OMP_NUM_THREADS="1")
     print(f"deepspeed run: {time.time() - t0:.1f}s")
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-8000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     for r in (r0, r1):
         assert r["digest_after_load"] == r["digest_at_save"] != r["digest_moved_on"]

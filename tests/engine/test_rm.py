@@ -1,8 +1,9 @@
-"""Reward-model stage: Bradley-Terry loss, pair loading, scoring layout, a short run, checkpoint kinds."""
+"""Reward-model stage: Bradley-Terry loss, pair loading, scoring layout, a short run, checkpoint kinds, resume."""
 
 from __future__ import annotations
 
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,7 @@ from engine.reward_training import (
     rm_collate,
     run_rm,
 )
+from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
 
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
@@ -163,3 +165,40 @@ def test_rm_refuses_a_reward_checkpoint_as_init(tmp_path, tok) -> None:
     data = write_jsonl(make_preference_data(8, 0), tmp_path / "p.jsonl")
     with pytest.raises(ConfigError, match="sequence-classification .* needs a causal-LM"):
         run_rm(_rm_cfg(tmp_path, rm_dir, data))
+
+
+# --------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_rm_kill9_then_resume_matches_uninterrupted(tmp_path, sft_dir) -> None:
+    """SIGKILL inside step 5, ``resume=auto``: every step and the final reward model equal an uninterrupted run's.
+
+    40 training pairs and 16 per step: step 3 crosses into epoch 1, so the run resumes from
+    step 4's checkpoint in the middle of epoch 1.
+    """
+    data = write_jsonl(make_preference_data(48, seed=0), tmp_path / "p.jsonl")
+    args = [
+        f"model.path={sft_dir}",
+        f"data.train={data}",
+        "data.eval_size=8",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",
+        "train.log_every=1",
+        "train.eval_every=3",
+        "optim.warmup_steps=6",
+    ]
+    runs = kill_and_resume("rm", tmp_path, args, total_steps=8, kill_in=5)
+    ckpts = runs.b / "checkpoints"
+    assert runs.rc == {"b1": -signal.SIGKILL, "b2": 0, "a": 0}, runs.output
+    assert runs.logged_when_killed == [1, 2, 3, 4]
+    assert runs.checkpoints_when_killed == ["step_000003", "step_000004"]
+    sampler = runs.state_when_killed["sampler"]
+    assert (sampler["epoch"], sampler["position"]) == (1, 24)
+    assert f"[rm] resumed from {ckpts / 'step_000004'} at step 4" in runs.output["b2"]
+
+    ma, mb = metrics(runs.a), metrics(runs.b)
+    assert sorted(ma) == sorted(mb) == list(range(1, 9))
+    keys = ("train/loss", "train/accuracy", "train/margin", "grad_norm", "lr", "eval/loss", "eval/accuracy")
+    diffs = metric_diffs(ma, mb, keys)
+    assert not diffs, f"(step, key): (uninterrupted, resumed): {diffs}"
+    assert max_weight_diff(runs.a, runs.b) <= 1e-6
+    assert max_weight_diff(ckpts / "step_000008" / "hf", runs.b) == 0

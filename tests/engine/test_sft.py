@@ -1,12 +1,9 @@
-"""SFT stage: response-only labels, packing, bad data, a short real run, and a 2-rank DeepSpeed run."""
+"""SFT stage: response-only labels, packing, bad data, a short real run, a 2-rank DeepSpeed run, kill -9 and resume."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import subprocess
-import sys
+import signal
 from pathlib import Path
 
 import pytest
@@ -25,8 +22,9 @@ from engine.sft import (
     sft_collate,
     sft_loss_sum,
 )
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
 
-ROOT = Path(__file__).resolve().parents[2]
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
 
@@ -185,14 +183,6 @@ def test_sft_refuses_a_reward_checkpoint(tmp_path, tok) -> None:
 
 
 # --------------------------------------------------------------------------- slow
-def _cleanup_shm() -> None:
-    for f in glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"):
-        try:
-            os.remove(f)
-        except OSError:
-            pass
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [3])
 def test_sft_two_ranks_deepspeed(tmp_path, zero_stage) -> None:
@@ -201,10 +191,10 @@ def test_sft_two_ranks_deepspeed(tmp_path, zero_stage) -> None:
 
     data = write_jsonl(make_sft_data(300, seed=0), tmp_path / "sft.jsonl")
     out_dir = tmp_path / "sft"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
+    port = free_port()
+    cmd = deepspeed_cmd(
+        2,
+        port,
         "--module",
         "engine.cli",
         "sft",
@@ -217,15 +207,55 @@ def test_sft_two_ranks_deepspeed(tmp_path, zero_stage) -> None:
         "train.log_every=5",
         "optim.warmup_steps=0",
         f"optim.zero_stage={zero_stage}",
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=420)
-    finally:
-        _cleanup_shm()
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    )
+    proc = run(cmd, timeout_s=420, port=port, OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stdout[-6000:]
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["world_size"] == 2
     assert summary["train/loss_last"] < summary["train/loss_first"]
     model = AutoModelForCausalLM.from_pretrained(out_dir)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.slow
+def test_sft_kill9_and_sigterm_then_resume_match_uninterrupted(tmp_path) -> None:
+    """SIGKILL inside step 5, resume; SIGTERM inside step 7, resume: every step equals an uninterrupted run's.
+
+    40 training rows and 16 per step: step 3 crosses into epoch 1, so the run resumes from
+    step 4's checkpoint in the middle of epoch 1 (and crosses into epoch 2 in step 5).
+    """
+    data = write_jsonl(make_sft_data(48, seed=0), tmp_path / "sft.jsonl")
+    args = [
+        f"data.train={data}",
+        "data.eval_size=8",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",  # 2 micro-batches per step: gradient accumulation resumes too
+        "train.log_every=1",
+        "train.eval_every=3",
+        "optim.warmup_steps=6",  # the LR schedule is mid-warmup at the kill
+    ]
+    runs = kill_and_resume("sft", tmp_path, args, total_steps=10, kill_in=5, term_in=7)
+    ckpts = runs.b / "checkpoints"
+    assert runs.rc == {"b1": -signal.SIGKILL, "b2": 0, "b3": 0, "a": 0}, runs.output
+    # Killed inside step 5: step 5 was neither logged nor saved.
+    assert runs.logged_when_killed == [1, 2, 3, 4]
+    assert runs.checkpoints_when_killed == ["step_000003", "step_000004"]
+    sampler = runs.state_when_killed["sampler"]
+    assert (sampler["epoch"], sampler["position"], runs.state_when_killed["loop"]["step"]) == (1, 24, 4)
+    assert f"[sft] resumed from {ckpts / 'step_000004'} at step 4" in runs.output["b2"]
+    assert (
+        f"Stopped on SIGTERM after step 7; checkpoint saved to {ckpts / 'step_000007'}" in runs.output["b2"]
+    )
+    assert f"[sft] resumed from {ckpts / 'step_000007'} at step 7" in runs.output["b3"]
+
+    ma, mb = metrics(runs.a), metrics(runs.b)
+    assert sorted(ma) == sorted(mb) == list(range(1, 11))
+    keys = ("train/loss", "train/token_accuracy", "grad_norm", "lr", "eval/loss", "eval/token_accuracy")
+    diffs = metric_diffs(ma, mb, keys)
+    assert not diffs, f"(step, key): (uninterrupted, resumed): {diffs}"
+    assert "eval/loss" in mb[9] and mb[10]["train/loss"] < mb[1]["train/loss"]
+    assert max_weight_diff(runs.a, runs.b) <= 1e-6
+    # keep_last=2; the last checkpoint's HF export is the final model, usable as is.
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000009", "step_000010"]
+    assert max_weight_diff(ckpts / "step_000010" / "hf", runs.b) == 0
+    assert json.loads((runs.b / "summary.json").read_text())["train/loss_first"] == ma[1]["train/loss"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import glob
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import torch
 from engine.config import RolloutConfig
 from engine.rollout import processed_logprobs
 from engine.weight_sync import ColocatedWeightSync, hf_name, pack_bucket, plan_buckets, unpack_bucket
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
 SCRIPTS = Path(__file__).parent / "_scripts"
 REPO = Path(__file__).resolve().parents[2]
@@ -153,28 +153,12 @@ def test_deepspeed_two_ranks_swap(tiny_dir, tmp_path):
     pytest.importorskip("deepspeed")
     pytest.importorskip("vllm")
     out = tmp_path / "out"
-    cmd = [
-        str(Path(sys.executable).parent / "deepspeed"),
-        "--num_gpus",
-        "2",
-        str(SCRIPTS / "sync_swap_ds.py"),
-        "--model_dir",
-        str(tiny_dir),
-        "--out",
-        str(out),
-        "--stages",
-        "3",
-        "2",
-    ]
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0", PYTHONPATH=str(REPO))
-    before_shm = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    port = free_port()
+    script = [str(SCRIPTS / "sync_swap_ds.py"), "--model_dir", str(tiny_dir), "--out", str(out)]
+    cmd = deepspeed_cmd(2, port, *script, "--stages", "3", "2")
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=420)
-    finally:
-        for f in set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) - before_shm:
-            Path(f).unlink(missing_ok=True)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    proc = run(cmd, timeout_s=420, port=port, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    assert proc.returncode == 0, proc.stdout[-8000:]
     print(f"deepspeed 2-rank swap run: {time.perf_counter() - t0:.1f}s")
     results = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     for res in results:
@@ -204,7 +188,6 @@ def test_split_broadcast_many_buckets_arrive_intact(tmp_path) -> None:
     rollout rank loads each bucket as it arrives (two in flight). Twice, with changed weights."""
     import os
     import socket
-    import subprocess
     import sys
 
     script = Path(__file__).parent / "_scripts" / "broadcast_sync.py"

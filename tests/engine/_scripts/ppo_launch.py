@@ -1,30 +1,23 @@
 """Launch ``ppo_run.py`` (the CLI plus parameter fingerprints) on 1 or 2 ranks and read back what it wrote.
 
 Shared by ``tests/engine/test_ppo_e2e.py`` and ``tests/engine/test_ppo_inputs.py``. One rank is a
-plain ``python`` process; two ranks go through ``deepspeed --num_gpus 2``. The launch runs in its
-own session so a timeout kills every rank, and the ``/dev/shm`` buffers DeepSpeed leaves behind
-are removed -- only this launch's: their names carry the master port, which we choose. (Deleting
-"whatever appeared meanwhile" would delete the buffers of a concurrent run before its peer rank
-opened them, and hang it.)
+plain ``python`` process; two ranks go through ``deepspeed --num_gpus 2``. ``launch.run`` starts it
+in its own session with a free master port, and removes only this launch's ``/dev/shm`` buffers.
 """
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.engine._scripts.launch import REPO, deepspeed_cmd, free_port, run
+
 SCRIPTS = Path(__file__).resolve().parent
-REPO = SCRIPTS.parents[2]
 TINY_CONFIG = REPO / "configs" / "ppo_tiny.yaml"
-SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"  # ..._<uid>_<addr>_<port>_<rank>
 
 # Every run's metrics.jsonl row must carry these (the issue's list).
 REQUIRED_KEYS = (
@@ -94,44 +87,15 @@ def launch(out_dir: Path, overrides: list[str], ranks: int = 1, timeout_s: float
     fp_dir = out_dir / "fingerprints"
     script = [str(SCRIPTS / "ppo_run.py"), "--fingerprints", str(fp_dir), "ppo", "--config", str(TINY_CONFIG)]
     args = [f"output_dir={out_dir}", "logging.progress_bar=false", *overrides]
-    port = _free_port()
-    if ranks == 1:
-        cmd = [sys.executable, *script, *args]
-    else:
-        launcher = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *script, *args]
-    env = dict(os.environ, PYTHONPATH=str(REPO), VLLM_ENABLE_V1_MULTIPROCESSING="0", MASTER_PORT=str(port))
-    env.pop("WORLD_SIZE", None)  # a plain python run must not look launched
-    env.pop("RANK", None)
+    port = free_port()
+    cmd = [sys.executable, *script, *args] if ranks == 1 else deepspeed_cmd(ranks, port, *script, *args)
     t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
-    try:
-        output, _ = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # every rank, not only the launcher
-        output, _ = proc.communicate()
-        output += f"\n[ppo_launch] killed after {timeout_s:.0f}s"
-    finally:
-        for f in glob.glob(SHM_BUFFERS.format(port=port)):
-            Path(f).unlink(missing_ok=True)
-    run = PPORun(proc.returncode, output, out_dir, time.perf_counter() - t0)
-    run.ranks = (
+    proc = run(cmd, timeout_s, port=port, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    result = PPORun(proc.returncode, proc.stdout, out_dir, time.perf_counter() - t0)
+    result.ranks = (
         [json.loads(p.read_text()) for p in sorted(fp_dir.glob("rank*.json"))] if fp_dir.is_dir() else []
     )
-    return run
+    return result
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_free_port = free_port  # the name tests/engine/test_split.py imports

@@ -1,0 +1,159 @@
+"""Start test subprocesses so that concurrent runs never collide: own session, own master port.
+
+Every launch gets a free port, passed as ``--master_port`` to ``deepspeed`` and as ``MASTER_PORT``
+to a single-process run, and leads its own process group, so a timeout or a test's SIGKILL reaches
+every rank. DeepSpeed's CPU all-reduce leaves ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
+<port>_<rank>`` behind when a run dies; ``cleanup_shm(port)`` removes this launch's only. (Deleting
+every buffer, or "whatever appeared meanwhile", deletes a concurrent run's buffers before its peer
+rank opened them, and hangs it.)
+
+``run`` waits for the launch; ``start`` returns a ``Launch`` to signal or kill mid-run, its output
+going to a log file (a pipe nobody reads could fill and stall the run).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from engine.distributed import DIST_ENV_VARS
+
+REPO = Path(__file__).resolve().parents[3]
+SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cleanup_shm(port: int) -> None:
+    """Remove the DeepSpeed shared-memory buffers of the launch that used ``port``."""
+    for f in glob.glob(SHM_BUFFERS.format(port=port)):
+        Path(f).unlink(missing_ok=True)
+
+
+def deepspeed_cmd(ranks: int, port: int, *args: str) -> list[str]:
+    """``deepspeed --num_gpus RANKS --master_port PORT ARGS...`` with this interpreter's launcher."""
+    launcher = str(Path(sys.executable).parent / "deepspeed")
+    return [launcher, "--num_gpus", str(ranks), "--master_port", str(port), *args]
+
+
+def subprocess_env(port: int, **extra: str) -> dict[str, str]:
+    """This environment without a distributed identity, plus ``PYTHONPATH=REPO`` and ``MASTER_PORT``.
+
+    Bytecode is cached outside the tree: the environment may set PYTHONDONTWRITEBYTECODE, which
+    makes every interpreter recompile torch and transformers on start (seconds on a busy machine).
+    """
+    env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_VARS}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env.update(
+        PYTHONPATH=str(REPO),
+        MASTER_PORT=str(port),
+        PYTHONPYCACHEPREFIX=str(Path(tempfile.gettempdir()) / "tritonrlhf-pycache"),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+class Launch:
+    """A started process group, its output (stdout and stderr) going to ``log``.
+
+    ``port`` is the one ``cmd`` uses (``deepspeed_cmd``); a fresh free one by default.
+    """
+
+    def __init__(self, cmd: list[str], log: Path, port: int | None = None, **env: str) -> None:
+        self.port = port or free_port()
+        self.cmd = cmd
+        self.log = log
+        self.t0 = time.perf_counter()
+        with open(log, "w") as f:
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=REPO,
+                env=subprocess_env(self.port, **env),
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def send(self, sig: int) -> None:
+        """Send ``sig`` to the leading process only (a launcher forwards it to its ranks)."""
+        self.proc.send_signal(sig)
+
+    def kill_group(self) -> None:
+        """SIGKILL every process of the launch, and remove its shared-memory buffers."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        cleanup_shm(self.port)
+
+    def wait(self, timeout_s: float) -> int:
+        """The exit status; past ``timeout_s`` the whole group is killed (status -9)."""
+        try:
+            self.proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.kill_group()
+            with open(self.log, "a") as f:
+                f.write(f"\n[launch] killed after {timeout_s:.0f}s\n")
+        cleanup_shm(self.port)
+        return self.proc.returncode
+
+    def wait_for(self, path: Path, timeout_s: float) -> None:
+        """Wait until ``path`` exists; AssertionError (with the output) if the run exits or time runs out."""
+        deadline = time.monotonic() + timeout_s
+        while not path.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"exited ({self.proc.returncode}) before {path}:\n{self.output[-4000:]}")
+            if time.monotonic() > deadline:
+                self.kill_group()
+                raise AssertionError(f"no {path} after {timeout_s:.0f}s:\n{self.output[-4000:]}")
+            time.sleep(0.05)
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def run(cmd: list[str], timeout_s: float, port: int | None = None, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` to completion in its own session; ``stdout`` holds stdout and stderr.
+
+    ``port`` is the one ``cmd`` uses (``deepspeed_cmd``); a fresh free one by default. Past
+    ``timeout_s`` every process of the launch is killed; its ``/dev/shm`` buffers are removed
+    in any case.
+    """
+    port = port or free_port()
+    proc = subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        env=subprocess_env(port, **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # every rank, not only the launcher
+        output, _ = proc.communicate()
+        output += f"\n[launch] killed after {timeout_s:.0f}s"
+    finally:
+        cleanup_shm(port)
+    return subprocess.CompletedProcess(cmd, proc.returncode, output)
