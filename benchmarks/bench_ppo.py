@@ -203,6 +203,8 @@ def compare(args: argparse.Namespace) -> list[dict[str, str]]:
     rows, timelines = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_cmp_") as tmp:
         for i, (label, ranks, extra) in enumerate(COMPARE):
+            if "placement.mode=split" in extra:
+                extra = [*extra, f"placement.scoring={args.split_scoring}"]
             run_args = argparse.Namespace(
                 **{**vars(args), "ranks": ranks, "overrides": [*args.overrides, *extra]}
             )
@@ -248,9 +250,11 @@ def plot_timelines(
         ax.set_title(label, fontsize=9, loc="left")
     axes[-1, 0].set_xlabel("seconds")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in PHASE_COLORS.values()]
-    fig.legend(handles, list(PHASE_COLORS), loc="upper center", ncol=len(PHASE_COLORS), fontsize=8)
-    fig.suptitle(f"PPO phases, steps {warmup + 1}-{warmup + steps} ({device})", y=0.995, fontsize=10)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"PPO phases, steps {warmup + 1}-{warmup + steps} ({device})", fontsize=10)
+    fig.legend(
+        handles, list(PHASE_COLORS), loc="upper center", bbox_to_anchor=(0.5, 0.955), ncol=6, fontsize=8
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.91))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     print(f"timeline plot: {path}")
@@ -265,6 +269,12 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo.csv"))
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is killed")
     parser.add_argument("--compare", action="store_true", help="colocate vs split sync vs split async")
+    parser.add_argument(
+        "--split-scoring",
+        default="trainer",
+        choices=("trainer", "rollout"),
+        help="placement.scoring of split runs",
+    )
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. actor.zero_stage=3")
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
