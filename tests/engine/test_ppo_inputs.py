@@ -5,7 +5,8 @@ and skipped.
 Fast tests call ``engine.cli.main`` in this process for the errors the CLI catches from the config
 alone (no torch.distributed, about a second). The errors found while building the roles (the
 vocabulary check, the reward import, the output directory) share one subprocess
-(``_scripts/ppo_errors.py``). One short real run (slow) covers long prompts and NaN rewards.
+(``_scripts/ppo_errors.py``). One short real run (slow) covers long prompts and NaN rewards;
+another, with a NaN policy loss (``_scripts/ppo_poisoned.py``), stops after consecutive skipped updates.
 """
 
 from __future__ import annotations
@@ -328,3 +329,57 @@ def test_non_finite_rewards_logged_and_skipped(marked_run, marked_prompts):
     assert report["zero_stage"] == {"actor": 3, "critic": 3}
     for role in ("actor", "critic"):
         assert report[role]["all_finite"] and report[role]["n_changed"] == report[role]["n_tensors"], role
+
+
+# --------------------------------------------------------------------------- non-finite updates
+@pytest.mark.slow
+def test_ppo_stops_after_consecutive_non_finite_updates(tmp_path):
+    """Every actor update NaN (``_scripts/ppo_poisoned.py``): each is skipped and logged; after 3 in
+    a row (one actor update per step here) a checkpoint, then ``NonFiniteError`` naming step 3."""
+    require("deepspeed")
+    import time
+
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.checkpoint import CheckpointManager
+    from tests.engine._scripts.launch import run
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        str(SCRIPTS / "ppo_poisoned.py"),
+        *CONFIG,
+        f"output_dir={out}",
+        "rollout.backend=hf",
+        "total_steps=10",
+        "max_consecutive_skips=3",
+        "ppo.rollout_batch_size=8",  # one mini-batch, so one actor update, per step
+        "ppo.mini_batch_size=8",
+        "logging.tensorboard=false",
+    ]
+    t0 = time.perf_counter()
+    proc = run(cmd, timeout_s=300)
+    result = PPORun(proc.returncode, proc.stdout, out, time.perf_counter() - t0)
+    print(f"poisoned run: {result.wall_s:.0f}s, exit {result.returncode}")
+    assert result.returncode != 0, result.output[-6000:]
+    ckpt = CheckpointManager(out, keep_last=3, rank=0, world_size=1).resolve("auto")
+    assert ckpt is not None and ckpt.name == "step_000003", (ckpt, result.output[-6000:])
+    assert (
+        "NonFiniteError: step 3: 3 updates in a row were skipped for a non-finite loss or gradient "
+        f"(max_consecutive_skips=3); checkpoint saved to {ckpt}." in result.output
+    ), result.output[-6000:]
+    rows = result.metrics
+    assert [(r["step"], r["actor/skipped"], r["loss/policy"]) for r in rows] == [
+        (s, 1.0, None) for s in (1, 2, 3)
+    ]
+    assert all(r["critic/skipped"] == 0 for r in rows)  # only the actor was poisoned
+    assert not (out / "summary.json").exists()
+    state = torch.load(ckpt / "rank_0.pt", weights_only=False)["state"]
+    assert state["step_idx"] == 3
+    assert state["counters"]["actor"] == {"steps": 3, "skipped": 3, "consecutive_skips": 3}
+    # No actor update was applied: the checkpoint's HF export is the initial policy, bit for bit.
+    init = load_file(out / "init_policy" / "model.safetensors")
+    saved = load_file(ckpt / "hf" / "model.safetensors")
+    assert saved.keys() == init.keys()
+    assert all(torch.equal(saved[k], init[k]) for k in init)
