@@ -172,8 +172,19 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
 
 
 def write_csv(row: dict, path: Path) -> None:
+    """Append ``row``; a file written with an older column list is rewritten under ``COLUMNS`` first."""
     path.parent.mkdir(parents=True, exist_ok=True)
     new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with path.open(newline="") as f:
+            old = list(csv.DictReader(f))
+            f.seek(0)
+            header = next(csv.reader(f))
+        if header != COLUMNS:
+            with path.open("w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(old)
     with path.open("a", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
         if new:

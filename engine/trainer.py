@@ -375,7 +375,9 @@ class PPOTrainer:
             for ph, a, b in zip(phases, (t0, t1, t2, t3, t3b), (t1, t2, t3, t3b, t4))
             if b > a or ph != "rollout_wait"
         ]
-        generate_s = sum(e["t1"] - e["t0"] for e in events if e["phase"] == "generate")
+        generate_s = sum(
+            e["t1"] - e["t0"] for e in events if e["phase"] == "generate" and e["role"] != "trainer"
+        )
         self._write_timeline(events)
 
         local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
