@@ -210,3 +210,32 @@ def test_two_ranks_kl_rises_and_adaptive_coef_rises_with_tiny_target(two_ranks):
         "step 1 (KL = 0 < target) should lower the coef"
     )
     assert all(b > a for a, b in zip(coef, coef[1:])), f"kl_coef should rise once KL > target: {coef}"
+
+
+# --------------------------------------------------------------------------- the rest of the matrix
+@pytest.mark.parametrize("ranks,stage", [(1, 3), (2, 2)])
+def test_other_rank_and_zero_combinations(tmp_path, ranks, stage):
+    """1 rank with ZeRO-3 and 2 ranks with ZeRO-2 (the fixtures above cover 1/ZeRO-2 and 2/ZeRO-3):
+    both roles train, the ranks agree, and vLLM follows every swap."""
+    require("vllm", "deepspeed")
+    steps = 3
+    run = launch(
+        tmp_path / "run",
+        [f"total_steps={steps}", f"actor.zero_stage={stage}", f"critic.zero_stage={stage}"],
+        ranks=ranks,
+        timeout_s=480,
+    )
+    run.check()
+    assert [r["rank"] for r in run.ranks] == list(range(ranks))
+    for r in run.ranks:
+        assert (
+            r["world"] == ranks
+            and r["steps"] == steps
+            and r["zero_stage"] == {"actor": stage, "critic": stage}
+        )
+        _check_params_moved(r)
+    for role in ("actor", "critic"):
+        sums = [r[role]["checksum_after"] for r in run.ranks]
+        assert all(s == pytest.approx(sums[0], rel=1e-9, abs=1e-9) for s in sums), role
+    _check_swaps(run)
+    assert [row["step"] for row in run.metrics] == list(range(1, steps + 1))
