@@ -535,7 +535,7 @@ class RMConfig(StageConfig):
 def _validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
     """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
 
-    ``resumable`` stages (SFT, RM) accept ``resume=auto|never|<checkpoint path>``; others only never.
+    ``resumable`` stages (SFT, RM, DPO) accept ``resume=auto|never|<checkpoint path>``; others only never.
     """
     if resumable:
         _choice("resume", cfg.resume, ("auto", "never"), allow_path=True)

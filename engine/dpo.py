@@ -16,6 +16,10 @@ per micro-batch under ``no_grad``, before the policy's forward.
 Implicit rewards are ``beta * (logπ - logπ_ref)`` (the same log-ratios the loss sees);
 ``rewards/accuracy`` is the fraction of pairs whose chosen reward is strictly higher.
 
+Checkpoints, ``resume`` and SIGTERM work as in the SFT and RM stages
+(``engine.stages_common.StageCheckpoints``): a checkpoint holds the policy's engine state and
+the loop's; the reference needs none, it is rebuilt from the config like the policy's start.
+
 Data: the RM stage's preference JSONL ``{"prompt", "chosen", "rejected"}`` and its
 ``RMDataConfig``; pairs whose chosen and rejected texts are identical (or become so after
 truncation to ``data.max_len``) are dropped and counted as ``data/pairs_identical_dropped``.
@@ -48,12 +52,16 @@ from engine.config import (
 from engine.data import DataError, PromptSampler, read_jsonl
 from engine.stages_common import (
     EncodeStats,
+    LoopState,
     encode_prompt,
     encode_response,
+    eval_due,
+    finish_stage,
     fit_prompt,
     fit_response,
+    log_due,
     save_hf_checkpoint,
-    setup_stage,
+    setup_resumable_stage,
     split_eval,
 )
 
@@ -114,7 +122,7 @@ class DPOConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size)
+        _validate_stage(self, world_size, resumable=True)
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         _choice("dpo.loss", self.dpo.loss, ("sigmoid", "ipo"))
         if not self.dpo.beta > 0:
@@ -234,6 +242,17 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Experience:
 
 
 # --------------------------------------------------------------------------- the stage
+PAIR_STATS = (
+    "loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margin",
+    "rewards/accuracy",
+    "logps/chosen",
+    "logps/rejected",
+)  # the keys of ``_pair_stats``'s sums: per-pair means in the metrics
+
+
 def _pair_stats(
     logp: torch.Tensor, ref_logp: torch.Tensor, batch: Experience, cfg: DPOConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -282,13 +301,15 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """Train ``total_steps`` DPO/IPO steps, evaluate on held-out pairs, save an HF checkpoint.
 
     Returns the summary (also in ``<output_dir>/summary.json``); per-step metrics go to
-    ``metrics.jsonl``.
+    ``metrics.jsonl``. Full-state checkpoints, ``resume`` and SIGTERM work as in
+    ``engine.sft.run_sft``.
     """
     from engine.actor import PolicyLogprobs, TrainEngine
+    from engine.checkpoint import GracefulShutdown, hf_exporter
     from engine.scoring import ReferenceModel
     from engine.sft import load_sft_model
 
-    logger = setup_stage(cfg, "dpo")
+    logger, ckpt = setup_resumable_stage(cfg, "dpo")
     t_start = time.time()
     model, tokenizer = load_sft_model(cfg)  # tiny model when model.path is empty; checks the kind
     pad = tokenizer.pad_token_id
@@ -311,55 +332,50 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
         "data/eval_pairs": len(eval_idx),
         **stats.as_metrics(),
     }
-    history: list[dict[str, float]] = []
-    window: dict[str, float] = {}
-    n_window = steps_window = 0
-    t_window = time.time()
-    for step in range(1, cfg.total_steps + 1):
-        for chunk in _chunks(sampler.next_batch(), mb):
-            batch = collate_pairs([train[i] for i in chunk], pad).to(engine.device)
-            ref_logp = ref.logprobs(batch)  # no grad, once per micro-batch
-            logp, _ = engine(batch.sequences, batch.attention_mask, batch.response_len)
-            losses, sums = _pair_stats(logp, ref_logp, batch, cfg)
-            loss = losses.mean()
-            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
-            for k, v in sums.items():
-                window[k] = window.get(k, 0.0) + float(v)
-            n_window += len(chunk)
-        step_stats = train_engine.finish()
-        steps_window += 1
-        last = step == cfg.total_steps
-        if step % cfg.train.log_every == 0 or last or step == 1:
-            w = D.all_reduce_mean({k: v / max(n_window, 1) for k, v in window.items()})
-            row = {**w, **step_stats, "time/step_s": (time.time() - t_window) / steps_window}
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
-                if eval_batches:
-                    row.update(D.all_reduce_mean(evaluate_pairs(engine, ref, eval_batches, cfg)))
-            if step == 1:
-                row.update(data_metrics)
-            logger.log(step, row)
-            history.append({"step": step, **row})
-            window, n_window, steps_window, t_window = {}, 0, 0, time.time()
-        if cfg.save_every and step % cfg.save_every == 0 and not last:
-            save_hf_checkpoint(engine.module.lm, tokenizer, f"{cfg.output_dir}/checkpoint-{step}")
-    ckpt = save_hf_checkpoint(engine.module.lm, tokenizer, cfg.output_dir)
-    summary = {
-        "train/margin_first": history[0]["rewards/margin"],
-        "train/margin_last": history[-1]["rewards/margin"],
-        "train/loss_first": history[0]["loss"],
-        "train/loss_last": history[-1]["loss"],
-        **{k: v for k, v in history[-1].items() if k.startswith("eval/")},
-        **data_metrics,
-        "loss_type": cfg.dpo.loss,
-        "length_normalize": cfg.length_normalize,
-        "skipped_steps": train_engine.skipped,
-        "checkpoint": str(ckpt),
-        "world_size": world,
-        "wall_s": time.time() - t_start,
-    }
-    logger.write_summary(summary)
-    logger.close()
-    return summary
+    loop = LoopState(dict.fromkeys((*PAIR_STATS, "n"), 0.0))
+    loop = ckpt.attach(train_engine, sampler, hf_exporter(engine.module.lm, tokenizer, D.rank()), loop)
+    steps_window, t_window = 0, time.time()
+    try:
+        with GracefulShutdown() as stop:
+            for step in range(loop.step + 1, cfg.total_steps + 1):
+                w = loop.window
+                for chunk in _chunks(sampler.next_batch(), mb):
+                    batch = collate_pairs([train[i] for i in chunk], pad).to(engine.device)
+                    ref_logp = ref.logprobs(batch)  # no grad, once per micro-batch
+                    logp, _ = engine(batch.sequences, batch.attention_mask, batch.response_len)
+                    losses, sums = _pair_stats(logp, ref_logp, batch, cfg)
+                    loss = losses.mean()
+                    train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+                    for k, v in sums.items():
+                        w[k] += float(v)
+                    w["n"] += len(chunk)
+                step_stats = train_engine.finish()
+                loop.step, steps_window = step, steps_window + 1
+                if log_due(cfg, step):
+                    means = D.all_reduce_mean({k: w[k] / max(w["n"], 1.0) for k in PAIR_STATS})
+                    row = {**means, **step_stats, "time/step_s": (time.time() - t_window) / steps_window}
+                    if eval_due(cfg, step) and eval_batches:
+                        row.update(D.all_reduce_mean(evaluate_pairs(engine, ref, eval_batches, cfg)))
+                    if step == 1:
+                        row.update(data_metrics)
+                    logger.log(step, row)
+                    loop.logged(row)
+                    steps_window, t_window = 0, time.time()
+                if (stopped := ckpt.end_step(loop, stop)) is not None:
+                    return stopped
+        final = save_hf_checkpoint(engine.module.lm, tokenizer, cfg.output_dir)
+        head = {
+            "train/margin_first": loop.first["rewards/margin"],
+            "train/margin_last": loop.last["rewards/margin"],
+            "train/loss_first": loop.first["loss"],
+            "train/loss_last": loop.last["loss"],
+            **data_metrics,
+            "loss_type": cfg.dpo.loss,
+            "length_normalize": cfg.length_normalize,
+        }
+        return finish_stage(logger, loop, train_engine, final, t_start, head)
+    finally:
+        logger.close()
 
 
 def main_dpo(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

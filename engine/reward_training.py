@@ -37,8 +37,11 @@ from engine.stages_common import (
     LoopState,
     encode_prompt,
     encode_response,
+    eval_due,
+    finish_stage,
     fit_prompt,
     fit_response,
+    log_due,
     nonblank_line_numbers,
     pad_right,
     save_hf_checkpoint,
@@ -310,37 +313,29 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
                     w["n"] += 1
                 step_stats = train_engine.finish()
                 loop.step = step
-                last = step == cfg.total_steps
-                if step % cfg.train.log_every == 0 or last or step == 1:
+                if log_due(cfg, step):
                     w = D.all_reduce_mean(loop.window)
                     n = max(w.pop("n"), 1.0)
                     row = {f"train/{k}": v / n for k, v in w.items()}
                     row["train/pairs_per_s"] = n * mb * world / max(time.time() - t_window, 1e-9)
                     row.update(step_stats)
-                    if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or last:
+                    if eval_due(cfg, step):
                         row.update(evaluate(engine, eval_batches) if eval_batches else {})
                     if step == 1:
                         row.update(data_metrics)
                     logger.log(step, row)
                     loop.logged(row)
                     t_window = time.time()
-                stopped_at = ckpt.end_step(loop, stop)
-                if stopped_at is not None:
-                    return {"stopped": True, "step": step, "checkpoint": str(stopped_at)}
+                if (stopped := ckpt.end_step(loop, stop)) is not None:
+                    return stopped
         final = save_hf_checkpoint(engine.module.model, tokenizer, cfg.output_dir)
-        summary = {
+        head = {
             "train/accuracy_first": loop.first["train/accuracy"],
             "train/accuracy_last": loop.last["train/accuracy"],
             "train/loss_last": loop.last["train/loss"],
-            **{k: v for k, v in loop.last.items() if k.startswith("eval/")},
             **data_metrics,
-            "skipped_steps": train_engine.skipped,
-            "checkpoint": str(final),
-            "world_size": world,
-            "wall_s": time.time() - t_start,
         }
-        logger.write_summary(summary)
-        return summary
+        return finish_stage(logger, loop, train_engine, final, t_start, head)
     finally:
         logger.close()
 

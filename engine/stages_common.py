@@ -1,4 +1,5 @@
-"""What the offline stages (SFT, RM) share: setup, checkpoints and resume, tokenizing, eval splits, HF saving.
+"""What the offline stages (SFT, RM, DPO) share: setup, checkpoints and resume, the loop's logging
+and summary, tokenizing, eval splits, HF saving.
 
 The DeepSpeed engine itself is ``engine.actor.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,7 +47,7 @@ def setup_stage(cfg: Any, name: str = "train") -> MetricsLogger:
 
 
 def setup_resumable_stage(cfg: Any, name: str) -> tuple[MetricsLogger, StageCheckpoints]:
-    """``setup_stage`` for a stage with full-state checkpoints (SFT, RM).
+    """``setup_stage`` for a stage with full-state checkpoints (SFT, RM, DPO).
 
     Resolves ``cfg.resume`` before any work, so a bad path fails at once; a resumed run keeps
     the ``metrics.jsonl`` rows up to its checkpoint's step. The checkpoint itself is loaded
@@ -114,7 +116,7 @@ class LoopState:
 
 
 class StageCheckpoints:
-    """Full-state checkpoints of an offline stage (SFT, RM): resume, periodic saves, SIGTERM, skip limit.
+    """Full-state checkpoints of an offline stage (SFT, RM, DPO): resume, periodic saves, SIGTERM, skip limit.
 
     Each checkpoint (``engine.checkpoint`` layout, role ``name``) holds the DeepSpeed engine
     (weights, optimizer, LR schedule), every RNG, the sampler's position (epoch and index;
@@ -170,12 +172,13 @@ class StageCheckpoints:
             print(f"[{self.role}] saved checkpoint {path} ({secs:.1f}s)", flush=True)
         return path
 
-    def end_step(self, loop: LoopState, stop: GracefulShutdown) -> Path | None:
+    def end_step(self, loop: LoopState, stop: GracefulShutdown) -> dict[str, Any] | None:
         """Call after every step, on every rank (a collective).
 
-        Saves when ``save_every`` says so. After a SIGTERM/SIGINT, saves and returns the
-        checkpoint: the caller stops. After ``max_consecutive_skips`` skipped updates in a row,
-        saves and raises ``NonFiniteError`` naming the step.
+        Saves when ``save_every`` says so. After a SIGTERM/SIGINT, saves and returns the stage's
+        result ``{"stopped": True, "step", "checkpoint"}``: the caller returns it. After
+        ``max_consecutive_skips`` skipped updates in a row, saves and raises ``NonFiniteError``
+        naming the step.
         """
         from engine.actor import stop_on_consecutive_skips
 
@@ -190,7 +193,44 @@ class StageCheckpoints:
             return None
         if D.is_main():
             print(stop.stop_message(step, saved), flush=True)
-        return saved
+        return {"stopped": True, "step": step, "checkpoint": str(saved)}
+
+
+# --------------------------------------------------------------------------- the loop's rows and summary
+def log_due(cfg: Any, step: int) -> bool:
+    """Whether ``step`` logs a row: every ``train.log_every`` steps, the first and the last."""
+    return step % cfg.train.log_every == 0 or step in (1, cfg.total_steps)
+
+
+def eval_due(cfg: Any, step: int) -> bool:
+    """Whether a logged ``step`` also evaluates: every ``train.eval_every`` steps (0: never) and the last."""
+    return bool(cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == cfg.total_steps
+
+
+def finish_stage(
+    logger: MetricsLogger,
+    loop: LoopState,
+    train: TrainEngine,
+    final: Path,
+    t_start: float,
+    head: dict[str, Any],
+) -> dict[str, Any]:
+    """Write ``summary.json``; returns the summary.
+
+    The summary is ``head`` (the stage's first/last training metrics, its data counts), the
+    last logged row's ``eval/*`` metrics, the skipped updates, the final HF checkpoint
+    ``final``, the world size and the wall time since ``t_start``.
+    """
+    summary = {
+        **head,
+        **{k: v for k, v in (loop.last or {}).items() if k.startswith("eval/")},
+        "skipped_steps": train.skipped,
+        "checkpoint": str(final),
+        "world_size": D.world_size(),
+        "wall_s": time.time() - t_start,
+    }
+    logger.write_summary(summary)
+    return summary
 
 
 # --------------------------------------------------------------------------- tokenizing

@@ -1,9 +1,10 @@
-"""DPO / IPO: the pure loss against its formula, pair loading and its errors, and a tiny real run."""
+"""DPO / IPO: the pure loss against its formula, pair loading and its errors, a tiny real run, exact resume."""
 
 from __future__ import annotations
 
 import json
 import math
+import signal
 from pathlib import Path
 
 import pytest
@@ -12,8 +13,9 @@ import torch
 from engine.config import ConfigError, TinyModelConfig, load_config
 from engine.data import DataError
 from engine.demo_task import make_preference_data, write_jsonl
-from engine.dpo import DPOConfig, collate_pairs, dpo_loss, load_preference_pairs, run_dpo
+from engine.dpo import PAIR_STATS, DPOConfig, collate_pairs, dpo_loss, load_preference_pairs, run_dpo
 from engine.models import build_tiny_reward_model, build_tokenizer
+from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +145,52 @@ def test_ipo_runs_length_normalized(tmp_path: Path) -> None:
     assert summary["train/loss_first"] == pytest.approx(1.0, abs=1e-4)
     # Margin growth is asserted by test_dpo_margin_grows_and_checkpoint_loads; after only two
     # IPO steps its sign depends on the batch, so it is not asserted here.
+
+
+# --------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_dpo_kill9_and_sigterm_then_resume_match_uninterrupted(tmp_path: Path) -> None:
+    """SIGKILL inside step 5, resume; SIGTERM inside step 7, resume: every step and the policy as uninterrupted.
+
+    40 training pairs and 16 per step: step 3 crosses into epoch 1, so the run resumes from
+    step 4's checkpoint in the middle of epoch 1. The checkpoint holds the policy only: the frozen
+    reference is rebuilt from the config, so the resumed log-ratios (and so every metric) match.
+    """
+    data = write_jsonl(make_preference_data(48, seed=0), tmp_path / "prefs.jsonl")
+    args = [
+        "model.path=",  # a tiny random policy from the seed; the reference is its frozen copy
+        f"data.train={data}",
+        "data.eval_size=8",
+        "train.batch_size=16",
+        "train.micro_batch_size=8",  # 2 micro-batches per step: gradient accumulation resumes too
+        "train.log_every=1",
+        "train.eval_every=3",
+        "optim.lr=3e-3",
+        "optim.warmup_steps=6",  # the LR schedule is mid-warmup at the kill
+    ]
+    runs = kill_and_resume("dpo", tmp_path, args, total_steps=8, kill_in=5, term_in=7)
+    ckpts = runs.b / "checkpoints"
+    assert runs.rc == {"b1": -signal.SIGKILL, "b2": 0, "b3": 0, "a": 0}, runs.output
+    # Killed inside step 5: step 5 was neither logged nor saved.
+    assert runs.logged_when_killed == [1, 2, 3, 4]
+    assert runs.checkpoints_when_killed == ["step_000003", "step_000004"]
+    sampler = runs.state_when_killed["sampler"]
+    assert (sampler["epoch"], sampler["position"], runs.state_when_killed["loop"]["step"]) == (1, 24, 4)
+    assert f"[dpo] resumed from {ckpts / 'step_000004'} at step 4" in runs.output["b2"]
+    assert (
+        f"Stopped on SIGTERM after step 7; checkpoint saved to {ckpts / 'step_000007'}" in runs.output["b2"]
+    )
+    assert f"[dpo] resumed from {ckpts / 'step_000007'} at step 7" in runs.output["b3"]
+
+    ma, mb = metrics(runs.a), metrics(runs.b)
+    assert sorted(ma) == sorted(mb) == list(range(1, 9))
+    keys = (*PAIR_STATS, "grad_norm", "lr", *(f"eval/{k}" for k in PAIR_STATS))
+    diffs = metric_diffs(ma, mb, keys)
+    assert not diffs, f"(step, key): (uninterrupted, resumed): {diffs}"
+    assert "eval/rewards/margin" in mb[6] and mb[8]["rewards/margin"] > mb[1]["rewards/margin"] + 0.05
+    assert max_weight_diff(runs.a, runs.b) <= 1e-6
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_000007", "step_000008"]
+    assert max_weight_diff(ckpts / "step_000008" / "hf", runs.b) == 0
+    summary = json.loads((runs.b / "summary.json").read_text())
+    # B3 ran step 8 only: the first row came through two checkpoints
+    assert summary["train/margin_first"] == ma[1]["rewards/margin"] != ma[8]["rewards/margin"]

@@ -1,11 +1,11 @@
-"""What the SFT and RM stages share (``engine.stages_common``): bad input, checkpoints, the skip limit.
+"""What the SFT, RM and DPO stages share (``engine.stages_common``): bad input, checkpoints, the skip limit.
 
 Bad input, case by case, through ``engine.cli.main`` in this process (the function ``python -m
 engine.cli`` exits with): status 2, one ``error:`` line naming the problem and where it is, and
 no ``metrics.jsonl`` -- not one step was trained. A ``resume`` checkpoint of another model shape
 is refused the same way. An update that is non-finite every step is skipped, counted, and after
 ``max_consecutive_skips`` the run saves a checkpoint and stops with an error naming the step.
-The kill -9 / SIGTERM / exact-resume runs are in ``test_sft.py`` and ``test_rm.py`` (slow).
+The kill -9 / SIGTERM / exact-resume runs are in ``test_sft.py``, ``test_rm.py`` and ``test_dpo.py`` (slow).
 """
 
 from __future__ import annotations
@@ -22,22 +22,24 @@ from engine.actor import NonFiniteError
 from engine.checkpoint import verify_checkpoint
 from engine.config import RMConfig, SFTConfig, TinyModelConfig, load_config
 from engine.demo_task import make_preference_data, make_sft_data, write_jsonl
+from engine.dpo import DPOConfig, run_dpo
 from engine.models import build_tiny_model, build_tokenizer
 from engine.reward_training import run_rm
 from engine.sft import run_sft
 
-STAGES = ("sft", "rm")
+STAGES = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}  # config, run
 ONE_LAYER = TinyModelConfig(num_layers=1)
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory) -> dict[str, Path]:
-    """Data for both stages (good and bad), SFT-like checkpoints, and a file to block an output_dir."""
+    """Data for every stage (good and bad), SFT-like checkpoints, and a file to block an output_dir."""
     d = tmp_path_factory.mktemp("inputs")
     tok = build_tokenizer()
     f = {
         "sft": write_jsonl(make_sft_data(24, seed=0), d / "sft.jsonl"),
         "rm": write_jsonl(make_preference_data(24, seed=0), d / "pairs.jsonl"),
+        "dpo": d / "pairs.jsonl",  # the same preference pairs
         "blocker": d / "a_file",
     }
     f["blocker"].write_text("not a directory")
@@ -55,6 +57,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     good = {
         "sft": {"prompt": "copy 1:", "response": "1"},
         "rm": {"prompt": "copy 1:", "chosen": "1", "rejected": "2"},
+        "dpo": {"prompt": "copy 1:", "chosen": "1", "rejected": "2"},
     }
     for stage, rec in good.items():
         line = json.dumps(rec) + "\n"
@@ -68,8 +71,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def _argv(stage: str, files: dict[str, Path], out: Path, *overrides: str) -> list[str]:
-    """A small valid run of ``stage`` (RM starts from the tiny policy), then ``overrides``."""
-    start = [f"model.path={files['policy']}"] if stage == "rm" else []
+    """A small valid run of ``stage`` (RM and DPO start from the tiny policy), then ``overrides``."""
+    start = [f"model.path={files['policy']}"] if stage != "sft" else []
     return [
         stage,
         f"output_dir={out}",
@@ -113,7 +116,7 @@ CASES = [
     (
         "empty after filtering",
         ["data.max_prompt_len=2", "data.on_long_prompt=drop"],
-        r"(all 24 records were dropped|only 0 usable pairs of 24)",
+        r"(all 24 records were dropped|only 0 usable pairs of 24|no usable pairs among 24 records)",
     ),
     ("output dir not writable", ["output_dir={blocker}/run"], r"output_dir is not writable: .*a_file/run"),
     ("tokenizer larger than model", ["model.path={small}"], r"tokenizer has 64 tokens.*vocab_size=32"),
@@ -134,18 +137,15 @@ def test_bad_input_fails_before_training(capsys, tmp_path, files, stage, case, o
 
 
 # --------------------------------------------------------------------------- checkpoints
-def _cfg(stage: str, files: dict[str, Path], out: Path, *overrides: str) -> SFTConfig | RMConfig:
-    return load_config(
-        SFTConfig if stage == "sft" else RMConfig, None, _argv(stage, files, out, *overrides)[1:]
-    )
+def _cfg(stage: str, files: dict[str, Path], out: Path, *overrides: str) -> SFTConfig | RMConfig | DPOConfig:
+    return load_config(STAGES[stage][0], None, _argv(stage, files, out, *overrides)[1:])
 
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_resume_from_another_model_shape_fails_before_training(capsys, tmp_path, files, stage) -> None:
     """A checkpoint of a one-layer model, resumed by a two-layer run: refused, naming both shapes."""
     small = ["model.tiny.num_layers=1"] if stage == "sft" else [f"model.path={files['policy_1l']}"]
-    run = run_sft if stage == "sft" else run_rm
-    run(_cfg(stage, files, tmp_path / "one_layer", *small, "total_steps=1", "save_every=1"))
+    STAGES[stage][1](_cfg(stage, files, tmp_path / "one_layer", *small, "total_steps=1", "save_every=1"))
     ckpt = tmp_path / "one_layer" / "checkpoints" / "step_000001"
     assert verify_checkpoint(ckpt) is None
 
@@ -160,11 +160,16 @@ def test_resume_from_another_model_shape_fails_before_training(capsys, tmp_path,
 
 
 def _poison(monkeypatch, stage: str) -> None:
-    """Make every loss NaN: SFT's token NLL sum, RM's Bradley-Terry loss."""
+    """Make every loss NaN: SFT's token NLL sum, RM's Bradley-Terry loss, DPO's per-pair losses."""
+    import engine.dpo as dpo_mod
     import engine.reward_training as rm_mod
     import engine.sft as sft_mod
 
-    mod, name = (sft_mod, "sft_loss_sum") if stage == "sft" else (rm_mod, "bradley_terry_loss")
+    mod, name = {
+        "sft": (sft_mod, "sft_loss_sum"),
+        "rm": (rm_mod, "bradley_terry_loss"),
+        "dpo": (dpo_mod, "dpo_loss"),
+    }[stage]
     real = getattr(mod, name)
 
     def poisoned(*args, **kwargs):
@@ -181,7 +186,7 @@ def test_consecutive_nonfinite_updates_stop_the_run(monkeypatch, tmp_path, files
     out = tmp_path / "run"
     cfg = _cfg(stage, files, out, "total_steps=10", "max_consecutive_skips=3", "train.log_every=1")
     with pytest.raises(NonFiniteError) as err:
-        (run_sft if stage == "sft" else run_rm)(cfg)
+        STAGES[stage][1](cfg)
     ckpt = out / "checkpoints" / "step_000003"
     assert str(err.value) == (
         "step 3: 3 updates in a row were skipped for a non-finite loss or gradient "

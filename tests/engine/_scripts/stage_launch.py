@@ -1,4 +1,4 @@
-"""An offline stage (SFT, RM) run uninterrupted, and again cut by SIGKILL and SIGTERM, for the resume tests.
+"""An offline stage (SFT, RM, DPO) run uninterrupted, and again cut by SIGKILL and SIGTERM, for the resume tests.
 
 ``kill_and_resume`` launches, through ``stage_run.py`` (the real CLI plus a pause hook):
 
@@ -8,7 +8,7 @@
 * B3 (with ``term_in`` only): ``resume=auto`` again, to the end.
 
 A runs beside B1 to save wall time. The tests compare A's and B's ``metrics.jsonl`` and final weights.
-Used by ``tests/engine/test_sft.py`` and ``tests/engine/test_rm.py``.
+Used by ``tests/engine/test_sft.py``, ``test_rm.py`` and ``test_dpo.py``.
 """
 
 from __future__ import annotations

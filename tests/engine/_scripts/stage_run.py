@@ -3,11 +3,12 @@
 Run: ``python tests/engine/_scripts/stage_run.py [--pause-at N --marker PATH --pause-s S] STAGE k=v ...``.
 Everything from STAGE on goes to ``engine.cli.main`` unchanged, so the run takes the real CLI path.
 With ``--pause-at N``, the N-th update of a ``TrainEngine`` touches ``PATH`` right after the update
--- before the step is logged or checkpointed -- then sleeps ``S`` seconds. SFT and RM have one
-engine and restore its counters on resume, so N is the run's step N. PPO has two (the actor's
-update comes first) and one update each per step when a step's samples make one mini-batch, so N
-is again step N of that process. A test SIGKILLs the process group there (the step is lost), or
-sends SIGTERM (the step finishes, is saved, and the run exits 0). The pause changes timing only.
+-- before the step is logged or checkpointed -- then sleeps ``S`` seconds. SFT, RM and DPO have
+one engine (DPO's frozen reference is none) and restore its counters on resume, so N is the run's
+step N. PPO has two (the actor's update comes first) and one update each per step when a step's
+samples make one mini-batch, so N is again step N of that process. A test SIGKILLs the process
+group there (the step is lost), or sends SIGTERM (the step finishes, is saved, and the run exits
+0). The pause changes timing only.
 """
 
 from __future__ import annotations
