@@ -7,6 +7,8 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 RUN_DIR="${1:-runs/demo}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed JIT-builds a comm op into this cache; one per venv, so checkouts don't rebuild each other's.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"
 # Cache bytecode: every stage/test subprocess otherwise recompiles torch & co. (~5 s each).
 unset PYTHONDONTWRITEBYTECODE
 mkdir -p "$RUN_DIR"

@@ -9,6 +9,8 @@ cd "$ROOT"
 bash scripts/setup_env.sh
 PY="$ROOT/.venv/bin/python"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# DeepSpeed JIT-builds a comm op into this cache; one per venv, so checkouts don't rebuild each other's.
+export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"
 # Cache bytecode: every stage/test subprocess otherwise recompiles torch & co. (~5 s each).
 unset PYTHONDONTWRITEBYTECODE
 cleanup() { rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true; }
