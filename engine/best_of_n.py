@@ -14,11 +14,20 @@ One round, read top to bottom in ``run_bon``:
 ``total_steps`` is the number of rounds k. The output directory gets an HF checkpoint of the
 final policy, ``samples_round_<k>.jsonl`` (rank 0's samples with scores and a ``kept`` flag), ``metrics.jsonl`` (one row per
 round) and ``summary.json``.
+
+Checkpoints, ``resume`` and SIGTERM work as in the SFT, RM and DPO stages
+(``engine.stages_common.StageCheckpoints``), with rounds as the steps: a checkpoint is taken at a
+round's end (``save_every`` rounds), never inside one, as the round's kept samples are not saved.
+Beyond the engine, the RNGs and the prompt sampler, nothing crosses a round boundary: a round's
+sampling seed and SFT shuffle are functions of the seed and the round index, so a resumed run
+repeats the uninterrupted run's rounds. On resume the checkpoint's weights are pushed into the
+rollout engine before it samples.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +46,7 @@ from engine.config import (
     StageConfig,
     _choice,
     _positive,
+    check_stage_counts,
     load_config,
 )
 from engine.dpo import QuietLoggingConfig
@@ -91,12 +101,13 @@ class BoNConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _choice("resume", self.resume, ("never",))
+        _choice("resume", self.resume, ("auto", "never"), allow_path=True)
         _choice("reward.kind", self.reward.kind, ("function", "model"))
         _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         _choice("optim.zero_stage", self.optim.zero_stage, (0, 1, 2, 3))
         _positive("total_steps", self.total_steps)
+        check_stage_counts(self)
         _positive("optim.lr", self.optim.lr)
         _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
         _positive("rollout.temperature", self.rollout.temperature)
@@ -196,17 +207,77 @@ def _write_samples(
             f.write(json.dumps(row) + "\n")
 
 
+def round_seed(seed: int, rank: int, rnd: int) -> int:
+    """Round ``rnd``'s sampling seed on ``rank`` (request i gets ``seed + i``).
+
+    A function of its arguments alone, so a resumed run draws the uninterrupted run's samples.
+    """
+    return random.Random(f"bon-sample-{seed}-{rank}-{rnd}").randrange(2**31 - 1)
+
+
+def _kept_examples(samples: list[Any], kept: list[int]) -> list[Any]:
+    """``SFTExample``s of the kept samples with a non-empty response: loss on the response only."""
+    from engine.sft import SFTExample
+
+    return [
+        SFTExample(
+            samples[i].prompt_ids + samples[i].response_ids,
+            [0] * len(samples[i].prompt_ids) + [1] * len(samples[i].response_ids),
+        )
+        for i in kept
+        if samples[i].response_ids
+    ]
+
+
+def _sft_on_kept(
+    train_engine: Any, examples: list[Any], cfg: BoNConfig, rnd: int, pad: int
+) -> tuple[float, dict[str, float]]:
+    """``bon.steps_per_round`` SFT steps on ``examples`` (reshuffled per round from the seed).
+
+    Returns (mean response-token NLL over the round, the last step's ``TrainEngine.finish`` stats).
+    """
+    from engine.data import PromptSampler
+    from engine.sft import sft_collate, sft_loss_sum
+
+    b, engine = cfg.bon, train_engine.engine
+    sampler = PromptSampler(len(examples), b.batch_size // D.world_size(), cfg.seed + rnd, True)
+    nll_sum, tokens = 0.0, 0.0
+    step_stats: dict[str, float] = {}
+    for _ in range(b.steps_per_round):
+        idx = sampler.next_batch()
+        for c in range(0, len(idx), b.micro_batch_size):
+            batch = sft_collate([examples[i] for i in idx[c : c + b.micro_batch_size]], pad)
+            logits = engine(
+                input_ids=batch.input_ids.to(engine.device),
+                attention_mask=batch.attention_mask.to(engine.device),
+                use_cache=False,
+            ).logits
+            nll, _, n = sft_loss_sum(logits, batch.labels.to(engine.device))
+            loss = nll / max(n, 1)
+            train_engine.micro_step(loss, bool(torch.isfinite(loss)))
+            nll_sum += float(nll.detach())
+            tokens += n
+        step_stats = train_engine.finish()
+    return nll_sum / max(tokens, 1.0), step_stats
+
+
 def run_bon(cfg: BoNConfig) -> dict[str, Any]:
-    """``total_steps`` rounds of generate -> score -> keep the best -> SFT -> sync; returns the summary."""
+    """``total_steps`` rounds of generate -> score -> keep the best -> SFT -> sync; returns the summary.
+
+    Every ``save_every`` rounds (and on SIGTERM, which then returns ``{"stopped": True, ...}``)
+    a full-state checkpoint (``StageCheckpoints``: engine, RNGs, prompt sampler, counters, round)
+    is written at the round's end; ``resume=auto|<path>`` continues from one, pushing its weights
+    into the rollout engine before the next round samples, and repeats the uninterrupted rounds.
+    """
     from engine.actor import TrainEngine
+    from engine.checkpoint import GracefulShutdown, hf_exporter
     from engine.data import PromptDataset, PromptSampler
     from engine.experience import collate_samples
     from engine.models import load_causal_lm, prepare_policy
-    from engine.sft import SFTExample, sft_collate, sft_loss_sum
-    from engine.stages_common import save_hf_checkpoint, setup_stage
+    from engine.stages_common import LoopState, finish_stage, save_hf_checkpoint, setup_resumable_stage
     from engine.weight_sync import ColocatedWeightSync
 
-    logger = setup_stage(cfg, "bon")
+    logger, ckpt = setup_resumable_stage(cfg, "bon")
     t_start = time.time()
     out = Path(cfg.output_dir)
     rank, world = D.rank(), D.world_size()
@@ -224,111 +295,91 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
 
     model = load_causal_lm(policy_dir, torch.float32, cfg.model.attn_implementation)
     model.config.use_cache = False
-    mb = b.micro_batch_size
-    grad_accum = b.batch_size // (mb * world)
-    train_engine = TrainEngine(model.train(), cfg.optim, mb, grad_accum)
+    grad_accum = b.batch_size // (b.micro_batch_size * world)
+    train_engine = TrainEngine(model.train(), cfg.optim, b.micro_batch_size, grad_accum)
     engine = train_engine.engine
     rollout = build_rollout(
         cfg, policy_dir, tokenizer, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens + 1, rank
     )
-    sync = ColocatedWeightSync(engine, rollout, zero_stage=cfg.optim.zero_stage)
-    gen = torch.Generator().manual_seed(cfg.seed + 7919 * rank)
-    history: list[dict[str, Any]] = []
+    # The window is the run's totals here (never reset): this rank's invalid scores, for the summary.
+    loop = LoopState({"rewards/invalid": 0.0})
     try:
-        for rnd in range(1, cfg.total_steps + 1):
-            t0 = time.perf_counter()
-            prompts = dataset.batch(prompt_sampler.next_batch())
-            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-            groups = rollout.generate(prompts.input_ids, n=b.n, seed=seed)
-            rollout.sleep()
-            samples = [s for g in groups for s in g]
-            rb = collate_samples(samples, tokenizer, pad)
-            t1 = time.perf_counter()
-            scores, valid = reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
-            kept = select_best(scores, b.n, valid).tolist()
-            t2 = time.perf_counter()
-            examples = [
-                SFTExample(
-                    samples[i].prompt_ids + samples[i].response_ids,
-                    [0] * len(samples[i].prompt_ids) + [1] * len(samples[i].response_ids),
-                )
-                for i in kept
-                if samples[i].response_ids
-            ]
-            if not examples:
-                raise RuntimeError(
-                    f"best-of-n round {rnd}: no sample has a valid score and a non-empty response"
-                )
-            if D.is_main():
-                _write_samples(out / f"samples_round_{rnd}.jsonl", rb, scores, valid, kept, b.n)
-            sft_sampler = PromptSampler(len(examples), b.batch_size // world, cfg.seed + rnd, True)
-            sums = {"nll": 0.0, "n": 0.0}
-            for _ in range(b.steps_per_round):
-                idx = sft_sampler.next_batch()
-                for c in range(0, len(idx), mb):
-                    batch = sft_collate([examples[i] for i in idx[c : c + mb]], pad)
-                    logits = engine(
-                        input_ids=batch.input_ids.to(engine.device),
-                        attention_mask=batch.attention_mask.to(engine.device),
-                        use_cache=False,
-                    ).logits
-                    nll, _, n = sft_loss_sum(logits, batch.labels.to(engine.device))
-                    loss = nll / max(n, 1)
-                    train_engine.micro_step(loss, bool(torch.isfinite(loss)))
-                    sums["nll"] += float(nll.detach())
-                    sums["n"] += n
-                step_stats = train_engine.finish()
-            t3 = time.perf_counter()
-            sync_stats = sync.push(rnd)
-            t4 = time.perf_counter()
-            v = valid.float()
-            best = scores[kept]
-            lengths = rb.action_mask.float().sum(1)
-            local = {
-                "reward/mean": float((scores * v).sum() / v.sum().clamp_min(1)),
-                "reward/best_mean": float(best.mean()),
-                "reward/invalid": float((~valid).sum()),
-                "response_len/mean": float(lengths.mean()),
-                "response_len/kept_mean": float(lengths[kept].mean()),
-                "sft/loss": sums["nll"] / max(sums["n"], 1.0),
-                "kept": float(len(examples)),
-            }
-            row = D.all_reduce_mean(local)
-            row["reward/gain"] = row["reward/best_mean"] - row["reward/mean"]
-            row.update(step_stats)
-            row.update({k: val for k, val in sync_stats.items() if k.startswith("sync/")})
-            row.update(
-                {
-                    "time/generate_s": t1 - t0,
-                    "time/score_s": t2 - t1,
-                    "time/train_s": t3 - t2,
-                    "time/sync_s": t4 - t3,
-                    "time/round_s": t4 - t0,
-                }
+        try:
+            sync = ColocatedWeightSync(engine, rollout, zero_stage=cfg.optim.zero_stage)
+            # After the rollout engine: building vLLM reseeds the RNGs a checkpoint restores.
+            loop = ckpt.attach(
+                train_engine, prompt_sampler, hf_exporter(engine.module, tokenizer, rank), loop
             )
-            logger.log(rnd, row)
-            history.append(row)
-            if cfg.save_every and rnd % cfg.save_every == 0 and rnd != cfg.total_steps:
-                save_hf_checkpoint(engine.module, tokenizer, out / f"checkpoint-{rnd}")
+            if loop.step:
+                sync.push(loop.step)  # the rollout engine was built from the initial policy
+            with GracefulShutdown() as stop:
+                for rnd in range(loop.step + 1, cfg.total_steps + 1):
+                    t0 = time.perf_counter()
+                    prompts = dataset.batch(prompt_sampler.next_batch())
+                    groups = rollout.generate(prompts.input_ids, n=b.n, seed=round_seed(cfg.seed, rank, rnd))
+                    rollout.sleep()
+                    samples = [s for g in groups for s in g]
+                    rb = collate_samples(samples, tokenizer, pad)
+                    t1 = time.perf_counter()
+                    scores, valid = reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+                    kept = select_best(scores, b.n, valid).tolist()
+                    t2 = time.perf_counter()
+                    examples = _kept_examples(samples, kept)
+                    if not examples:
+                        raise RuntimeError(
+                            f"best-of-n round {rnd}: no sample has a valid score and a non-empty response"
+                        )
+                    if D.is_main():
+                        _write_samples(out / f"samples_round_{rnd}.jsonl", rb, scores, valid, kept, b.n)
+                    sft_loss, step_stats = _sft_on_kept(train_engine, examples, cfg, rnd, pad)
+                    t3 = time.perf_counter()
+                    sync_stats = sync.push(rnd)
+                    t4 = time.perf_counter()
+                    v = valid.float()
+                    lengths = rb.action_mask.float().sum(1)
+                    local = {
+                        "reward/mean": float((scores * v).sum() / v.sum().clamp_min(1)),
+                        "reward/best_mean": float(scores[kept].mean()),
+                        "reward/invalid": float((~valid).sum()),
+                        "response_len/mean": float(lengths.mean()),
+                        "response_len/kept_mean": float(lengths[kept].mean()),
+                        "sft/loss": sft_loss,
+                        "kept": float(len(examples)),
+                    }
+                    row = D.all_reduce_mean(local)
+                    row["reward/gain"] = row["reward/best_mean"] - row["reward/mean"]
+                    row.update(step_stats)
+                    row.update({k: val for k, val in sync_stats.items() if k.startswith("sync/")})
+                    row.update(
+                        {
+                            "time/generate_s": t1 - t0,
+                            "time/score_s": t2 - t1,
+                            "time/train_s": t3 - t2,
+                            "time/sync_s": t4 - t3,
+                            "time/round_s": t4 - t0,
+                        }
+                    )
+                    logger.log(rnd, row)
+                    loop.step, loop.first, loop.last = rnd, loop.first or row, row
+                    loop.window["rewards/invalid"] += local["reward/invalid"]
+                    if (stopped := ckpt.end_step(loop, stop)) is not None:
+                        return stopped
+        finally:
+            rollout.close()
+        final = save_hf_checkpoint(engine.module, tokenizer, out)
+        head = {
+            "rounds": loop.step,
+            "reward/mean_first": loop.first["reward/mean"],
+            "reward/mean_last": loop.last["reward/mean"],
+            "reward/best_mean_last": loop.last["reward/best_mean"],
+            "prompts/truncated": dataset.num_truncated,
+            "prompts/dropped": dataset.num_dropped,
+            "rewards/invalid": int(loop.window["rewards/invalid"]),
+            "sync": "in-place (ColocatedWeightSync)",
+        }
+        return finish_stage(logger, loop, train_engine, final, t_start, head)
     finally:
-        rollout.close()
-    ckpt = save_hf_checkpoint(engine.module, tokenizer, out)
-    summary = {
-        "rounds": len(history),
-        "reward/mean_first": history[0]["reward/mean"],
-        "reward/mean_last": history[-1]["reward/mean"],
-        "reward/best_mean_last": history[-1]["reward/best_mean"],
-        "prompts/truncated": dataset.num_truncated,
-        "prompts/dropped": dataset.num_dropped,
-        "rewards/invalid": reward.num_invalid,
-        "sync": "in-place (ColocatedWeightSync)",
-        "checkpoint": str(ckpt),
-        "world_size": world,
-        "wall_s": time.time() - t_start,
-    }
-    logger.write_summary(summary)
-    logger.close()
-    return summary
+        logger.close()
 
 
 def main_bon(config_path: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -210,9 +210,7 @@ class PPOConfig(StageConfig):
             if opt.grad_clip < 0:
                 raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
         _positive("total_steps", self.total_steps)
-        for key in ("save_every", "keep_last", "max_consecutive_skips"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"{key} must be >= 0 (0 turns it off), got {getattr(self, key)}")
+        check_stage_counts(self)
         _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
         _positive("rollout.temperature", self.rollout.temperature)
         _positive("data.max_prompt_len", self.data.max_prompt_len)
@@ -532,6 +530,17 @@ class RMConfig(StageConfig):
             raise ConfigError(f"data.train: file does not exist: {self.data.train}")
 
 
+def check_stage_counts(cfg: StageConfig) -> None:
+    """``save_every``, ``keep_last`` and ``max_consecutive_skips`` are >= 0 (0 turns each off)."""
+    for key, zero in (
+        ("save_every", "no checkpoints"),
+        ("keep_last", "keep all"),
+        ("max_consecutive_skips", "never stop"),
+    ):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
+
+
 def _validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
     """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
 
@@ -542,13 +551,7 @@ def _validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
     else:
         _choice("resume", cfg.resume, ("never",))
     _positive("total_steps", cfg.total_steps)
-    for key, zero in (
-        ("save_every", "no checkpoints"),
-        ("keep_last", "keep all"),
-        ("max_consecutive_skips", "never stop"),
-    ):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
+    check_stage_counts(cfg)
     _positive("optim.lr", cfg.optim.lr)
     if cfg.optim.lr == float("inf"):
         raise ConfigError(f"optim.lr must be finite, got {cfg.optim.lr}")

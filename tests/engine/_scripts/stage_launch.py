@@ -1,14 +1,15 @@
-"""An offline stage (SFT, RM, DPO) run uninterrupted, and again cut by SIGKILL and SIGTERM, for the resume tests.
+"""SFT, RM, DPO or best-of-n run uninterrupted, and again cut by SIGKILL and SIGTERM, for the resume tests.
 
 ``kill_and_resume`` launches, through ``stage_run.py`` (the real CLI plus a pause hook):
 
 * A: ``total_steps`` steps, uninterrupted;
-* B1: the same, checkpointing every step, SIGKILLed (the whole process group) inside step ``kill_in``;
-* B2: ``resume=auto`` in B1's folder; with ``term_in``, SIGTERM inside that step (it must save and exit 0);
+* B1: the same, checkpointing every step, SIGKILLed (the whole process group) inside update ``kill_in``
+  (``stage_run.py``'s pause: step ``kill_in`` except in best-of-n, where it counts SFT updates);
+* B2: ``resume=auto`` in B1's folder; with ``term_in``, SIGTERM inside that update (it must save and exit 0);
 * B3 (with ``term_in`` only): ``resume=auto`` again, to the end.
 
 A runs beside B1 to save wall time. The tests compare A's and B's ``metrics.jsonl`` and final weights.
-Used by ``tests/engine/test_sft.py``, ``test_rm.py`` and ``test_dpo.py``.
+Used by ``tests/engine/test_sft.py``, ``test_rm.py``, ``test_dpo.py`` and ``test_bon.py``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ With ``--pause-at N``, the N-th update of a ``TrainEngine`` touches ``PATH`` rig
 -- before the step is logged or checkpointed -- then sleeps ``S`` seconds. SFT, RM and DPO have
 one engine (DPO's frozen reference is none) and restore its counters on resume, so N is the run's
 step N. PPO has two (the actor's update comes first) and one update each per step when a step's
-samples make one mini-batch, so N is again step N of that process. A test SIGKILLs the process
+samples make one mini-batch, so N is again step N of that process. Best-of-n has one engine and
+``bon.steps_per_round`` updates a round, so N falls in round ceil(N / steps_per_round). A test SIGKILLs the process
 group there (the step is lost), or sends SIGTERM (the step finishes, is saved, and the run exits
 0). The pause changes timing only.
 """
