@@ -15,7 +15,6 @@ with the device, versions and git SHA.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -30,6 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import append_rows  # noqa: E402
 from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
 from engine import distributed as D  # noqa: E402
 from engine.checkpoint import CheckpointManager, hf_exporter  # noqa: E402
@@ -43,15 +43,22 @@ MODELS = {
     "100m": dict(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12
     ),
+    "1b": dict(  # 1.06B parameters; run with --dtype bf16 on a 24 GiB machine (fp32 + Adam needs ~21 GB)
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=18,
+        num_attention_heads=16,
+    ),
 }
 FIELDS = [
     "timestamp", "device", "cpu_threads", "torch", "deepspeed", "transformers", "python", "git_sha",
     "model", "params", "zero_stage", "world_size", "repeat", "save_s", "save_engine_s", "save_hf_s",
-    "commit_s", "load_s", "engine_state_mb", "hf_mb", "total_mb", "save_mb_per_s", "load_mb_per_s",
+    "commit_s", "load_s", "engine_state_mb", "hf_mb", "total_mb", "save_mb_per_s", "load_mb_per_s", "dtype",
 ]  # fmt: skip
 
 
-def build(name: str, zero_stage: int):
+def build(name: str, zero_stage: int, dtype: str = "fp32"):
     """(DeepSpeed engine around a random LlamaForCausalLM of size ``name``, number of parameters)."""
     import deepspeed
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -68,6 +75,7 @@ def build(name: str, zero_stage: int):
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-4, "warmup_num_steps": 10}},
+        "bf16": {"enabled": dtype == "bf16"},  # bf16 weights and grads, fp32 master copy and Adam moments
     }
     engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
     x = torch.randint(0, cfg.vocab_size, (1, 16))
@@ -85,6 +93,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--models", default="tiny,100m")
     ap.add_argument("--zero-stage", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--dtype", default="fp32", choices=("fp32", "bf16"))
     ap.add_argument("--workdir", default=tempfile.gettempdir())
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/checkpoint.csv"))
     args = ap.parse_args(argv)
@@ -105,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tok = build_tokenizer()
     rows = []
     for name in args.models.split(","):
-        engine, n = build(name, args.zero_stage)
+        engine, n = build(name, args.zero_stage, args.dtype)
         work = Path(tempfile.mkdtemp(prefix="bench_ckpt_", dir=args.workdir))
         try:
             mgr = CheckpointManager(work, keep_last=1)
@@ -134,6 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     "total_mb": round(total, 2),
                     "save_mb_per_s": round(total / t["total"], 1),
                     "load_mb_per_s": round(state_mb / load_s, 1),
+                    "dtype": args.dtype,
                 }
                 rows.append(row)
                 print(
@@ -146,13 +156,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shutil.rmtree(work, ignore_errors=True)
         del engine
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = not out.exists()
-    with out.open("a", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            w.writeheader()
-        w.writerows(rows)
+    append_rows(out, rows, FIELDS)
     print(f"appended {len(rows)} rows to {out}")
     return rows
 

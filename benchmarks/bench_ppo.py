@@ -29,7 +29,6 @@ trainer did not wait for (it trained meanwhile).
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import glob
 import json
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import append_rows  # noqa: E402
 from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
 
 COLUMNS = [
@@ -172,24 +172,7 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
 
 
 def write_csv(row: dict, path: Path) -> None:
-    """Append ``row``; a file written with an older column list is rewritten under ``COLUMNS`` first."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    if not new:
-        with path.open(newline="") as f:
-            old = list(csv.DictReader(f))
-            f.seek(0)
-            header = next(csv.reader(f))
-        if header != COLUMNS:
-            with path.open("w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="", extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(old)
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_rows(path, [row], COLUMNS)
 
 
 COMPARE = [  # (label, ranks, overrides)
