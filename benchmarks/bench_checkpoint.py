@@ -43,7 +43,7 @@ MODELS = {
     "100m": dict(
         vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12
     ),
-    "1b": dict(  # 1.06B parameters; run with --dtype bf16 on a 24 GiB machine (fp32 + Adam needs ~21 GB)
+    "1b": dict(  # 1.06B parameters: needs > 24 GiB (OOM-killed at 24 GB RSS with --dtype bf16 on the 2-core VM)
         vocab_size=32000,
         hidden_size=2048,
         intermediate_size=5632,
