@@ -31,7 +31,6 @@ default size.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime
 import os
 import platform
@@ -360,13 +359,9 @@ def _add_rates(row: dict, case: Case, mode: str, ms: float, peaks, device: torch
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists() or path.stat().st_size == 0
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, restval="")
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    from benchmarks._common import append_rows
+
+    append_rows(path, rows, COLUMNS)
 
 
 def print_table(rows: list[dict]) -> None:
