@@ -329,6 +329,13 @@ def _coerce(path: str, tp: Any, value: Any, base: Any = None) -> Any:
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ConfigError(f"{path} must be an int, got {value!r}")
         return out
+    if _is_mapping_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        key_tp, val_tp = args if len(args) == 2 else (Any, Any)
+        return {
+            _coerce(f"{path} key", key_tp, k): _coerce(f"{path}.{k}", val_tp, v) for k, v in value.items()
+        }
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{path} must be a string, got {value!r}")
@@ -354,10 +361,28 @@ def _build(cls: type[T], data: dict[str, Any], prefix: str = "", base: Any = Non
     return dataclasses.replace(base, **kwargs)
 
 
+def _is_mapping_type(tp: Any) -> bool:
+    return tp is dict or typing.get_origin(tp) is dict
+
+
 def _set_dotted(tree: dict[str, Any], cls: type, dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node, node_cls = tree, cls
     for i, part in enumerate(parts):
+        if _is_mapping_type(node_cls):  # a mapping field: ``models.policies.ppo=path`` sets one entry
+            where = ".".join(parts[:i])
+            if i != len(parts) - 1:
+                raise ConfigError(
+                    f"override {dotted!r}: {where} is a mapping of plain values; "
+                    f"set {where}.{part}=value or {where}={{...}}"
+                )
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(node_cls):
+            where = ".".join(parts[:i])
+            raise ConfigError(
+                f"override {dotted!r}: {where} is a single value, not a section; set {where}=value"
+            )
         types_ = _field_types(node_cls)
         if part not in types_:
             where = ".".join(parts[:i]) or "<root>"

@@ -189,3 +189,25 @@ def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> 
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match=r"rollout_ranks=2 must be in \[1, world_size - 1\] = \[1, 1\]"):
         setup_split(2, 10.0)
+
+
+def test_mapping_fields_take_dotted_entries_and_check_their_values() -> None:
+    from engine.evaluate import EvalConfig
+
+    cfg = load_config(
+        EvalConfig, None, ["models.policies.ppo=/runs/ppo", 'models.policies={"sft": "/runs/sft"}']
+    )
+    assert cfg.models.policies == {"sft": "/runs/sft"}  # a whole mapping replaces earlier entries
+    cfg = load_config(
+        EvalConfig, None, ['models.policies={"sft": "/runs/sft"}', "models.policies.ppo=/runs/ppo"]
+    )
+    assert cfg.models.policies == {"sft": "/runs/sft", "ppo": "/runs/ppo"}
+    for override, message in [
+        ("models.policies.ppo.x=1", "models.policies is a mapping of plain values"),
+        ("models.policy.x=1", "models.policy is a single value, not a section"),
+        ("seed.x=1", "seed is a single value"),
+        ("models.policies=[1]", "models.policies must be a mapping"),
+        ('models.policies={"ppo": [1]}', "models.policies.ppo must be a string"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_config(EvalConfig, None, [override])
