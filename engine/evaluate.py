@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,29 @@ def pairwise_accuracy(chosen_scores: torch.Tensor, rejected_scores: torch.Tensor
             f"pairwise_accuracy: need two non-empty lists of one length, got {c.shape}, {r.shape}"
         )
     return float((c > r).double().mean())
+
+
+def rm_gold_agreement(
+    rm_a: Sequence[float], rm_b: Sequence[float], gold_a: Sequence[float], gold_b: Sequence[float]
+) -> tuple[float, int]:
+    """How often the RM orders two responses to one prompt as the gold scorer does: (accuracy, pairs).
+
+    Item i compares response a_i (the policy's) with b_i (the baseline's). Only items whose gold
+    scores differ count; an RM tie there is a miss. NaN accuracy when no item counts. This is the
+    RM's accuracy on the policy's own samples, the comparisons PPO actually asks of it.
+    """
+    ra, rb, ga, gb = (torch.as_tensor(x, dtype=torch.float64) for x in (rm_a, rm_b, gold_a, gold_b))
+    if not ra.shape == rb.shape == ga.shape == gb.shape or ra.dim() != 1:
+        raise ValueError(
+            f"rm_gold_agreement: need four 1-d score lists of one length, got "
+            f"{tuple(ra.shape)}, {tuple(rb.shape)}, {tuple(ga.shape)}, {tuple(gb.shape)}"
+        )
+    counted = ga != gb
+    n = int(counted.sum())
+    if n == 0:
+        return float("nan"), 0
+    agree = torch.sign(ra - rb) == torch.sign(ga - gb)
+    return float(agree[counted].double().mean()), n
 
 
 # --------------------------------------------------------------------------- helpers
@@ -404,6 +428,11 @@ class _PolicyEval:
                 b = base["scores"][name]
                 result[f"{name}_reward_baseline"], rows[f"{name}_baseline"] = _mean(b), b.tolist()
                 result[f"win_rate_{name}"] = win_rate(a, b)
+        if base is not None and "rm_policy" in rows and "gold_policy" in rows:
+            acc, pairs = rm_gold_agreement(
+                rows["rm_policy"], base["scores"]["rm"], rows["gold_policy"], base["scores"]["gold"]
+            )
+            result["rm_gold_agreement"], result["rm_gold_agreement_pairs"] = acc, pairs
         return result, rows
 
 

@@ -9,7 +9,14 @@ import pytest
 import torch
 
 from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.evaluate import EvalConfig, pairwise_accuracy, run_eval, sequence_kl, win_rate
+from engine.evaluate import (
+    EvalConfig,
+    pairwise_accuracy,
+    rm_gold_agreement,
+    run_eval,
+    sequence_kl,
+    win_rate,
+)
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
 TINY = TinyModelConfig()
@@ -24,6 +31,18 @@ def test_win_rate_hand_count() -> None:
     assert win_rate(torch.ones(4), torch.zeros(4)) == 1.0
     with pytest.raises(ValueError, match="one length"):
         win_rate(torch.ones(3), torch.ones(2))
+
+
+def test_rm_gold_agreement_hand_count() -> None:
+    # items: RM and gold agree; disagree; gold tie (not counted); RM tie where gold differs (a miss)
+    acc, n = rm_gold_agreement(
+        [2.0, 0.0, 5.0, 1.0], [1.0, 1.0, 0.0, 1.0], [0.9, 0.9, 0.5, 0.2], [0.1, 0.2, 0.5, 0.8]
+    )
+    assert n == 3 and acc == pytest.approx(1 / 3)
+    acc, n = rm_gold_agreement([1.0], [0.0], [0.5], [0.5])
+    assert n == 0 and acc != acc  # NaN: nothing to compare
+    with pytest.raises(ValueError, match="one length"):
+        rm_gold_agreement([1.0, 2.0], [0.0], [0.5], [0.5])
 
 
 def test_sequence_kl_and_pairwise_accuracy() -> None:
@@ -120,6 +139,13 @@ def test_eval_matches_direct_computation(ckpts, tmp_path: Path) -> None:
         )
         assert res[f"win_rate_{judge}"] == pytest.approx(hand / len(rows))
     assert res["response_len"] == pytest.approx(sum(len(r["policy_response_ids"]) for r in rows) / len(rows))
+    differ = [r for r in rows if r["gold_policy"] != r["gold_baseline"]]
+    assert res["rm_gold_agreement_pairs"] == len(differ)
+    assert differ  # the two tiny policies answer differently somewhere, or this would test nothing
+    same_order = [
+        (r["rm_policy"] > r["rm_baseline"]) == (r["gold_policy"] > r["gold_baseline"]) for r in differ
+    ]
+    assert res["rm_gold_agreement"] == pytest.approx(sum(same_order) / len(differ))
 
     # RM accuracy: 3 usable pairs (one identical pair dropped), scored by direct forwards
     assert res["rm_pairs"] == 3 and res["rm_pairs_identical_dropped"] == 1
@@ -191,6 +217,7 @@ def test_eval_several_policies_in_one_run(ckpts, tmp_path: Path) -> None:
     # The baseline evaluated as a policy: its own samples, so zero KL and even win rates.
     assert per["sft"]["kl"] == pytest.approx(0.0, abs=1e-5)
     assert per["sft"]["win_rate_rm"] == per["sft"]["win_rate_gold"] == 0.5
+    assert per["sft"]["rm_gold_agreement_pairs"] == 0  # identical samples: no comparison to judge
     assert many["rm_accuracy"] == pytest.approx(one["rm_accuracy"]) and "kl" not in many
     top = json.loads((tmp_path / "many/eval/eval.json").read_text())
     assert top["policies"].keys() == per.keys()
@@ -217,3 +244,65 @@ def test_eval_vllm_backend(ckpts, tmp_path: Path) -> None:
         assert key in res and res[key] == res[key], key  # present and not NaN
     rows = [json.loads(x) for x in (tmp_path / "eval/eval_samples.jsonl").read_text().splitlines()]
     assert any(r["baseline_response"] != r["policy_response"] for r in rows)  # the swap took effect
+
+
+def test_rm_probe_agreement_matches_its_samples(ckpts, tmp_path: Path) -> None:
+    """``engine.rm_probe``: the reported agreement is the within-prompt pair count over its own samples."""
+    import itertools
+    import re
+
+    from transformers import AutoModelForSequenceClassification
+
+    from engine.config import ConfigError
+    from engine.rm_probe import main, pair_agreement, probe
+    from engine.tasks import toy_reward
+
+    summary, rows = probe(
+        str(ckpts["policy"]), str(ckpts["rm"]), "engine.tasks:toy_reward", str(ckpts["prompts"]), samples=3
+    )
+    assert len(rows) == 6 * 3 and summary["prompts"] == 6
+    tok = build_tokenizer()
+    rm = AutoModelForSequenceClassification.from_pretrained(ckpts["rm"]).eval()
+    hits = total = 0
+    for i in range(0, len(rows), 3):
+        group = rows[i : i + 3]
+        assert len({r["prompt"] for r in group}) == 1
+        for r in group:
+            assert r["gold"] == pytest.approx(toy_reward([r["prompt"]], [r["response"]])[0])
+            ids = torch.tensor([tok(r["prompt"])["input_ids"] + r["response_ids"]])
+            assert tok.decode(r["response_ids"], skip_special_tokens=True) == r["response"]
+            with torch.no_grad():
+                assert r["rm"] == pytest.approx(float(rm(input_ids=ids).logits[0, 0]), abs=1e-4)
+        for a, b in itertools.combinations(group, 2):
+            if a["gold"] != b["gold"]:
+                total += 1
+                hits += (a["rm"] - b["rm"]) * (a["gold"] - b["gold"]) > 0
+    assert summary["pairs"] == total > 0
+    assert summary["rm_gold_pair_agreement"] == pytest.approx(hits / total)
+    # The regex filter keeps only pairs whose two responses both match.
+    groups = [[("12", 1.0, 0.5), ("12 ok", 2.0, 0.3), ("13", 0.0, 0.1)]]
+    assert pair_agreement(groups) == (pytest.approx(2 / 3), 3)
+    assert pair_agreement(groups, re.compile("[0-9]+")) == (1.0, 1)
+    with pytest.raises(ConfigError, match="--samples"):
+        probe(
+            str(ckpts["policy"]),
+            str(ckpts["rm"]),
+            "engine.tasks:toy_reward",
+            str(ckpts["prompts"]),
+            samples=1,
+        )
+    assert (
+        main(
+            [
+                "--policy",
+                str(tmp_path / "nope"),
+                "--reward-model",
+                str(ckpts["rm"]),
+                "--gold",
+                "engine.tasks:toy_reward",
+                "--prompts",
+                str(ckpts["prompts"]),
+            ]
+        )
+        == 2
+    )
