@@ -12,9 +12,16 @@ The gold score gives partial credit: the fraction of target positions the
 response gets right, divided by the longer of the two lengths, so missing and
 extra characters both cost. It is hidden from training except through data:
 
-* ``make_sft_data``: correct demonstrations (``{"prompt", "response"}``);
+* ``make_sft_data``: demonstrations (``{"prompt", "response"}``) with the right
+  digits; with ``chatty_rate`` > 0 that share of them trails a chatty filler
+  (``"5183 ok"``, ``"5183!"``), as human demonstrations carry habits the
+  labellers do not like. The gold scorer wants the exact answer, so a filler costs
+  (``"5183 ok"`` scores 4/7). SFT imitates the habit; the preference pairs show
+  it is worse; RLHF (PPO, DPO, best-of-n) should learn to drop it while keeping
+  the digits right. The demo data (``write_demo_data``) uses ``CHATTY_RATE``.
 * ``make_preference_data``: two candidates of differing gold quality (the
-  target with 0..L random edits each), labelled with Bradley-Terry noise:
+  target with 0..L random edits each, and a filler with probability
+  ``chatty_rate``), labelled with Bradley-Terry noise:
   the better one is ``chosen`` with probability ``sigmoid((g_better - g_worse) / T)``;
   records also carry ``gold_chosen`` / ``gold_rejected`` for diagnostics;
 * ``make_prompts``: prompts for PPO and evaluation.
@@ -33,6 +40,9 @@ from pathlib import Path
 from typing import Any
 
 OPS = ("copy", "reverse", "sort")
+# Chatty endings some demonstrations (and preference candidates) trail; see the module docstring.
+FILLERS = (" ok", "!", " ok!")
+CHATTY_RATE = 0.5  # the share of demonstrations with a filler in the demo data
 MIN_DIGITS, MAX_DIGITS = 3, 6
 DIGITS = "0123456789"
 _PROMPT = re.compile(r"(copy|reverse|sort) ([0-9]+):\s*$")
@@ -90,15 +100,34 @@ def make_prompts(n: int, seed: int) -> list[str]:
     return [_prompt(rng) for _ in range(n)]
 
 
-def make_sft_data(n: int, seed: int) -> list[dict[str, str]]:
-    """``n`` correct demonstrations ``{"prompt", "response"}``."""
+def has_filler(response: str) -> bool:
+    """Whether a response carries anything besides digits (a chatty filler or other junk)."""
+    return bool(re.search(r"[^0-9]", response.strip()))
+
+
+def _check_rate(fn: str, chatty_rate: float) -> None:
+    if not 0.0 <= chatty_rate <= 1.0:
+        raise ValueError(f"{fn}: chatty_rate must be in [0, 1], got {chatty_rate}")
+
+
+def _maybe_filler(text: str, chatty_rate: float, rng: random.Random) -> str:
+    return text + rng.choice(FILLERS) if chatty_rate > 0 and rng.random() < chatty_rate else text
+
+
+def make_sft_data(n: int, seed: int, chatty_rate: float = 0.0) -> list[dict[str, str]]:
+    """``n`` demonstrations ``{"prompt", "response"}`` with the right digits.
+
+    A ``chatty_rate`` share of them (drawn independently) ends in one of ``FILLERS``.
+    """
     if n <= 0:
         raise ValueError(f"make_sft_data: n must be > 0, got {n}")
+    _check_rate("make_sft_data", chatty_rate)
     rng = random.Random(f"sft-{seed}")
+    chat = random.Random(f"chatty-{seed}")  # separate, so the prompts do not depend on the rate
     out = []
     for _ in range(n):
         p = _prompt(rng)
-        out.append({"prompt": p, "response": target(p)})
+        out.append({"prompt": p, "response": _maybe_filler(target(p), chatty_rate, chat)})
     return out
 
 
@@ -126,12 +155,13 @@ def bt_probability(g_better: float, g_worse: float, bt_temperature: float) -> fl
 
 
 def make_preference_data(
-    n: int, seed: int, bt_temperature: float = 0.15, min_gap: float = 0.34
+    n: int, seed: int, bt_temperature: float = 0.15, min_gap: float = 0.34, chatty_rate: float = 0.0
 ) -> list[dict[str, Any]]:
     """``n`` pairs ``{"prompt", "chosen", "rejected", "gold_chosen", "gold_rejected"}``.
 
     For each prompt two candidates are drawn as the target with 0..L random edits
-    each (redrawn until their gold scores differ by at least ``min_gap``: "differing
+    each, then a filler with probability ``chatty_rate`` each
+    (redrawn until their gold scores differ by at least ``min_gap``: "differing
     quality", as a labeller would be shown); the better one becomes
     ``chosen`` with probability ``sigmoid((g_better - g_worse) / bt_temperature)``,
     otherwise the pair is flipped (a noisy, realistic label).
@@ -142,13 +172,14 @@ def make_preference_data(
         raise ValueError(f"make_preference_data: min_gap must be in [0, 1), got {min_gap}")
     if not bt_temperature > 0:
         raise ValueError(f"make_preference_data: bt_temperature must be > 0, got {bt_temperature}")
+    _check_rate("make_preference_data", chatty_rate)
     rng = random.Random(f"pref-{seed}")
     out: list[dict[str, Any]] = []
     while len(out) < n:
         p = _prompt(rng)
         t = target(p)
-        a = corrupt(t, rng.randint(0, len(t)), rng)
-        b = corrupt(t, rng.randint(0, len(t)), rng)
+        a = _maybe_filler(corrupt(t, rng.randint(0, len(t)), rng), chatty_rate, rng)
+        b = _maybe_filler(corrupt(t, rng.randint(0, len(t)), rng), chatty_rate, rng)
         ga, gb = gold_score(p, a), gold_score(p, b)
         if abs(ga - gb) < max(min_gap, 1e-9):
             continue
@@ -209,16 +240,19 @@ def write_demo_data(
     n_pairs: int = 4000,
     n_prompts: int = 512,
     bt_temperature: float = 0.15,
+    chatty_rate: float = CHATTY_RATE,
 ) -> dict[str, Path]:
     """Write ``sft.jsonl``, ``preferences.jsonl``, ``prompts.jsonl``, ``eval_prompts.jsonl`` under ``out_dir``.
 
     The four sets use different seeds. Also writes ``stats.json`` (sizes, the BT
-    temperature and the label-accuracy ceiling of the preference pairs).
+    temperature, the chatty rate, the demonstrations' mean gold score and the
+    label-accuracy ceiling of the preference pairs).
     """
     out = Path(out_dir)
-    pairs = make_preference_data(n_pairs, seed, bt_temperature)
+    pairs = make_preference_data(n_pairs, seed, bt_temperature, chatty_rate=chatty_rate)
+    sft = make_sft_data(n_sft, seed, chatty_rate)
     paths = {
-        "sft": write_jsonl(make_sft_data(n_sft, seed), out / "sft.jsonl"),
+        "sft": write_jsonl(sft, out / "sft.jsonl"),
         "preferences": write_jsonl(pairs, out / "preferences.jsonl"),
         "prompts": write_jsonl([{"prompt": p} for p in make_prompts(n_prompts, seed)], out / "prompts.jsonl"),
         "eval_prompts": write_jsonl(
@@ -231,6 +265,9 @@ def write_demo_data(
         "n_pairs": n_pairs,
         "n_prompts": n_prompts,
         "bt_temperature": bt_temperature,
+        "chatty_rate": chatty_rate,
+        "sft_filler_rate": sum(has_filler(r["response"]) for r in sft) / len(sft),
+        "sft_gold_mean": sum(gold_score(r["prompt"], r["response"]) for r in sft) / len(sft),
         "label_accuracy_ceiling": label_accuracy_ceiling(pairs, bt_temperature),
         "label_flip_rate": sum(r["gold_chosen"] < r["gold_rejected"] for r in pairs) / len(pairs),
     }
@@ -248,8 +285,9 @@ if __name__ == "__main__":
     ap.add_argument("--n-pairs", type=int, default=4000)
     ap.add_argument("--n-prompts", type=int, default=512)
     ap.add_argument("--bt-temperature", type=float, default=0.15)
+    ap.add_argument("--chatty-rate", type=float, default=CHATTY_RATE)
     a = ap.parse_args()
     for name, path in write_demo_data(
-        a.out_dir, a.seed, a.n_sft, a.n_pairs, a.n_prompts, a.bt_temperature
+        a.out_dir, a.seed, a.n_sft, a.n_pairs, a.n_prompts, a.bt_temperature, a.chatty_rate
     ).items():
         print(f"{name}: {path}")

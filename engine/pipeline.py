@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -218,6 +219,10 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         "kl/ppo": evals["ppo"].get("kl"),
         "kl/dpo": evals["dpo"].get("kl"),
         "response_len/ppo": evals["ppo"].get("response_len"),
+        # How often the RM orders (policy, SFT) sample pairs as gold does: its accuracy off its data.
+        "rm_gold_agreement/ppo_vs_sft": evals["ppo"].get("rm_gold_agreement"),
+        "rm_gold_agreement/dpo_vs_sft": evals["dpo"].get("rm_gold_agreement"),
+        **_gold_breakdown(run / "eval", ("sft", "ppo", "dpo")),
         "stage_seconds": st.times,
         "size": size,
         "world_size": world,
@@ -227,6 +232,26 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     plots = _plots(run, ppo_rows, rm, summary)
     _report(run, summary, ppo_rows, plots)
     return summary
+
+
+def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | None]:
+    """Split each policy's gold score into its two parts from ``eval_samples.jsonl``.
+
+    ``filler_rate/<name>``: the share of responses with anything besides digits (the
+    demonstrations' chatty habit); ``gold_digits/<name>``: the mean gold score of the
+    responses with those characters removed, i.e. how right the digits are.
+    """
+    from engine.demo_task import gold_score, has_filler
+
+    out: dict[str, float | None] = {}
+    for name in names:
+        rows = read_rows_if_exists(eval_dir / name / "eval_samples.jsonl")
+        texts = [(r["prompt"], r["policy_response"]) for r in rows]
+        out[f"filler_rate/{name}"] = sum(has_filler(t) for _, t in texts) / len(texts) if texts else None
+        out[f"gold_digits/{name}"] = (
+            sum(gold_score(p, re.sub(r"[^0-9]", "", t)) for p, t in texts) / len(texts) if texts else None
+        )
+    return out
 
 
 def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dict[str, Any]) -> list[str]:

@@ -85,6 +85,42 @@ def test_write_demo_data(tmp_path) -> None:
     assert len(read_jsonl(paths["prompts"], ["prompt"])) == 10
     stats = json.loads((tmp_path / "stats.json").read_text())
     assert 0.5 < stats["label_accuracy_ceiling"] < 1.0
+    assert stats["chatty_rate"] == dt.CHATTY_RATE
+    sft = read_jsonl(paths["sft"], ["prompt", "response"])
+    assert stats["sft_filler_rate"] == sum(dt.has_filler(r["response"]) for r in sft) / len(sft)
+    assert stats["sft_gold_mean"] < 1.0 or stats["sft_filler_rate"] == 0.0
     sft_prompts = {r["prompt"] for r in read_jsonl(paths["sft"], ["prompt"])}
     eval_prompts = {r["prompt"] for r in read_jsonl(paths["eval_prompts"], ["prompt"])}
     assert len(eval_prompts - sft_prompts) > 0.9 * len(eval_prompts)  # mostly unseen
+
+
+def test_chatty_demonstrations_and_pairs() -> None:
+    """A ``chatty_rate`` share of demonstrations trails a filler that costs gold; pairs carry fillers too."""
+    plain = dt.make_sft_data(400, 2)
+    chatty = dt.make_sft_data(400, 2, chatty_rate=0.5)
+    assert [r["prompt"] for r in plain] == [r["prompt"] for r in chatty]  # the rate does not move prompts
+    with_filler = [r for r in chatty if dt.has_filler(r["response"])]
+    assert 0.4 < len(with_filler) / len(chatty) < 0.6
+    for rec in chatty:
+        digits = dt.target(rec["prompt"])
+        if dt.has_filler(rec["response"]):
+            assert rec["response"][len(digits) :] in dt.FILLERS and rec["response"].startswith(digits)
+            assert dt.gold_score(rec["prompt"], rec["response"]) == pytest.approx(
+                len(digits) / len(rec["response"].strip())
+            )
+        else:
+            assert rec["response"] == digits
+    assert not dt.has_filler(" 5183 ") and dt.has_filler("5183 ok") and dt.has_filler("5183!")
+    pairs = dt.make_preference_data(400, 2, chatty_rate=0.5)
+    share = sum(dt.has_filler(r[k]) for r in pairs for k in ("chosen", "rejected")) / (2 * len(pairs))
+    assert 0.35 < share < 0.65
+    # Where exactly one side has a filler and the digits are equal, the filler side is the worse one.
+    for r in pairs:
+        strip = [x.rstrip("!ok ") for x in (r["chosen"], r["rejected"])]
+        if strip[0] == strip[1]:
+            worse = "chosen" if r["gold_chosen"] < r["gold_rejected"] else "rejected"
+            assert dt.has_filler(r[worse])
+    with pytest.raises(ValueError, match="chatty_rate"):
+        dt.make_sft_data(4, 0, chatty_rate=1.5)
+    with pytest.raises(ValueError, match="chatty_rate"):
+        dt.make_preference_data(4, 0, chatty_rate=-0.1)

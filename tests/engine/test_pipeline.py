@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from engine.demo_task import gold_score
+
 pytestmark = pytest.mark.slow
 
 SCRIPTS = Path(__file__).parent / "_scripts"
@@ -110,7 +112,17 @@ def test_summary_report_and_plots(run_dir):
     assert summary["rm/accuracy_train_pairs_eval"] == top["rm_accuracy"]
     assert summary["gold/ppo"] == evals["ppo"]["gold_reward"]
     assert summary["gold/dpo"] == evals["dpo"]["gold_reward"] and summary["kl/dpo"] == evals["dpo"]["kl"]
+    assert summary["rm_gold_agreement/ppo_vs_sft"] == evals["ppo"]["rm_gold_agreement"]
     assert evals["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is its own reference
+    # The gold breakdown, recomputed from the eval samples: filler share, and gold of the digits alone.
+    for n in ("sft", "ppo", "dpo"):
+        rows = [json.loads(x) for x in (run_dir / "eval" / n / "eval_samples.jsonl").read_text().splitlines()]
+        fillers = [any(not c.isdigit() for c in r["policy_response"].strip()) for r in rows]
+        assert summary[f"filler_rate/{n}"] == pytest.approx(sum(fillers) / len(rows))
+        digits = ["".join(c for c in r["policy_response"] if c.isdigit()) for r in rows]
+        assert summary[f"gold_digits/{n}"] == pytest.approx(
+            sum(gold_score(r["prompt"], d) for r, d in zip(rows, digits)) / len(rows)
+        )
     report = (run_dir / "report.md").read_text()
     assert "RM held-out accuracy" in report and "PPO gold score" in report
     for png in ("ppo_reward_kl.png", "gold_scores.png", "rm_accuracy.png"):
