@@ -13,7 +13,18 @@ export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extensions}"
 # Cache bytecode: every stage/test subprocess otherwise recompiles torch & co. (~5 s each).
 unset PYTHONDONTWRITEBYTECODE
-cleanup() { rm -f /dev/shm/deepspeed_allreduce_buffer_* 2>/dev/null || true; }
+# Each test launch removes its own DeepSpeed shm buffers (tests/engine/_scripts/launch.py). At exit,
+# sweep up what a killed run left: buffers are named ..._<port>_<rank>, and a buffer whose port no
+# longer accepts connections belongs to a finished run. A live run elsewhere keeps its buffers.
+cleanup() {
+  local f port
+  for f in /dev/shm/deepspeed_allreduce_buffer_*; do
+    [[ -e "$f" ]] || continue
+    port="$(basename "$f" | awk -F_ '{print $(NF-1)}')"
+    [[ "$port" =~ ^[0-9]+$ ]] || continue
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then rm -f "$f"; fi
+  done
+}
 trap cleanup EXIT
 
 status=0
