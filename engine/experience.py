@@ -347,12 +347,49 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
+def _global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, Bessel-corrected variance) of ``x`` over the masked positions of every rank's batch.
+
+    Two float64 all-reduces on the default process group (sums, then squared deviations), so the
+    result equals ``masked_mean``/``masked_var`` of all ranks' tensors concatenated.
+    """
+    import torch.distributed as tdist
+
+    from engine import distributed as D
+
+    m = mask.bool()
+    xd = torch.where(m, x.double(), torch.zeros_like(x, dtype=torch.float64))
+    dev = D._comm_device()
+    t = torch.stack([xd.sum(), m.sum().double()]).to(dev)
+    tdist.all_reduce(t)
+    total, n = t[0].to(x.device), t[1].to(x.device)
+    mean = total / n.clamp_min(1)
+    sq = torch.where(m, (x.double() - mean) ** 2, torch.zeros_like(xd)).sum().reshape(1).to(dev)
+    tdist.all_reduce(sq)
+    var = sq[0].to(x.device) / (n - 1).clamp_min(1)
+    return mean.to(x.dtype), var.to(x.dtype)
+
+
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    across_ranks: bool = False,
 ) -> torch.Tensor:
-    """Normalize ``x`` to masked mean 0 (unless ``shift_mean`` is False) and std 1; masked-out -> 0."""
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask)
+    """Normalize ``x`` to masked mean 0 (unless ``shift_mean`` is False) and std 1; masked-out -> 0.
+
+    ``across_ranks``: the mean and std are those of every rank's batch together (all-reduced on
+    the default process group, as if one process held the whole rollout), so each rank's
+    advantages are on one global scale; every rank must call it. Without a process group (or
+    with one rank) it is the local statistics.
+    """
+    from engine import distributed as D
+
+    if across_ranks and D.world_size() > 1:
+        mean, var = _global_masked_moments(x, mask)
+    else:
+        mean, var = masked_mean(x, mask), masked_var(x, mask)
     out = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean
@@ -397,18 +434,20 @@ def compute_advantages(
     gamma: float,
     lam: float,
     whiten: bool = True,
+    across_ranks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """GAE over the response tokens (``kernels.gae``), advantages optionally whitened.
 
     rewards, values, action_mask [B, R] -> (advantages [B, R], returns [B, R]) float32,
-    zero where ``action_mask`` is 0. Returns are computed before whitening.
+    zero where ``action_mask`` is 0. Returns are computed before whitening, which uses the
+    statistics of all ranks' batches with ``across_ranks`` (see ``masked_whiten``).
     """
     mask = action_mask.bool()
     rewards = torch.where(mask, rewards.float(), torch.zeros_like(rewards, dtype=torch.float32))
     values = torch.where(mask, values.float(), torch.zeros_like(values, dtype=torch.float32))
     advantages, returns = kernels.gae(rewards, values, mask.float(), gamma, lam)
     if whiten:
-        advantages = masked_whiten(advantages, mask)
+        advantages = masked_whiten(advantages, mask, across_ranks=across_ranks)
     zero = torch.zeros_like(advantages)
     return torch.where(mask, advantages, zero), torch.where(mask, returns.float(), zero)
 

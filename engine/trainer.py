@@ -298,7 +298,7 @@ class PPOTrainer:
             exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, self.kl_ctl.value, p.kl.kind
         )
         exp.advantages, exp.returns = compute_advantages(
-            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages
+            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages, across_ranks=True
         )
         is_stats = {}
         if self.cfg.async_.tis_cap > 0:

@@ -193,3 +193,51 @@ def test_truncated_is_weights_against_float64() -> None:
     per_token = -torch.minimum(r * adv.double(), r.clamp(0.8, 1.2) * adv.double()) * w.double()
     want = per_token[mask].sum() / mask.sum()
     torch.testing.assert_close(a.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def _whiten_worker(rank: int, port: int, out_dir: str) -> None:
+    import torch.distributed as tdist
+
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        x, mask = _whiten_shards()[rank]
+        torch.save(masked_whiten(x, mask, across_ranks=True), f"{out_dir}/white{rank}.pt")
+        torch.save(
+            masked_whiten(x, mask, shift_mean=False, across_ranks=True), f"{out_dir}/unshifted{rank}.pt"
+        )
+    finally:
+        tdist.destroy_process_group()
+
+
+def _whiten_shards() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Two ranks' advantages on different scales and batch sizes (masked-out entries are NaN)."""
+    g = torch.Generator().manual_seed(3)
+    shards = []
+    for rows, lengths, scale, shift in ((3, [6, 2, 5], 1.0, 0.0), (2, [1, 4], 5.0, 3.0)):
+        x = torch.randn(rows, 6, generator=g) * scale + shift
+        mask = _action_mask(lengths, 6)
+        shards.append((torch.where(mask, x, torch.full_like(x, float("nan"))), mask))
+    return shards
+
+
+def test_masked_whiten_across_ranks_equals_whitening_the_whole_batch(tmp_path) -> None:
+    """Two gloo ranks whiten their shards with global statistics: as if one process held both."""
+    import torch.multiprocessing as mp
+
+    from tests.engine._scripts.launch import free_port
+
+    mp.spawn(_whiten_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    shards = _whiten_shards()
+    x = torch.cat([s[0] for s in shards]).double()
+    mask = torch.cat([s[1] for s in shards])
+    vals = x[mask]
+    expected = torch.where(mask, (x - vals.mean()) / vals.std(), torch.zeros_like(x))
+    got = torch.cat([torch.load(tmp_path / f"white{r}.pt") for r in range(2)]).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    unshifted = torch.cat([torch.load(tmp_path / f"unshifted{r}.pt") for r in range(2)]).double()
+    torch.testing.assert_close(unshifted[mask], expected[mask] + vals.mean(), atol=1e-5, rtol=1e-5)
+    # Per-rank statistics would differ (the shards have different scales): the test can tell.
+    local = torch.cat([masked_whiten(*s) for s in shards]).double()
+    assert (local - expected).abs().max() > 0.1
+    # Without a process group, across_ranks is the local whitening.
+    torch.testing.assert_close(masked_whiten(*shards[0], across_ranks=True), masked_whiten(*shards[0]))
