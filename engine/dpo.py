@@ -49,20 +49,17 @@ from engine.config import (
     _validate_stage,
     load_config,
 )
-from engine.data import DataError, PromptSampler, read_jsonl
+from engine.data import DataError, PromptSampler
 from engine.stages_common import (
     EncodeStats,
     LoopState,
-    encode_prompt,
-    encode_response,
     eval_due,
     finish_stage,
-    fit_prompt,
-    fit_response,
     log_due,
     save_hf_checkpoint,
     setup_resumable_stage,
     split_eval,
+    tokenize_preference_pairs,
 )
 
 if TYPE_CHECKING:
@@ -178,37 +175,21 @@ def load_preference_pairs(
     max_prompt_len: int,
     on_long_prompt: str = "truncate",
 ) -> tuple[list[PreferencePair], EncodeStats]:
-    """Read, check and tokenize ``{"prompt", "chosen", "rejected"}`` records (errors name file:line).
+    """``stages_common.tokenize_preference_pairs`` (the loader the RM stage uses too) as DPO's pairs.
 
-    Pairs with identical responses (as text, or after truncation) are dropped and
-    counted in ``stats.extra["pairs_identical_dropped"]``.
+    At least one usable pair is required.
     """
-    records = read_jsonl(path, ["prompt", "chosen", "rejected"])
-    stats = EncodeStats(extra={"pairs_identical_dropped": 0})
-    bos = tokenizer.bos_token_id
-    pairs = []
-    for rec in records:
-        if rec["chosen"].strip() == rec["rejected"].strip():
-            stats.extra["pairs_identical_dropped"] += 1
-            continue
-        prompt = fit_prompt(
-            encode_prompt(tokenizer, rec["prompt"]), max_prompt_len, on_long_prompt, bos, stats
-        )
-        if prompt is None:
-            continue
-        chosen = fit_response(prompt, encode_response(tokenizer, rec["chosen"]), max_len, stats)
-        rejected = fit_response(prompt, encode_response(tokenizer, rec["rejected"]), max_len, stats)
-        if chosen == rejected:
-            stats.extra["pairs_identical_dropped"] += 1
-            continue
-        pairs.append(PreferencePair(prompt, chosen, rejected))
-    if not pairs:
+    tokenized, stats, n_records = tokenize_preference_pairs(
+        path, tokenizer, max_len, max_prompt_len, on_long_prompt
+    )
+    if not tokenized:
+        identical = sum(stats.extra.values())
         raise DataError(
-            f"{path}: no usable pairs among {len(records)} records "
-            f"({stats.extra['pairs_identical_dropped']} had chosen == rejected, "
+            f"{path}: no usable pairs among {n_records} records "
+            f"({identical} had chosen == rejected, "
             f"{stats.prompts_dropped} prompts longer than max_prompt_len={max_prompt_len} were dropped)"
         )
-    return pairs, stats
+    return [PreferencePair(tp.prompt, tp.chosen, tp.rejected) for tp in tokenized], stats
 
 
 def pack_rows(

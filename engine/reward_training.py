@@ -30,23 +30,19 @@ from torch import nn
 
 from engine import distributed as D
 from engine.config import RMConfig, RMDataConfig, RMTrainConfig, load_config
-from engine.data import DataError, PromptSampler, read_jsonl
+from engine.data import DataError, PromptSampler
 from engine.models import require_checkpoint_kind
 from engine.stages_common import (
     EncodeStats,
     LoopState,
-    encode_prompt,
-    encode_response,
     eval_due,
     finish_stage,
-    fit_prompt,
-    fit_response,
     log_due,
-    nonblank_line_numbers,
     pad_right,
     save_hf_checkpoint,
     setup_resumable_stage,
     split_eval,
+    tokenize_preference_pairs,
 )
 
 if TYPE_CHECKING:
@@ -149,42 +145,27 @@ def load_pairs(
     cfg: RMDataConfig, train: RMTrainConfig, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[list[PairExample], EncodeStats]:
     """Read, check and tokenize preference pairs; identical pairs are dropped and counted."""
-    records = read_jsonl(cfg.train, ["prompt", "chosen", "rejected"])
-    lines = nonblank_line_numbers(cfg.train)
-    stats = EncodeStats(extra={"pairs_identical_dropped": 0, "pairs_identical_after_truncation_dropped": 0})
-    bos = tokenizer.bos_token_id
+    tokenized, stats, n_records = tokenize_preference_pairs(
+        cfg.train, tokenizer, cfg.max_len, cfg.max_prompt_len, cfg.on_long_prompt
+    )
     pairs = []
-    for rec, line in zip(records, lines):
-        where = f"{cfg.train}:{line}"
-        if rec["chosen"].strip() == rec["rejected"].strip():
-            stats.extra["pairs_identical_dropped"] += 1
-            continue
+    for tp in tokenized:
         margin = float(train.margin)
         if train.margin_from_data:
-            m = rec.get("margin")
+            m = tp.record.get("margin")
             if isinstance(m, bool) or not isinstance(m, (int, float)) or not math.isfinite(m):
-                raise DataError(f"{where}: train.margin_from_data=true needs a numeric 'margin', got {m!r}")
+                raise DataError(
+                    f"{tp.where}: train.margin_from_data=true needs a numeric 'margin', got {m!r}"
+                )
             margin += float(m)
-        prompt = fit_prompt(
-            encode_prompt(tokenizer, rec["prompt"]), cfg.max_prompt_len, cfg.on_long_prompt, bos, stats
-        )
-        if prompt is None:
-            continue
-        chosen = prompt + fit_response(prompt, encode_response(tokenizer, rec["chosen"]), cfg.max_len, stats)
-        rejected = prompt + fit_response(
-            prompt, encode_response(tokenizer, rec["rejected"]), cfg.max_len, stats
-        )
-        if chosen == rejected:
-            stats.extra["pairs_identical_after_truncation_dropped"] += 1
-            continue
-        gold = [rec.get(k) for k in ("gold_chosen", "gold_rejected")]
+        gold = [tp.record.get(k) for k in ("gold_chosen", "gold_rejected")]
         gold = [
             float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else math.nan for g in gold
         ]
-        pairs.append(PairExample(chosen, rejected, margin, *gold))
+        pairs.append(PairExample(tp.prompt + tp.chosen, tp.prompt + tp.rejected, margin, *gold))
     if len(pairs) < 2:
         raise DataError(
-            f"{cfg.train}: only {len(pairs)} usable pairs of {len(records)} "
+            f"{cfg.train}: only {len(pairs)} usable pairs of {n_records} "
             f"(dropped: {stats.as_metrics()}); need at least 2"
         )
     return pairs, stats

@@ -308,6 +308,59 @@ def nonblank_line_numbers(path: str | os.PathLike) -> list[int]:
         return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
+@dataclass
+class TokenizedPair:
+    """One preference record, tokenized: ``prompt`` starts with <bos>, ``chosen``/``rejected`` end with <eos>.
+
+    ``record`` is the JSON object it came from and ``where`` its ``file:line``, for later checks.
+    """
+
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    record: dict[str, Any]
+    where: str
+
+
+def tokenize_preference_pairs(
+    path: str | os.PathLike,
+    tokenizer: Any,
+    max_len: int,
+    max_prompt_len: int,
+    on_long_prompt: str = "truncate",
+) -> tuple[list[TokenizedPair], EncodeStats, int]:
+    """Read, check and tokenize ``{"prompt", "chosen", "rejected"}`` JSONL (errors name file:line).
+
+    The one loader of preference data (RM, DPO, eval). Pairs whose responses are equal as text
+    are dropped and counted in ``stats.extra["pairs_identical_dropped"]``, those equal only after
+    truncation in ``["pairs_identical_after_truncation_dropped"]``; over-long prompts follow
+    ``on_long_prompt``. Returns (pairs, stats, number of records read).
+    """
+    from engine.data import read_jsonl
+
+    records = read_jsonl(path, ["prompt", "chosen", "rejected"])
+    lines = nonblank_line_numbers(path)
+    stats = EncodeStats(extra={"pairs_identical_dropped": 0, "pairs_identical_after_truncation_dropped": 0})
+    bos = tokenizer.bos_token_id
+    pairs = []
+    for rec, line in zip(records, lines):
+        if rec["chosen"].strip() == rec["rejected"].strip():
+            stats.extra["pairs_identical_dropped"] += 1
+            continue
+        prompt = fit_prompt(
+            encode_prompt(tokenizer, rec["prompt"]), max_prompt_len, on_long_prompt, bos, stats
+        )
+        if prompt is None:
+            continue
+        chosen = fit_response(prompt, encode_response(tokenizer, rec["chosen"]), max_len, stats)
+        rejected = fit_response(prompt, encode_response(tokenizer, rec["rejected"]), max_len, stats)
+        if chosen == rejected:
+            stats.extra["pairs_identical_after_truncation_dropped"] += 1
+            continue
+        pairs.append(TokenizedPair(prompt, chosen, rejected, rec, f"{path}:{line}"))
+    return pairs, stats, len(records)
+
+
 def split_eval(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:
     """(train indices, eval indices): a seeded random ``eval_size`` held out; at least one left to train."""
     if eval_size >= n:
