@@ -41,15 +41,15 @@ from engine.config import (
     DataConfig,
     ModelConfig,
     OptimConfig,
+    QuietLoggingConfig,
     RewardConfig,
     RolloutConfig,
     StageConfig,
-    _choice,
-    _positive,
+    check_choice,
+    check_positive,
     check_stage_counts,
     load_config,
 )
-from engine.dpo import QuietLoggingConfig
 
 
 # --------------------------------------------------------------------------- config
@@ -101,19 +101,19 @@ class BoNConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _choice("resume", self.resume, ("auto", "never"), allow_path=True)
-        _choice("reward.kind", self.reward.kind, ("function", "model"))
-        _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
-        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        _choice("optim.zero_stage", self.optim.zero_stage, (0, 1, 2, 3))
-        _positive("total_steps", self.total_steps)
+        check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
+        check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        check_choice("optim.zero_stage", self.optim.zero_stage, (0, 1, 2, 3))
+        check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
-        _positive("optim.lr", self.optim.lr)
-        _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        _positive("rollout.temperature", self.rollout.temperature)
+        check_positive("optim.lr", self.optim.lr)
+        check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
+        check_positive("rollout.temperature", self.rollout.temperature)
         b = self.bon
         for key in ("n", "prompts_per_round", "steps_per_round", "batch_size", "micro_batch_size"):
-            _positive(f"bon.{key}", getattr(b, key))
+            check_positive(f"bon.{key}", getattr(b, key))
         if b.prompts_per_round % world_size:
             raise ConfigError(
                 f"bon.prompts_per_round={b.prompts_per_round} is not divisible by world size {world_size}"

@@ -160,6 +160,15 @@ class LoggingConfig:
 
 
 @dataclass
+class QuietLoggingConfig(LoggingConfig):
+    """metrics.jsonl only: the offline stages (SFT, RM, DPO, best-of-n) are short; a bar and
+    tensorboard add little."""
+
+    tensorboard: bool = False
+    progress_bar: bool = False
+
+
+@dataclass
 class StageConfig:
     """Keys every stage shares."""
 
@@ -187,17 +196,17 @@ class PPOConfig(StageConfig):
 
     def validate(self, world_size: int = 1) -> None:
         """Range and consistency checks; raises ConfigError naming the key."""
-        _choice("resume", self.resume, ("auto", "never"), allow_path=True)
-        _choice("reward.kind", self.reward.kind, ("function", "model"))
-        _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
-        _choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
-        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        _choice("placement.mode", self.placement.mode, ("colocate", "split"))
-        _choice("placement.scoring", self.placement.scoring, ("trainer", "rollout"))
+        check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
+        check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        check_choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        check_choice("placement.mode", self.placement.mode, ("colocate", "split"))
+        check_choice("placement.scoring", self.placement.scoring, ("trainer", "rollout"))
         if self.placement.scoring == "rollout" and self.placement.mode != "split":
             raise ConfigError("placement.scoring=rollout needs placement.mode=split")
-        _positive("placement.timeout_s", self.placement.timeout_s)
-        _positive("placement.bucket_mb", self.placement.bucket_mb)
+        check_positive("placement.timeout_s", self.placement.timeout_s)
+        check_positive("placement.bucket_mb", self.placement.bucket_mb)
         if self.async_.max_staleness < 0:
             raise ConfigError(f"async.max_staleness must be >= 0, got {self.async_.max_staleness}")
         if self.async_.max_staleness > 0 and self.placement.mode != "split":
@@ -205,15 +214,15 @@ class PPOConfig(StageConfig):
         if self.async_.tis_cap != 0 and self.async_.tis_cap < 1:
             raise ConfigError(f"async.tis_cap must be 0 (off) or >= 1, got {self.async_.tis_cap}")
         for name, opt in (("actor", self.actor), ("critic", self.critic)):
-            _positive(f"{name}.lr", opt.lr)
-            _choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
+            check_positive(f"{name}.lr", opt.lr)
+            check_choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
             if opt.grad_clip < 0:
                 raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
-        _positive("total_steps", self.total_steps)
+        check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
-        _positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        _positive("rollout.temperature", self.rollout.temperature)
-        _positive("data.max_prompt_len", self.data.max_prompt_len)
+        check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
+        check_positive("rollout.temperature", self.rollout.temperature)
+        check_positive("data.max_prompt_len", self.data.max_prompt_len)
         p = self.ppo
         if not 0.0 <= p.clip_low < 1.0:
             raise ConfigError(f"ppo.clip_low must be in [0, 1), got {p.clip_low}")
@@ -230,7 +239,7 @@ class PPOConfig(StageConfig):
             "micro_batch_size",
             "ppo_epochs",
         ):
-            _positive(f"ppo.{key}", getattr(p, key))
+            check_positive(f"ppo.{key}", getattr(p, key))
         samples = p.rollout_batch_size * p.samples_per_prompt
         unit = p.micro_batch_size * world_size
         if p.mini_batch_size % unit:
@@ -258,7 +267,7 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"data.prompts: file does not exist: {self.data.prompts}")
 
 
-def _choice(key: str, value: Any, choices: tuple, allow_path: bool = False) -> None:
+def check_choice(key: str, value: Any, choices: tuple, allow_path: bool = False) -> None:
     if value in choices:
         return
     if allow_path and isinstance(value, str) and value:
@@ -268,7 +277,7 @@ def _choice(key: str, value: Any, choices: tuple, allow_path: bool = False) -> N
     raise ConfigError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
-def _positive(key: str, value: float) -> None:
+def check_positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
 
@@ -487,14 +496,12 @@ class SFTConfig(StageConfig):
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=20)
     )
-    logging: LoggingConfig = field(
-        default_factory=lambda: LoggingConfig(tensorboard=False, progress_bar=False)
-    )
+    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size, resumable=True)
-        _choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
-        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        validate_stage(self, world_size, resumable=True)
+        check_choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
             raise ConfigError(
                 f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
@@ -536,13 +543,11 @@ class RMConfig(StageConfig):
     data: RMDataConfig = field(default_factory=RMDataConfig)
     train: RMTrainConfig = field(default_factory=RMTrainConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
-    logging: LoggingConfig = field(
-        default_factory=lambda: LoggingConfig(tensorboard=False, progress_bar=False)
-    )
+    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size, resumable=True)
-        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        validate_stage(self, world_size, resumable=True)
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
             raise ConfigError(
                 f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
@@ -566,26 +571,26 @@ def check_stage_counts(cfg: StageConfig) -> None:
             raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
 
 
-def _validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
+def validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
     """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
 
     ``resumable`` stages (SFT, RM, DPO) accept ``resume=auto|never|<checkpoint path>``; others only never.
     """
     if resumable:
-        _choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
+        check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
     else:
-        _choice("resume", cfg.resume, ("never",))
-    _positive("total_steps", cfg.total_steps)
+        check_choice("resume", cfg.resume, ("never",))
+    check_positive("total_steps", cfg.total_steps)
     check_stage_counts(cfg)
-    _positive("optim.lr", cfg.optim.lr)
+    check_positive("optim.lr", cfg.optim.lr)
     if cfg.optim.lr == float("inf"):
         raise ConfigError(f"optim.lr must be finite, got {cfg.optim.lr}")
-    _choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
+    check_choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
     if cfg.optim.grad_clip < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
     t = cfg.train
-    _positive("train.batch_size", t.batch_size)
-    _positive("train.micro_batch_size", t.micro_batch_size)
+    check_positive("train.batch_size", t.batch_size)
+    check_positive("train.micro_batch_size", t.micro_batch_size)
     if t.batch_size % (t.micro_batch_size * world_size):
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by "

@@ -40,14 +40,14 @@ import torch.nn.functional as F
 from engine import distributed as D
 from engine.config import (
     ConfigError,
-    LoggingConfig,
     ModelConfig,
     OptimConfig,
+    QuietLoggingConfig,
     RMDataConfig,
     StageConfig,
-    _choice,
-    _validate_stage,
+    check_choice,
     load_config,
+    validate_stage,
 )
 from engine.data import DataError, PromptSampler
 from engine.stages_common import (
@@ -84,16 +84,6 @@ class DPOTrainConfig:
     log_every: int = 10
 
 
-# Section defaults differ from the shared classes, so they are subclasses, not ``default_factory``
-# lambdas: ``load_config`` rebuilds an overridden section from its class defaults.
-@dataclass
-class QuietLoggingConfig(LoggingConfig):
-    """metrics.jsonl only: the offline stages are short, a bar and tensorboard add little."""
-
-    tensorboard: bool = False
-    progress_bar: bool = False
-
-
 @dataclass
 class DPOModelConfig(ModelConfig):
     path: str = "runs/sft"
@@ -119,9 +109,9 @@ class DPOConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        _validate_stage(self, world_size, resumable=True)
-        _choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        _choice("dpo.loss", self.dpo.loss, ("sigmoid", "ipo"))
+        validate_stage(self, world_size, resumable=True)
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        check_choice("dpo.loss", self.dpo.loss, ("sigmoid", "ipo"))
         if not self.dpo.beta > 0:
             raise ConfigError(f"dpo.beta must be > 0, got {self.dpo.beta}")
         if not 2 <= self.data.max_prompt_len < self.data.max_len:

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from engine import distributed as D
-from engine.config import ConfigError, RolloutConfig, StageConfig, _choice, load_config, save_config
+from engine.config import ConfigError, RolloutConfig, StageConfig, check_choice, load_config, save_config
 
 
 # --------------------------------------------------------------------------- config
@@ -82,7 +82,7 @@ class EvalConfig(StageConfig):
 
     def validate(self, world_size: int = 1) -> None:
         m, d = self.models, self.data
-        _choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         if not isinstance(m.policies, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in m.policies.items()
         ):
