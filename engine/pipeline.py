@@ -1,11 +1,11 @@
-"""The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, eval, report.
+"""The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, best-of-n, eval, report.
 
 ``python -m engine.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
 Each stage runs as its own ``python -m engine.cli STAGE`` process (or
 ``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
-one folder per stage, ``report.md``, ``summary.json`` and PNG plots. The three policies
-(SFT, PPO, DPO) are evaluated by one ``eval`` process (``eval/<name>/eval.json``).
+one folder per stage, ``report.md``, ``summary.json`` and PNG plots. The four policies
+(SFT, PPO, DPO, best-of-n) are evaluated by one ``eval`` process (``eval/<name>/eval.json``).
 """
 
 from __future__ import annotations
@@ -32,6 +32,15 @@ SIZES: dict[str, dict[str, Any]] = {
         "rm": ["total_steps=200"],
         "ppo": ["total_steps=30"],
         "dpo": ["total_steps=100"],
+        # 4 rounds: 8 samples for each of 128 prompts, the RM's best kept, 8 SFT steps on them.
+        "bon": [
+            "total_steps=4",
+            "bon.n=8",
+            "bon.prompts_per_round=128",
+            "bon.steps_per_round=8",
+            "bon.batch_size=16",
+            "bon.micro_batch_size=16",
+        ],
         "eval": ["data.num_prompts=128"],
     },
     "ci": {
@@ -40,9 +49,21 @@ SIZES: dict[str, dict[str, Any]] = {
         "rm": ["total_steps=30", "data.eval_size=64"],
         "ppo": ["total_steps=3"],
         "dpo": ["total_steps=10", "data.eval_size=64"],
+        "bon": [
+            "total_steps=1",
+            "bon.n=4",
+            "bon.prompts_per_round=8",
+            "bon.steps_per_round=2",
+            "bon.batch_size=4",
+            "bon.micro_batch_size=4",
+        ],
         "eval": ["data.num_prompts=16"],
     },
 }
+
+
+# The policies the pipeline trains and evaluates, the SFT baseline first.
+POLICIES = ("sft", "ppo", "dpo", "bon")
 
 
 def _stage_env() -> dict[str, str]:
@@ -94,7 +115,7 @@ def read_rows_if_exists(path: Path) -> list[dict[str, Any]]:
 class Stages:
     """One run directory and how its stages launch: each method runs one ``engine.cli`` stage.
 
-    Layout under ``root``: ``data/``, ``sft/``, ``rm/``, ``ppo/``, ``dpo/``, ``eval/``, ``logs/``.
+    Layout under ``root``: ``data/``, ``sft/``, ``rm/``, ``ppo/``, ``dpo/``, ``bon/``, ``eval/``, ``logs/``.
     ``times`` collects each stage's wall seconds. ``engine.kl_sweep`` reuses it.
     """
 
@@ -162,6 +183,22 @@ class Stages:
     def dpo(self) -> Path:
         return self._from_sft_on_pairs("dpo")
 
+    def bon(self) -> Path:
+        """Best-of-n rounds (RAFT) from ``sft/``: vLLM samples, the RM picks, SFT on the picks."""
+        out = self.root / "bon"
+        ov = [
+            f"output_dir={out}",
+            f"model.path={self.root / 'sft'}",
+            "reward.kind=model",
+            f"reward.model_path={self.root / 'rm'}",
+            f"data.prompts={self.data_paths['prompts']}",
+            "data.max_prompt_len=24",
+            "rollout.max_new_tokens=12",  # as configs/ppo_demo.yaml: 6 digits, a filler, eos
+            "optim.lr=1e-4",
+        ]
+        self._stage("bon", "bon", [*ov, *self.sizes["bon"]])
+        return out
+
     def evaluate(
         self,
         policies: dict[str, Path],
@@ -197,10 +234,10 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     st = Stages(Path(run_dir), size, world, seed)
     run = st.root
     st.data()
-    sft, rm, ppo, dpo = st.sft(), st.rm(), st.ppo(), st.dpo()
-    ev = st.evaluate({"sft": sft, "ppo": ppo / "final", "dpo": dpo})
+    sft, rm, ppo, dpo, bon = st.sft(), st.rm(), st.ppo(), st.dpo(), st.bon()
+    ev = st.evaluate({"sft": sft, "ppo": ppo / "final", "dpo": dpo, "bon": bon})
     evals: dict[str, dict[str, Any]] = ev.get("policies", {})
-    for name in ("sft", "ppo", "dpo"):
+    for name in POLICIES:
         evals.setdefault(name, {})
 
     rm_summary = read_json_if_exists(rm / "summary.json")
@@ -211,18 +248,14 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         "gold/sft": evals["sft"].get("gold_reward"),
         "gold/ppo": evals["ppo"].get("gold_reward"),
         "gold/dpo": evals["dpo"].get("gold_reward"),
-        "rm_reward/sft": evals["sft"].get("rm_reward"),
-        "rm_reward/ppo": evals["ppo"].get("rm_reward"),
-        "rm_reward/dpo": evals["dpo"].get("rm_reward"),
-        "win_rate_gold/ppo_vs_sft": evals["ppo"].get("win_rate_gold"),
-        "win_rate_gold/dpo_vs_sft": evals["dpo"].get("win_rate_gold"),
-        "kl/ppo": evals["ppo"].get("kl"),
-        "kl/dpo": evals["dpo"].get("kl"),
+        "gold/bon": evals["bon"].get("gold_reward"),
+        **{f"rm_reward/{n}": evals[n].get("rm_reward") for n in POLICIES},
+        **{f"win_rate_gold/{n}_vs_sft": evals[n].get("win_rate_gold") for n in POLICIES[1:]},
+        **{f"kl/{n}": evals[n].get("kl") for n in POLICIES[1:]},
         "response_len/ppo": evals["ppo"].get("response_len"),
         # How often the RM orders (policy, SFT) sample pairs as gold does: its accuracy off its data.
-        "rm_gold_agreement/ppo_vs_sft": evals["ppo"].get("rm_gold_agreement"),
-        "rm_gold_agreement/dpo_vs_sft": evals["dpo"].get("rm_gold_agreement"),
-        **_gold_breakdown(run / "eval", ("sft", "ppo", "dpo")),
+        **{f"rm_gold_agreement/{n}_vs_sft": evals[n].get("rm_gold_agreement") for n in POLICIES[1:]},
+        **_gold_breakdown(run / "eval", POLICIES),
         "stage_seconds": st.times,
         "size": size,
         "world_size": world,
@@ -273,10 +306,10 @@ def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dic
         fig.savefig(run / "ppo_reward_kl.png", dpi=110)
         plt.close(fig)
         out.append("ppo_reward_kl.png")
-    names = ["sft", "ppo", "dpo"]
+    names = list(POLICIES)
     gold = [summary.get(f"gold/{n}") or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    ax.bar(names, gold, color=["tab:gray", "tab:blue", "tab:green"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(names, gold, color=["tab:gray", "tab:blue", "tab:green", "tab:orange"])
     ax.set(title="Gold score on held-out prompts", ylabel="mean gold score", ylim=(0, 1))
     for i, g in enumerate(gold):
         ax.text(i, g + 0.01, f"{g:.3f}", ha="center")

@@ -36,29 +36,8 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def bon_dir(run_dir):
-    """One best-of-n round from the pipeline's SFT policy, scored by its RM (the pipeline runs no bon)."""
-    from engine.pipeline import _run_stage
-
-    out = run_dir / "bon"
-    overrides = [
-        f"output_dir={out}",
-        f"model.path={run_dir / 'sft'}",
-        "reward.kind=model",
-        f"reward.model_path={run_dir / 'rm'}",
-        f"data.prompts={run_dir / 'data' / 'prompts.jsonl'}",
-        "data.max_prompt_len=24",
-        "rollout.backend=hf",
-        "rollout.max_new_tokens=8",
-        "total_steps=1",
-        "bon.n=4",
-        "bon.prompts_per_round=8",
-        "bon.steps_per_round=2",
-        "bon.batch_size=4",
-        "bon.micro_batch_size=4",
-        "optim.zero_stage=0",
-    ]
-    _run_stage("bon", overrides, run_dir / "logs" / "bon.log", world=1)
-    return out
+    """The pipeline's best-of-n policy (one round at the ci size, scored by its RM)."""
+    return run_dir / "bon"
 
 
 POLICIES = ("sft", "ppo/final", "dpo", "bon")
@@ -106,16 +85,21 @@ def test_summary_report_and_plots(run_dir):
     assert 0.0 <= summary["gold/sft"] <= 1.0 and 0.0 <= summary["rm/accuracy"] <= 1.0
     assert summary["kl/ppo"] > 0.0  # PPO moved the policy away from the SFT reference
     # One eval process for all three policies: eval/<name>/eval.json, and the shared RM accuracy on top.
-    evals = {n: json.loads((run_dir / "eval" / n / "eval.json").read_text()) for n in ("sft", "ppo", "dpo")}
+    evals = {
+        n: json.loads((run_dir / "eval" / n / "eval.json").read_text()) for n in ("sft", "ppo", "dpo", "bon")
+    }
     top = json.loads((run_dir / "eval" / "eval.json").read_text())
     assert top["policies"]["ppo"].items() <= evals["ppo"].items()
     assert summary["rm/accuracy_train_pairs_eval"] == top["rm_accuracy"]
     assert summary["gold/ppo"] == evals["ppo"]["gold_reward"]
     assert summary["gold/dpo"] == evals["dpo"]["gold_reward"] and summary["kl/dpo"] == evals["dpo"]["kl"]
     assert summary["rm_gold_agreement/ppo_vs_sft"] == evals["ppo"]["rm_gold_agreement"]
+    assert summary["gold/bon"] == evals["bon"]["gold_reward"] and summary["kl/bon"] == evals["bon"]["kl"]
+    bon_rows = [json.loads(x) for x in (run_dir / "bon" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in bon_rows if "step" in r][-1] == 1  # the ci size runs one round
     assert evals["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is its own reference
     # The gold breakdown, recomputed from the eval samples: filler share, and gold of the digits alone.
-    for n in ("sft", "ppo", "dpo"):
+    for n in ("sft", "ppo", "dpo", "bon"):
         rows = [json.loads(x) for x in (run_dir / "eval" / n / "eval_samples.jsonl").read_text().splitlines()]
         fillers = [any(not c.isdigit() for c in r["policy_response"].strip()) for r in rows]
         assert summary[f"filler_rate/{n}"] == pytest.approx(sum(fillers) / len(rows))
