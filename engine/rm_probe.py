@@ -57,10 +57,17 @@ def probe(
     seed: int = 0,
     only_texts: str = "",
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Run the probe; returns (summary, sample rows)."""
+    """Run the probe; returns (summary, sample rows).
+
+    Sampling is ``engine.rollout.HFRollout`` (the trainer's transformers backend) and the batch
+    layout ``collate_samples``'s, so the RM scores each sample exactly as PPO's scorer would.
+    """
+    from engine.config import RolloutConfig
     from engine.data import read_jsonl
     from engine.evaluate import _load_gold, _load_rm
+    from engine.experience import collate_samples
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
+    from engine.rollout import HFRollout
 
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form pairs, got {samples}")
@@ -70,45 +77,29 @@ def probe(
     only = re.compile(only_texts) if only_texts else None
     prompts = [r["prompt"] for r in read_jsonl(prompts_path, ["prompt"])][:num_prompts]
     tok = load_tokenizer(policy, role="--policy")
-    lm = load_causal_lm(policy, torch.float32, "sdpa", role="--policy").eval()
+    lm = load_causal_lm(policy, torch.float32, "sdpa", role="--policy")
     check_tokenizer_matches(tok, lm.config)
     rm, gold_fn = _load_rm(reward_model), _load_gold(gold)
-    torch.manual_seed(seed)
-    pad, eos = tok.pad_token_id, tok.eos_token_id
+    rollout = HFRollout(lm, tok, RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature))
     rows: list[dict[str, Any]] = []
     groups = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
-        enc = [tok(p)["input_ids"] for p in chunk]
-        width = max(map(len, enc))
-        ids = torch.tensor([[pad] * (width - len(e)) + e for e in enc]).repeat_interleave(samples, 0)
-        attn = (ids != pad).long()
-        out = lm.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            do_sample=True,
-            temperature=temperature,
-            top_k=0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
-            eos_token_id=eos,
-        )
-        resp_ids = out[:, width:]
-        # Response tokens up to and including the first eos; the rest is padding.
-        done_before = torch.cumsum((resp_ids == eos).long(), 1) - (resp_ids == eos).long()
-        resp_attn = ((done_before == 0) & (resp_ids != pad)).long()
-        seq_attn = torch.cat([attn, resp_attn], 1)
-        texts = tok.batch_decode(resp_ids * resp_attn, skip_special_tokens=True)
+        flat = [
+            s for g in rollout.generate([tok(p)["input_ids"] for p in chunk], samples, seed + i) for s in g
+        ]
+        rb = collate_samples(flat, tok, tok.pad_token_id)
         ps = [p for p in chunk for _ in range(samples)]
-        rm_scores, _ = rm.score(ps, texts, out * seq_attn, seq_attn)
-        gold_scores, _ = gold_fn.score(ps, texts)
+        rm_scores, _ = rm.score(ps, rb.responses, rb.sequences, rb.attention_mask)
+        gold_scores, _ = gold_fn.score(ps, rb.responses)
         for j, p in enumerate(chunk):
             group = []
             for k in range(j * samples, (j + 1) * samples):
-                r, g = float(rm_scores[k]), float(gold_scores[k])
-                ids = resp_ids[k][resp_attn[k].bool()].tolist()
-                rows.append({"prompt": p, "response": texts[k], "response_ids": ids, "rm": r, "gold": g})
-                group.append((texts[k], r, g))
+                text, r, g = rb.responses[k], float(rm_scores[k]), float(gold_scores[k])
+                rows.append(
+                    {"prompt": p, "response": text, "response_ids": flat[k].response_ids, "rm": r, "gold": g}
+                )
+                group.append((text, r, g))
             groups.append(group)
     acc, pairs = pair_agreement(groups, only)
     summary = {
