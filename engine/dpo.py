@@ -53,6 +53,7 @@ from engine.data import DataError, PromptSampler
 from engine.stages_common import (
     EncodeStats,
     LoopState,
+    TokenizedPair,
     eval_due,
     finish_stage,
     log_due,
@@ -109,7 +110,7 @@ class DPOConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        validate_stage(self, world_size, resumable=True)
+        validate_stage(self, world_size)
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_choice("dpo.loss", self.dpo.loss, ("sigmoid", "ipo"))
         if not self.dpo.beta > 0:
@@ -149,26 +150,15 @@ def dpo_loss(
 
 
 # --------------------------------------------------------------------------- data
-@dataclass
-class PreferencePair:
-    """Token ids of one pair: ``prompt`` starts with <bos>; ``chosen``/``rejected`` end with <eos>."""
-
-    prompt: list[int]
-    chosen: list[int]
-    rejected: list[int]
-
-
 def load_preference_pairs(
     path: str | os.PathLike,
     tokenizer: PreTrainedTokenizerBase,
     max_len: int,
     max_prompt_len: int,
     on_long_prompt: str = "truncate",
-) -> tuple[list[PreferencePair], EncodeStats]:
-    """``stages_common.tokenize_preference_pairs`` (the loader the RM stage uses too) as DPO's pairs.
-
-    At least one usable pair is required.
-    """
+) -> tuple[list[TokenizedPair], EncodeStats]:
+    """``stages_common.tokenize_preference_pairs`` (the loader the RM stage uses too), needing at
+    least one usable pair."""
     tokenized, stats, n_records = tokenize_preference_pairs(
         path, tokenizer, max_len, max_prompt_len, on_long_prompt
     )
@@ -179,7 +169,7 @@ def load_preference_pairs(
             f"({identical} had chosen == rejected, "
             f"{stats.prompts_dropped} prompts longer than max_prompt_len={max_prompt_len} were dropped)"
         )
-    return [PreferencePair(tp.prompt, tp.chosen, tp.rejected) for tp in tokenized], stats
+    return tokenized, stats
 
 
 def pack_rows(
@@ -205,7 +195,7 @@ def pack_rows(
     return Experience(seq, attn, attn[:, P:].bool())
 
 
-def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> Experience:
+def collate_pairs(pairs: Sequence[TokenizedPair], pad_id: int) -> Experience:
     """B pairs -> 2B rows: rows ``[0, B)`` the chosen responses, ``[B, 2B)`` the rejected ones."""
     prompts = [p.prompt for p in pairs] * 2
     responses = [p.chosen for p in pairs] + [p.rejected for p in pairs]
