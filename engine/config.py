@@ -499,7 +499,7 @@ class SFTConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        validate_stage(self, world_size, resumable=True)
+        validate_stage(self, world_size)
         check_choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
@@ -546,7 +546,7 @@ class RMConfig(StageConfig):
     logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
 
     def validate(self, world_size: int = 1) -> None:
-        validate_stage(self, world_size, resumable=True)
+        validate_stage(self, world_size)
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         if not 2 <= self.data.max_prompt_len < self.data.max_len:
             raise ConfigError(
@@ -571,15 +571,12 @@ def check_stage_counts(cfg: StageConfig) -> None:
             raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
 
 
-def validate_stage(cfg: Any, world_size: int, resumable: bool = False) -> None:
+def validate_stage(cfg: Any, world_size: int) -> None:
     """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
 
-    ``resumable`` stages (SFT, RM, DPO) accept ``resume=auto|never|<checkpoint path>``; others only never.
+    All three resume from full-state checkpoints: ``resume=auto|never|<checkpoint path>``.
     """
-    if resumable:
-        check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
-    else:
-        check_choice("resume", cfg.resume, ("never",))
+    check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
     check_positive("total_steps", cfg.total_steps)
     check_stage_counts(cfg)
     check_positive("optim.lr", cfg.optim.lr)
