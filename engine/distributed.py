@@ -79,15 +79,20 @@ def _comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
-    """Average a dict of floats across ranks (one collective). Every rank must pass the same keys."""
+def all_reduce_sum(stats: dict[str, float]) -> dict[str, float]:
+    """Sum a dict of floats across ranks in float64 (one collective). Every rank must pass the same keys."""
     if world_size() == 1 or not stats:
-        return dict(stats)
+        return {k: float(v) for k, v in stats.items()}
     keys = sorted(stats)
     t = torch.tensor([float(stats[k]) for k in keys], dtype=torch.float64, device=_comm_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    t /= world_size()
     return {k: float(v) for k, v in zip(keys, t.tolist())}
+
+
+def all_reduce_mean(stats: dict[str, float]) -> dict[str, float]:
+    """Average a dict of floats across ranks (one collective). Every rank must pass the same keys."""
+    world = world_size()
+    return {k: v / world for k, v in all_reduce_sum(stats).items()}
 
 
 def all_reduce_max(value: float) -> float:

@@ -350,24 +350,19 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 def _global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean, Bessel-corrected variance) of ``x`` over the masked positions of every rank's batch.
 
-    Two float64 all-reduces on the default process group (sums, then squared deviations), so the
-    result equals ``masked_mean``/``masked_var`` of all ranks' tensors concatenated.
+    Two float64 sums across ranks (``distributed.all_reduce_sum``: the sum and count, then the
+    squared deviations), so the result equals ``masked_mean``/``masked_var`` of all ranks'
+    tensors concatenated.
     """
-    import torch.distributed as tdist
-
     from engine import distributed as D
 
     m = mask.bool()
     xd = torch.where(m, x.double(), torch.zeros_like(x, dtype=torch.float64))
-    dev = D._comm_device()
-    t = torch.stack([xd.sum(), m.sum().double()]).to(dev)
-    tdist.all_reduce(t)
-    total, n = t[0].to(x.device), t[1].to(x.device)
-    mean = total / n.clamp_min(1)
-    sq = torch.where(m, (x.double() - mean) ** 2, torch.zeros_like(xd)).sum().reshape(1).to(dev)
-    tdist.all_reduce(sq)
-    var = sq[0].to(x.device) / (n - 1).clamp_min(1)
-    return mean.to(x.dtype), var.to(x.dtype)
+    s = D.all_reduce_sum({"sum": float(xd.sum()), "n": float(m.sum())})
+    mean = s["sum"] / max(s["n"], 1.0)
+    sq = D.all_reduce_sum({"sq": float(torch.where(m, (x.double() - mean) ** 2, torch.zeros_like(xd)).sum())})
+    var = sq["sq"] / max(s["n"] - 1.0, 1.0)
+    return x.new_tensor(mean), x.new_tensor(var)
 
 
 def masked_whiten(

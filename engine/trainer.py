@@ -397,7 +397,7 @@ class PPOTrainer:
         }
         times = {k: local.pop(k) for k in list(local) if k.startswith("time/") or k.endswith("max")}
         m = dist.all_reduce_mean(local)
-        m.update({k: v * self.world for k, v in dist.all_reduce_mean(sums).items()})
+        m.update(dist.all_reduce_sum(sums))
         m.update({k: dist.all_reduce_max(v) for k, v in times.items()})
         self.kl_ctl.update(m["kl/mean"], self.cfg.ppo.rollout_batch_size * self.cfg.ppo.samples_per_prompt)
         samples = self.samples_per_rank * self.world
