@@ -100,9 +100,17 @@ def make_prompts(n: int, seed: int) -> list[str]:
     return [_prompt(rng) for _ in range(n)]
 
 
+_NOT_DIGIT = re.compile(r"[^0-9]")
+
+
 def has_filler(response: str) -> bool:
     """Whether a response carries anything besides digits (a chatty filler or other junk)."""
-    return bool(re.search(r"[^0-9]", response.strip()))
+    return bool(_NOT_DIGIT.search(response.strip()))
+
+
+def digits_of(response: str) -> str:
+    """The response with everything but its digits removed (what ``has_filler`` looks for)."""
+    return _NOT_DIGIT.sub("", response)
 
 
 def _check_rate(fn: str, chatty_rate: float) -> None:

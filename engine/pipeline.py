@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -64,6 +63,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # The policies the pipeline trains and evaluates, the SFT baseline first.
 POLICIES = ("sft", "ppo", "dpo", "bon")
+PPO_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ppo_demo.yaml"
 
 
 def _stage_env() -> dict[str, str]:
@@ -169,7 +169,7 @@ class Stages:
         out = out or self.root / "ppo"
         ov = [
             "--config",
-            str(Path(__file__).resolve().parent.parent / "configs" / "ppo_demo.yaml"),
+            str(PPO_DEMO_CONFIG),
             f"output_dir={out}",
             f"model.path={self.root / 'sft'}",
             f"reward.model_path={self.root / 'rm'}",
@@ -185,6 +185,9 @@ class Stages:
 
     def bon(self) -> Path:
         """Best-of-n rounds (RAFT) from ``sft/``: vLLM samples, the RM picks, SFT on the picks."""
+        from engine.config import PPOConfig, load_config
+
+        ppo = load_config(PPOConfig, PPO_DEMO_CONFIG)  # the same prompt and response lengths as PPO
         out = self.root / "bon"
         ov = [
             f"output_dir={out}",
@@ -192,8 +195,8 @@ class Stages:
             "reward.kind=model",
             f"reward.model_path={self.root / 'rm'}",
             f"data.prompts={self.data_paths['prompts']}",
-            "data.max_prompt_len=24",
-            "rollout.max_new_tokens=12",  # as configs/ppo_demo.yaml: 6 digits, a filler, eos
+            f"data.max_prompt_len={ppo.data.max_prompt_len}",
+            f"rollout.max_new_tokens={ppo.rollout.max_new_tokens}",
             "optim.lr=1e-4",
         ]
         self._stage("bon", "bon", [*ov, *self.sizes["bon"]])
@@ -245,10 +248,7 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     summary = {
         "rm/accuracy": rm_summary.get("eval/accuracy", ev.get("rm_accuracy")),
         "rm/accuracy_train_pairs_eval": ev.get("rm_accuracy"),
-        "gold/sft": evals["sft"].get("gold_reward"),
-        "gold/ppo": evals["ppo"].get("gold_reward"),
-        "gold/dpo": evals["dpo"].get("gold_reward"),
-        "gold/bon": evals["bon"].get("gold_reward"),
+        **{f"gold/{n}": evals[n].get("gold_reward") for n in POLICIES},
         **{f"rm_reward/{n}": evals[n].get("rm_reward") for n in POLICIES},
         **{f"win_rate_gold/{n}_vs_sft": evals[n].get("win_rate_gold") for n in POLICIES[1:]},
         **{f"kl/{n}": evals[n].get("kl") for n in POLICIES[1:]},
@@ -274,7 +274,7 @@ def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | N
     demonstrations' chatty habit); ``gold_digits/<name>``: the mean gold score of the
     responses with those characters removed, i.e. how right the digits are.
     """
-    from engine.demo_task import gold_score, has_filler
+    from engine.demo_task import digits_of, gold_score, has_filler
 
     out: dict[str, float | None] = {}
     for name in names:
@@ -282,13 +282,13 @@ def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | N
         texts = [(r["prompt"], r["policy_response"]) for r in rows]
         out[f"filler_rate/{name}"] = sum(has_filler(t) for _, t in texts) / len(texts) if texts else None
         out[f"gold_digits/{name}"] = (
-            sum(gold_score(p, re.sub(r"[^0-9]", "", t)) for p, t in texts) / len(texts) if texts else None
+            sum(gold_score(p, digits_of(t)) for p, t in texts) / len(texts) if texts else None
         )
     return out
 
 
 def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dict[str, Any]) -> list[str]:
-    """reward & KL per PPO step, gold score of SFT/PPO/DPO, RM accuracy over training."""
+    """reward & KL per PPO step, gold score of every policy (``POLICIES``), RM accuracy over training."""
     import matplotlib
 
     matplotlib.use("Agg")
