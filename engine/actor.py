@@ -131,9 +131,16 @@ class _FiniteGuardAdamW(torch.optim.AdamW):
 
 
 def deepspeed_config(
-    optim: OptimConfig, micro_batch_size: int, grad_accum: int, dtype: torch.dtype
+    optim: OptimConfig,
+    micro_batch_size: int,
+    grad_accum: int,
+    dtype: torch.dtype,
+    total_updates: int | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for one trained model."""
+    """The DeepSpeed config dict for one trained model.
+
+    ``total_updates`` (optimizer steps in the whole run) is needed by ``optim.lr_schedule=cosine``.
+    """
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum,
@@ -148,7 +155,22 @@ def deepspeed_config(
         cfg["zero_optimization"].update(
             {"stage3_param_persistence_threshold": 0, "sub_group_size": int(1e12)}
         )
-    if optim.warmup_steps > 0:
+    if optim.lr_schedule == "cosine":
+        if not total_updates or total_updates <= 0:
+            raise ValueError("optim.lr_schedule=cosine needs the run's total number of updates")
+        cfg["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": int(total_updates),
+                "warmup_min_ratio": 0.0,
+                "warmup_num_steps": max(int(optim.warmup_steps), 1),
+                "cos_min_ratio": float(optim.min_lr_ratio),
+                "warmup_type": "linear",
+            },
+        }
+    elif optim.lr_schedule != "constant":
+        raise ValueError(f"optim.lr_schedule must be constant or cosine, got {optim.lr_schedule!r}")
+    elif optim.warmup_steps > 0:
         cfg["scheduler"] = {
             "type": "WarmupLR",
             "params": {
@@ -167,10 +189,11 @@ def default_dtype() -> torch.dtype:
 
 
 class TrainEngine:
-    """A DeepSpeed engine around ``module`` with AdamW, clipping, warmup and the non-finite guard.
+    """A DeepSpeed engine around ``module`` with AdamW, clipping, the lr schedule and the non-finite guard.
 
     ``micro_step(loss, finite)`` runs backward + engine step per micro-batch; ``finish()`` ends the
-    mini-batch and reports whether it was skipped. Used by the actor and critic.
+    mini-batch and reports whether it was skipped. Used by the actor and critic and every offline
+    stage. ``total_updates``: optimizer steps in the whole run (for ``optim.lr_schedule=cosine``).
     """
 
     def __init__(
@@ -180,6 +203,7 @@ class TrainEngine:
         micro_batch_size: int,
         grad_accum: int,
         dtype: torch.dtype | None = None,
+        total_updates: int | None = None,
     ) -> None:
         import deepspeed
 
@@ -193,7 +217,7 @@ class TrainEngine:
             eps=optim.eps,
             weight_decay=optim.weight_decay,
         )
-        cfg = deepspeed_config(optim, micro_batch_size, grad_accum, self.dtype)
+        cfg = deepspeed_config(optim, micro_batch_size, grad_accum, self.dtype, total_updates)
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=cfg)
         self.device = self.engine.device
         self.steps = 0
@@ -298,6 +322,7 @@ class ActorWorker:
         gradient_accumulation_steps: micro-batches per optimizer step.
         dtype: training dtype; default bf16 on GPU, fp32 on CPU.
         temperature: the rollout sampling temperature (log-probs use logits / T).
+        total_updates: optimizer steps in the whole run (for ``lr_schedule=cosine``).
     """
 
     def __init__(
@@ -309,12 +334,18 @@ class ActorWorker:
         gradient_accumulation_steps: int,
         dtype: torch.dtype | None = None,
         temperature: float = 1.0,
+        total_updates: int | None = None,
     ) -> None:
         self.algo = algo
         self.temperature = float(temperature)
         self.micro_batch_size = train_micro_batch_size
         self.train = TrainEngine(
-            PolicyLogprobs(model), optim, train_micro_batch_size, gradient_accumulation_steps, dtype
+            PolicyLogprobs(model),
+            optim,
+            train_micro_batch_size,
+            gradient_accumulation_steps,
+            dtype,
+            total_updates,
         )
 
     @property

@@ -46,6 +46,7 @@ from engine.config import (
     RolloutConfig,
     StageConfig,
     check_choice,
+    check_optim,
     check_positive,
     check_stage_counts,
     load_config,
@@ -105,10 +106,9 @@ class BoNConfig(StageConfig):
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
         check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        check_choice("optim.zero_stage", self.optim.zero_stage, (0, 1, 2, 3))
+        check_optim("optim", self.optim)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
-        check_positive("optim.lr", self.optim.lr)
         check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
         check_positive("rollout.temperature", self.rollout.temperature)
         b = self.bon
@@ -296,7 +296,13 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     model = load_causal_lm(policy_dir, torch.float32, cfg.model.attn_implementation)
     model.config.use_cache = False
     grad_accum = b.batch_size // (b.micro_batch_size * world)
-    train_engine = TrainEngine(model.train(), cfg.optim, b.micro_batch_size, grad_accum)
+    train_engine = TrainEngine(
+        model.train(),
+        cfg.optim,
+        b.micro_batch_size,
+        grad_accum,
+        total_updates=cfg.total_steps * b.steps_per_round,
+    )
     engine = train_engine.engine
     rollout = build_rollout(
         cfg, policy_dir, tokenizer, cfg.data.max_prompt_len + cfg.rollout.max_new_tokens + 1, rank

@@ -98,6 +98,9 @@ class OptimConfig:
     eps: float = 1e-8
     grad_clip: float = 1.0
     warmup_steps: int = 0
+    # constant: lr after warmup; cosine: cosine decay from lr to min_lr_ratio * lr at the last update
+    lr_schedule: str = "constant"
+    min_lr_ratio: float = 0.0
     zero_stage: int = 2
 
 
@@ -214,10 +217,7 @@ class PPOConfig(StageConfig):
         if self.async_.tis_cap != 0 and self.async_.tis_cap < 1:
             raise ConfigError(f"async.tis_cap must be 0 (off) or >= 1, got {self.async_.tis_cap}")
         for name, opt in (("actor", self.actor), ("critic", self.critic)):
-            check_positive(f"{name}.lr", opt.lr)
-            check_choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
-            if opt.grad_clip < 0:
-                raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
+            check_optim(name, opt)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
         check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
@@ -571,6 +571,21 @@ def check_stage_counts(cfg: StageConfig) -> None:
             raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
 
 
+def check_optim(name: str, opt: OptimConfig) -> None:
+    """Ranges of one optimizer section (``optim``, ``actor`` or ``critic``)."""
+    check_positive(f"{name}.lr", opt.lr)
+    if opt.lr == float("inf"):
+        raise ConfigError(f"{name}.lr must be finite, got {opt.lr}")
+    check_choice(f"{name}.zero_stage", opt.zero_stage, (0, 1, 2, 3))
+    if opt.grad_clip < 0:
+        raise ConfigError(f"{name}.grad_clip must be >= 0, got {opt.grad_clip}")
+    if opt.warmup_steps < 0:
+        raise ConfigError(f"{name}.warmup_steps must be >= 0, got {opt.warmup_steps}")
+    check_choice(f"{name}.lr_schedule", opt.lr_schedule, ("constant", "cosine"))
+    if not 0.0 <= opt.min_lr_ratio <= 1.0:
+        raise ConfigError(f"{name}.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
+
+
 def validate_stage(cfg: Any, world_size: int) -> None:
     """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
 
@@ -579,12 +594,7 @@ def validate_stage(cfg: Any, world_size: int) -> None:
     check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
     check_positive("total_steps", cfg.total_steps)
     check_stage_counts(cfg)
-    check_positive("optim.lr", cfg.optim.lr)
-    if cfg.optim.lr == float("inf"):
-        raise ConfigError(f"optim.lr must be finite, got {cfg.optim.lr}")
-    check_choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
-    if cfg.optim.grad_clip < 0:
-        raise ConfigError(f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
+    check_optim("optim", cfg.optim)
     t = cfg.train
     check_positive("train.batch_size", t.batch_size)
     check_positive("train.micro_batch_size", t.micro_batch_size)

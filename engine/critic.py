@@ -107,10 +107,13 @@ class CriticWorker:
         train_micro_batch_size: int,
         gradient_accumulation_steps: int,
         dtype: torch.dtype | None = None,
+        total_updates: int | None = None,
     ) -> None:
         self.algo = algo
         self.micro_batch_size = train_micro_batch_size
-        self.train = TrainEngine(model, optim, train_micro_batch_size, gradient_accumulation_steps, dtype)
+        self.train = TrainEngine(
+            model, optim, train_micro_batch_size, gradient_accumulation_steps, dtype, total_updates
+        )
 
     @property
     def engine(self):

@@ -284,7 +284,9 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     world = D.world_size()
     grad_accum = cfg.train.batch_size // (mb * world)
     ref_lm = copy.deepcopy(model)  # the frozen starting weights, copied before DeepSpeed wraps them
-    train_engine = TrainEngine(PolicyLogprobs(model), cfg.optim, mb, grad_accum)
+    train_engine = TrainEngine(
+        PolicyLogprobs(model), cfg.optim, mb, grad_accum, total_updates=cfg.total_steps
+    )
     engine = train_engine.engine
     ref = ReferenceModel(ref_lm, device=engine.device, micro_batch_size=2 * mb)
     sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, d.shuffle, D.rank(), world)

@@ -271,7 +271,7 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
 
     world = D.world_size()
     grad_accum = cfg.train.batch_size // (mb * world)
-    train_engine = TrainEngine(RewardScores(model), cfg.optim, mb, grad_accum)
+    train_engine = TrainEngine(RewardScores(model), cfg.optim, mb, grad_accum, total_updates=cfg.total_steps)
     engine = train_engine.engine
     sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, D.rank(), world)
     data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(eval_idx), **stats.as_metrics()}

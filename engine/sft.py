@@ -308,7 +308,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     world = D.world_size()
     grad_accum = cfg.train.batch_size // (mb * world)
-    train_engine = TrainEngine(model, cfg.optim, mb, grad_accum)
+    train_engine = TrainEngine(model, cfg.optim, mb, grad_accum, total_updates=cfg.total_steps)
     engine = train_engine.engine
     sampler = PromptSampler(
         len(units), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, rank=D.rank(), world_size=world

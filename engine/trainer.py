@@ -142,6 +142,7 @@ class PPOTrainer:
         self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
         self.mini_per_rank = p.mini_batch_size // self.world
         grad_accum = self.mini_per_rank // p.micro_batch_size
+        updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
@@ -151,7 +152,7 @@ class PPOTrainer:
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
-        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T)
+        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T, updates)
         self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
         if not (self.split and cfg.placement.scoring == "rollout"):
             self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
@@ -165,7 +166,7 @@ class PPOTrainer:
             value_model = ValueModel.from_reward_model(cfg.reward.model_path)
         else:
             value_model = ValueModel.from_reward_model(init)
-        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype)
+        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates)
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.
