@@ -270,11 +270,11 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     into the rollout engine before the next round samples, and repeats the uninterrupted rounds.
     """
     from engine.actor import TrainEngine
-    from engine.checkpoint import GracefulShutdown, hf_exporter
+    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.data import PromptDataset, PromptSampler
     from engine.experience import collate_samples
     from engine.models import load_causal_lm, prepare_policy
-    from engine.stages_common import LoopState, finish_stage, save_hf_checkpoint, setup_resumable_stage
+    from engine.stages_common import LoopState, finish_stage, setup_resumable_stage
     from engine.weight_sync import ColocatedWeightSync
 
     logger, ckpt = setup_resumable_stage(cfg, "bon")

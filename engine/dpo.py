@@ -57,7 +57,6 @@ from engine.stages_common import (
     eval_due,
     finish_stage,
     log_due,
-    save_hf_checkpoint,
     setup_resumable_stage,
     split_eval,
     tokenize_preference_pairs,
@@ -266,7 +265,7 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     ``engine.sft.run_sft``.
     """
     from engine.actor import PolicyLogprobs, TrainEngine
-    from engine.checkpoint import GracefulShutdown, hf_exporter
+    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.scoring import ReferenceModel
     from engine.sft import load_sft_model
 

@@ -39,7 +39,6 @@ from engine.stages_common import (
     finish_stage,
     log_due,
     pad_right,
-    save_hf_checkpoint,
     setup_resumable_stage,
     split_eval,
     tokenize_preference_pairs,
@@ -255,7 +254,7 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
     Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.sft.run_sft``.
     """
     from engine.actor import TrainEngine
-    from engine.checkpoint import GracefulShutdown, hf_exporter
+    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
 
     logger, ckpt = setup_resumable_stage(cfg, "rm")
     t_start = time.time()

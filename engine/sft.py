@@ -41,7 +41,6 @@ from engine.stages_common import (
     log_due,
     nonblank_line_numbers,
     pad_right,
-    save_hf_checkpoint,
     setup_resumable_stage,
     split_eval,
 )
@@ -287,7 +286,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     continues from one. SIGTERM/SIGINT finish the step, save, and return ``{"stopped": True, ...}``.
     """
     from engine.actor import TrainEngine
-    from engine.checkpoint import GracefulShutdown, hf_exporter
+    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
 
     logger, ckpt = setup_resumable_stage(cfg, "sft")
     t_start = time.time()

@@ -1,5 +1,5 @@
 """What the offline stages (SFT, RM, DPO) share: setup, checkpoints and resume, the loop's logging
-and summary, tokenizing, eval splits, HF saving.
+and summary, tokenizing, eval splits.
 
 The DeepSpeed engine itself is ``engine.actor.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from engine import distributed as D
+from engine.checkpoint import writable_dir
 from engine.config import ConfigError, save_config
 from engine.data import DataError
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerBase
 
     from engine.actor import TrainEngine
     from engine.checkpoint import GracefulShutdown
@@ -78,19 +79,6 @@ def _open_output(cfg: Any, name: str, resume_step: int) -> MetricsLogger:
         save_config(cfg, out)
     D.barrier()
     return MetricsLogger(out, cfg.logging, cfg.total_steps, resume_step, enabled=D.is_main(), desc=name)
-
-
-def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
-    """Create ``path`` and check a file can be written in it; ConfigError naming ``key`` if not."""
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / f".write-probe-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"{key} is not writable: {p} ({e.strerror or e})") from None
-    return p
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -368,35 +356,3 @@ def split_eval(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]
     order = list(range(n))
     random.Random(f"eval-split-{seed}").shuffle(order)
     return sorted(order[eval_size:]), sorted(order[:eval_size])
-
-
-# --------------------------------------------------------------------------- saving
-def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
-    """The full state dict (CPU clones) on rank 0, None elsewhere; gathers ZeRO-3 partitions.
-
-    A collective under ZeRO-3: every rank must call it.
-    """
-    import deepspeed
-
-    params = list(model.parameters())
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if not D.is_main():
-            return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def save_hf_checkpoint(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike
-) -> Path:
-    """``save_pretrained`` the model (gathered under ZeRO-3) and its tokenizer on rank 0; all ranks wait.
-
-    Collective: every rank must call it.
-    """
-    out = Path(out_dir)
-    state = gathered_state_dict(model)
-    if D.is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
-    D.barrier()
-    return out

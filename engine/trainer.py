@@ -25,10 +25,10 @@ import numpy as np
 import torch
 
 from engine import distributed as dist
+from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
 from engine.experience import RolloutBatch, collate_samples
 from engine.metrics import MetricsLogger, drop_rows_after
-from engine.stages_common import writable_dir
 
 
 def seed_everything(seed: int) -> None:
@@ -451,7 +451,7 @@ class PPOTrainer:
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
         from engine.actor import stop_on_consecutive_skips
-        from engine.checkpoint import GracefulShutdown
+        from engine.checkpoint import GracefulShutdown, save_hf_checkpoint
 
         every = self.cfg.save_every
         try:
@@ -474,7 +474,6 @@ class PPOTrainer:
                         self.step_idx,
                         lambda saved=saved: saved or self.save_checkpoint(),
                     )
-            from engine.stages_common import save_hf_checkpoint
 
             final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
             # Each rank scored its own samples: the run's count is the sum (a collective, every rank).
