@@ -43,13 +43,12 @@ from engine.config import (
     ModelConfig,
     OptimConfig,
     QuietLoggingConfig,
-    RMDataConfig,
     StageConfig,
     check_choice,
     load_config,
-    validate_stage,
 )
 from engine.data import DataError, PromptSampler
+from engine.reward_training import RMDataConfig
 from engine.stages_common import (
     EncodeStats,
     LoopState,
@@ -60,6 +59,7 @@ from engine.stages_common import (
     setup_resumable_stage,
     split_eval,
     tokenize_preference_pairs,
+    validate_stage,
 )
 
 if TYPE_CHECKING:

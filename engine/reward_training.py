@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -29,7 +30,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine import distributed as D
-from engine.config import RMConfig, RMDataConfig, RMTrainConfig, load_config
+from engine.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    QuietLoggingConfig,
+    StageConfig,
+    check_choice,
+    load_config,
+)
 from engine.data import DataError, PromptSampler
 from engine.models import require_checkpoint_kind
 from engine.stages_common import (
@@ -42,10 +51,62 @@ from engine.stages_common import (
     setup_resumable_stage,
     split_eval,
     tokenize_preference_pairs,
+    validate_stage,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class RMDataConfig:
+    """Preference pairs: a JSONL of ``{"prompt", "chosen", "rejected"}`` (optional numeric ``margin``)."""
+
+    train: str = "data/demo/preferences.jsonl"
+    eval_size: int = 256  # pairs held out for accuracy / margin (0: none)
+    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
+    max_prompt_len: int = 48
+    on_long_prompt: str = "truncate"  # truncate | drop
+    shuffle: bool = True
+
+
+@dataclass
+class RMTrainConfig:
+    batch_size: int = 32  # pairs per optimizer step, across all ranks
+    micro_batch_size: int = 32  # pairs per rank per forward/backward
+    eval_every: int = 100
+    log_every: int = 10
+    margin: float = 0.0  # loss = -log sigmoid(r_chosen - r_rejected - margin)
+    margin_from_data: bool = False  # add each record's numeric "margin" field to ``margin``
+    head_init_std: float = 0.0  # score head N(0, std); 0: 1 / (hidden_size + 1)
+
+
+@dataclass
+class RMConfig(StageConfig):
+    """Reward modelling: a scalar head on the SFT checkpoint, Bradley-Terry loss on preference pairs."""
+
+    output_dir: str = "runs/rm"
+    total_steps: int = 300
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="runs/sft"))
+    data: RMDataConfig = field(default_factory=RMDataConfig)
+    train: RMTrainConfig = field(default_factory=RMTrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
+    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        validate_stage(self, world_size)
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        if not 2 <= self.data.max_prompt_len < self.data.max_len:
+            raise ConfigError(
+                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
+            )
+        if not self.model.path:
+            raise ConfigError("model.path must name the SFT checkpoint the reward model starts from")
+        if self.train.head_init_std < 0:
+            raise ConfigError(f"train.head_init_std must be >= 0, got {self.train.head_init_std}")
+        if not Path(self.data.train).exists():
+            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
 
 
 # --------------------------------------------------------------------------- pairs and batches

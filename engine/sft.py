@@ -20,14 +20,23 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
 from engine import distributed as D
-from engine.config import SFTConfig, SFTDataConfig, load_config
+from engine.config import (
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    QuietLoggingConfig,
+    StageConfig,
+    check_choice,
+    load_config,
+)
 from engine.data import DataError, PromptSampler, read_jsonl
 from engine.stages_common import (
     EncodeStats,
@@ -43,12 +52,65 @@ from engine.stages_common import (
     pad_right,
     setup_resumable_stage,
     split_eval,
+    validate_stage,
 )
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
+
+
+# --------------------------------------------------------------------------- config
+@dataclass
+class SFTDataConfig:
+    """Training records for SFT: a JSONL of ``{"prompt", "response"}`` or chat ``{"messages": [...]}``.
+
+    (The ``datasets`` library is not a dependency; convert HF datasets to JSONL.)
+    """
+
+    train: str = "data/demo/sft.jsonl"
+    format: str = "auto"  # auto (from the first record) | prompt_response | messages
+    eval_size: int = 128  # records held out for the eval loss (0: none)
+    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
+    max_prompt_len: int = 48
+    on_long_prompt: str = "truncate"  # truncate (keep the prompt's last tokens) | drop
+    packing: bool = False  # pack several examples into each max_len row (block-diagonal attention)
+    shuffle: bool = True
+
+
+@dataclass
+class SFTTrainConfig:
+    batch_size: int = 32  # sequences (rows when packing) per optimizer step, across all ranks
+    micro_batch_size: int = 32  # per rank per forward/backward
+    eval_every: int = 100  # steps; 0: only at the end
+    log_every: int = 10
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    """Supervised fine-tuning: causal-LM cross-entropy on response tokens only."""
+
+    output_dir: str = "runs/sft"
+    total_steps: int = 500
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=20)
+    )
+    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
+
+    def validate(self, world_size: int = 1) -> None:
+        validate_stage(self, world_size)
+        check_choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
+        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
+        if not 2 <= self.data.max_prompt_len < self.data.max_len:
+            raise ConfigError(
+                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
+            )
+        if self.data.train and not Path(self.data.train).exists():
+            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
 
 
 # --------------------------------------------------------------------------- examples and batches

@@ -24,7 +24,7 @@ import torch
 
 from engine import distributed as D
 from engine.checkpoint import writable_dir
-from engine.config import ConfigError, save_config
+from engine.config import ConfigError, check_choice, check_positive, check_stage_counts, save_config
 from engine.data import DataError
 
 if TYPE_CHECKING:
@@ -79,6 +79,35 @@ def _open_output(cfg: Any, name: str, resume_step: int) -> MetricsLogger:
         save_config(cfg, out)
     D.barrier()
     return MetricsLogger(out, cfg.logging, cfg.total_steps, resume_step, enabled=D.is_main(), desc=name)
+
+
+def validate_stage(cfg: Any, world_size: int) -> None:
+    """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
+
+    All three resume from full-state checkpoints: ``resume=auto|never|<checkpoint path>``.
+    """
+    check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
+    check_positive("total_steps", cfg.total_steps)
+    check_stage_counts(cfg)
+    check_positive("optim.lr", cfg.optim.lr)
+    if cfg.optim.lr == float("inf"):
+        raise ConfigError(f"optim.lr must be finite, got {cfg.optim.lr}")
+    check_choice("optim.zero_stage", cfg.optim.zero_stage, (0, 1, 2, 3))
+    if cfg.optim.grad_clip < 0:
+        raise ConfigError(f"optim.grad_clip must be >= 0, got {cfg.optim.grad_clip}")
+    t = cfg.train
+    check_positive("train.batch_size", t.batch_size)
+    check_positive("train.micro_batch_size", t.micro_batch_size)
+    if t.batch_size % (t.micro_batch_size * world_size):
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by "
+            f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
+        )
+    if cfg.data.eval_size < 0:
+        raise ConfigError(f"data.eval_size must be >= 0, got {cfg.data.eval_size}")
+    for key, path in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
+        if path and not Path(path).exists():
+            raise ConfigError(f"{key}: path does not exist: {path}")
 
 
 # --------------------------------------------------------------------------- checkpoints

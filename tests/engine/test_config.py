@@ -150,7 +150,8 @@ def test_save_config_round_trip(tmp_path, path):
 
 def test_section_override_keeps_parent_defaults():
     """Overriding one key of a section keeps the defaults the parent gave that section."""
-    from engine.config import PPOConfig, RMConfig, load_config
+    from engine.config import PPOConfig, load_config
+    from engine.reward_training import RMConfig
 
     rm = load_config(RMConfig, None, ["optim.warmup_steps=3", "model.dtype=fp32"])
     assert rm.optim.lr == RMConfig().optim.lr != 1e-5  # RMConfig's own lr, not OptimConfig's

@@ -12,9 +12,6 @@ import torch
 from engine.config import (
     ConfigError,
     ModelConfig,
-    RMConfig,
-    RMDataConfig,
-    RMTrainConfig,
     TinyModelConfig,
     load_config,
 )
@@ -23,6 +20,9 @@ from engine.demo_task import make_preference_data, write_jsonl
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer, load_reward_model
 from engine.reward_training import (
     RewardScores,
+    RMConfig,
+    RMDataConfig,
+    RMTrainConfig,
     bradley_terry_loss,
     load_pairs,
     load_rm_model,

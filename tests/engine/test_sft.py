@@ -9,12 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, SFTConfig, SFTDataConfig, TinyModelConfig, load_config
+from engine.config import ConfigError, TinyModelConfig, load_config
 from engine.data import DataError
 from engine.demo_task import make_sft_data, write_jsonl
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 from engine.sft import (
     IGNORE,
+    SFTConfig,
+    SFTDataConfig,
     load_sft_examples,
     pack_examples,
     packed_collate,
