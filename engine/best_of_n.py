@@ -9,7 +9,7 @@ One round, read top to bottom in ``run_bon``:
 4. **SFT** on the kept samples for ``bon.steps_per_round`` optimizer steps: cross-entropy on
    response tokens only (``engine.sft``'s loss and collate);
 5. **sync** the new weights into the rollout engine in place with
-   ``engine.weight_sync.ColocatedWeightSync`` (no restart, no disk).
+   ``engine.rl.weight_sync.ColocatedWeightSync`` (no restart, no disk).
 
 ``total_steps`` is the number of rounds k. The output directory gets an HF checkpoint of the
 final policy, ``samples_round_<k>.jsonl`` (rank 0's samples with scores and a ``kept`` flag), ``metrics.jsonl`` (one row per
@@ -161,16 +161,16 @@ def select_best(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None)
 # --------------------------------------------------------------------------- the stage
 def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_model_len: int, rank: int = 0):
     """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir`` (fp32 on CPU)."""
-    from engine.actor import default_dtype
+    from engine.rl.actor import default_dtype
 
     dtype = default_dtype()
     if cfg.rollout.backend == "vllm":
-        from engine.rollout import VLLMRollout
+        from engine.rl.rollout import VLLMRollout
 
         vdtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
         return VLLMRollout(str(policy_dir), cfg.rollout, cfg.seed + rank, max_model_len, vdtype)
     from engine.models import load_causal_lm
-    from engine.rollout import HFRollout
+    from engine.rl.rollout import HFRollout
 
     dev = (
         torch.device("cuda", torch.cuda.current_device())
@@ -183,7 +183,7 @@ def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_mo
 
 def build_reward(cfg: RewardConfig, device: torch.device | None = None):
     """A ``RewardScorer`` from ``reward.kind``: the callable, or the RM checkpoint (kind checked)."""
-    from engine.scoring import RewardScorer
+    from engine.rl.scoring import RewardScorer
 
     if cfg.kind == "function":
         from engine.tasks import load_callable
@@ -269,13 +269,13 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     is written at the round's end; ``resume=auto|<path>`` continues from one, pushing its weights
     into the rollout engine before the next round samples, and repeats the uninterrupted rounds.
     """
-    from engine.actor import TrainEngine
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.data import PromptDataset, PromptSampler
-    from engine.experience import collate_samples
     from engine.models import load_causal_lm, prepare_policy
+    from engine.rl.actor import TrainEngine
+    from engine.rl.experience import collate_samples
+    from engine.rl.weight_sync import ColocatedWeightSync
     from engine.stages_common import LoopState, finish_stage, setup_resumable_stage
-    from engine.weight_sync import ColocatedWeightSync
 
     logger, ckpt = setup_resumable_stage(cfg, "bon")
     t_start = time.time()

@@ -30,7 +30,7 @@ def _ppo(config: str | None, overrides: list[str]) -> Any:
         require_checkpoint_kind(cfg.model.path, "model.path", "causal_lm")
     if cfg.reward.kind == "model":
         require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
-    from engine.trainer import run_ppo
+    from engine.rl.trainer import run_ppo
 
     return run_ppo(cfg)
 

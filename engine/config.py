@@ -133,7 +133,7 @@ class PPOAlgoConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run inside one launch (see ``engine.placement``).
+    """Where the roles run inside one launch (see ``engine.rl.placement``).
 
     ``colocate``: every rank holds a vLLM engine beside its DeepSpeed shard and generates its own
     share. ``split``: the last ``rollout_ranks`` ranks run only vLLM; the others form the DeepSpeed

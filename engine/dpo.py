@@ -8,7 +8,7 @@ Loss, with ``h = [logπ(y_w) - logπ_ref(y_w)] - [logπ(y_l) - logπ_ref(y_l)]``
   sequence log-ratio is divided by its response length, so ``h`` is a per-token
   average; DPO always uses sequence sums unless ``length_normalize`` is set.
 
-Sequence log-probs are sums of response-token log-probs from ``engine.actor.PolicyLogprobs``
+Sequence log-probs are sums of response-token log-probs from ``engine.rl.actor.PolicyLogprobs``
 (``kernels.linear_logprobs``: no ``[tokens, vocab]`` logits), for policy and reference alike.
 The reference is a frozen copy of the starting weights; its log-probs are computed once
 per micro-batch under ``no_grad``, before the policy's forward.
@@ -65,7 +65,7 @@ from engine.stages_common import (
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from engine.experience import Experience
+    from engine.rl.experience import Experience
 
 
 # --------------------------------------------------------------------------- config
@@ -178,7 +178,7 @@ def pack_rows(
 
     sequences [N, P+R]: left-padded prompt then right-padded response; P, R the longest.
     """
-    from engine.experience import Experience
+    from engine.rl.experience import Experience
 
     P = max(len(p) for p in prompts)
     R = max(max(len(r) for r in responses), 1)
@@ -264,9 +264,9 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     ``metrics.jsonl``. Full-state checkpoints, ``resume`` and SIGTERM work as in
     ``engine.sft.run_sft``.
     """
-    from engine.actor import PolicyLogprobs, TrainEngine
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
-    from engine.scoring import ReferenceModel
+    from engine.rl.actor import PolicyLogprobs, TrainEngine
+    from engine.rl.scoring import ReferenceModel
     from engine.sft import load_sft_model
 
     logger, ckpt = setup_resumable_stage(cfg, "dpo")

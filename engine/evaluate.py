@@ -175,7 +175,7 @@ def rm_gold_agreement(
 # --------------------------------------------------------------------------- helpers
 @torch.no_grad()
 def _logprobs(lm: Any, batch: Any, temperature: float) -> torch.Tensor:
-    from engine.scoring import ReferenceModel
+    from engine.rl.scoring import ReferenceModel
 
     return ReferenceModel(lm).logprobs(batch, temperature)
 
@@ -293,13 +293,13 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _load_rm(path: str) -> Any:
     from engine.models import load_reward_model
-    from engine.scoring import RewardScorer
+    from engine.rl.scoring import RewardScorer
 
     return RewardScorer(model=load_reward_model(path, torch.float32, "auto", role="models.reward_model"))
 
 
 def _load_gold(spec: str) -> Any:
-    from engine.scoring import RewardScorer
+    from engine.rl.scoring import RewardScorer
     from engine.tasks import load_callable
 
     return RewardScorer.from_function(load_callable(spec))
@@ -365,13 +365,13 @@ class _PolicyEval:
         if self.rollout is not None and self._loaded and _same(self._loaded, path):
             return
         if c.rollout.backend != "vllm":
-            from engine.rollout import HFRollout
+            from engine.rl.rollout import HFRollout
 
             if self.rollout is None:
                 self.rollout = HFRollout(model, self.tok, c.rollout)
             self.rollout.model = model
         elif self.rollout is None or self._engine_arch != _arch(model.config):
-            from engine.rollout import VLLMRollout
+            from engine.rl.rollout import VLLMRollout
 
             self.close()
             max_len = c.data.max_prompt_len + c.rollout.max_new_tokens + 1

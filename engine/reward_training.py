@@ -5,7 +5,7 @@ the SFT backbone plus a fresh ``score`` head, re-initialised here as
 N(0, std) (default std = 1 / (H + 1), as the critic's value head) so rewards start
 near zero whatever transformers' default init does. A sequence
 ``<bos> prompt response <eos>`` (the layout every stage uses) is scored at its
-last real token, from the attention mask, exactly as ``engine.scoring`` scores
+last real token, from the attention mask, exactly as ``engine.rl.scoring`` scores
 PPO rollouts.
 
 Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, with ``margin``
@@ -178,14 +178,14 @@ class RewardScores(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        from engine.critic import reward_head_of
+        from engine.rl.critic import reward_head_of
 
         reward_head_of(model)  # checks the head is a Linear(H, 1)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from engine.actor import base_model_of, position_ids_from_mask
-        from engine.critic import reward_head_of
+        from engine.rl.actor import base_model_of, position_ids_from_mask
+        from engine.rl.critic import reward_head_of
 
         out = base_model_of(self.model)(
             input_ids=input_ids,
@@ -236,13 +236,13 @@ def load_rm_model(cfg: RMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """The SFT checkpoint as a one-label sequence classifier with a re-initialised score head."""
     from transformers import AutoModelForSequenceClassification
 
-    from engine.critic import reward_head_of
     from engine.models import (
         check_tokenizer_matches,
         load_tokenizer,
         resolve_attn_implementation,
         resolve_dtype,
     )
+    from engine.rl.critic import reward_head_of
 
     path = cfg.model.path
     require_checkpoint_kind(path, "model.path", "causal_lm")
@@ -314,8 +314,8 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
 
     Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.sft.run_sft``.
     """
-    from engine.actor import TrainEngine
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "rm")
     t_start = time.time()

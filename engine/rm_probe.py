@@ -59,15 +59,15 @@ def probe(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the probe; returns (summary, sample rows).
 
-    Sampling is ``engine.rollout.HFRollout`` (the trainer's transformers backend) and the batch
+    Sampling is ``engine.rl.rollout.HFRollout`` (the trainer's transformers backend) and the batch
     layout ``collate_samples``'s, so the RM scores each sample exactly as PPO's scorer would.
     """
     from engine.config import RolloutConfig
     from engine.data import read_jsonl
     from engine.evaluate import _load_gold, _load_rm
-    from engine.experience import collate_samples
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
-    from engine.rollout import HFRollout
+    from engine.rl.experience import collate_samples
+    from engine.rl.rollout import HFRollout
 
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form pairs, got {samples}")

@@ -347,8 +347,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     With ``save_every`` it writes full-state checkpoints (``StageCheckpoints``) and ``resume``
     continues from one. SIGTERM/SIGINT finish the step, save, and return ``{"stopped": True, ...}``.
     """
-    from engine.actor import TrainEngine
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "sft")
     t_start = time.time()

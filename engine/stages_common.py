@@ -1,7 +1,7 @@
 """What the offline stages (SFT, RM, DPO) share: setup, checkpoints and resume, the loop's logging
 and summary, tokenizing, eval splits.
 
-The DeepSpeed engine itself is ``engine.actor.TrainEngine`` (AdamW, clipping,
+The DeepSpeed engine itself is ``engine.rl.actor.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
 
 Sequences follow the layout of every stage: ``<bos> prompt response <eos>``,
@@ -30,10 +30,10 @@ from engine.data import DataError
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from engine.actor import TrainEngine
     from engine.checkpoint import GracefulShutdown
     from engine.data import PromptSampler
     from engine.metrics import MetricsLogger
+    from engine.rl.actor import TrainEngine
 
 
 # --------------------------------------------------------------------------- setup
@@ -197,7 +197,7 @@ class StageCheckpoints:
         ``max_consecutive_skips`` skipped updates in a row, saves and raises ``NonFiniteError``
         naming the step.
         """
-        from engine.actor import stop_on_consecutive_skips
+        from engine.rl.actor import stop_on_consecutive_skips
 
         cfg, step = self.cfg, loop.step
         signalled = stop.should_stop_all() and step < cfg.total_steps

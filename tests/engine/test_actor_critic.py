@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from engine.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
 from engine.config import OptimConfig, PPOAlgoConfig
-from engine.critic import CriticWorker, ValueModel
-from engine.experience import Experience
-from engine.scoring import ReferenceModel, RewardScorer
+from engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
+from engine.rl.critic import CriticWorker, ValueModel
+from engine.rl.experience import Experience
+from engine.rl.scoring import ReferenceModel, RewardScorer
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
 ROOT = Path(__file__).resolve().parents[2]

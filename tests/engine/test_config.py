@@ -180,7 +180,7 @@ def test_placement_and_async_keys() -> None:
 
 
 def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> None:
-    from engine.placement import setup_split
+    from engine.rl.placement import setup_split
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.experience import (
+from engine.rl.experience import (
     AdaptiveKLController,
     Experience,
     FixedKLController,
@@ -170,7 +170,7 @@ def test_experience_split_cat_select_round_trip() -> None:
 
 
 def test_truncated_is_weights_against_float64() -> None:
-    from engine.experience import truncated_is_weights
+    from engine.rl.experience import truncated_is_weights
 
     g = torch.Generator().manual_seed(3)
     old = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 3

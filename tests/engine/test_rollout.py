@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from engine.config import RolloutConfig
-from engine.rollout import HFRollout, RolloutEngine, Sample, processed_logprobs
+from engine.rl.rollout import HFRollout, RolloutEngine, Sample, processed_logprobs
 
 sys.path.insert(0, str(Path(__file__).parent / "_scripts"))
 from rollout_tiny import build_tokenizer, save_tiny_llama  # noqa: E402
@@ -39,7 +39,7 @@ def hf_model(tiny_dir):
 def vllm_rollout(tiny_dir):
     pytest.importorskip("vllm")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from engine.rollout import VLLMRollout
+    from engine.rl.rollout import VLLMRollout
 
     r = VLLMRollout(
         str(tiny_dir),

@@ -18,13 +18,13 @@ import pytest
 import torch
 
 from engine import cli
-from engine.actor import NonFiniteError
 from engine.checkpoint import verify_checkpoint
 from engine.config import TinyModelConfig, load_config
 from engine.demo_task import make_preference_data, make_sft_data, write_jsonl
 from engine.dpo import DPOConfig, run_dpo
 from engine.models import build_tiny_model, build_tokenizer
 from engine.reward_training import RMConfig, run_rm
+from engine.rl.actor import NonFiniteError
 from engine.sft import SFTConfig, run_sft
 
 STAGES = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}  # config, run

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from engine.config import RolloutConfig
-from engine.rollout import processed_logprobs
-from engine.weight_sync import ColocatedWeightSync, hf_name, pack_bucket, plan_buckets, unpack_bucket
+from engine.rl.rollout import processed_logprobs
+from engine.rl.weight_sync import ColocatedWeightSync, hf_name, pack_bucket, plan_buckets, unpack_bucket
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
 SCRIPTS = Path(__file__).parent / "_scripts"
@@ -109,7 +109,7 @@ def test_in_process_swap_one_rank(tiny_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from transformers import AutoModelForCausalLM
 
-    from engine.rollout import VLLMRollout
+    from engine.rl.rollout import VLLMRollout
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     original = copy.deepcopy(model.state_dict())

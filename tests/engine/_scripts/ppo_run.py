@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import engine.trainer as trainer_mod  # noqa: E402
+import engine.rl.trainer as trainer_mod  # noqa: E402
 from engine import cli  # noqa: E402
 from engine import distributed as dist  # noqa: E402
 

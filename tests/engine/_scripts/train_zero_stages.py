@@ -20,10 +20,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import distributed as D
-from engine.actor import ActorWorker
 from engine.config import OptimConfig, PPOAlgoConfig
-from engine.critic import CriticWorker, ValueModel
-from engine.experience import Experience
+from engine.rl.actor import ActorWorker
+from engine.rl.critic import CriticWorker, ValueModel
+from engine.rl.experience import Experience
 
 VOCAB, P, R = 96, 5, 6
 

@@ -4,13 +4,13 @@ A rollout rank runs :func:`serve`: it builds its vLLM engine from the policy che
 trainer 0's ``hello``, then executes trainer 0's commands in the order they were sent:
 
 * ``generate`` -- sample ``n`` responses per prompt with the given per-request seeds and send
-  the :class:`~engine.rollout.Sample` s back, each stamped with the engine's policy version;
-* ``weights``  -- join the bucketed broadcast (``engine.weight_sync.receive_weights``) and
+  the :class:`~engine.rl.rollout.Sample` s back, each stamped with the engine's policy version;
+* ``weights``  -- join the bucketed broadcast (``engine.rl.weight_sync.receive_weights``) and
   stamp the new version;
 * ``stop``.
 
 Because commands run in order, a ``generate`` sent after the ``weights`` of version v samples
-from version >= v: that is what bounds staleness (``engine.trainer`` decides how many
+from version >= v: that is what bounds staleness (``engine.rl.trainer`` decides how many
 ``generate`` requests it keeps ahead of training). Each reply carries the rank's timeline
 (``generate`` and ``weight_load`` intervals, wall-clock) for the per-phase plots.
 """
@@ -21,13 +21,13 @@ import time
 import traceback
 from typing import Any
 
-from engine.placement import Placement
+from engine.rl.placement import Placement
 
 
 def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
     """Main loop of a rollout rank; returns when trainer 0 says ``stop``."""
-    from engine.rollout import VLLMRollout
-    from engine.weight_sync import receive_weights
+    from engine.rl.rollout import VLLMRollout
+    from engine.rl.weight_sync import receive_weights
 
     i = placement.rollout_index
     inbox, outbox = placement.to_rollout(i), placement.from_rollout(i)
@@ -86,7 +86,7 @@ class _Scorer:
         import torch
 
         from engine.models import load_tokenizer
-        from engine.scoring import build_scoring
+        from engine.rl.scoring import build_scoring
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or hello["policy_dir"])
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
@@ -98,7 +98,7 @@ class _Scorer:
 
     def score(self, samples: list) -> None:
         """Fill each sample's ``ref_logprobs``, ``score`` and ``score_valid`` in place."""
-        from engine.experience import Experience, collate_samples
+        from engine.rl.experience import Experience, collate_samples
 
         if not samples:
             return

@@ -8,10 +8,10 @@
   holds only them, so DeepSpeed ZeRO shards actor and critic over the trainers and never waits
   for a rollout rank. ``RANK``/``WORLD_SIZE`` are rewritten to the trainer numbering.
 * ranks ``T .. N-1`` are **rollout** ranks. They join no default group of ours (vLLM builds its
-  own world of one, exactly as under a plain ``python``) and run :func:`engine.rollout_server.serve`.
+  own world of one, exactly as under a plain ``python``) and run :func:`engine.rl.rollout_server.serve`.
 * a **weight group** (a stand-alone ``torch.distributed`` process group: gloo on CPU, NCCL on
   GPU) joins trainer 0 (root) and every rollout rank; weights are broadcast through it in
-  packed buckets (``engine.weight_sync.BroadcastWeightSync``).
+  packed buckets (``engine.rl.weight_sync.BroadcastWeightSync``).
 * small **control messages** (generate requests, samples, weight-sync headers, errors) go
   through the launch's TCP store, keyed ``rlhf/<channel>/<seq>``. A store ``set`` never blocks
   on the peer, so a trainer that is pushing weights and a rollout rank that is returning samples

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
-from engine.critic import reward_head_of
-from engine.experience import Experience
+from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
+from engine.rl.critic import reward_head_of
+from engine.rl.experience import Experience
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float | None]]
 

@@ -2,10 +2,10 @@
 
 ``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
 actor and critic, generates its share of the batch, and after every update receives the new
-actor weights (``engine.weight_sync``). Synchronous.
+actor weights (``engine.rl.weight_sync``). Synchronous.
 
-``split`` placement (``engine.placement``): the trainer ranks ask the rollout ranks for batches
-(``engine.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
+``split`` placement (``engine.rl.placement``): the trainer ranks ask the rollout ranks for batches
+(``engine.rl.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
 trainer 0 keeps the requests for batches ``k+1 .. k+s`` queued while it trains on batch ``k``, so
 generation overlaps training and no sample is more than ``s`` policy versions old; older samples
 are refused. The loss corrects for the behaviour policy with truncated importance weights.
@@ -27,8 +27,8 @@ import torch
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
-from engine.experience import RolloutBatch, collate_samples
 from engine.metrics import MetricsLogger, drop_rows_after
+from engine.rl.experience import RolloutBatch, collate_samples
 
 
 def seed_everything(seed: int) -> None:
@@ -81,10 +81,10 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, placement: Any = None) -> None:
         from engine.config import ConfigError
         from engine.data import PromptDataset, PromptSampler
-        from engine.experience import RunningMoments, make_kl_controller
+        from engine.rl.experience import RunningMoments, make_kl_controller
         from engine.tasks import load_callable
 
-        self.placement = placement  # engine.placement.Placement in split mode (a trainer rank)
+        self.placement = placement  # engine.rl.placement.Placement in split mode (a trainer rank)
         self.split = placement is not None
         dist.init_distributed()
         if not dist.is_initialized():  # plain `python`: a world of one, same code path
@@ -128,7 +128,7 @@ class PPOTrainer:
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.rollout = None
         if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
-            from engine.rollout_server import RemoteRollout
+            from engine.rl.rollout_server import RemoteRollout
 
             hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
             self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
@@ -145,9 +145,9 @@ class PPOTrainer:
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
-        from engine.actor import ActorWorker
-        from engine.critic import CriticWorker, ValueModel
-        from engine.scoring import build_scoring
+        from engine.rl.actor import ActorWorker
+        from engine.rl.critic import CriticWorker, ValueModel
+        from engine.rl.scoring import build_scoring
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
@@ -169,7 +169,7 @@ class PPOTrainer:
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.
-        from engine.weight_sync import BroadcastWeightSync, ColocatedWeightSync
+        from engine.rl.weight_sync import BroadcastWeightSync, ColocatedWeightSync
 
         bucket = cfg.placement.bucket_mb << 20
         if self.split:
@@ -207,12 +207,12 @@ class PPOTrainer:
     def _build_rollout(self, dtype: torch.dtype):
         c = self.cfg
         if c.rollout.backend == "vllm":
-            from engine.rollout import VLLMRollout
+            from engine.rl.rollout import VLLMRollout
 
             a = self._vllm_args(dtype)
             return VLLMRollout(str(self.policy_dir), c.rollout, a["seed"], a["max_len"], a["dtype"])
         from engine.models import load_causal_lm
-        from engine.rollout import HFRollout
+        from engine.rl.rollout import HFRollout
 
         lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
         return HFRollout(lm, self.tokenizer, c.rollout)
@@ -260,7 +260,7 @@ class PPOTrainer:
         behaviour policy (the rollout engine's processed log-probs, which include temperature and
         top-k/top-p truncation, so those are corrected rather than ignored).
         """
-        from engine.experience import (
+        from engine.rl.experience import (
             Experience,
             compute_advantages,
             compute_rewards,
@@ -427,7 +427,7 @@ class PPOTrainer:
         diagnostic of the weight pipe (about 1e-7 in fp32 when it works): collective on every
         trainer (the actor forward may gather ZeRO-3 shards).
         """
-        from engine.experience import Experience
+        from engine.rl.experience import Experience
 
         prompt = list(self.dataset.batch([0]).input_ids[0])
         response = prompt[: max(1, min(8, len(prompt)))]
@@ -450,8 +450,8 @@ class PPOTrainer:
 
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
-        from engine.actor import stop_on_consecutive_skips
         from engine.checkpoint import GracefulShutdown, save_hf_checkpoint
+        from engine.rl.actor import stop_on_consecutive_skips
 
         every = self.cfg.save_every
         try:
@@ -572,11 +572,11 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
     """Entry point of ``python -m engine.cli ppo``; in ``split`` placement rollout ranks serve instead."""
     placement = None
     if cfg.placement.mode == "split":
-        from engine.placement import setup_split
+        from engine.rl.placement import setup_split
 
         placement = setup_split(cfg.placement.rollout_ranks, cfg.placement.timeout_s)
         if placement.role == "rollout":
-            from engine.rollout_server import serve
+            from engine.rl.rollout_server import serve
 
             return serve(cfg, placement)
     trainer = PPOTrainer(cfg, placement)

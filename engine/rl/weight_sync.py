@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from engine.rollout import RolloutEngine
+from engine.rl.rollout import RolloutEngine
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -232,7 +232,7 @@ class BroadcastWeightSync:
 
     @torch.no_grad()
     def push(self, version: int) -> dict[str, float]:
-        from engine.placement import broadcast, wait
+        from engine.rl.placement import broadcast, wait
 
         pl = self.placement
         t0 = time.perf_counter()
@@ -270,7 +270,7 @@ def receive_weights(placement, specs: Sequence[BucketSpec], rollout: RolloutEngi
     Bucket k+1's broadcast is posted before bucket k is loaded, so receiving and loading overlap.
     Returns ``{"recv_s", "load_s"}``.
     """
-    from engine.placement import broadcast, wait
+    from engine.rl.placement import broadcast, wait
 
     pl = placement
     recv_s = load_s = 0.0

@@ -2,14 +2,14 @@
 
 ``PolicyLogprobs`` runs a causal LM's base model to the final (normed) hidden
 states and feeds them, with the LM head's weight, to ``kernels.linear_logprobs``.
-The reference model (``engine.scoring``) uses the same module.
+The reference model (``engine.rl.scoring``) uses the same module.
 
 ``ActorWorker`` wraps it in a DeepSpeed engine (ZeRO stage from ``OptimConfig``)
 and does one optimizer step per mini-batch with the clipped PPO loss. A step
 whose loss or gradients are non-finite on any rank is skipped on every rank;
 ``stop_on_consecutive_skips`` ends a run after too many skips in a row.
 ``TrainEngine`` (the DeepSpeed setup and the guarded step) is shared with the
-critic (``engine.critic``).
+critic (``engine.rl.critic``).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 import kernels
 from engine import distributed as D
 from engine.config import OptimConfig, PPOAlgoConfig
-from engine.experience import Experience, masked_mean
+from engine.rl.experience import Experience, masked_mean
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -49,7 +49,7 @@ class PolicyLogprobs(nn.Module):
     """Response-token log-probs (and entropies) of a causal LM, through ``kernels.linear_logprobs``.
 
     ``forward(sequences[B, P+R], attention_mask[B, P+R], response_len=R, temperature)``
-    -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``engine.experience``:
+    -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``engine.rl.experience``:
     hidden states at positions P-1 .. P+R-2 predict tokens P .. P+R-1.
 
     ZeRO-3: the LM head's weight is used here, not in ``lm_head.forward``, so it

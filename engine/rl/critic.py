@@ -4,7 +4,7 @@
 positions P-1 .. P+R-2 (the state before each response token, the same
 positions whose hidden states predict the response) and trains them toward the
 GAE returns with ``kernels.ppo_value_loss``. The DeepSpeed setup and the
-non-finite step guard are shared with the actor (``engine.actor.TrainEngine``).
+non-finite step guard are shared with the actor (``engine.rl.actor.TrainEngine``).
 """
 
 from __future__ import annotations
@@ -16,15 +16,15 @@ import torch
 from torch import nn
 
 import kernels
-from engine.actor import (
+from engine.config import OptimConfig, PPOAlgoConfig
+from engine.rl.actor import (
     TrainEngine,
     base_model_of,
     check_micro_batches,
     position_ids_from_mask,
     token_weights,
 )
-from engine.config import OptimConfig, PPOAlgoConfig
-from engine.experience import Experience, masked_mean
+from engine.rl.experience import Experience, masked_mean
 
 
 class ValueModel(nn.Module):
