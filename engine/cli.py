@@ -47,12 +47,12 @@ def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
 
 
 STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
-    "sft": _lazy("engine.sft", "main_sft"),
-    "rm": _lazy("engine.reward_training", "main_rm"),
+    "sft": _lazy("engine.stages.sft", "main_sft"),
+    "rm": _lazy("engine.stages.rm", "main_rm"),
     "ppo": _ppo,
-    "dpo": _lazy("engine.dpo", "main_dpo"),
-    "bon": _lazy("engine.best_of_n", "main_bon"),
-    "eval": _lazy("engine.evaluate", "main_eval"),
+    "dpo": _lazy("engine.stages.dpo", "main_dpo"),
+    "bon": _lazy("engine.stages.best_of_n", "main_bon"),
+    "eval": _lazy("engine.stages.evaluate", "main_eval"),
 }
 
 

@@ -8,7 +8,7 @@ the resolved tree to ``<output_dir>/config.yaml``.
 This module holds the loader, the sections every stage shares (model, reward, data,
 rollout, optimizer, logging, ``StageConfig``) and the PPO tree. Each offline stage
 defines its own tree next to its code from these sections (``SFTConfig`` in
-``engine/sft.py``, ``RMConfig``, ``DPOConfig``, ``BoNConfig``, ``EvalConfig``).
+``engine/stages/sft.py``, ``RMConfig``, ``DPOConfig``, ``BoNConfig``, ``EvalConfig``).
 """
 
 from __future__ import annotations

@@ -64,10 +64,10 @@ def probe(
     """
     from engine.config import RolloutConfig
     from engine.data import read_jsonl
-    from engine.evaluate import _load_gold, _load_rm
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
     from engine.rl.experience import collate_samples
     from engine.rl.rollout import HFRollout
+    from engine.stages.evaluate import _load_gold, _load_rm
 
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form pairs, got {samples}")

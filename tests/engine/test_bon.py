@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.best_of_n import BoNConfig, run_bon, select_best
 from engine.config import ConfigError, TinyModelConfig, load_config
+from engine.stages.best_of_n import BoNConfig, run_bon, select_best
 
 
 def test_select_best_is_argmax_per_prompt() -> None:

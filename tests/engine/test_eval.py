@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.evaluate import (
+from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+from engine.stages.evaluate import (
     EvalConfig,
     pairwise_accuracy,
     rm_gold_agreement,
@@ -17,7 +18,6 @@ from engine.evaluate import (
     sequence_kl,
     win_rate,
 )
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
 TINY = TinyModelConfig()
 

@@ -13,7 +13,7 @@ from engine.config import ConfigError, TinyModelConfig, load_config
 from engine.data import DataError
 from engine.demo_task import make_sft_data, write_jsonl
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
-from engine.sft import (
+from engine.stages.sft import (
     IGNORE,
     SFTConfig,
     SFTDataConfig,

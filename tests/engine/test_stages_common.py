@@ -1,4 +1,4 @@
-"""What the SFT, RM and DPO stages share (``engine.stages_common``): bad input, checkpoints, the skip limit.
+"""What the SFT, RM and DPO stages share (``engine.stages.common``): bad input, checkpoints, the skip limit.
 
 Bad input, case by case, through ``engine.cli.main`` in this process (the function ``python -m
 engine.cli`` exits with): status 2, one ``error:`` line naming the problem and where it is, and
@@ -21,11 +21,11 @@ from engine import cli
 from engine.checkpoint import verify_checkpoint
 from engine.config import TinyModelConfig, load_config
 from engine.demo_task import make_preference_data, make_sft_data, write_jsonl
-from engine.dpo import DPOConfig, run_dpo
 from engine.models import build_tiny_model, build_tokenizer
-from engine.reward_training import RMConfig, run_rm
 from engine.rl.actor import NonFiniteError
-from engine.sft import SFTConfig, run_sft
+from engine.stages.dpo import DPOConfig, run_dpo
+from engine.stages.rm import RMConfig, run_rm
+from engine.stages.sft import SFTConfig, run_sft
 
 STAGES = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}  # config, run
 ONE_LAYER = TinyModelConfig(num_layers=1)
@@ -161,9 +161,9 @@ def test_resume_from_another_model_shape_fails_before_training(capsys, tmp_path,
 
 def _poison(monkeypatch, stage: str) -> None:
     """Make every loss NaN: SFT's token NLL sum, RM's Bradley-Terry loss, DPO's per-pair losses."""
-    import engine.dpo as dpo_mod
-    import engine.reward_training as rm_mod
-    import engine.sft as sft_mod
+    import engine.stages.dpo as dpo_mod
+    import engine.stages.rm as rm_mod
+    import engine.stages.sft as sft_mod
 
     mod, name = {
         "sft": (sft_mod, "sft_loss_sum"),

@@ -279,7 +279,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             result["policies"] = per_policy
 
     if rm is not None and d.pairs:
-        from engine.dpo import collate_pairs, load_preference_pairs
+        from engine.stages.dpo import collate_pairs, load_preference_pairs
 
         pairs, stats = load_preference_pairs(d.pairs, tokenizer, d.pairs_max_len, d.pairs_max_prompt_len)
         scores = _rm_scores(rm, collate_pairs(pairs, tokenizer.pad_token_id))
@@ -385,7 +385,7 @@ class _PolicyEval:
 
     def _sample(self, path: str, model: Any) -> tuple[list[Any], Any, list[str]]:
         """(samples, packed batch, decoded responses) of ``model``: one sample per prompt at seed ``cfg.seed``."""
-        from engine.dpo import pack_rows
+        from engine.stages.dpo import pack_rows
 
         self._point_at(path, model)
         samples = [g[0] for g in self.rollout.generate(self.prompt_ids, n=1, seed=self.cfg.seed)]

@@ -11,7 +11,7 @@ position ids (no attention across examples).
 ``run_sft(cfg)`` trains ``total_steps`` optimizer steps and saves an HF
 checkpoint plus tokenizer into ``cfg.output_dir`` (with ``config.yaml`` and
 ``metrics.jsonl``). Every ``save_every`` steps it writes a full-state checkpoint
-under ``<output_dir>/checkpoints/`` (``engine.stages_common.StageCheckpoints``) that
+under ``<output_dir>/checkpoints/`` (``engine.stages.common.StageCheckpoints``) that
 ``resume=auto`` continues from exactly. With an empty ``model.path`` it trains the
 tiny model of ``model.tiny`` from scratch with the offline toy tokenizer.
 """
@@ -38,7 +38,7 @@ from engine.config import (
     load_config,
 )
 from engine.data import DataError, PromptSampler, read_jsonl
-from engine.stages_common import (
+from engine.stages.common import (
     EncodeStats,
     LoopState,
     encode_prompt,

@@ -17,7 +17,7 @@ Implicit rewards are ``beta * (logπ - logπ_ref)`` (the same log-ratios the los
 ``rewards/accuracy`` is the fraction of pairs whose chosen reward is strictly higher.
 
 Checkpoints, ``resume`` and SIGTERM work as in the SFT and RM stages
-(``engine.stages_common.StageCheckpoints``): a checkpoint holds the policy's engine state and
+(``engine.stages.common.StageCheckpoints``): a checkpoint holds the policy's engine state and
 the loop's; the reference needs none, it is rebuilt from the config like the policy's start.
 
 Data: the RM stage's preference JSONL ``{"prompt", "chosen", "rejected"}`` and its
@@ -48,8 +48,7 @@ from engine.config import (
     load_config,
 )
 from engine.data import DataError, PromptSampler
-from engine.reward_training import RMDataConfig
-from engine.stages_common import (
+from engine.stages.common import (
     EncodeStats,
     LoopState,
     TokenizedPair,
@@ -61,6 +60,7 @@ from engine.stages_common import (
     tokenize_preference_pairs,
     validate_stage,
 )
+from engine.stages.rm import RMDataConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -156,7 +156,7 @@ def load_preference_pairs(
     max_prompt_len: int,
     on_long_prompt: str = "truncate",
 ) -> tuple[list[TokenizedPair], EncodeStats]:
-    """``stages_common.tokenize_preference_pairs`` (the loader the RM stage uses too), needing at
+    """``common.tokenize_preference_pairs`` (the loader the RM stage uses too), needing at
     least one usable pair."""
     tokenized, stats, n_records = tokenize_preference_pairs(
         path, tokenizer, max_len, max_prompt_len, on_long_prompt
@@ -262,12 +262,12 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
     Returns the summary (also in ``<output_dir>/summary.json``); per-step metrics go to
     ``metrics.jsonl``. Full-state checkpoints, ``resume`` and SIGTERM work as in
-    ``engine.sft.run_sft``.
+    ``engine.stages.sft.run_sft``.
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.rl.actor import PolicyLogprobs, TrainEngine
     from engine.rl.scoring import ReferenceModel
-    from engine.sft import load_sft_model
+    from engine.stages.sft import load_sft_model
 
     logger, ckpt = setup_resumable_stage(cfg, "dpo")
     t_start = time.time()

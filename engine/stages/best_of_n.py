@@ -7,7 +7,7 @@ One round, read top to bottom in ``run_bon``:
 2. **score** every sample with the reward (an RM checkpoint or a ``module:function``);
 3. **select** the highest-scoring sample per prompt (``select_best``; invalid scores never win);
 4. **SFT** on the kept samples for ``bon.steps_per_round`` optimizer steps: cross-entropy on
-   response tokens only (``engine.sft``'s loss and collate);
+   response tokens only (``engine.stages.sft``'s loss and collate);
 5. **sync** the new weights into the rollout engine in place with
    ``engine.rl.weight_sync.ColocatedWeightSync`` (no restart, no disk).
 
@@ -16,7 +16,7 @@ final policy, ``samples_round_<k>.jsonl`` (rank 0's samples with scores and a ``
 round) and ``summary.json``.
 
 Checkpoints, ``resume`` and SIGTERM work as in the SFT, RM and DPO stages
-(``engine.stages_common.StageCheckpoints``), with rounds as the steps: a checkpoint is taken at a
+(``engine.stages.common.StageCheckpoints``), with rounds as the steps: a checkpoint is taken at a
 round's end (``save_every`` rounds), never inside one, as the round's kept samples are not saved.
 Beyond the engine, the RNGs and the prompt sampler, nothing crosses a round boundary: a round's
 sampling seed and SFT shuffle are functions of the seed and the round index, so a resumed run
@@ -217,7 +217,7 @@ def round_seed(seed: int, rank: int, rnd: int) -> int:
 
 def _kept_examples(samples: list[Any], kept: list[int]) -> list[Any]:
     """``SFTExample``s of the kept samples with a non-empty response: loss on the response only."""
-    from engine.sft import SFTExample
+    from engine.stages.sft import SFTExample
 
     return [
         SFTExample(
@@ -237,7 +237,7 @@ def _sft_on_kept(
     Returns (mean response-token NLL over the round, the last step's ``TrainEngine.finish`` stats).
     """
     from engine.data import PromptSampler
-    from engine.sft import sft_collate, sft_loss_sum
+    from engine.stages.sft import sft_collate, sft_loss_sum
 
     b, engine = cfg.bon, train_engine.engine
     sampler = PromptSampler(len(examples), b.batch_size // D.world_size(), cfg.seed + rnd, True)
@@ -275,7 +275,7 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     from engine.rl.actor import TrainEngine
     from engine.rl.experience import collate_samples
     from engine.rl.weight_sync import ColocatedWeightSync
-    from engine.stages_common import LoopState, finish_stage, setup_resumable_stage
+    from engine.stages.common import LoopState, finish_stage, setup_resumable_stage
 
     logger, ckpt = setup_resumable_stage(cfg, "bon")
     t_start = time.time()

@@ -41,7 +41,7 @@ from engine.config import (
 )
 from engine.data import DataError, PromptSampler
 from engine.models import require_checkpoint_kind
-from engine.stages_common import (
+from engine.stages.common import (
     EncodeStats,
     LoopState,
     eval_due,
@@ -312,7 +312,7 @@ def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
 def run_rm(cfg: RMConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``).
 
-    Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.sft.run_sft``.
+    Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.stages.sft.run_sft``.
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.rl.actor import TrainEngine
