@@ -3,7 +3,7 @@
 For the policy (``models.policy``), with one sample per prompt at ``rollout.temperature``:
 
 * ``rm_reward`` / ``gold_reward``: mean reward-model score and mean gold score (``models.gold``,
-  a ``module:function`` such as ``engine.demo_task:gold_reward``) of its samples;
+  a ``module:function`` such as ``engine.demo.task:gold_reward``) of its samples;
 * ``win_rate_rm`` / ``win_rate_gold`` against ``models.baseline`` (the SFT policy): the
   baseline answers the same prompts; a win counts 1, a tie 1/2 (``win_rate``);
 * ``kl``: mean sequence KL to ``models.reference`` (default: the baseline), estimated on the
@@ -54,7 +54,7 @@ class EvalModelsConfig:
     baseline: str = "runs/sft"  # win rates against this policy; empty: none
     reference: str = ""  # KL reference; empty: the baseline
     reward_model: str = ""  # sequence-classification RM; empty: no RM metrics
-    gold: str = ""  # reward callable module:function, e.g. engine.demo_task:gold_reward
+    gold: str = ""  # reward callable module:function, e.g. engine.demo.task:gold_reward
     tokenizer: str = ""  # empty: the policy's (or baseline's / RM's) own
 
 

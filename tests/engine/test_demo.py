@@ -1,6 +1,6 @@
 """The README's main job at its full size: the demo must show what RLHF is for.
 
-``engine.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, about 2-3 minutes on
+``engine.demo.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, about 2-3 minutes on
 2 cores): the RM beats chance clearly on held-out pairs, and the PPO policy's hidden gold
 score beats the SFT policy's, by dropping the chatty filler the demonstrations taught
 without losing the digits.
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_size_pipeline_meets_the_success_criteria(tmp_path):
-    from engine.pipeline import run_pipeline
+    from engine.demo.pipeline import run_pipeline
 
     summary = run_pipeline(tmp_path / "demo", size="demo")
     assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())

@@ -247,14 +247,14 @@ def test_eval_vllm_backend(ckpts, tmp_path: Path) -> None:
 
 
 def test_rm_probe_agreement_matches_its_samples(ckpts, tmp_path: Path) -> None:
-    """``engine.rm_probe``: the reported agreement is the within-prompt pair count over its own samples."""
+    """``engine.demo.rm_probe``: the reported agreement is the within-prompt pair count over its own samples."""
     import itertools
     import re
 
     from transformers import AutoModelForSequenceClassification
 
     from engine.config import ConfigError
-    from engine.rm_probe import main, pair_agreement, probe
+    from engine.demo.rm_probe import main, pair_agreement, probe
     from engine.tasks import toy_reward
 
     summary, rows = probe(

@@ -26,7 +26,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     from engine.config import TinyModelConfig
-    from engine.kl_sweep import run_sweep
+    from engine.demo.kl_sweep import run_sweep
     from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
     run = tmp_path_factory.mktemp("sweep")

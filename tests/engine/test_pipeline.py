@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.demo_task import gold_score
+from engine.demo.task import gold_score
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ SCRIPTS = Path(__file__).parent / "_scripts"
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    from engine.pipeline import run_pipeline
+    from engine.demo.pipeline import run_pipeline
 
     run = tmp_path_factory.mktemp("demo")
     run_pipeline(run, size="ci")
@@ -60,7 +60,7 @@ def test_policy_checkpoints_generate_in_vllm(run_dir, bon_dir, tmp_path):
     and config the stage saved. One subprocess, one in-process engine per checkpoint in turn.
     """
     pytest.importorskip("vllm")
-    from engine.pipeline import _stage_env
+    from engine.demo.pipeline import _stage_env
 
     dirs = [str(run_dir / p) for p in POLICIES]
     result = tmp_path / "vllm_load.json"

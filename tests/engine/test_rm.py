@@ -16,7 +16,7 @@ from engine.config import (
     load_config,
 )
 from engine.data import DataError
-from engine.demo_task import make_preference_data, write_jsonl
+from engine.demo.task import make_preference_data, write_jsonl
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer, load_reward_model
 from engine.stages.rm import (
     RewardScores,

@@ -11,7 +11,7 @@ import torch
 
 from engine.config import ConfigError, TinyModelConfig, load_config
 from engine.data import DataError
-from engine.demo_task import make_sft_data, write_jsonl
+from engine.demo.task import make_sft_data, write_jsonl
 from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 from engine.stages.sft import (
     IGNORE,

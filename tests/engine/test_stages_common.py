@@ -20,7 +20,7 @@ import torch
 from engine import cli
 from engine.checkpoint import verify_checkpoint
 from engine.config import TinyModelConfig, load_config
-from engine.demo_task import make_preference_data, make_sft_data, write_jsonl
+from engine.demo.task import make_preference_data, make_sft_data, write_jsonl
 from engine.models import build_tiny_model, build_tokenizer
 from engine.rl.actor import NonFiniteError
 from engine.stages.dpo import DPOConfig, run_dpo

@@ -1,6 +1,6 @@
 """The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, best-of-n, eval, report.
 
-``python -m engine.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
+``python -m engine.demo.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
 Each stage runs as its own ``python -m engine.cli STAGE`` process (or
 ``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
@@ -63,7 +63,7 @@ SIZES: dict[str, dict[str, Any]] = {
 
 # The policies the pipeline trains and evaluates, the SFT baseline first.
 POLICIES = ("sft", "ppo", "dpo", "bon")
-PPO_DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "ppo_demo.yaml"
+PPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ppo_demo.yaml"
 
 
 def _stage_env() -> dict[str, str]:
@@ -116,7 +116,7 @@ class Stages:
     """One run directory and how its stages launch: each method runs one ``engine.cli`` stage.
 
     Layout under ``root``: ``data/``, ``sft/``, ``rm/``, ``ppo/``, ``dpo/``, ``bon/``, ``eval/``, ``logs/``.
-    ``times`` collects each stage's wall seconds. ``engine.kl_sweep`` reuses it.
+    ``times`` collects each stage's wall seconds. ``engine.demo.kl_sweep`` reuses it.
     """
 
     root: Path
@@ -144,7 +144,7 @@ class Stages:
         self.times[name] = _run_stage(stage, [f"seed={self.seed}", *overrides], log, world or self.world)
 
     def data(self) -> dict[str, Path]:
-        from engine.demo_task import write_demo_data
+        from engine.demo.task import write_demo_data
 
         return write_demo_data(self.root / "data", seed=self.seed, **self.sizes["data"])
 
@@ -222,7 +222,7 @@ class Stages:
             f"models.baseline={sft}",
             f"models.reference={sft}",
             f"models.reward_model={self.root / 'rm'}",
-            "models.gold=engine.demo_task:gold_reward",
+            "models.gold=engine.demo.task:gold_reward",
             f"data.prompts={self.data_paths['eval_prompts']}",
             *([f"data.pairs={self.data_paths['preferences']}"] if rm_pairs else []),
             *self.sizes["eval"],
@@ -274,7 +274,7 @@ def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | N
     demonstrations' chatty habit); ``gold_digits/<name>``: the mean gold score of the
     responses with those characters removed, i.e. how right the digits are.
     """
-    from engine.demo_task import digits_of, gold_score, has_filler
+    from engine.demo.task import digits_of, gold_score, has_filler
 
     out: dict[str, float | None] = {}
     for name in names:
@@ -369,7 +369,7 @@ def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.pipeline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.demo.pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("run_dir", nargs="?", default="runs/demo")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     ap.add_argument("--world", type=int, default=1, help="ranks per stage (deepspeed --num_gpus N)")

@@ -27,6 +27,7 @@ extra characters both cost. It is hidden from training except through data:
 * ``make_prompts``: prompts for PPO and evaluation.
 
 Everything is deterministic in ``seed`` and leaves the global ``random`` state alone.
+``python -m engine.demo.task OUT_DIR [--seed N]`` writes the demo data (``write_demo_data``).
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def parse_prompt(prompt: str) -> tuple[str, str]:
     """``"reverse 3815:"`` -> ``("reverse", "3815")``; ValueError for anything else."""
     m = _PROMPT.search(prompt.strip().lower())
     if m is None:
-        raise ValueError(f"demo_task: not a demo prompt: {prompt!r}")
+        raise ValueError(f"demo task: not a demo prompt: {prompt!r}")
     return m.group(1), m.group(2)
 
 
@@ -80,7 +81,7 @@ def gold_score(prompt: str, response: str) -> float:
 
 
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """``gold_score`` in the reward-callable signature (``reward.function=engine.demo_task:gold_reward``)."""
+    """``gold_score`` in the reward-callable signature (``reward.function=engine.demo.task:gold_reward``)."""
     if len(prompts) != len(responses):
         raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(responses)} responses")
     return [gold_score(p, r) for p, r in zip(prompts, responses)]

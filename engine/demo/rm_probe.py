@@ -1,6 +1,6 @@
 """Does the reward model order a policy's own samples the way the gold scorer does?
 
-``python -m engine.rm_probe --policy DIR --reward-model DIR --gold module:function --prompts JSONL``
+``python -m engine.demo.rm_probe --policy DIR --reward-model DIR --gold module:function --prompts JSONL``
 
 A reward model's held-out accuracy is measured on its own kind of pairs. PPO asks it something
 else: to rank several samples of the *policy* for one prompt. This probe samples ``--samples``
@@ -117,7 +117,7 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.rm_probe", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m engine.demo.rm_probe", description=__doc__.splitlines()[0])
     ap.add_argument("--policy", required=True)
     ap.add_argument("--reward-model", required=True)
     ap.add_argument("--gold", required=True, help="module:function scoring (prompts, responses)")
