@@ -4,6 +4,12 @@ The same module runs under ``deepspeed --num_gpus N --module engine.cli ppo ...`
 ``torchrun``; the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides
 the world. Config errors print one clear line and exit with status 2 before any
 work starts.
+
+Layering: the core (this folder's modules) imports nothing from ``engine.rl``,
+``engine.stages`` or ``engine.demo``. This module is the one exception, as the entry
+point: each command imports its stage's module (``engine.rl.trainer``,
+``engine.stages.sft``, ...) by module path inside the command's function, never at
+module level, so ``import engine.cli`` stays cheap and the core stays below the layers.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ def _ppo(config: str | None, overrides: list[str]) -> Any:
 
 
 def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
-    """Import a stage's ``main_*`` only when that stage runs (heavy imports stay lazy)."""
+    """Import a stage's ``main_*`` from ``module`` only when that stage runs (heavy imports stay lazy)."""
 
     def run(config: str | None, overrides: list[str]) -> Any:
         import importlib
