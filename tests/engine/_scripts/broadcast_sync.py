@@ -1,6 +1,6 @@
 """Two processes, one ``split`` launch without vLLM: trainer 0 broadcasts a model in many small
 buckets (``BroadcastWeightSync``); the rollout rank receives them (``receive_weights``) into a
-recording engine and writes what arrived. Run by ``tests/engine/test_weight_sync.py``.
+recording engine and writes what arrived. Run by ``tests/engine/rl/test_weight_sync.py``.
 
 Usage (env RANK, WORLD_SIZE=2, MASTER_ADDR, MASTER_PORT set): ``broadcast_sync.py OUT_DIR BUCKET_BYTES``
 """

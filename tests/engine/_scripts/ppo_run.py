@@ -5,7 +5,7 @@ Everything after ``--fingerprints DIR`` goes to ``engine.cli.main`` unchanged, s
 real CLI path (config loading, ``run_ppo``, exit status). The only addition: ``PPOTrainer.fit`` is
 wrapped to copy every actor and critic parameter (gathered under ZeRO-3, a collective) before the
 first step and compare after the last. Each rank writes ``DIR/rank{r}.json``; the tests assert.
-Used by ``tests/engine/test_ppo_e2e.py`` and ``tests/engine/test_ppo_inputs.py``.
+Used by ``tests/engine/rl/test_ppo_e2e.py`` and ``tests/engine/rl/test_ppo_inputs.py``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Per stage, every rank: wraps the tiny model in a DeepSpeed ZeRO engine, records 
 log-probs for a fixed sequence, takes one optimizer step, pushes the weights with
 ColocatedWeightSync, and records vLLM's log-probs again next to the trainer's own (fp32 HF
 forward of the gathered, updated weights). Results go to ``DIR/rank{r}.json``; the test asserts.
-Used by ``tests/engine/test_weight_sync.py::test_deepspeed_two_ranks_swap``.
+Used by ``tests/engine/rl/test_weight_sync.py::test_deepspeed_two_ranks_swap``.
 """
 
 from __future__ import annotations

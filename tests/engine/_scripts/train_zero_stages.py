@@ -4,7 +4,7 @@ Run: ``deepspeed --num_gpus 2 tests/engine/_scripts/train_zero_stages.py --out D
 Each rank writes ``DIR/rank<r>.json``: per stage, per role, the gathered
 parameters' digests before and after the step, the step's stats, and (actor)
 the max error of the ZeRO log-probs against a plain HF forward on full weights.
-Used by ``tests/engine/test_actor_critic.py::test_zero2_zero3_two_ranks_update_and_agree``.
+Used by ``tests/engine/rl/test_actor_critic.py::test_zero2_zero3_two_ranks_update_and_agree``.
 """
 
 from __future__ import annotations

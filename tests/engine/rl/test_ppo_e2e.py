@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent / "_scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REQUIRED_KEYS, PPORun, launch, require  # noqa: E402
 
 pytestmark = pytest.mark.slow

@@ -18,8 +18,8 @@ from engine.rl.rollout import processed_logprobs
 from engine.rl.weight_sync import ColocatedWeightSync, hf_name, pack_bucket, plan_buckets, unpack_bucket
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
-SCRIPTS = Path(__file__).parent / "_scripts"
-REPO = Path(__file__).resolve().parents[2]
+SCRIPTS = Path(__file__).parents[1] / "_scripts"
+REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(SCRIPTS))
 from rollout_tiny import build_tiny_llama, save_tiny_llama  # noqa: E402
 
@@ -190,7 +190,7 @@ def test_split_broadcast_many_buckets_arrive_intact(tmp_path) -> None:
     import socket
     import sys
 
-    script = Path(__file__).parent / "_scripts" / "broadcast_sync.py"
+    script = Path(__file__).parents[1] / "_scripts" / "broadcast_sync.py"
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -22,7 +22,7 @@ import pytest
 from engine import cli
 from engine.tasks import toy_prompts, toy_reward
 
-sys.path.insert(0, str(Path(__file__).parent / "_scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REPO, SCRIPTS, TINY_CONFIG, PPORun, launch, require  # noqa: E402
 
 CONFIG = ["ppo", "--config", str(TINY_CONFIG)]

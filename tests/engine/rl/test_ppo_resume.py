@@ -28,7 +28,7 @@ from tests.engine._scripts.stage_launch import STAGE_RUN, hf_weights, max_weight
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TINY_CONFIG = REPO / "configs" / "ppo_tiny.yaml"
 SMALL = [
     "ppo.rollout_batch_size=8",

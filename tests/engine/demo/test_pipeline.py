@@ -22,7 +22,7 @@ from engine.demo.task import gold_score
 
 pytestmark = pytest.mark.slow
 
-SCRIPTS = Path(__file__).parent / "_scripts"
+SCRIPTS = Path(__file__).parents[1] / "_scripts"
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from engine.rl.experience import Experience
 from engine.rl.scoring import ReferenceModel, RewardScorer
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 VOCAB, P, R = 96, 5, 6
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent / "_scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REPO, TINY_CONFIG, PPORun, _free_port, launch, require  # noqa: E402
 
 pytestmark = pytest.mark.slow

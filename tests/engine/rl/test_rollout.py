@@ -16,7 +16,7 @@ import torch
 from engine.config import RolloutConfig
 from engine.rl.rollout import HFRollout, RolloutEngine, Sample, processed_logprobs
 
-sys.path.insert(0, str(Path(__file__).parent / "_scripts"))
+sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from rollout_tiny import build_tokenizer, save_tiny_llama  # noqa: E402
 
 T = 0.7
