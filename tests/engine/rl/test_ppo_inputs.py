@@ -281,7 +281,7 @@ def marked_run(tmp_path_factory, marked_prompts) -> PPORun:
             f"data.max_prompt_len={MAX_PROMPT_LEN}",
             "data.on_long_prompt=drop",
             "data.shuffle=false",  # batches are the kept prompts in file order
-            f"reward.function=tests.engine.test_ppo_inputs:{nan_marked_reward.__name__}",
+            f"reward.function={__name__}:{nan_marked_reward.__name__}",
             f"ppo.rollout_batch_size={BATCH}",
             f"ppo.mini_batch_size={BATCH}",
             "actor.zero_stage=3",  # the one-rank ZeRO-3 path
