@@ -50,11 +50,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from engine import distributed as D
 from engine.config import ConfigError
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
@@ -153,6 +154,51 @@ def hf_exporter(
                     tokenizer.save_pretrained(path)
 
     return export
+
+
+def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """The full state dict (CPU clones) on rank 0, None elsewhere; gathers ZeRO-3 partitions.
+
+    A collective under ZeRO-3: every rank must call it.
+    """
+    import deepspeed
+
+    params = list(model.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if not D.is_main():
+            return None
+        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+def save_hf_checkpoint(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike
+) -> Path:
+    """``save_pretrained`` the model (gathered under ZeRO-3) and its tokenizer on rank 0; all ranks wait.
+
+    Collective: every rank must call it.
+    """
+    out = Path(out_dir)
+    state = gathered_state_dict(model)
+    if D.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    D.barrier()
+    return out
+
+
+# --------------------------------------------------------------------------- output folder
+def writable_dir(path: str | os.PathLike, key: str = "output_dir") -> Path:
+    """Create ``path`` and check a file can be written in it; ConfigError naming ``key`` if not."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".write-probe-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{key} is not writable: {p} ({e.strerror or e})") from None
+    return p
 
 
 # --------------------------------------------------------------------------- manager

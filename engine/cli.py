@@ -4,6 +4,12 @@ The same module runs under ``deepspeed --num_gpus N --module engine.cli ppo ...`
 ``torchrun``; the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides
 the world. Config errors print one clear line and exit with status 2 before any
 work starts.
+
+Layering: the core (this folder's modules) imports nothing from ``engine.rl``,
+``engine.stages`` or ``engine.demo``. This module is the one exception, as the entry
+point: each command imports its stage's module (``engine.rl.trainer``,
+``engine.stages.sft``, ...) by module path inside the command's function, never at
+module level, so ``import engine.cli`` stays cheap and the core stays below the layers.
 """
 
 from __future__ import annotations
@@ -30,13 +36,13 @@ def _ppo(config: str | None, overrides: list[str]) -> Any:
         require_checkpoint_kind(cfg.model.path, "model.path", "causal_lm")
     if cfg.reward.kind == "model":
         require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
-    from engine.trainer import run_ppo
+    from engine.rl.trainer import run_ppo
 
     return run_ppo(cfg)
 
 
 def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
-    """Import a stage's ``main_*`` only when that stage runs (heavy imports stay lazy)."""
+    """Import a stage's ``main_*`` from ``module`` only when that stage runs (heavy imports stay lazy)."""
 
     def run(config: str | None, overrides: list[str]) -> Any:
         import importlib
@@ -47,12 +53,12 @@ def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
 
 
 STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
-    "sft": _lazy("engine.sft", "main_sft"),
-    "rm": _lazy("engine.reward_training", "main_rm"),
+    "sft": _lazy("engine.stages.sft", "main_sft"),
+    "rm": _lazy("engine.stages.rm", "main_rm"),
     "ppo": _ppo,
-    "dpo": _lazy("engine.dpo", "main_dpo"),
-    "bon": _lazy("engine.best_of_n", "main_bon"),
-    "eval": _lazy("engine.evaluate", "main_eval"),
+    "dpo": _lazy("engine.stages.dpo", "main_dpo"),
+    "bon": _lazy("engine.stages.best_of_n", "main_bon"),
+    "eval": _lazy("engine.stages.evaluate", "main_eval"),
 }
 
 

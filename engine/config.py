@@ -1,9 +1,14 @@
-"""Typed configuration tree for every stage, loaded from YAML with dotted overrides.
+"""Typed configuration trees, loaded from YAML with dotted overrides.
 
 ``load_config(PPOConfig, "configs/ppo_tiny.yaml", ["actor.lr=1e-6"])`` reads the
 YAML, applies the overrides, checks types and ranges, and returns the tree.
 Unknown keys are errors that name the closest valid key. ``save_config`` writes
 the resolved tree to ``<output_dir>/config.yaml``.
+
+This module holds the loader, the sections every stage shares (model, reward, data,
+rollout, optimizer, logging, ``StageConfig``) and the PPO tree. Each offline stage
+defines its own tree next to its code from these sections (``SFTConfig`` in
+``engine/stages/sft.py``, ``RMConfig``, ``DPOConfig``, ``BoNConfig``, ``EvalConfig``).
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ class PPOAlgoConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run inside one launch (see ``engine.placement``).
+    """Where the roles run inside one launch (see ``engine.rl.placement``).
 
     ``colocate``: every rank holds a vLLM engine beside its DeepSpeed shard and generates its own
     share. ``split``: the last ``rollout_ranks`` ranks run only vLLM; the others form the DeepSpeed
@@ -280,6 +285,17 @@ def check_choice(key: str, value: Any, choices: tuple, allow_path: bool = False)
 def check_positive(key: str, value: float) -> None:
     if not value > 0:
         raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def check_stage_counts(cfg: StageConfig) -> None:
+    """``save_every``, ``keep_last`` and ``max_consecutive_skips`` are >= 0 (0 turns each off)."""
+    for key, zero in (
+        ("save_every", "no checkpoints"),
+        ("keep_last", "keep all"),
+        ("max_consecutive_skips", "never stop"),
+    ):
+        if getattr(cfg, key) < 0:
+            raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
 
 
 # --------------------------------------------------------------------------- loading
@@ -458,119 +474,6 @@ def save_config(cfg: Any, output_dir: str | os.PathLike) -> Path:
     return path
 
 
-# --------------------------------------------------------------------------- SFT and RM stages
-@dataclass
-class SFTDataConfig:
-    """Training records for SFT: a JSONL of ``{"prompt", "response"}`` or chat ``{"messages": [...]}``.
-
-    (The ``datasets`` library is not a dependency; convert HF datasets to JSONL.)
-    """
-
-    train: str = "data/demo/sft.jsonl"
-    format: str = "auto"  # auto (from the first record) | prompt_response | messages
-    eval_size: int = 128  # records held out for the eval loss (0: none)
-    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
-    max_prompt_len: int = 48
-    on_long_prompt: str = "truncate"  # truncate (keep the prompt's last tokens) | drop
-    packing: bool = False  # pack several examples into each max_len row (block-diagonal attention)
-    shuffle: bool = True
-
-
-@dataclass
-class SFTTrainConfig:
-    batch_size: int = 32  # sequences (rows when packing) per optimizer step, across all ranks
-    micro_batch_size: int = 32  # per rank per forward/backward
-    eval_every: int = 100  # steps; 0: only at the end
-    log_every: int = 10
-
-
-@dataclass
-class SFTConfig(StageConfig):
-    """Supervised fine-tuning: causal-LM cross-entropy on response tokens only."""
-
-    output_dir: str = "runs/sft"
-    total_steps: int = 500
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
-    train: SFTTrainConfig = field(default_factory=SFTTrainConfig)
-    optim: OptimConfig = field(
-        default_factory=lambda: OptimConfig(lr=3e-3, weight_decay=0.0, warmup_steps=20)
-    )
-    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
-
-    def validate(self, world_size: int = 1) -> None:
-        validate_stage(self, world_size)
-        check_choice("data.format", self.data.format, ("auto", "prompt_response", "messages"))
-        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        if not 2 <= self.data.max_prompt_len < self.data.max_len:
-            raise ConfigError(
-                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
-            )
-        if self.data.train and not Path(self.data.train).exists():
-            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
-
-
-@dataclass
-class RMDataConfig:
-    """Preference pairs: a JSONL of ``{"prompt", "chosen", "rejected"}`` (optional numeric ``margin``)."""
-
-    train: str = "data/demo/preferences.jsonl"
-    eval_size: int = 256  # pairs held out for accuracy / margin (0: none)
-    max_len: int = 64  # prompt + response tokens (incl. bos/eos); longer responses are cut
-    max_prompt_len: int = 48
-    on_long_prompt: str = "truncate"  # truncate | drop
-    shuffle: bool = True
-
-
-@dataclass
-class RMTrainConfig:
-    batch_size: int = 32  # pairs per optimizer step, across all ranks
-    micro_batch_size: int = 32  # pairs per rank per forward/backward
-    eval_every: int = 100
-    log_every: int = 10
-    margin: float = 0.0  # loss = -log sigmoid(r_chosen - r_rejected - margin)
-    margin_from_data: bool = False  # add each record's numeric "margin" field to ``margin``
-    head_init_std: float = 0.0  # score head N(0, std); 0: 1 / (hidden_size + 1)
-
-
-@dataclass
-class RMConfig(StageConfig):
-    """Reward modelling: a scalar head on the SFT checkpoint, Bradley-Terry loss on preference pairs."""
-
-    output_dir: str = "runs/rm"
-    total_steps: int = 300
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(path="runs/sft"))
-    data: RMDataConfig = field(default_factory=RMDataConfig)
-    train: RMTrainConfig = field(default_factory=RMTrainConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_steps=20))
-    logging: QuietLoggingConfig = field(default_factory=QuietLoggingConfig)
-
-    def validate(self, world_size: int = 1) -> None:
-        validate_stage(self, world_size)
-        check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
-        if not 2 <= self.data.max_prompt_len < self.data.max_len:
-            raise ConfigError(
-                f"data.max_prompt_len={self.data.max_prompt_len} must be in [2, data.max_len={self.data.max_len})"
-            )
-        if not self.model.path:
-            raise ConfigError("model.path must name the SFT checkpoint the reward model starts from")
-        if self.train.head_init_std < 0:
-            raise ConfigError(f"train.head_init_std must be >= 0, got {self.train.head_init_std}")
-        if not Path(self.data.train).exists():
-            raise ConfigError(f"data.train: file does not exist: {self.data.train}")
-
-
-def check_stage_counts(cfg: StageConfig) -> None:
-    """``save_every``, ``keep_last`` and ``max_consecutive_skips`` are >= 0 (0 turns each off)."""
-    for key, zero in (
-        ("save_every", "no checkpoints"),
-        ("keep_last", "keep all"),
-        ("max_consecutive_skips", "never stop"),
-    ):
-        if getattr(cfg, key) < 0:
-            raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
-
-
 def check_optim(name: str, opt: OptimConfig) -> None:
     """Ranges of one optimizer section (``optim``, ``actor`` or ``critic``)."""
     check_positive(f"{name}.lr", opt.lr)
@@ -584,27 +487,3 @@ def check_optim(name: str, opt: OptimConfig) -> None:
     check_choice(f"{name}.lr_schedule", opt.lr_schedule, ("constant", "cosine"))
     if not 0.0 <= opt.min_lr_ratio <= 1.0:
         raise ConfigError(f"{name}.min_lr_ratio must be in [0, 1], got {opt.min_lr_ratio}")
-
-
-def validate_stage(cfg: Any, world_size: int) -> None:
-    """Checks shared by the SFT, RM and DPO stages (``cfg`` has model/data/train/optim sections).
-
-    All three resume from full-state checkpoints: ``resume=auto|never|<checkpoint path>``.
-    """
-    check_choice("resume", cfg.resume, ("auto", "never"), allow_path=True)
-    check_positive("total_steps", cfg.total_steps)
-    check_stage_counts(cfg)
-    check_optim("optim", cfg.optim)
-    t = cfg.train
-    check_positive("train.batch_size", t.batch_size)
-    check_positive("train.micro_batch_size", t.micro_batch_size)
-    if t.batch_size % (t.micro_batch_size * world_size):
-        raise ConfigError(
-            f"train.batch_size={t.batch_size} is not divisible by "
-            f"micro_batch_size x world_size = {t.micro_batch_size} x {world_size}"
-        )
-    if cfg.data.eval_size < 0:
-        raise ConfigError(f"data.eval_size must be >= 0, got {cfg.data.eval_size}")
-    for key, path in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
-        if path and not Path(path).exists():
-            raise ConfigError(f"{key}: path does not exist: {path}")

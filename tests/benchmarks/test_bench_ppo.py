@@ -1,6 +1,6 @@
 """The PPO benchmark's bookkeeping: warm-up steps left out, phase means, sync share, CSV rows.
 
-The run itself is the slow end-to-end path (covered by tests/engine/test_ppo_e2e.py); here a
+The run itself is the slow end-to-end path (covered by tests/engine/rl/test_ppo_e2e.py); here a
 synthetic ``metrics.jsonl`` stands in for it.
 """
 

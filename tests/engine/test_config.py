@@ -150,7 +150,8 @@ def test_save_config_round_trip(tmp_path, path):
 
 def test_section_override_keeps_parent_defaults():
     """Overriding one key of a section keeps the defaults the parent gave that section."""
-    from engine.config import PPOConfig, RMConfig, load_config
+    from engine.config import PPOConfig, load_config
+    from engine.stages.rm import RMConfig
 
     rm = load_config(RMConfig, None, ["optim.warmup_steps=3", "model.dtype=fp32"])
     assert rm.optim.lr == RMConfig().optim.lr != 1e-5  # RMConfig's own lr, not OptimConfig's
@@ -179,7 +180,7 @@ def test_placement_and_async_keys() -> None:
 
 
 def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> None:
-    from engine.placement import setup_split
+    from engine.rl.placement import setup_split
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -192,7 +193,7 @@ def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> 
 
 
 def test_mapping_fields_take_dotted_entries_and_check_their_values() -> None:
-    from engine.evaluate import EvalConfig
+    from engine.stages.evaluate import EvalConfig
 
     cfg = load_config(
         EvalConfig, None, ["models.policies.ppo=/runs/ppo", 'models.policies={"sft": "/runs/sft"}']

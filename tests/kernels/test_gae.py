@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, assert_close_fp64
 
 from kernels import gae, gae_reference
 from kernels._dispatch import LAUNCHES
+from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
 
 
 def _gae64(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

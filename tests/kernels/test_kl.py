@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, TOLERANCES, assert_close_fp64
 
 from kernels import kl_penalty
 from kernels._dispatch import LAUNCHES
+from tests.conftest import DTYPES, INTERPRET, TOLERANCES, assert_close_fp64
 
 SHAPES = [(37,), (3, 41), (2, 3, 17)]
 

@@ -10,10 +10,10 @@ import importlib
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, assert_close_fp64
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, linear_logprobs, linear_logprobs_reference, logprobs_from_logits_reference
+from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
 
 # The package re-exports the function under the module's own name, so fetch the module explicitly.
 linear_module = importlib.import_module("kernels.linear_logprobs")

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, assert_close_fp64
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, logprobs_from_logits, logprobs_from_logits_reference
+from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
 
 FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import DTYPES, INTERPRET, assert_close_fp64
 
 from kernels import ppo_policy_loss, ppo_policy_loss_reference, ppo_value_loss, ppo_value_loss_reference
 from kernels._dispatch import LAUNCHES
+from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
 
 SHAPES = [(29,), (4, 23), (2, 3, 19)]
 REDUCTIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]

@@ -1,6 +1,6 @@
 """Two processes, one ``split`` launch without vLLM: trainer 0 broadcasts a model in many small
 buckets (``BroadcastWeightSync``); the rollout rank receives them (``receive_weights``) into a
-recording engine and writes what arrived. Run by ``tests/engine/test_weight_sync.py``.
+recording engine and writes what arrived. Run by ``tests/engine/rl/test_weight_sync.py``.
 
 Usage (env RANK, WORLD_SIZE=2, MASTER_ADDR, MASTER_PORT set): ``broadcast_sync.py OUT_DIR BUCKET_BYTES``
 """
@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from engine.placement import setup_split  # noqa: E402
-from engine.weight_sync import BroadcastWeightSync, receive_weights  # noqa: E402
+from engine.rl.placement import setup_split  # noqa: E402
+from engine.rl.weight_sync import BroadcastWeightSync, receive_weights  # noqa: E402
 
 
 class Recorder:

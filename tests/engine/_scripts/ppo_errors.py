@@ -6,7 +6,7 @@ case name to its argv (``["ppo", "--config", F, "k=v", ...]``). For each case, i
 code, what it printed on stderr, how long it took, and whether vLLM had been imported by then (it
 is imported only to build the rollout engine, so an error raised before that is an error raised
 before any rollout). One process serves every case: torch.distributed and the heavy imports are
-paid once. Used by ``tests/engine/test_ppo_inputs.py``.
+paid once. Used by ``tests/engine/rl/test_ppo_inputs.py``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Launch ``ppo_run.py`` (the CLI plus parameter fingerprints) on 1 or 2 ranks and read back what it wrote.
 
-Shared by ``tests/engine/test_ppo_e2e.py`` and ``tests/engine/test_ppo_inputs.py``. One rank is a
+Shared by ``tests/engine/rl/test_ppo_e2e.py`` and ``tests/engine/rl/test_ppo_inputs.py``. One rank is a
 plain ``python`` process; two ranks go through ``deepspeed --num_gpus 2``. ``launch.run`` starts it
 in its own session with a free master port, and removes only this launch's ``/dev/shm`` buffers.
 """
@@ -98,4 +98,4 @@ def launch(out_dir: Path, overrides: list[str], ranks: int = 1, timeout_s: float
     return result
 
 
-_free_port = free_port  # the name tests/engine/test_split.py imports
+_free_port = free_port  # the name tests/engine/rl/test_split.py imports

@@ -2,9 +2,9 @@
 
 Run: ``tests/engine/_scripts/ppo_poisoned.py ppo --config F k=v ...``. The arguments go to
 ``engine.cli.main`` unchanged, so the run takes the real CLI path (config loading, ``run_ppo``,
-exit status). The only change: ``kernels.ppo_policy_loss``, which ``engine.actor`` looks up at
+exit status). The only change: ``kernels.ppo_policy_loss``, which ``engine.rl.actor`` looks up at
 call time, returns its loss times NaN, so the actor's non-finite guard skips every update while
-the critic trains normally. Used by ``tests/engine/test_ppo_inputs.py``.
+the critic trains normally. Used by ``tests/engine/rl/test_ppo_inputs.py``.
 """
 
 from __future__ import annotations

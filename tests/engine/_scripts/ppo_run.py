@@ -5,7 +5,7 @@ Everything after ``--fingerprints DIR`` goes to ``engine.cli.main`` unchanged, s
 real CLI path (config loading, ``run_ppo``, exit status). The only addition: ``PPOTrainer.fit`` is
 wrapped to copy every actor and critic parameter (gathered under ZeRO-3, a collective) before the
 first step and compare after the last. Each rank writes ``DIR/rank{r}.json``; the tests assert.
-Used by ``tests/engine/test_ppo_e2e.py`` and ``tests/engine/test_ppo_inputs.py``.
+Used by ``tests/engine/rl/test_ppo_e2e.py`` and ``tests/engine/rl/test_ppo_inputs.py``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import engine.trainer as trainer_mod  # noqa: E402
+import engine.rl.trainer as trainer_mod  # noqa: E402
 from engine import cli  # noqa: E402
 from engine import distributed as dist  # noqa: E402
 

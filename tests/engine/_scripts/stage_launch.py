@@ -9,7 +9,7 @@
 * B3 (with ``term_in`` only): ``resume=auto`` again, to the end.
 
 A runs beside B1 to save wall time. The tests compare A's and B's ``metrics.jsonl`` and final weights.
-Used by ``tests/engine/test_sft.py``, ``test_rm.py``, ``test_dpo.py`` and ``test_bon.py``.
+Used by ``tests/engine/stages/test_sft.py``, ``test_rm.py``, ``test_dpo.py`` and ``test_bon.py``.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from engine import cli  # noqa: E402
-from engine.actor import TrainEngine  # noqa: E402
+from engine.rl.actor import TrainEngine  # noqa: E402
 
 
 def pause_in_step(step: int, marker: Path, seconds: float) -> None:

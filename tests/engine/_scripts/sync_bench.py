@@ -37,8 +37,8 @@ def main() -> None:
     from rollout_tiny import build_tiny_llama, build_tokenizer
 
     from engine.config import RolloutConfig
-    from engine.rollout import VLLMRollout, processed_logprobs
-    from engine.weight_sync import ColocatedWeightSync
+    from engine.rl.rollout import VLLMRollout, processed_logprobs
+    from engine.rl.weight_sync import ColocatedWeightSync
 
     with tempfile.TemporaryDirectory() as d:
         model = build_tiny_llama(0, **SIZES[args.size])

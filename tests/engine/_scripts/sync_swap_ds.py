@@ -5,7 +5,7 @@ Per stage, every rank: wraps the tiny model in a DeepSpeed ZeRO engine, records 
 log-probs for a fixed sequence, takes one optimizer step, pushes the weights with
 ColocatedWeightSync, and records vLLM's log-probs again next to the trainer's own (fp32 HF
 forward of the gathered, updated weights). Results go to ``DIR/rank{r}.json``; the test asserts.
-Used by ``tests/engine/test_weight_sync.py::test_deepspeed_two_ranks_swap``.
+Used by ``tests/engine/rl/test_weight_sync.py::test_deepspeed_two_ranks_swap``.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from engine.config import RolloutConfig  # noqa: E402
-from engine.rollout import VLLMRollout, processed_logprobs  # noqa: E402
-from engine.weight_sync import ColocatedWeightSync  # noqa: E402
+from engine.rl.rollout import VLLMRollout, processed_logprobs  # noqa: E402
+from engine.rl.weight_sync import ColocatedWeightSync  # noqa: E402
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RESPONSE = [119, 111, 114, 108, 100, 33, 10, 65, 66, 67, 256, 5]

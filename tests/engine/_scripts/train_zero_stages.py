@@ -4,7 +4,7 @@ Run: ``deepspeed --num_gpus 2 tests/engine/_scripts/train_zero_stages.py --out D
 Each rank writes ``DIR/rank<r>.json``: per stage, per role, the gathered
 parameters' digests before and after the step, the step's stats, and (actor)
 the max error of the ZeRO log-probs against a plain HF forward on full weights.
-Used by ``tests/engine/test_actor_critic.py::test_zero2_zero3_two_ranks_update_and_agree``.
+Used by ``tests/engine/rl/test_actor_critic.py::test_zero2_zero3_two_ranks_update_and_agree``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from engine import distributed as D
-from engine.actor import ActorWorker
 from engine.config import OptimConfig, PPOAlgoConfig
-from engine.critic import CriticWorker, ValueModel
-from engine.experience import Experience
+from engine.rl.actor import ActorWorker
+from engine.rl.critic import CriticWorker, ValueModel
+from engine.rl.experience import Experience
 
 VOCAB, P, R = 96, 5, 6
 

@@ -1,0 +1,424 @@
+"""The actor: response log-probs without [tokens, vocab] logits, and the PPO policy update.
+
+``PolicyLogprobs`` runs a causal LM's base model to the final (normed) hidden
+states and feeds them, with the LM head's weight, to ``kernels.linear_logprobs``.
+The reference model (``engine.rl.scoring``) uses the same module.
+
+``ActorWorker`` wraps it in a DeepSpeed engine (ZeRO stage from ``OptimConfig``)
+and does one optimizer step per mini-batch with the clipped PPO loss. A step
+whose loss or gradients are non-finite on any rank is skipped on every rank;
+``stop_on_consecutive_skips`` ends a run after too many skips in a row.
+``TrainEngine`` (the DeepSpeed setup and the guarded step) is shared with the
+critic (``engine.rl.critic``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+import kernels
+from engine import distributed as D
+from engine.config import OptimConfig, PPOAlgoConfig
+from engine.rl.experience import Experience, masked_mean
+
+
+# --------------------------------------------------------------------------- log-probs
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] positions counting real tokens only, so a left-padded prompt starts at 0 (as in vLLM)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+
+
+def base_model_of(lm: nn.Module) -> nn.Module:
+    """The transformer body of an HF model (``LlamaForCausalLM.model``): returns normed hidden states."""
+    if hasattr(lm, "get_decoder") and lm.get_decoder() is not None and lm.get_decoder() is not lm:
+        return lm.get_decoder()
+    prefix = getattr(lm, "base_model_prefix", "model")
+    base = getattr(lm, prefix, None)
+    if base is None:
+        raise ValueError(
+            f"cannot find the base model of {type(lm).__name__} (tried get_decoder() and .{prefix})"
+        )
+    return base
+
+
+class PolicyLogprobs(nn.Module):
+    """Response-token log-probs (and entropies) of a causal LM, through ``kernels.linear_logprobs``.
+
+    ``forward(sequences[B, P+R], attention_mask[B, P+R], response_len=R, temperature)``
+    -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``engine.rl.experience``:
+    hidden states at positions P-1 .. P+R-2 predict tokens P .. P+R-1.
+
+    ZeRO-3: the LM head's weight is used here, not in ``lm_head.forward``, so it
+    is registered as an *external parameter* of this module; DeepSpeed then
+    gathers it in this module's forward and again for its backward.
+    """
+
+    def __init__(self, lm: nn.Module) -> None:
+        super().__init__()
+        self.lm = lm
+        head = lm.get_output_embeddings()
+        if not isinstance(head, nn.Linear):
+            raise ValueError(f"{type(lm).__name__}: output embeddings must be an nn.Linear, got {type(head)}")
+        if head.bias is not None:
+            raise ValueError(
+                f"{type(lm).__name__}: an LM head with a bias is not supported by linear_logprobs"
+            )
+        if getattr(getattr(lm, "config", None), "final_logit_softcapping", None):
+            raise ValueError(f"{type(lm).__name__}: logit soft-capping is not supported by linear_logprobs")
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(self, head.weight)
+
+    def forward(
+        self,
+        sequences: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_len: int,
+        temperature: float = 1.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        P = sequences.shape[1] - response_len
+        if P < 1 or response_len < 1:
+            raise ValueError(f"need a prompt and a response; got P={P}, R={response_len}")
+        out = base_model_of(self.lm)(
+            input_ids=sequences,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        hidden = hidden[:, P - 1 : P - 1 + response_len]
+        targets = sequences[:, P:]
+        weight = self.lm.get_output_embeddings().weight
+        return kernels.linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True)
+
+
+# --------------------------------------------------------------------------- DeepSpeed engine
+class _FiniteGuardAdamW(torch.optim.AdamW):
+    """AdamW that skips its update on every rank when any rank's gradients are non-finite.
+
+    DeepSpeed checks overflow only for fp16 (ZeRO-3) or by config, so the guard
+    sits in the one place every ZeRO stage calls: the base optimizer's ``step``
+    (on the rank's fp32 partition). ``force_skip`` marks a step whose loss was
+    non-finite. The decision is sticky until ``reset()`` (ZeRO-3 may call
+    ``step`` once per sub-group).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.force_skip = False
+        self.skip_decision: bool | None = None
+
+    def reset(self) -> None:
+        self.force_skip = False
+        self.skip_decision = None
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):  # type: ignore[override]
+        if self.skip_decision is None or not self.skip_decision:
+            bad = self.force_skip or any(
+                p.grad is not None and not bool(torch.isfinite(p.grad).all())
+                for group in self.param_groups
+                for p in group["params"]
+            )
+            self.skip_decision = D.all_reduce_max(float(bad)) > 0
+        if self.skip_decision:
+            return None
+        return super().step(closure)
+
+
+def deepspeed_config(
+    optim: OptimConfig,
+    micro_batch_size: int,
+    grad_accum: int,
+    dtype: torch.dtype,
+    total_updates: int | None = None,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for one trained model.
+
+    ``total_updates`` (optimizer steps in the whole run) is needed by ``optim.lr_schedule=cosine``.
+    """
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": float(optim.grad_clip),
+        "zero_optimization": {"stage": int(optim.zero_stage)},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    if optim.zero_stage == 3:
+        cfg["zero_optimization"].update(
+            {"stage3_param_persistence_threshold": 0, "sub_group_size": int(1e12)}
+        )
+    if optim.lr_schedule == "cosine":
+        if not total_updates or total_updates <= 0:
+            raise ValueError("optim.lr_schedule=cosine needs the run's total number of updates")
+        cfg["scheduler"] = {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": int(total_updates),
+                "warmup_min_ratio": 0.0,
+                "warmup_num_steps": max(int(optim.warmup_steps), 1),
+                "cos_min_ratio": float(optim.min_lr_ratio),
+                "warmup_type": "linear",
+            },
+        }
+    elif optim.lr_schedule != "constant":
+        raise ValueError(f"optim.lr_schedule must be constant or cosine, got {optim.lr_schedule!r}")
+    elif optim.warmup_steps > 0:
+        cfg["scheduler"] = {
+            "type": "WarmupLR",
+            "params": {
+                "warmup_min_lr": 0.0,
+                "warmup_max_lr": float(optim.lr),
+                "warmup_num_steps": int(optim.warmup_steps),
+                "warmup_type": "linear",
+            },
+        }
+    return cfg
+
+
+def default_dtype() -> torch.dtype:
+    """bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+class TrainEngine:
+    """A DeepSpeed engine around ``module`` with AdamW, clipping, the lr schedule and the non-finite guard.
+
+    ``micro_step(loss, finite)`` runs backward + engine step per micro-batch; ``finish()`` ends the
+    mini-batch and reports whether it was skipped. Used by the actor and critic and every offline
+    stage. ``total_updates``: optimizer steps in the whole run (for ``optim.lr_schedule=cosine``).
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optim: OptimConfig,
+        micro_batch_size: int,
+        grad_accum: int,
+        dtype: torch.dtype | None = None,
+        total_updates: int | None = None,
+    ) -> None:
+        import deepspeed
+
+        D.ensure_single_process_env()
+        self.dtype = dtype or default_dtype()
+        self.grad_accum = grad_accum
+        self.optimizer = _FiniteGuardAdamW(
+            [p for p in module.parameters() if p.requires_grad],
+            lr=optim.lr,
+            betas=tuple(optim.betas),
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        cfg = deepspeed_config(optim, micro_batch_size, grad_accum, self.dtype, total_updates)
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=cfg)
+        self.device = self.engine.device
+        self.steps = 0
+        self.skipped = 0
+        self.consecutive_skips = 0  # skipped updates since the last applied one
+        self._z0_norm = float("nan")
+
+    def micro_step(self, loss: torch.Tensor, finite: bool) -> None:
+        """Backward one micro-batch (the engine scales by 1/grad_accum); a non-finite loss forces a skip."""
+        if not finite:
+            self.optimizer.force_skip = True
+        self.engine.backward(loss)
+        if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
+            # ZeRO-0 keeps full gradients and DeepSpeed does not report their norm; take it pre-clip.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            self._z0_norm = (
+                float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
+            )
+        self.engine.step()
+
+    def finish(self) -> dict[str, float]:
+        """Called after the last ``micro_step``: read the step's outcome and reset the guard."""
+        ds_skipped = getattr(self.engine.optimizer, "overflow", False)
+        skipped = bool(self.optimizer.skip_decision) or bool(ds_skipped)
+        self.optimizer.reset()
+        self.steps += 1
+        self.skipped += int(skipped)
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        norm = self.engine.get_global_grad_norm()
+        norm = float(norm) if norm is not None else self._z0_norm
+        lr = (
+            self.engine.get_lr()[0]
+            if self.engine.lr_scheduler is not None
+            else self.optimizer.param_groups[0]["lr"]
+        )
+        return {
+            "grad_norm": norm if not skipped else float("nan"),
+            "lr": float(lr),
+            "skipped": float(skipped),
+        }
+
+    def counters(self) -> dict[str, int]:
+        """The update counters a checkpoint carries (the engine's own state is DeepSpeed's)."""
+        return {"steps": self.steps, "skipped": self.skipped, "consecutive_skips": self.consecutive_skips}
+
+    def load_counters(self, counters: Mapping[str, int]) -> None:
+        self.steps = int(counters["steps"])
+        self.skipped = int(counters["skipped"])
+        self.consecutive_skips = int(counters["consecutive_skips"])
+
+
+class NonFiniteError(RuntimeError):
+    """Too many updates in a row were skipped for a non-finite loss or gradient."""
+
+
+def stop_on_consecutive_skips(
+    consecutive: int, limit: int, step: int, save: Callable[[], Any] | None = None
+) -> None:
+    """Raise ``NonFiniteError`` naming ``step`` once ``consecutive`` skipped updates reach ``limit``.
+
+    ``limit`` 0 never stops. ``save`` (a checkpoint; collective, so every rank must call this
+    with the same counts, which the guard's agreed skip decision gives) runs first and the
+    message names what it returns, so the run can be resumed once the cause is fixed.
+    """
+    if not limit or consecutive < limit:
+        return
+    saved = f"; checkpoint saved to {save()}" if save is not None else ""
+    raise NonFiniteError(
+        f"step {step}: {consecutive} updates in a row were skipped for a non-finite loss or gradient "
+        f"(max_consecutive_skips={limit}){saved}. Lower the learning rate or fix the data, then resume."
+    )
+
+
+def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int, *fields: str) -> None:
+    if len(micro_batches) != grad_accum:
+        raise ValueError(
+            f"train_minibatch got {len(micro_batches)} micro-batches; the engine accumulates {grad_accum}"
+        )
+    for mb in micro_batches:
+        missing = [f for f in fields if getattr(mb, f) is None]
+        if missing:
+            raise ValueError(f"micro-batch is missing {missing}")
+
+
+def token_weights(micro_batches: Sequence[Experience]) -> list[float]:
+    """Per-micro-batch loss weights so the mini-batch loss is a token mean over all its micro-batches."""
+    counts = [float(mb.action_mask.sum()) for mb in micro_batches]
+    total = sum(counts)
+    n = len(counts)
+    return [c * n / total if total > 0 else 1.0 for c in counts]
+
+
+# --------------------------------------------------------------------------- actor
+class ActorWorker:
+    """The policy being trained: log-probs for experience, and PPO mini-batch updates.
+
+    Args:
+        model: an HF causal LM (``LlamaForCausalLM``-like), fp32 weights.
+        optim: learning rate, AdamW betas/eps/weight decay, grad clip, warmup, ZeRO stage.
+        algo: clip_low / clip_high / dual_clip and entropy_coef.
+        train_micro_batch_size: samples per forward/backward on this rank.
+        gradient_accumulation_steps: micro-batches per optimizer step.
+        dtype: training dtype; default bf16 on GPU, fp32 on CPU.
+        temperature: the rollout sampling temperature (log-probs use logits / T).
+        total_updates: optimizer steps in the whole run (for ``lr_schedule=cosine``).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optim: OptimConfig,
+        algo: PPOAlgoConfig,
+        train_micro_batch_size: int,
+        gradient_accumulation_steps: int,
+        dtype: torch.dtype | None = None,
+        temperature: float = 1.0,
+        total_updates: int | None = None,
+    ) -> None:
+        self.algo = algo
+        self.temperature = float(temperature)
+        self.micro_batch_size = train_micro_batch_size
+        self.train = TrainEngine(
+            PolicyLogprobs(model),
+            optim,
+            train_micro_batch_size,
+            gradient_accumulation_steps,
+            dtype,
+            total_updates,
+        )
+
+    @property
+    def engine(self):
+        """The DeepSpeed engine (wrapping ``PolicyLogprobs``)."""
+        return self.train.engine
+
+    @property
+    def module(self) -> nn.Module:
+        """The underlying HF causal LM (partitioned under ZeRO-3: gather before reading weights)."""
+        return self.train.engine.module.lm
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.device
+
+    @torch.no_grad()
+    def logprobs(
+        self, batch: Experience, micro_batch_size: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logp [B, R], entropy [B, R]) float32 under the current weights, eval mode, on the batch's device."""
+        self.engine.eval()
+        outs = [
+            self.engine(
+                mb.sequences.to(self.device),
+                mb.attention_mask.to(self.device),
+                mb.response_len,
+                self.temperature,
+            )
+            for mb in batch.split(micro_batch_size or self.micro_batch_size)
+        ]
+        logp = torch.cat([o[0] for o in outs]).to(batch.sequences.device)
+        ent = torch.cat([o[1] for o in outs]).to(batch.sequences.device)
+        return logp, ent
+
+    def train_minibatch(self, micro_batches: Sequence[Experience]) -> dict[str, float]:
+        """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps).
+
+        Each micro-batch needs ``old_logprobs`` and ``advantages``. Loss =
+        clipped PPO policy loss (token mean over the mini-batch) - entropy_coef *
+        mean entropy. Returns this rank's means of policy_loss, entropy,
+        clipfrac, approx_kl, loss, plus grad_norm, lr and skipped (0/1, agreed on all ranks).
+        """
+        check_micro_batches(micro_batches, self.train.grad_accum, "old_logprobs", "advantages")
+        a = self.algo
+        self.engine.train()
+        sums: dict[str, float] = {}
+        for mb, w in zip(micro_batches, token_weights(micro_batches)):
+            mb = mb.to(self.device)
+            logp, entropy = self.engine(mb.sequences, mb.attention_mask, mb.response_len, self.temperature)
+            pg_loss, st = kernels.ppo_policy_loss(
+                logp,
+                mb.old_logprobs,
+                mb.advantages,
+                mb.action_mask,
+                clip_low=a.clip_low,
+                clip_high=a.clip_high,
+                dual_clip=a.dual_clip,
+                reduction="token_mean",
+            )
+            ent = masked_mean(entropy, mb.action_mask)
+            loss = pg_loss - a.entropy_coef * ent if a.entropy_coef else pg_loss
+            finite = bool(torch.isfinite(loss))
+            self.train.micro_step(loss * w, finite)
+            for k, v in (
+                ("policy_loss", pg_loss),
+                ("entropy", ent),
+                ("loss", loss),
+                ("clipfrac", st["clipfrac"]),
+                ("approx_kl", st["approx_kl"]),
+            ):
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * w
+        n = len(micro_batches)
+        stats = {k: v / n for k, v in sums.items()}
+        stats.update(self.train.finish())
+        return stats

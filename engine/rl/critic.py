@@ -1,0 +1,170 @@
+"""The critic: a transformer with a scalar value head, trained with the clipped value loss.
+
+``ValueModel`` gives a value per position; ``CriticWorker`` takes the values at
+positions P-1 .. P+R-2 (the state before each response token, the same
+positions whose hidden states predict the response) and trains them toward the
+GAE returns with ``kernels.ppo_value_loss``. The DeepSpeed setup and the
+non-finite step guard are shared with the actor (``engine.rl.actor.TrainEngine``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+import kernels
+from engine.config import OptimConfig, PPOAlgoConfig
+from engine.rl.actor import (
+    TrainEngine,
+    base_model_of,
+    check_micro_batches,
+    position_ids_from_mask,
+    token_weights,
+)
+from engine.rl.experience import Experience, masked_mean
+
+
+class ValueModel(nn.Module):
+    """A transformer backbone plus ``value_head = Linear(H, 1)``.
+
+    ``forward(input_ids[B, T], attention_mask[B, T])`` -> values [B, T] float32.
+    Positions count real tokens only (``position_ids_from_mask``), as in the actor.
+    """
+
+    def __init__(self, backbone: nn.Module, hidden_size: int, head_init_std: float | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.config = getattr(backbone, "config", None)
+        self.value_head = nn.Linear(hidden_size, 1)
+        std = 1.0 / (hidden_size + 1) if head_init_std is None else head_init_std
+        nn.init.normal_(self.value_head.weight, std=std)
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        out = self.backbone(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids_from_mask(attention_mask),
+            use_cache=False,
+        )
+        hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+        return self.value_head(hidden).squeeze(-1).float()
+
+    @classmethod
+    def from_policy(cls, path_or_model: str | nn.Module, head_init_std: float | None = None) -> ValueModel:
+        """Backbone from a causal LM (a checkpoint path, or a model that is deep-copied) and a fresh head."""
+        if isinstance(path_or_model, str):
+            from transformers import AutoModelForCausalLM
+
+            lm = AutoModelForCausalLM.from_pretrained(path_or_model, torch_dtype=torch.float32)
+        else:
+            lm = copy.deepcopy(path_or_model)
+        return cls(base_model_of(lm), lm.config.hidden_size, head_init_std)
+
+    @classmethod
+    def from_reward_model(cls, path_or_model: str | nn.Module) -> ValueModel:
+        """Backbone and the ``score`` head of an ``AutoModelForSequenceClassification`` with one label."""
+        if isinstance(path_or_model, str):
+            from transformers import AutoModelForSequenceClassification
+
+            rm = AutoModelForSequenceClassification.from_pretrained(path_or_model, torch_dtype=torch.float32)
+        else:
+            rm = copy.deepcopy(path_or_model)
+        score = reward_head_of(rm)
+        model = cls(getattr(rm, rm.base_model_prefix), rm.config.hidden_size)
+        with torch.no_grad():
+            model.value_head.weight.copy_(score.weight)
+            if score.bias is not None:
+                model.value_head.bias.copy_(score.bias)
+            else:
+                model.value_head.bias.zero_()
+        return model
+
+
+def reward_head_of(rm: nn.Module) -> nn.Linear:
+    """The scalar head of an HF sequence-classification model (``score`` or ``classifier``)."""
+    head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
+    if not isinstance(head, nn.Linear) or head.out_features != 1:
+        raise ValueError(f"{type(rm).__name__}: expected a Linear(H, 1) `score` head, got {head}")
+    return head
+
+
+class CriticWorker:
+    """The value function being trained: values for experience, and value-loss mini-batch updates.
+
+    Args mirror ``ActorWorker``; ``algo.value_clip`` (None disables) and
+    ``algo.vf_coef`` shape the loss.
+    """
+
+    def __init__(
+        self,
+        model: ValueModel,
+        optim: OptimConfig,
+        algo: PPOAlgoConfig,
+        train_micro_batch_size: int,
+        gradient_accumulation_steps: int,
+        dtype: torch.dtype | None = None,
+        total_updates: int | None = None,
+    ) -> None:
+        self.algo = algo
+        self.micro_batch_size = train_micro_batch_size
+        self.train = TrainEngine(
+            model, optim, train_micro_batch_size, gradient_accumulation_steps, dtype, total_updates
+        )
+
+    @property
+    def engine(self):
+        return self.train.engine
+
+    @property
+    def module(self) -> ValueModel:
+        return self.train.engine.module
+
+    @property
+    def device(self) -> torch.device:
+        return self.train.device
+
+    def _response_values(self, mb: Experience) -> torch.Tensor:
+        P, R = mb.prompt_len, mb.response_len
+        values = self.engine(mb.sequences.to(self.device), mb.attention_mask.to(self.device))
+        return values[:, P - 1 : P - 1 + R]
+
+    @torch.no_grad()
+    def values(self, batch: Experience, micro_batch_size: int | None = None) -> torch.Tensor:
+        """[B, R] float32 values of the state before each response token (eval mode), on the batch's device."""
+        self.engine.eval()
+        outs = [self._response_values(mb) for mb in batch.split(micro_batch_size or self.micro_batch_size)]
+        values = torch.cat(outs).to(batch.sequences.device)
+        return torch.where(batch.action_mask.bool(), values, torch.zeros_like(values))
+
+    def train_minibatch(self, micro_batches: Sequence[Experience]) -> dict[str, float]:
+        """One optimizer step on ``vf_coef * ppo_value_loss`` (needs ``values`` and ``returns``).
+
+        Returns this rank's means of value_loss, values, the kernel's stats (``vf_``-prefixed), plus grad_norm, lr, skipped.
+        """
+        check_micro_batches(micro_batches, self.train.grad_accum, "values", "returns")
+        self.engine.train()
+        sums: dict[str, float] = {}
+        for mb, w in zip(micro_batches, token_weights(micro_batches)):
+            mb = mb.to(self.device)
+            values = self._response_values(mb)
+            vloss, st = kernels.ppo_value_loss(
+                values,
+                mb.values,
+                mb.returns,
+                mb.action_mask,
+                clip=self.algo.value_clip,
+                reduction="token_mean",
+            )
+            loss = self.algo.vf_coef * vloss
+            self.train.micro_step(loss * w, bool(torch.isfinite(loss)))
+            parts = {"value_loss": vloss, "values": masked_mean(values, mb.action_mask)}
+            parts.update({k if k.startswith("vf_") else f"vf_{k}": v for k, v in st.items()})
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * w
+        stats = {k: v / len(micro_batches) for k, v in sums.items()}
+        stats.update(self.train.finish())
+        return stats

@@ -1,0 +1,187 @@
+"""``split`` placement: the rollout ranks' serving loop, and the trainer's client for it.
+
+A rollout rank runs :func:`serve`: it builds its vLLM engine from the policy checkpoint named in
+trainer 0's ``hello``, then executes trainer 0's commands in the order they were sent:
+
+* ``generate`` -- sample ``n`` responses per prompt with the given per-request seeds and send
+  the :class:`~engine.rl.rollout.Sample` s back, each stamped with the engine's policy version;
+* ``weights``  -- join the bucketed broadcast (``engine.rl.weight_sync.receive_weights``) and
+  stamp the new version;
+* ``stop``.
+
+Because commands run in order, a ``generate`` sent after the ``weights`` of version v samples
+from version >= v: that is what bounds staleness (``engine.rl.trainer`` decides how many
+``generate`` requests it keeps ahead of training). Each reply carries the rank's timeline
+(``generate`` and ``weight_load`` intervals, wall-clock) for the per-phase plots.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+from engine.rl.placement import Placement
+
+
+def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
+    """Main loop of a rollout rank; returns when trainer 0 says ``stop``."""
+    from engine.rl.rollout import VLLMRollout
+    from engine.rl.weight_sync import receive_weights
+
+    i = placement.rollout_index
+    inbox, outbox = placement.to_rollout(i), placement.from_rollout(i)
+    engine = None
+    served = 0
+    try:
+        hello = inbox.recv(patient=True)
+        engine = VLLMRollout(
+            hello["policy_dir"], cfg.rollout, hello["seed"], hello["max_len"], hello["dtype"]
+        )
+        scorer = _Scorer(cfg, hello) if hello["scoring"] == "rollout" else None
+        outbox.send({"kind": "ready", "rank": placement.global_rank})
+        events: list[dict[str, Any]] = []
+        while True:
+            msg = inbox.recv(patient=True)
+            kind = msg["kind"]
+            if kind == "stop":
+                break
+            t0 = time.time()
+            if kind == "generate":
+                groups = engine.generate(msg["prompts"], n=msg["n"], seed=msg["seed"])
+                events.append(_event("generate", t0, time.time(), msg["batch"]))
+                samples = [s for g in groups for s in g]
+                if scorer is not None:
+                    t1 = time.time()
+                    scorer.score(samples)
+                    events.append(_event("score", t1, time.time(), msg["batch"]))
+                outbox.send({"kind": "samples", "batch": msg["batch"], "samples": samples, "events": events})
+                events = []
+                served += 1
+            elif kind == "probe":
+                outbox.send(
+                    {"kind": "probe", "logprobs": engine.sequence_logprobs(msg["prompt"], msg["response"])}
+                )
+            elif kind == "weights":
+                stats = receive_weights(placement, msg["specs"], engine, msg["version"])
+                events.append(_event("weight_load", t0, time.time(), msg["version"], **stats))
+            else:
+                raise ValueError(f"rollout server: unknown command {kind!r}")
+    except BaseException:
+        try:  # tell trainer 0 why, unless the store (trainer 0's process) is itself gone
+            outbox.send({"error": f"rollout rank {placement.global_rank}:\n{traceback.format_exc()}"})
+        except Exception:
+            pass
+        raise
+    finally:
+        if engine is not None:
+            engine.close()
+    return {"role": "rollout", "batches": served}
+
+
+class _Scorer:
+    """Reference log-probs and rewards beside the rollout engine (``placement.scoring=rollout``)."""
+
+    def __init__(self, cfg: Any, hello: dict[str, Any]) -> None:
+        import torch
+
+        from engine.models import load_tokenizer
+        from engine.rl.scoring import build_scoring
+
+        self.tokenizer = load_tokenizer(cfg.model.tokenizer or hello["policy_dir"])
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
+            hello["dtype"]
+        ]
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device)
+        self.temperature = cfg.rollout.temperature
+
+    def score(self, samples: list) -> None:
+        """Fill each sample's ``ref_logprobs``, ``score`` and ``score_valid`` in place."""
+        from engine.rl.experience import Experience, collate_samples
+
+        if not samples:
+            return
+        rb = collate_samples(samples, self.tokenizer, self.tokenizer.pad_token_id)
+        exp = Experience(rb.sequences, rb.attention_mask, rb.action_mask)
+        ref = self.ref.logprobs(exp, self.temperature).float().cpu()
+        scores, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        for i, s in enumerate(samples):
+            s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
+            s.score, s.score_valid = float(scores[i]), bool(valid[i])
+
+
+def _event(phase: str, t0: float, t1: float, tag: int, **extra: float) -> dict[str, Any]:
+    return {"phase": phase, "t0": t0, "t1": t1, "tag": tag, **extra}
+
+
+class RemoteRollout:
+    """Trainer 0's handle on the rollout ranks: requests out, samples and timelines back.
+
+    A batch's prompts are cut into contiguous chunks, one per rollout rank; request ``j`` of the
+    batch (prompt-major, ``n`` per prompt) gets seed ``seed + j`` on whichever rank serves it,
+    so the samples do not depend on how many rollout ranks there are (nor on ``colocate`` vs
+    ``split``).
+    """
+
+    def __init__(self, placement: Placement, hello: dict[str, Any]) -> None:
+        self.placement = placement
+        self.out = [placement.to_rollout(i) for i in range(placement.num_rollout)]
+        self.inbox = [placement.from_rollout(i) for i in range(placement.num_rollout)]
+        self.outstanding: list[int] = []  # requested batches not yet received, in request order
+        self.received: dict[int, tuple[list, list[dict[str, Any]]]] = {}
+        for ch in self.out:
+            ch.send({"kind": "hello", **hello})
+
+    def wait_ready(self) -> None:
+        for ch in self.inbox:
+            ch.recv()
+
+    def request(self, batch: int, prompts: list[list[int]], n: int, seed: int) -> None:
+        k = len(self.out)
+        bounds = [len(prompts) * j // k for j in range(k + 1)]
+        self.outstanding.append(batch)
+        for j, ch in enumerate(self.out):
+            lo, hi = bounds[j], bounds[j + 1]
+            ch.send(
+                {"kind": "generate", "batch": batch, "prompts": prompts[lo:hi], "n": n, "seed": seed + lo * n}
+            )
+
+    def _receive_next(self) -> None:
+        batch = self.outstanding.pop(0)
+        samples, events = [], []
+        for j, ch in enumerate(self.inbox):
+            msg = ch.recv()
+            if msg.get("batch") != batch:
+                raise RuntimeError(f"rollout rank {j} answered batch {msg.get('batch')}, expected {batch}")
+            samples += msg["samples"]
+            events += [{**e, "role": f"rollout{j}"} for e in msg["events"]]
+        self.received[batch] = (samples, events)
+
+    def collect(self, batch: int) -> tuple[list, list[dict[str, Any]]]:
+        """The samples of ``batch`` in request order, and the rollout ranks' events that came with them."""
+        while batch not in self.received:
+            if batch not in self.outstanding:
+                raise RuntimeError(f"batch {batch} was never requested")
+            self._receive_next()
+        return self.received.pop(batch)
+
+    def drain(self) -> None:
+        """Wait until the rollout ranks have answered every request (before a weight sync, which
+        they would only join after finishing them anyway), keeping the answers for ``collect``."""
+        while self.outstanding:
+            self._receive_next()
+
+    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
+        """Rollout rank 0's log-probs of a fixed sequence (call with no batch outstanding)."""
+        if self.outstanding:
+            raise RuntimeError("sequence_logprobs with generate requests outstanding; drain() first")
+        self.out[0].send({"kind": "probe", "prompt": list(prompt_ids), "response": list(response_ids)})
+        return self.inbox[0].recv()["logprobs"]
+
+    def close(self) -> None:
+        for ch in self.out:
+            try:
+                ch.send({"kind": "stop"})
+            except Exception:  # the store host is this process; a dead peer needs no stop
+                pass

@@ -1,0 +1,178 @@
+"""Frozen scorers: the reference policy's log-probs and the reward.
+
+``ReferenceModel`` shares ``PolicyLogprobs`` with the actor, so reference and
+policy log-probs come from the same code path (``kernels.linear_logprobs``).
+``RewardScorer`` wraps either a Python function of texts or a sequence-
+classification reward model scored at each sample's last real token, and
+reports which scores are unusable instead of raising.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
+from engine.rl.critic import reward_head_of
+from engine.rl.experience import Experience
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float | None]]
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+class ReferenceModel:
+    """The frozen reference policy: ``logprobs(batch, temperature) -> [B, R]`` float32.
+
+    Holds full weights on one device (no ZeRO partitioning).
+    """
+
+    def __init__(
+        self, model: nn.Module, device: torch.device | str | None = None, micro_batch_size: int = 8
+    ) -> None:
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.net = _freeze(PolicyLogprobs(model.to(self.device)))
+        self.micro_batch_size = micro_batch_size
+
+    @property
+    def module(self) -> nn.Module:
+        return self.net.lm
+
+    @torch.no_grad()
+    def logprobs(self, batch: Experience, temperature: float = 1.0) -> torch.Tensor:
+        """[B, R] log-probs of the response tokens under the reference policy, on the batch's device."""
+        outs = [
+            self.net(
+                mb.sequences.to(self.device), mb.attention_mask.to(self.device), mb.response_len, temperature
+            )[0]
+            for mb in batch.split(self.micro_batch_size)
+        ]
+        logp = torch.cat(outs).to(batch.sequences.device)
+        return torch.where(batch.action_mask.bool().to(logp.device), logp, torch.zeros_like(logp))
+
+
+class RewardScorer:
+    """Scores finished samples from a function of texts or from a frozen reward model.
+
+    ``score(prompts, responses, sequences, attention_mask) -> (scores[B] float32, valid[B] bool)``.
+    A score that is None, non-finite or fails to parse is invalid: it is set to 0,
+    ``valid`` is False there (the trainer drops the sample) and ``num_invalid``
+    counts it. Valid scores are clipped to ``[-clip, clip]`` when ``clip > 0``.
+    """
+
+    def __init__(
+        self,
+        fn: RewardFn | None = None,
+        model: nn.Module | None = None,
+        clip: float = 0.0,
+        device: torch.device | str | None = None,
+        micro_batch_size: int = 8,
+    ) -> None:
+        if (fn is None) == (model is None):
+            raise ValueError("RewardScorer needs exactly one of fn or model")
+        self.fn = fn
+        self.clip = float(clip)
+        self.micro_batch_size = micro_batch_size
+        self.model = None
+        if model is not None:
+            self.device = torch.device(device) if device is not None else next(model.parameters()).device
+            self.model = _freeze(model.to(self.device))
+            self.head = reward_head_of(self.model)
+            self.body = getattr(self.model, self.model.base_model_prefix, None) or base_model_of(self.model)
+        self.num_scored = 0
+        self.num_invalid = 0
+
+    @classmethod
+    def from_function(cls, fn: RewardFn, clip: float = 0.0) -> RewardScorer:
+        return cls(fn=fn, clip=clip)
+
+    @classmethod
+    def from_model(
+        cls, path_or_model: str | nn.Module, clip: float = 0.0, device: torch.device | str | None = None
+    ) -> RewardScorer:
+        """A reward model (``AutoModelForSequenceClassification``, one label) that shares the policy's tokenizer."""
+        if isinstance(path_or_model, str):
+            from transformers import AutoModelForSequenceClassification
+
+            path_or_model = AutoModelForSequenceClassification.from_pretrained(
+                path_or_model, torch_dtype=torch.float32
+            )
+        return cls(model=path_or_model, clip=clip, device=device)
+
+    def score(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        sequences: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scores [B] float32, valid [B] bool) on CPU; a function scorer needs only the texts."""
+        if self.fn is not None:
+            raw = list(self.fn(list(prompts), list(responses)))
+            if len(raw) != len(prompts):
+                raise ValueError(f"reward function returned {len(raw)} scores for {len(prompts)} samples")
+            values = [_as_float(r) for r in raw]
+        else:
+            if sequences is None or attention_mask is None:
+                raise ValueError("a reward-model scorer needs sequences and attention_mask")
+            values = self._model_scores(sequences, attention_mask).tolist()
+        scores = torch.tensor(values, dtype=torch.float32)
+        valid = torch.isfinite(scores)
+        scores = torch.where(valid, scores, torch.zeros_like(scores))
+        if self.clip > 0:
+            scores = scores.clamp(-self.clip, self.clip)
+        self.num_scored += len(values)
+        self.num_invalid += int((~valid).sum())
+        return scores, valid
+
+    @torch.no_grad()
+    def _model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B] reward-model outputs at each row's last real token (float32, CPU)."""
+        outs = []
+        for i in range(0, sequences.shape[0], self.micro_batch_size):
+            ids = sequences[i : i + self.micro_batch_size].to(self.device)
+            am = attention_mask[i : i + self.micro_batch_size].to(self.device)
+            out = self.body(
+                input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=False
+            )
+            hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+            pos = torch.arange(am.shape[1], device=am.device).expand_as(am)
+            last = torch.where(am.bool(), pos, torch.zeros_like(pos)).max(dim=1).values
+            h = hidden[torch.arange(ids.shape[0], device=ids.device), last]
+            outs.append(self.head(h).squeeze(-1).float().cpu())
+        return torch.cat(outs)
+
+
+def _as_float(x: object) -> float:
+    """A reward value as a float; None / unparsable / non-finite -> NaN (invalid)."""
+    if x is None:
+        return math.nan
+    try:
+        return float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def build_scoring(cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.device) -> tuple:
+    """The frozen roles of a PPO config: ``(ReferenceModel, RewardScorer)`` on ``device``.
+
+    Used by the trainer ranks, or by the rollout ranks under ``placement.scoring=rollout``.
+    """
+    from engine.models import load_causal_lm, load_reward_model
+    from engine.tasks import load_callable
+
+    attn = cfg.model.attn_implementation
+    ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, cfg.ppo.micro_batch_size)
+    if cfg.reward.kind == "function":
+        return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
+    rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
+    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device)

@@ -1,0 +1,587 @@
+"""The PPO loop: generate, score, advantages, update, sync.
+
+``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
+actor and critic, generates its share of the batch, and after every update receives the new
+actor weights (``engine.rl.weight_sync``). Synchronous.
+
+``split`` placement (``engine.rl.placement``): the trainer ranks ask the rollout ranks for batches
+(``engine.rl.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
+trainer 0 keeps the requests for batches ``k+1 .. k+s`` queued while it trains on batch ``k``, so
+generation overlaps training and no sample is more than ``s`` policy versions old; older samples
+are refused. The loss corrects for the behaviour policy with truncated importance weights.
+
+Read ``PPOTrainer.step`` top to bottom for the algorithm.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine import distributed as dist
+from engine.checkpoint import writable_dir
+from engine.config import PPOConfig, save_config, to_dict
+from engine.metrics import MetricsLogger, drop_rows_after
+from engine.rl.experience import RolloutBatch, collate_samples
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _init_single_process() -> None:
+    """A world of one on gloo, so single-process runs take the same code path as launched ones."""
+    import deepspeed
+
+    dist.ensure_single_process_env()
+    deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
+
+
+def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a 1-D float tensor of varying length from every rank (for global reward stats)."""
+    if dist.world_size() == 1:
+        return x
+    import torch.distributed as tdist
+
+    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else x.device
+    n = torch.tensor([x.numel()], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
+    tdist.all_gather(sizes, n)
+    longest = int(max(int(s) for s in sizes))
+    buf = torch.zeros(longest, dtype=torch.float32, device=dev)
+    buf[: x.numel()] = x.to(dev, torch.float32)
+    out = [torch.zeros_like(buf) for _ in sizes]
+    tdist.all_gather(out, buf)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)]).to(x.device)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+class PPOTrainer:
+    """Builds every role from a ``PPOConfig`` and runs ``total_steps`` PPO steps.
+
+    Construction validates everything that can be checked without generating
+    (config ranges, batch divisibility by micro-batch x world size, paths, the
+    reward callable, tokenizer/model vocabularies) so bad input fails before
+    the first rollout.
+    """
+
+    def __init__(self, cfg: PPOConfig, placement: Any = None) -> None:
+        from engine.config import ConfigError
+        from engine.data import PromptDataset, PromptSampler
+        from engine.rl.experience import RunningMoments, make_kl_controller
+        from engine.tasks import load_callable
+
+        self.placement = placement  # engine.rl.placement.Placement in split mode (a trainer rank)
+        self.split = placement is not None
+        dist.init_distributed()
+        if not dist.is_initialized():  # plain `python`: a world of one, same code path
+            _init_single_process()
+        self.cfg = cfg
+        self.rank, self.world = dist.rank(), dist.world_size()
+        cfg.validate(self.world)
+        if cfg.reward.kind == "model":  # reads config.json only: fails before any weights load
+            from engine.models import require_checkpoint_kind
+
+            require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
+        if cfg.ppo.rollout_batch_size % self.world:
+            raise ConfigError(
+                f"ppo.rollout_batch_size={cfg.ppo.rollout_batch_size} is not divisible by world size {self.world}"
+            )
+        self.out = Path(cfg.output_dir)
+        if self.rank == 0:
+            writable_dir(self.out)
+        if cfg.reward.kind == "function":
+            load_callable(cfg.reward.function)  # fail in a second, not after building every role
+        from engine.checkpoint import CheckpointManager
+
+        # Resolve `resume` now, so a bad path fails in a second rather than after building every role.
+        self.ckpt = CheckpointManager(self.out, cfg.keep_last, self.rank, self.world)
+        self._resume_from = self.ckpt.resolve(cfg.resume)
+        dist.barrier()
+        if self.rank == 0:
+            save_config(cfg, self.out)
+        seed_everything(cfg.seed)
+        self.device = _device()
+
+        # Policy checkpoint on disk (vLLM loads from it): rank 0 builds a tiny one if asked.
+        from engine.models import load_causal_lm, prepare_policy, resolve_dtype
+
+        if self.rank == 0:
+            self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
+        dist.barrier()
+        if self.rank != 0:
+            self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
+        self.pad_id = self.tokenizer.pad_token_id
+        dtype = resolve_dtype(cfg.model.dtype, self.device)
+        self.rollout = None
+        if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
+            from engine.rl.rollout_server import RemoteRollout
+
+            hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
+            self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
+        self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
+        p = cfg.ppo
+        # split: trainer 0 draws every global batch for the rollout ranks and deals out the samples.
+        shard = (0, 1) if self.split else (self.rank, self.world)
+        self.sampler = PromptSampler(
+            len(self.dataset), p.rollout_batch_size, cfg.seed, cfg.data.shuffle, *shard
+        )
+        self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
+        self.mini_per_rank = p.mini_batch_size // self.world
+        grad_accum = self.mini_per_rank // p.micro_batch_size
+        updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
+        attn = cfg.model.attn_implementation
+
+        # Roles: actor + critic (DeepSpeed), frozen reference and reward.
+        from engine.rl.actor import ActorWorker
+        from engine.rl.critic import CriticWorker, ValueModel
+        from engine.rl.scoring import build_scoring
+
+        T = cfg.rollout.temperature
+        actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
+        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T, updates)
+        self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
+        if not (self.split and cfg.placement.scoring == "rollout"):
+            self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
+        self.invalid_rewards = 0
+        init = cfg.critic.init_from
+        if init == "policy":
+            value_model = ValueModel.from_policy(str(self.policy_dir))
+        elif init == "reward":
+            if cfg.reward.kind != "model":
+                raise ConfigError("critic.init_from=reward needs reward.kind=model")
+            value_model = ValueModel.from_reward_model(cfg.reward.model_path)
+        else:
+            value_model = ValueModel.from_reward_model(init)
+        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates)
+
+        # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
+        # weight pipe into it.
+        from engine.rl.weight_sync import BroadcastWeightSync, ColocatedWeightSync
+
+        bucket = cfg.placement.bucket_mb << 20
+        if self.split:
+            self.sync = BroadcastWeightSync(self.actor.module, placement, bucket, cfg.actor.zero_stage)
+        else:
+            self.rollout = self._build_rollout(dtype)
+            self.sync = ColocatedWeightSync(self.actor.module, self.rollout, bucket, cfg.actor.zero_stage)
+        self.kl_ctl = make_kl_controller(p.kl.coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
+        self.reward_norm = RunningMoments()
+        self.version = 0
+        self.step_idx = 0
+        self.requested = 0  # split: batches requested from the rollout ranks so far
+        self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
+        self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        if self.rollout is not None and self.split:
+            self.rollout.wait_ready()
+        self._maybe_resume()
+        self.logger = MetricsLogger(
+            self.out,
+            cfg.logging,
+            cfg.total_steps,
+            self.step_idx,
+            enabled=self.rank == 0,
+            run_config=to_dict(cfg),
+        )
+
+    def _vllm_args(self, dtype: torch.dtype) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "seed": c.seed + self.rank,
+            "max_len": c.data.max_prompt_len + c.rollout.max_new_tokens + 1,
+            "dtype": {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype],
+        }
+
+    def _build_rollout(self, dtype: torch.dtype):
+        c = self.cfg
+        if c.rollout.backend == "vllm":
+            from engine.rl.rollout import VLLMRollout
+
+            a = self._vllm_args(dtype)
+            return VLLMRollout(str(self.policy_dir), c.rollout, a["seed"], a["max_len"], a["dtype"])
+        from engine.models import load_causal_lm
+        from engine.rl.rollout import HFRollout
+
+        lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
+        return HFRollout(lm, self.tokenizer, c.rollout)
+
+    # ------------------------------------------------------------------ one PPO step
+    def _draw_batch(self) -> tuple[list[list[int]], int]:
+        """The next batch of prompt ids (this rank's share) and its sampling seed."""
+        prompts = self.dataset.batch(self.sampler.next_batch())
+        return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+
+    def generate(self) -> tuple[RolloutBatch, list[dict[str, Any]]]:
+        """This rank's share of batch ``step_idx``, collated, and the rollout timeline events."""
+        n = self.cfg.ppo.samples_per_prompt
+        if not self.split:
+            ids, seed = self._draw_batch()
+            t0 = time.time()
+            groups = self.rollout.generate(ids, n=n, seed=seed)
+            events = [
+                {"role": "rollout0", "phase": "generate", "t0": t0, "t1": time.time(), "tag": self.step_idx}
+            ]
+            self.rollout.sleep()
+            return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id), events
+        k, samples, events = self.step_idx, None, []
+        if self.placement.is_coordinator:
+            # Keep batches k .. k+s requested: the rollout ranks generate them while we train.
+            while self.requested <= k + self.cfg.async_.max_staleness:
+                j = self.requested
+                ids, seed = self.pending[j] = self.pending.get(j) or self._draw_batch()
+                self.rollout.request(j, ids, n, seed)
+                self.requested += 1
+            samples, events = self.rollout.collect(k)
+            del self.pending[k]
+        if self.world > 1:
+            samples = dist.broadcast_object(samples)
+            samples = samples[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
+        return collate_samples(samples, self.tokenizer, self.pad_id), events
+
+    @torch.no_grad()
+    def make_experience(self, rb: RolloutBatch):
+        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats).
+
+        Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
+        ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
+        scaled by the truncated importance weights ``min(pi_old / pi_rollout, C)`` toward the
+        behaviour policy (the rollout engine's processed log-probs, which include temperature and
+        top-k/top-p truncation, so those are corrected rather than ignored).
+        """
+        from engine.rl.experience import (
+            Experience,
+            compute_advantages,
+            compute_rewards,
+            masked_mean,
+            truncated_is_weights,
+        )
+
+        p = self.cfg.ppo
+        exp = Experience(
+            rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
+        )
+        exp.policy_version = int(rb.versions.min())
+        exp.old_logprobs, entropy = self.actor.logprobs(exp)
+        if rb.ref_logprobs is not None:  # scored beside the rollout engine
+            exp.ref_logprobs = rb.ref_logprobs.to(exp.old_logprobs)
+            raw, valid = rb.scores, rb.score_valid
+        else:
+            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+            raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        exp.values = self.critic.values(exp)
+        raw = raw.float()
+        self.invalid_rewards += int((~valid).sum())
+        # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
+        # carry no loss.
+        staleness = self.version - rb.versions
+        fresh = staleness <= self.cfg.async_.max_staleness
+        exp.action_mask = exp.action_mask & (valid & fresh).view(-1, 1)
+        scores = raw
+        if p.reward_norm:
+            gathered = _all_gather_cat(raw[valid])
+            self.reward_norm.update(gathered)
+            scores = self.reward_norm.normalize(raw)
+        exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
+        exp.rewards, kl = compute_rewards(
+            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, self.kl_ctl.value, p.kl.kind
+        )
+        exp.advantages, exp.returns = compute_advantages(
+            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages, across_ranks=True
+        )
+        is_stats = {}
+        if self.cfg.async_.tis_cap > 0:
+            w, is_stats = truncated_is_weights(
+                exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
+            )
+            exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
+        m = exp.action_mask
+        mf = m.float()
+        stats = {
+            "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
+            "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
+            "kl/mean": float((kl * mf).sum(1).mean()),  # per-sequence KL, summed over tokens
+            "kl/token_mean": float(masked_mean(kl, m)),
+            "entropy/mean": float(masked_mean(entropy, m)),
+            "response_len/mean": float(rb.action_mask.float().sum(1).mean()),
+            "values/mean": float(masked_mean(exp.values, m)),
+            "advantages/mean": float(masked_mean(exp.advantages, m)),
+            "returns/mean": float(masked_mean(exp.returns, m)),
+            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
+            "rollout/invalid_rewards": float((~valid).sum()),
+            "rollout/tokens": float(rb.attention_mask.sum()),
+            "rollout/response_tokens": float(rb.action_mask.sum()),
+            "async/staleness_max": float(staleness.max()),
+            "async/staleness_mean": float(staleness.float().mean()),
+            "async/refused": float((~fresh).sum()),
+            **is_stats,
+        }
+        return exp, stats
+
+    def train(self, exp) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor and one critic step each."""
+        p = self.cfg.ppo
+        sums: dict[str, float] = {}
+        n = 0
+        for _ in range(p.ppo_epochs):
+            perm = torch.randperm(exp.batch_size, generator=self._gen)
+            for i in range(0, exp.batch_size, self.mini_per_rank):
+                mb = exp.select(perm[i : i + self.mini_per_rank])
+                micro = mb.split(p.micro_batch_size)
+                a = self.actor.train_minibatch(micro)
+                c = self.critic.train_minibatch(micro)
+                for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
+                    (f"critic/{k}", v) for k, v in c.items()
+                ]:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        return {k: v / max(n, 1) for k, v in sums.items()}
+
+    def step(self) -> dict[str, float]:
+        """Generate, score, compute advantages, update, sync; returns this step's metrics."""
+        t0 = time.time()
+        rb, events = self.generate()
+        t1 = time.time()
+        exp, stats = self.make_experience(rb)
+        t2 = time.time()
+        train_stats = self.train(exp)
+        t3 = time.time()
+        if self.split:  # the rollout ranks join the sync only after the batches queued before it
+            if self.rollout is not None:
+                self.rollout.drain()
+            dist.barrier(self.cfg.placement.timeout_s)
+        t3b = time.time()
+        self.version += 1
+        sync_stats = self.sync.push(self.version)
+        t4 = time.time()
+        self.step_idx += 1
+        every = self.cfg.placement.probe_every
+        if every and self.step_idx % every == 0:
+            sync_stats["sync/probe_gap_max"] = self.probe_sync()
+        phases = ("rollout_wait" if self.split else "generate", "score", "train", "rollout_wait", "sync")
+        events += [
+            {"role": "trainer", "phase": ph, "t0": a, "t1": b, "tag": self.step_idx}
+            for ph, a, b in zip(phases, (t0, t1, t2, t3, t3b), (t1, t2, t3, t3b, t4))
+            if b > a or ph != "rollout_wait"
+        ]
+        generate_s = sum(
+            e["t1"] - e["t0"] for e in events if e["phase"] == "generate" and e["role"] != "trainer"
+        )
+        self._write_timeline(events)
+
+        local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
+        local.update(
+            {
+                "time/rollout_s": (t1 - t0) + (t3b - t3),  # generating, or (split) waiting for it
+                "time/score_s": t2 - t1,
+                "time/train_s": t3 - t2,
+                "time/sync_s": t4 - t3b,
+                "time/step_s": t4 - t0,
+                "time/generate_s": generate_s if self.rank == 0 else 0.0,
+            }
+        )
+        # Sums (tokens, invalid rewards) add over ranks; everything else averages; times take the max.
+        sums = {
+            k: local.pop(k) for k in ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
+        }
+        times = {k: local.pop(k) for k in list(local) if k.startswith("time/") or k.endswith("max")}
+        m = dist.all_reduce_mean(local)
+        m.update(dist.all_reduce_sum(sums))
+        m.update({k: dist.all_reduce_max(v) for k, v in times.items()})
+        self.kl_ctl.update(m["kl/mean"], self.cfg.ppo.rollout_batch_size * self.cfg.ppo.samples_per_prompt)
+        samples = self.samples_per_rank * self.world
+        m.update(
+            {
+                "loss/policy": m.get("actor/policy_loss", float("nan")),
+                "loss/value": m.get("critic/value_loss", float("nan")),
+                "clipfrac": m.get("actor/clipfrac", float("nan")),
+                "kl_coef": self.kl_ctl.value,
+                "throughput/samples_per_s": samples / m["time/step_s"],
+                "throughput/tokens_per_s": m["rollout/response_tokens"] / m["time/step_s"],
+                "policy_version": self.version,
+                "rollout/policy_version": exp.policy_version,
+                # The share of generation that training hid (split + async); 0 when synchronous.
+                "async/hidden_frac": max(0.0, 1.0 - m["time/rollout_s"] / m["time/generate_s"])
+                if self.split and m["time/generate_s"] > 0
+                else 0.0,
+            }
+        )
+        return m
+
+    @torch.no_grad()
+    def probe_sync(self) -> float:
+        """Mean |rollout - trainer| log-prob on a fixed sequence, under the weights just synced.
+
+        The sequence is the first prompt followed by its own first tokens as the "response". A
+        diagnostic of the weight pipe (about 1e-7 in fp32 when it works): collective on every
+        trainer (the actor forward may gather ZeRO-3 shards).
+        """
+        from engine.rl.experience import Experience
+
+        prompt = list(self.dataset.batch([0]).input_ids[0])
+        response = prompt[: max(1, min(8, len(prompt)))]
+        seq = torch.tensor([prompt + response])
+        exp = Experience(seq, torch.ones_like(seq), torch.ones(1, len(response), dtype=torch.bool))
+        mine = self.actor.logprobs(exp)[0][0]
+        if self.rollout is None:  # a split trainer other than 0: only joins the forward
+            return 0.0
+        theirs = torch.tensor(self.rollout.sequence_logprobs(prompt, response))
+        return float((mine - theirs).abs().mean())
+
+    def _write_timeline(self, events: list[dict[str, Any]]) -> None:
+        """Append this step's phase intervals (wall clock; trainer and rollout ranks) to timeline.jsonl."""
+        if self.rank != 0:
+            return
+        import json
+
+        with open(self.out / "timeline.jsonl", "a") as f:
+            f.write(json.dumps({"step": self.step_idx, "events": events}) + "\n")
+
+    def fit(self) -> dict[str, Any]:
+        """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
+        from engine.checkpoint import GracefulShutdown, save_hf_checkpoint
+        from engine.rl.actor import stop_on_consecutive_skips
+
+        every = self.cfg.save_every
+        try:
+            with GracefulShutdown() as stop:
+                while self.step_idx < self.cfg.total_steps:
+                    metrics = self.step()
+                    self.logger.log(self.step_idx, metrics)
+                    # Step boundary; should_stop_all is a collective, so every rank evaluates it.
+                    if stop.should_stop_all() and self.step_idx < self.cfg.total_steps:
+                        path = self.save_checkpoint()
+                        if self.rank == 0:
+                            print(stop.stop_message(self.step_idx, path), flush=True)
+                        return {"stopped": True, "step": self.step_idx, "checkpoint": str(path)}
+                    saved = self.save_checkpoint() if every and self.step_idx % every == 0 else None
+                    # K skipped updates in a row (actor or critic; the skip decision is agreed on every
+                    # rank, so all ranks stop together): checkpoint, then an error naming the step.
+                    stop_on_consecutive_skips(
+                        max(self.actor.train.consecutive_skips, self.critic.train.consecutive_skips),
+                        self.cfg.max_consecutive_skips,
+                        self.step_idx,
+                        lambda saved=saved: saved or self.save_checkpoint(),
+                    )
+
+            final = save_hf_checkpoint(self.actor.module, self.tokenizer, self.out / "final")
+            # Each rank scored its own samples: the run's count is the sum (a collective, every rank).
+            invalid = dist.all_reduce_mean({"n": float(self.invalid_rewards)})["n"] * self.world
+            summary = {
+                "final_policy": str(final),
+                "prompts/truncated": self.dataset.num_truncated,
+                "prompts/dropped": self.dataset.num_dropped,
+                "rewards/invalid": round(invalid),
+                "world_size": self.world,
+                "policy_dir": str(self.policy_dir),
+            }
+            self.logger.write_summary(summary)
+            return summary
+        finally:
+            self.logger.close()
+
+    # ------------------------------------------------------------------ checkpoint / resume
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's loop state for a checkpoint (``CheckpointManager`` adds the global RNGs)."""
+        rollout_rng = getattr(self.rollout, "_rng", None)  # the rollout engine's fallback seed stream
+        return {
+            "step_idx": self.step_idx,
+            "version": self.version,
+            "sampler": self.sampler.state_dict(),
+            "kl_ctl": self.kl_ctl.state_dict(),
+            "reward_norm": self.reward_norm.state_dict(),
+            "gen": self._gen.get_state(),
+            "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
+            "reward_invalid": self.invalid_rewards,
+            "pending": dict(self.pending),
+            "counters": {
+                "actor": self.actor.train.counters(),
+                "critic": self.critic.train.counters(),
+            },  # split: requested batches (prompts, seed) not yet trained
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step_idx = int(state["step_idx"])
+        self.version = int(state["version"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.reward_norm.load_state_dict(state["reward_norm"])
+        self._gen.set_state(state["gen"])
+        rollout_rng = getattr(self.rollout, "_rng", None)
+        if rollout_rng is not None and state.get("rollout_rng") is not None:
+            rollout_rng.set_state(state["rollout_rng"])
+        self.invalid_rewards = int(state.get("reward_invalid", 0))
+        if "counters" in state:
+            self.actor.train.load_counters(state["counters"]["actor"])
+            self.critic.train.load_counters(state["counters"]["critic"])
+        # split: batches requested before the checkpoint are requested again, with the same
+        # prompts and seeds (under async they are now sampled from the restored, newer policy).
+        self.pending = dict(state.get("pending", {}))
+        self.requested = self.step_idx
+
+    def _engines(self) -> dict[str, Any]:
+        return {"actor": self.actor.engine, "critic": self.critic.engine}
+
+    def save_checkpoint(self) -> Path:
+        """Checkpoint step ``step_idx`` (collective): engines, loop state, RNGs and the actor in HF format."""
+        from engine.checkpoint import hf_exporter
+
+        path = self.ckpt.save(
+            self.step_idx,
+            self._engines(),
+            self.state_dict(),
+            hf_exporter(self.actor.module, self.tokenizer, self.rank),
+            policy_version=self.version,
+            config=to_dict(self.cfg),
+        )
+        if self.rank == 0:
+            secs = self.ckpt.last_save_seconds.get("total", 0.0)
+            print(f"[ppo] saved checkpoint {path} ({secs:.1f}s)", flush=True)
+        return path
+
+    def _maybe_resume(self) -> None:
+        """Load the checkpoint ``cfg.resume`` resolved to, then give the rollout engine its weights."""
+        if self.cfg.resume == "never":
+            return
+        if self._resume_from is not None:
+            self.load_state_dict(self.ckpt.load(self._resume_from, self._engines()))
+            self.sync.push(self.version)  # vLLM was built from the initial policy
+            if self.rank == 0:
+                print(f"[ppo] resumed from {self._resume_from} at step {self.step_idx}", flush=True)
+        if self.rank == 0:  # a killed run may have logged steps past its last checkpoint
+            drop_rows_after(self.out / "metrics.jsonl", self.step_idx)
+        dist.barrier()
+
+    def close(self) -> None:
+        if self.rollout is not None:
+            self.rollout.close()
+
+
+def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
+    """Entry point of ``python -m engine.cli ppo``; in ``split`` placement rollout ranks serve instead."""
+    placement = None
+    if cfg.placement.mode == "split":
+        from engine.rl.placement import setup_split
+
+        placement = setup_split(cfg.placement.rollout_ranks, cfg.placement.timeout_s)
+        if placement.role == "rollout":
+            from engine.rl.rollout_server import serve
+
+            return serve(cfg, placement)
+    trainer = PPOTrainer(cfg, placement)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()

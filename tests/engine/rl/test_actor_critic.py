@@ -1,0 +1,223 @@
+"""Actor, critic and scorers on a tiny random Llama: log-prob parity, updates that do what PPO says, skips.
+
+Fast tests run a DeepSpeed engine in this process (a world of one, gloo on CPU).
+The slow test launches ``deepspeed --num_gpus 2`` for ZeRO-2 and ZeRO-3.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from engine.config import OptimConfig, PPOAlgoConfig
+from engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
+from engine.rl.critic import CriticWorker, ValueModel
+from engine.rl.experience import Experience
+from engine.rl.scoring import ReferenceModel, RewardScorer
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+
+ROOT = Path(__file__).resolve().parents[3]
+VOCAB, P, R = 96, 5, 6
+
+
+def tiny_config(**kw) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        **kw,
+    )
+
+
+def tiny_lm(seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(tiny_config()).float()
+
+
+def tiny_batch(B: int = 4, seed: int = 1) -> Experience:
+    """Left-padded prompts of lengths 5,3,.. and right-padded responses of lengths 6,2,.."""
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(1, VOCAB, (B, P + R), generator=g)
+    prompt_lens = [P, 3, 4, 1][:B]
+    resp_lens = [R, 2, 5, 1][:B]
+    am = torch.zeros(B, P + R, dtype=torch.long)
+    for b in range(B):
+        am[b, P - prompt_lens[b] : P + resp_lens[b]] = 1
+    seq = seq * am
+    return Experience(seq, am, am[:, P:].bool())
+
+
+def hf_logprobs(lm: LlamaForCausalLM, batch: Experience, temperature: float) -> torch.Tensor:
+    """Plain HF forward -> log_softmax(logits / T)[targets], materializing the logits."""
+    am = batch.attention_mask
+    pos = (am.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = lm(input_ids=batch.sequences, attention_mask=am, position_ids=pos).logits.float()
+    logits = logits[:, P - 1 : P - 1 + R] / temperature
+    return torch.log_softmax(logits, -1).gather(-1, batch.sequences[:, P:, None]).squeeze(-1)
+
+
+def optim(lr: float, stage: int = 0) -> OptimConfig:
+    return OptimConfig(lr=lr, zero_stage=stage, grad_clip=1.0)
+
+
+def params_of(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in module.parameters()]
+
+
+# --------------------------------------------------------------------------- fast
+def test_linear_logprobs_path_matches_hf_forward_and_reference_model() -> None:
+    lm = tiny_lm()
+    batch = tiny_batch()
+    mask = batch.action_mask
+    for T in (1.0, 0.7):
+        logp, entropy = PolicyLogprobs(lm)(batch.sequences, batch.attention_mask, R, T)
+        expected = hf_logprobs(lm, batch, T)
+        assert logp.dtype == torch.float32 and logp.shape == (4, R)
+        torch.testing.assert_close(logp[mask], expected[mask], atol=1e-5, rtol=0)
+        assert (entropy[mask] > 0).all()
+        ref = ReferenceModel(tiny_lm()).logprobs(batch, temperature=T)
+        torch.testing.assert_close(ref[mask], expected[mask], atol=1e-5, rtol=0)
+        assert (ref[~mask] == 0).all()
+
+
+def test_actor_step_raises_logprob_of_positively_advantaged_tokens() -> None:
+    actor = ActorWorker(tiny_lm(), optim(1e-3), PPOAlgoConfig(entropy_coef=0.01), 2, 2, temperature=0.8)
+    batch = tiny_batch()
+    expected = hf_logprobs(tiny_lm(), batch, 0.8)
+    before, _ = actor.logprobs(batch)
+    torch.testing.assert_close(before[batch.action_mask], expected[batch.action_mask], atol=1e-5, rtol=0)
+
+    batch.old_logprobs = before
+    batch.advantages = batch.action_mask.float()
+    stats = actor.train_minibatch(batch.split(2))
+    after, _ = actor.logprobs(batch)
+
+    assert stats["skipped"] == 0 and stats["grad_norm"] > 0
+    assert stats["policy_loss"] == pytest.approx(-1.0, abs=1e-5)  # ratio 1 at the first step
+    gain = (after - before)[batch.action_mask]
+    assert gain.mean() > 0.05, gain
+
+
+def test_critic_values_move_toward_returns() -> None:
+    critic = CriticWorker(
+        ValueModel.from_policy(tiny_lm()), optim(5e-3), PPOAlgoConfig(value_clip=None), 4, 1
+    )
+    batch = tiny_batch()
+    returns = torch.full((4, R), 2.0) * batch.action_mask
+    err = []
+    for _ in range(4):
+        values = critic.values(batch)
+        err.append(float(((values - returns)[batch.action_mask] ** 2).mean()))
+        batch.values, batch.returns = values, returns
+        stats = critic.train_minibatch([batch])
+        assert stats["skipped"] == 0
+    assert err[-1] < 0.5 * err[0], err
+
+
+def test_warmup_schedule_ramps_learning_rate() -> None:
+    cfg = OptimConfig(lr=1e-3, warmup_steps=4, zero_stage=0)
+    critic = CriticWorker(ValueModel.from_policy(tiny_lm()), cfg, PPOAlgoConfig(), 4, 1)
+    batch = tiny_batch()
+    batch.values, batch.returns = critic.values(batch), batch.action_mask.float()
+    lrs = [critic.train_minibatch([batch])["lr"] for _ in range(3)]
+    assert lrs[0] < lrs[1] < lrs[2] <= 1e-3, lrs
+
+
+def test_nonfinite_loss_skips_step_and_leaves_parameters_unchanged() -> None:
+    actor = ActorWorker(tiny_lm(), optim(1e-2), PPOAlgoConfig(), 2, 2)
+    batch = tiny_batch()
+    batch.old_logprobs, _ = actor.logprobs(batch)
+    batch.advantages = batch.action_mask.float()
+    bad = tiny_batch()
+    bad.old_logprobs = batch.old_logprobs
+    bad.advantages = batch.advantages.clone()
+    bad.advantages[1, 0] = float("nan")  # one NaN in the second micro-batch only
+
+    p0 = params_of(actor.module)
+    for n in (1, 2):
+        stats = actor.train_minibatch(bad.split(2))
+        assert stats["skipped"] == 1 and actor.train.skipped == actor.train.consecutive_skips == n
+    assert all(torch.equal(a, b) for a, b in zip(p0, actor.module.parameters()))
+
+    stats = actor.train_minibatch(batch.split(2))  # the guard resets: a good step updates
+    assert stats["skipped"] == 0 and actor.train.consecutive_skips == 0 and actor.train.skipped == 2
+    assert actor.train.counters() == {"steps": 3, "skipped": 2, "consecutive_skips": 0}
+    assert not all(torch.equal(a, b) for a, b in zip(p0, actor.module.parameters()))
+
+    critic = CriticWorker(ValueModel.from_policy(tiny_lm()), optim(1e-2), PPOAlgoConfig(), 4, 1)
+    batch.values = critic.values(batch)
+    batch.returns = torch.full((4, R), float("inf"))
+    c0 = params_of(critic.module)
+    assert critic.train_minibatch([batch])["skipped"] == 1
+    assert all(torch.equal(a, b) for a, b in zip(c0, critic.module.parameters()))
+
+
+def test_stop_on_consecutive_skips() -> None:
+    stop_on_consecutive_skips(2, 3, step=7)  # below the limit
+    stop_on_consecutive_skips(50, 0, step=7)  # 0: never stop
+    saves = []
+    with pytest.raises(
+        NonFiniteError, match=r"^step 7: 3 updates in a row .*=3\); checkpoint saved to ck/step_7\."
+    ):
+        stop_on_consecutive_skips(3, 3, step=7, save=lambda: saves.append(7) or "ck/step_7")
+    assert saves == [7]  # saved first, then raised
+
+
+def test_value_model_from_reward_model_and_reward_scorer() -> None:
+    torch.manual_seed(3)
+    rm = LlamaForSequenceClassification(tiny_config(num_labels=1)).float().eval()
+    batch = tiny_batch()
+    vm = ValueModel.from_reward_model(rm)
+    torch.testing.assert_close(vm.value_head.weight, rm.score.weight)
+
+    scorer = RewardScorer.from_model(rm, clip=0.0)
+    scores, valid = scorer.score(["p"] * 4, ["r"] * 4, batch.sequences, batch.attention_mask)
+    last = batch.attention_mask.shape[1] - 1 - batch.attention_mask.flip(1).argmax(1)
+    with torch.no_grad():
+        values = vm(batch.sequences, batch.attention_mask)
+    torch.testing.assert_close(scores, values[torch.arange(4), last], atol=1e-5, rtol=1e-5)
+    assert valid.all()
+
+    fn = RewardScorer.from_function(lambda p, r: [1.0, None, float("nan"), 50.0], clip=10.0)
+    scores, valid = fn.score(["a"] * 4, ["b"] * 4)
+    assert valid.tolist() == [True, False, False, True]
+    assert scores.tolist() == [1.0, 0.0, 0.0, 10.0] and fn.num_invalid == 2
+
+
+# --------------------------------------------------------------------------- slow
+@pytest.mark.slow
+def test_zero2_zero3_two_ranks_update_and_agree(tmp_path: Path) -> None:
+    port = free_port()
+    script = str(ROOT / "tests/engine/_scripts/train_zero_stages.py")
+    cmd = deepspeed_cmd(2, port, script, "--out", str(tmp_path))
+    t0 = time.time()
+    proc = run(cmd, timeout_s=420, port=port, OMP_NUM_THREADS="1")
+    print(f"deepspeed run: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    for stage in ("2", "3"):
+        r0, r1 = ranks[0][stage], ranks[1][stage]
+        for role in ("actor", "critic"):
+            before, after = r0[role]["before"], r0[role]["after"]
+            changed = [abs(a - b) > 0 for a, b in zip(before, after)]
+            assert all(changed), f"ZeRO-{stage} {role}: some parameters did not change: {changed}"
+            assert r0[role]["after"] == r1[role]["after"], f"ZeRO-{stage} {role}: ranks disagree"
+            assert r0[role]["stats"]["skipped"] == 0
+        # Under ZeRO-3 the LM head is partitioned; the gathered forward must still match plain HF.
+        assert r0["logprob_err"] < 1e-5, r0["logprob_err"]
+        assert r0["actor"]["lm_head_changed"]
+    # fp32: ZeRO-2 and ZeRO-3 make the same update.
+    for role in ("actor", "critic"):
+        for a, b in zip(ranks[0]["2"][role]["after"], ranks[0]["3"][role]["after"]):
+            assert a == pytest.approx(b, rel=1e-4, abs=1e-5)

@@ -1,0 +1,218 @@
+"""``split`` placement and bounded-staleness async PPO, on CPU with real vLLM and DeepSpeed.
+
+Three runs of the tiny config, each shared by several tests (module-scoped fixtures):
+
+* ``colocate``: plain ``python``, one rank generating and training (the reference);
+* ``split_sync``: ``deepspeed --num_gpus 2``, rank 0 trains, rank 1 runs vLLM and scores the
+  samples (reference log-probs and reward, ``placement.scoring=rollout``), ``async.max_staleness=0``;
+* ``split_async``: ``async.max_staleness=1`` (one-step-off), scoring on the trainer.
+
+All probe the weight pipe after every sync (``placement.probe_every=1``): vLLM's log-probs of a
+fixed sequence against the trainer's. A fourth test launches trainer and rollout by hand (a
+launcher would kill the trainer too) and SIGKILLs the rollout process mid-run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
+from ppo_launch import REPO, TINY_CONFIG, PPORun, _free_port, launch, require  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+STEPS = 12
+GAP_TOL = 1e-3
+COMMON = [
+    f"total_steps={STEPS}",
+    "actor.zero_stage=2",
+    "critic.zero_stage=2",
+    "placement.probe_every=1",
+    "placement.timeout_s=120",
+]
+# Same arithmetic in every process: vLLM caps its own process to one thread; pin the trainer too.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+
+
+def _launch(tmp_path_factory, name: str, overrides: list[str], ranks: int) -> PPORun:
+    require("vllm", "deepspeed")
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in ONE_THREAD.items():
+            mp.setenv(k, v)
+        run = launch(tmp_path_factory.mktemp(name), COMMON + overrides, ranks=ranks, timeout_s=480)
+    print(f"{name}: {run.wall_s:.0f}s")
+    run.check()
+    return run
+
+
+@pytest.fixture(scope="module")
+def colocate(tmp_path_factory) -> PPORun:
+    return _launch(tmp_path_factory, "colocate", [], ranks=1)
+
+
+@pytest.fixture(scope="module")
+def split_sync(tmp_path_factory) -> PPORun:
+    # The reference and the reward run on the rollout rank here, on the trainer in split_async.
+    extra = ["placement.mode=split", "async.max_staleness=0", "placement.scoring=rollout"]
+    return _launch(tmp_path_factory, "split_sync", extra, 2)
+
+
+@pytest.fixture(scope="module")
+def split_async(tmp_path_factory) -> PPORun:
+    return _launch(tmp_path_factory, "split_async", ["placement.mode=split", "async.max_staleness=1"], 2)
+
+
+def _timeline(run: PPORun) -> list[dict]:
+    with (run.out_dir / "timeline.jsonl").open() as f:
+        return [e for line in f for e in json.loads(line)["events"]]
+
+
+def _overlap_s(events: list[dict], a: tuple[str, str], b: tuple[str, str]) -> float:
+    """Total seconds during which a ``(role prefix, phase)`` interval overlaps a ``b`` interval."""
+
+    def pick(rp):
+        return [(e["t0"], e["t1"]) for e in events if e["role"].startswith(rp[0]) and e["phase"] == rp[1]]
+
+    return sum(max(0.0, min(x1, y1) - max(x0, y0)) for x0, x1 in pick(a) for y0, y1 in pick(b))
+
+
+@pytest.mark.parametrize("mode", ["split_sync", "split_async"])
+def test_split_trains_reward_rises_and_parameters_change(mode, request):
+    run: PPORun = request.getfixturevalue(mode)
+    assert [r["step"] for r in run.metrics] == list(range(1, STEPS + 1))
+    (report,) = run.ranks  # only the trainer rank trains (and fingerprints); rank 1 only generates
+    assert report["world"] == 1 and report["steps"] == STEPS
+    for role in ("actor", "critic"):
+        assert report[role]["all_finite"] and report[role]["n_changed"] == report[role]["n_tensors"], role
+    reward = run.series("reward/mean")
+    first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
+    print(f"{mode} reward: {[round(r, 3) for r in reward]}")
+    assert last > first + 0.02 and last > 2 * first, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    assert run.summary["world_size"] == 1
+
+
+@pytest.mark.parametrize("mode", ["split_sync", "split_async"])
+def test_rollout_matches_trainer_after_every_broadcast(mode, request):
+    run: PPORun = request.getfixturevalue(mode)
+    for row in run.metrics:
+        assert row["sync/probe_gap_max"] < GAP_TOL, (row["step"], row["sync/probe_gap_max"])
+        assert row["sync/buckets"] >= 1 and row["sync/bytes"] > 0
+    if mode == "split_sync":  # fresh samples: vLLM's sampled-token log-probs equal the recomputation
+        assert max(run.series("rollout/logprob_gap")) < GAP_TOL
+
+
+def test_staleness_never_exceeds_the_bound(split_sync, split_async):
+    for row in split_sync.metrics:
+        assert row["async/staleness_max"] == 0 and row["async/refused"] == 0
+        assert row["rollout/policy_version"] == row["step"] - 1
+    rows = split_async.metrics
+    assert all(r["async/staleness_max"] <= 1 and r["async/refused"] == 0 for r in rows)
+    # One-step-off really happened: from step 2 on, every batch came from the previous-but-one policy.
+    assert all(r["async/staleness_max"] == 1 for r in rows[1:])
+    assert [r["rollout/policy_version"] for r in rows] == [0] + list(range(0, STEPS - 1))
+    # The stale batches are corrected: the importance weights moved away from 1 and are logged.
+    assert max(r["is/max"] for r in rows[1:]) > 1.0 and all(r["is/mean"] > 0 for r in rows)
+
+
+def test_async_overlaps_generation_with_training(split_sync, split_async):
+    sync_overlap = _overlap_s(_timeline(split_sync), ("rollout", "generate"), ("trainer", "train"))
+    async_overlap = _overlap_s(_timeline(split_async), ("rollout", "generate"), ("trainer", "train"))
+    print(f"generate/train overlap: sync {sync_overlap:.2f}s, async {async_overlap:.2f}s")
+    assert sync_overlap < 0.05
+    assert async_overlap > 0.5
+    hidden = [r["async/hidden_frac"] for r in split_async.metrics[1:]]
+    assert sum(hidden) / len(hidden) > 0.3, hidden
+
+
+def test_split_sync_equals_colocate(colocate, split_sync):
+    """Same seed, max_staleness 0: same samples, rewards, KL and losses step by step -- with the
+    reference and reward computed on the rollout rank in the split run."""
+    assert any(e["role"].startswith("rollout") and e["phase"] == "score" for e in _timeline(split_sync))
+    for a, b in zip(colocate.metrics, split_sync.metrics, strict=True):
+        for key in (
+            "reward/mean",
+            "kl/mean",
+            "loss/policy",
+            "loss/value",
+            "response_len/mean",
+            "entropy/mean",
+        ):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
+
+
+def test_killed_rollout_fails_the_trainer_with_a_clear_error(tmp_path):
+    """SIGKILL the rollout rank mid-run: the trainer must exit non-zero, naming the rollout engine,
+    within the configured timeout -- not hang; the last checkpoint stays complete."""
+    require("vllm", "deepspeed")
+    timeout_s = 15
+    out = tmp_path / "run"
+    port = _free_port()
+    base = dict(
+        os.environ,
+        PYTHONPATH=str(REPO),
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE="2",
+        **ONE_THREAD,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "engine.cli",
+        "ppo",
+        "--config",
+        str(TINY_CONFIG),
+        f"output_dir={out}",
+        "total_steps=200",
+        "save_every=1",
+        "placement.mode=split",
+        f"placement.timeout_s={timeout_s}",
+        "logging.progress_bar=false",
+    ]
+    logs = [open(tmp_path / f"rank{r}.log", "w") for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for r in (0, 1)
+    ]
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 300
+        while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 2):
+            assert time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
+            assert procs[0].poll() is None, (tmp_path / "rank0.log").read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(procs[1].pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        rc = procs[0].wait(timeout=timeout_s + 90)
+        elapsed = time.monotonic() - killed_at
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        for f in logs:
+            f.close()
+    text = (tmp_path / "rank0.log").read_text()
+    print(f"trainer exited {rc} after {elapsed:.1f}s")
+    assert rc != 0
+    assert elapsed < timeout_s + 60, text[-3000:]
+    assert "RolloutLinkError" in text and "rollout engine" in text, text[-3000:]
+    from engine.checkpoint import CheckpointManager
+
+    latest = CheckpointManager(out, keep_last=3, rank=0, world_size=1).resolve("auto")
+    assert latest is not None, "no complete checkpoint survived"
