@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -22,13 +23,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+COSINE = ("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1")
+
 # Stage overrides per size. "demo" is the README's main job (<= 15 min on 2 cores);
 # "ci" is the same pipeline at a reduced size for the end-to-end test.
 SIZES: dict[str, dict[str, Any]] = {
     "demo": {
         "data": {"n_sft": 4000, "n_pairs": 4000, "n_prompts": 512},
-        "sft": ["total_steps=400"],
-        "rm": ["total_steps=200"],
+        # Cosine decay in SFT and RM: a settled SFT backbone and an RM that does not end on an lr-noise
+        # spike (README, "Making the demo hold on any CPU").
+        # 4 layers: an RM on a 2-layer backbone stops near 0.85 held-out accuracy (it has to predict the
+        # answer and compare it with the response); on 4 layers it reaches 0.87-0.91 (README).
+        "sft": ["total_steps=400", "model.tiny.num_layers=4", *COSINE],
+        "rm": ["total_steps=300", "train.batch_size=64", "data.eval_size=512", *COSINE],
         "ppo": ["total_steps=30"],
         "dpo": ["total_steps=100"],
         # 4 rounds: 8 samples for each of 128 prompts, the RM's best kept, 8 SFT steps on them.
@@ -40,12 +47,12 @@ SIZES: dict[str, dict[str, Any]] = {
             "bon.batch_size=16",
             "bon.micro_batch_size=16",
         ],
-        "eval": ["data.num_prompts=128"],
+        "eval": ["data.num_prompts=256"],
     },
     "ci": {
         "data": {"n_sft": 600, "n_pairs": 600, "n_prompts": 64},
-        "sft": ["total_steps=40"],
-        "rm": ["total_steps=30", "data.eval_size=64"],
+        "sft": ["total_steps=40", *COSINE],
+        "rm": ["total_steps=30", "data.eval_size=64", *COSINE],
         "ppo": ["total_steps=3"],
         "dpo": ["total_steps=10", "data.eval_size=64"],
         "bon": [
@@ -97,6 +104,19 @@ def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float
         raise RuntimeError(f"stage {stage} failed (exit {proc.returncode}); log {log}:\n{tail}")
     print(f"[pipeline] {stage} done in {dt:.0f}s", flush=True)
     return dt
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), which README figures are measured on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
 
 
 def read_json_if_exists(path: Path) -> dict[str, Any]:
@@ -247,6 +267,9 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     ppo_rows = read_rows_if_exists(ppo / "metrics.jsonl")
     summary = {
         "rm/accuracy": rm_summary.get("eval/accuracy", ev.get("rm_accuracy")),
+        # The gold scorer's own accuracy on the RM's held-out labels: the RM's ceiling.
+        "rm/gold_label_accuracy": rm_summary.get("eval/gold_label_accuracy"),
+        "rm/accuracy_vs_gold": rm_summary.get("eval/accuracy_vs_gold"),
         "rm/accuracy_train_pairs_eval": ev.get("rm_accuracy"),
         **{f"gold/{n}": evals[n].get("gold_reward") for n in POLICIES},
         **{f"rm_reward/{n}": evals[n].get("rm_reward") for n in POLICIES},
@@ -258,7 +281,9 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         **_gold_breakdown(run / "eval", POLICIES),
         "stage_seconds": st.times,
         "size": size,
+        "seed": seed,
         "world_size": world,
+        "cpu": cpu_name(),
         "minutes": (time.time() - t_start) / 60.0,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -335,21 +360,52 @@ def _fmt(v: Any) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
-def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]) -> None:
-    acc, g_sft, g_ppo = summary["rm/accuracy"], summary["gold/sft"], summary["gold/ppo"]
-    checks = [
-        ("RM held-out accuracy >= 0.75", acc is not None and acc >= 0.75, _fmt(acc)),
+# The RM must recover at least this share of what is learnable above chance on its held-out pairs:
+# accuracy >= 0.5 + RM_SHARE * (ceiling - 0.5), the ceiling being the gold scorer's own accuracy on
+# the same (Bradley-Terry-noisy) labels.
+RM_SHARE = 0.6
+
+
+def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
+    """The demo's success criteria as ``(name, passed, value)``; the report and the slow test use them.
+
+    Each threshold is a margin that holds across seeds 0-4 on Intel and AMD machines (README,
+    "The demo task"): what PPO must show is that it beats SFT by removing the filler the RM can
+    judge, without losing the digits the RM cannot judge.
+    """
+    s = summary
+
+    def num(key: str) -> float:
+        v = s.get(key)
+        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan
+
+    acc, ceiling = num("rm/accuracy"), num("rm/gold_label_accuracy")
+    rm_floor = 0.5 + RM_SHARE * (ceiling - 0.5)
+    g_ppo, g_sft = num("gold/ppo"), num("gold/sft")
+    f_ppo, f_sft = num("filler_rate/ppo"), num("filler_rate/sft")
+    d_ppo, d_sft = num("gold_digits/ppo"), num("gold_digits/sft")
+    win, kl = num("win_rate_gold/ppo_vs_sft"), num("kl/ppo")
+    return [
         (
-            "PPO gold score > SFT gold score",
-            None not in (g_ppo, g_sft) and g_ppo > g_sft,
-            f"{_fmt(g_ppo)} vs {_fmt(g_sft)}",
+            f"RM held-out accuracy >= 0.5 + {RM_SHARE} x (gold scorer's accuracy - 0.5)",
+            acc >= rm_floor,
+            f"{acc:.3f} vs {rm_floor:.3f} (gold scorer {ceiling:.3f})",
         ),
-        ("KL to reference reported", summary["kl/ppo"] is not None, _fmt(summary["kl/ppo"])),
+        ("PPO gold score > SFT gold score + 0.05", g_ppo > g_sft + 0.05, f"{g_ppo:.3f} vs {g_sft:.3f}"),
+        ("PPO wins against SFT on gold more often than not", win > 0.5, f"{win:.3f}"),
+        ("PPO filler rate <= half SFT's", f_ppo <= 0.5 * f_sft, f"{f_ppo:.1%} vs {f_sft:.1%}"),
+        ("PPO digits' gold >= SFT's - 0.05", d_ppo >= d_sft - 0.05, f"{d_ppo:.3f} vs {d_sft:.3f}"),
+        ("KL(PPO || SFT) reported and > 0", kl > 0, f"{kl:.3f}"),
     ]
+
+
+def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]) -> None:
+    checks = success_checks(summary)
     lines = [
         "# RLHF demo report",
         "",
-        f"Size `{summary['size']}`, {summary['world_size']} rank(s), {summary['minutes']:.1f} minutes in all.",
+        f"Size `{summary['size']}`, seed {summary['seed']}, {summary['world_size']} rank(s), "
+        f"{summary['minutes']:.1f} minutes in all, on {summary['cpu']}.",
         "",
         "| check | result | value |",
         "|---|---|---|",

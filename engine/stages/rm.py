@@ -142,7 +142,9 @@ def rm_collate(pairs: Sequence[PairExample], pad_id: int) -> RMBatch:
     ids = pad_right(rows, pad_id)
     am = pad_right([[1] * len(r) for r in rows], 0, ids.shape[1])
     gold = [
-        float(p.gold_chosen > p.gold_rejected) if p.gold_chosen != p.gold_rejected else math.nan
+        math.nan
+        if math.isnan(p.gold_chosen) or math.isnan(p.gold_rejected) or p.gold_chosen == p.gold_rejected
+        else float(p.gold_chosen > p.gold_rejected)
         for p in pairs
     ]
     return RMBatch(
@@ -283,7 +285,10 @@ def _scores(engine: Any, b: RMBatch) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
-    """Held-out loss, accuracy, mean margin and (where gold is known) accuracy against gold."""
+    """Held-out loss, accuracy, mean margin and, over pairs whose gold scores are known and differ:
+    the RM's agreement with the gold order (``eval/accuracy_vs_gold``) and the gold scorer's own
+    accuracy on the held-out labels (``eval/gold_label_accuracy``, the ceiling for
+    ``eval/accuracy`` when labels carry Bradley-Terry noise)."""
     engine.eval()
     rc_all, rr_all, m_all, gold_all = [], [], [], []
     for b in batches:
@@ -306,6 +311,9 @@ def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
     if known.any():
         pred = (rc > rr).float()[known]
         out["eval/accuracy_vs_gold"] = float((pred == gold[known]).float().mean())
+        # The ceiling: how often the gold scorer itself agrees with these (noisy) held-out labels.
+        out["eval/gold_label_accuracy"] = float(gold[known].mean())
+        out["eval/gold_pairs"] = float(known.sum())
     return out
 
 

@@ -1,15 +1,23 @@
 """The README's main job at its full size: the demo must show what RLHF is for.
 
-``engine.demo.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, about 2-3 minutes on
-2 cores): the RM beats chance clearly on held-out pairs, and the PPO policy's hidden gold
-score beats the SFT policy's, by dropping the chatty filler the demonstrations taught
+``engine.demo.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, about 3 minutes on
+2 cores): the RM recovers most of what is learnable on its held-out pairs, and the PPO policy's
+hidden gold score beats the SFT policy's, by dropping the chatty filler the demonstrations taught
 without losing the digits.
+
+Why these thresholds cannot flip with the CPU: the same seed gives other numbers on an Intel and
+an AMD machine (BLAS kernels differ, sampled trajectories diverge), so every check here must hold
+for any seed, not only for the one this test runs. ``success_checks`` (the report's PASS/FAIL
+lines) was measured at seeds 0-4 on an AMD EPYC, and again with MKL and ATen forced onto other
+kernels (``MKL_ENABLE_INSTRUCTIONS=SSE4_2 ATEN_CPU_CAPABILITY=default``, a stand-in for another
+CPU's float sums); the smallest margins over those ten runs are in the comments below and in the
+README ("Making the demo hold on any CPU"). Each is at least three standard errors of its
+measurement (512 held-out pairs for the RM, 256 eval prompts for the policies).
 """
 
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
@@ -17,17 +25,22 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_size_pipeline_meets_the_success_criteria(tmp_path):
-    from engine.demo.pipeline import run_pipeline
+    from engine.demo.pipeline import run_pipeline, success_checks
 
-    summary = run_pipeline(tmp_path / "demo", size="demo")
-    assert summary == json.loads((tmp_path / "demo" / "summary.json").read_text())
-    assert summary["rm/accuracy"] >= 0.75
-    # Clearly above SFT (the three seeds measured gave margins of 0.13 to 0.20), not a coin flip.
-    assert summary["gold/ppo"] > summary["gold/sft"] + 0.05, summary
-    assert summary["win_rate_gold/ppo_vs_sft"] > 0.5
-    # Where the gain comes from: the filler is (mostly) gone and the digits are no worse.
-    assert summary["filler_rate/ppo"] < 0.5 * summary["filler_rate/sft"]
-    assert summary["gold_digits/ppo"] > summary["gold_digits/sft"] - 0.05
-    assert math.isfinite(summary["kl/ppo"]) and summary["kl/ppo"] > 0.0
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "| PPO gold score > SFT gold score | PASS |" in report
+    run = tmp_path / "demo"
+    summary = run_pipeline(run, size="demo")
+    assert summary == json.loads((run / "summary.json").read_text())
+    # The checks, with the smallest margin measured over the ten runs (module docstring):
+    # - RM accuracy >= 0.5 + 0.6 x (gold scorer's accuracy - 0.5): 0.87-0.91 against floors of
+    #   0.77-0.79, margin >= 0.08 (the standard error at 512 pairs is 0.015);
+    # - PPO gold > SFT gold + 0.05: PPO ahead by 0.12-0.16, margin >= 0.07;
+    # - PPO's gold win rate against SFT > 0.5: 0.68-0.72;
+    # - PPO filler rate <= half SFT's: at most 8% against 22-27%;
+    # - PPO digits' gold >= SFT's - 0.05: PPO within 0.02 of SFT, margin >= 0.03;
+    # - KL(PPO || SFT) > 0: 0.6-0.9 nats.
+    failed = [(name, value) for name, ok, value in success_checks(summary) if not ok]
+    assert not failed, f"demo checks failed: {failed}\nsummary: {summary}"
+    report = (run / "report.md").read_text()
+    assert "FAIL" not in report and report.count("| PASS |") == len(success_checks(summary))
+    # The RM is judged against its ceiling, which the summary reports beside it.
+    assert summary["rm/accuracy"] < summary["rm/gold_label_accuracy"] <= 1.0

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.demo.pipeline import success_checks
 from engine.demo.task import gold_score
 
 pytestmark = pytest.mark.slow
@@ -107,8 +108,17 @@ def test_summary_report_and_plots(run_dir):
         assert summary[f"gold_digits/{n}"] == pytest.approx(
             sum(gold_score(r["prompt"], d) for r, d in zip(rows, digits)) / len(rows)
         )
+    # The RM's ceiling: the gold scorer's own accuracy on the RM's held-out labels, from its pairs.
+    rm_rows = [json.loads(x) for x in (run_dir / "rm" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["rm/gold_label_accuracy"] == rm_rows[-1]["eval/gold_label_accuracy"]
+    assert 0.5 < summary["rm/gold_label_accuracy"] <= 1.0
+    assert summary["seed"] == 0 and summary["cpu"]
     report = (run_dir / "report.md").read_text()
     assert "RM held-out accuracy" in report and "PPO gold score" in report
+    assert f"on {summary['cpu']}" in report
+    # Every success check is in the report, PASS or FAIL (at the ci size they need not pass).
+    for name, ok, value in success_checks(summary):
+        assert f"| {name} | {'PASS' if ok else 'FAIL'} | {value} |" in report
     for png in ("ppo_reward_kl.png", "gold_scores.png", "rm_accuracy.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
 

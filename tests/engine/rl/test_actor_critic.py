@@ -134,6 +134,25 @@ def test_warmup_schedule_ramps_learning_rate() -> None:
     assert lrs[0] < lrs[1] < lrs[2] <= 1e-3, lrs
 
 
+def test_cosine_schedule_warms_up_then_decays_to_min_lr_ratio() -> None:
+    cfg = OptimConfig(lr=1e-3, warmup_steps=2, zero_stage=0, lr_schedule="cosine", min_lr_ratio=0.1)
+    critic = CriticWorker(ValueModel.from_policy(tiny_lm()), cfg, PPOAlgoConfig(), 4, 1, total_updates=6)
+    batch = tiny_batch()
+    batch.values, batch.returns = critic.values(batch), batch.action_mask.float()
+    lrs = [critic.train_minibatch([batch])["lr"] for _ in range(8)]
+    # DeepSpeed's WarmupCosineLR: linear warm-up over 2 updates (0, lr/2), then a half cosine that
+    # reaches 0.1 x lr at the 6th update and holds it.
+    assert lrs[:2] == [0.0, pytest.approx(5e-4)], lrs
+    assert lrs[2] > lrs[3] > lrs[4] > lrs[5], lrs
+    assert lrs[5:] == [pytest.approx(1e-4)] * 3, lrs
+
+
+def test_cosine_schedule_needs_the_number_of_updates() -> None:
+    cfg = OptimConfig(lr=1e-3, zero_stage=0, lr_schedule="cosine")
+    with pytest.raises(ValueError, match="total number of updates"):
+        CriticWorker(ValueModel.from_policy(tiny_lm()), cfg, PPOAlgoConfig(), 4, 1)
+
+
 def test_nonfinite_loss_skips_step_and_leaves_parameters_unchanged() -> None:
     actor = ActorWorker(tiny_lm(), optim(1e-2), PPOAlgoConfig(), 2, 2)
     batch = tiny_batch()

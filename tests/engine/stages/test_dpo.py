@@ -112,13 +112,16 @@ def _cfg(tmp_path: Path, *extra: str) -> DPOConfig:
 def test_dpo_margin_grows_and_checkpoint_loads(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    summary = run_dpo(_cfg(tmp_path))
+    summary = run_dpo(_cfg(tmp_path, "total_steps=8"))
     rows = [json.loads(line) for line in (tmp_path / "dpo/metrics.jsonl").read_text().splitlines()]
     margins = [r["rewards/margin"] for r in rows]
-    assert len(rows) == 4
+    assert len(rows) == 8
     assert abs(margins[0]) < 1e-4  # policy == reference at the first forward
+    # Margins safe on any seed and CPU: at seeds 0-4 (config and model seed) the 8th step's margin
+    # was 0.32-0.50 and its batch accuracy 1.0, the loss 0.48-0.55 from 0.693. After only 4 steps
+    # the margin was 0.07-0.15 and the accuracy 0.62-1.0, too close to these thresholds.
     assert margins[-1] > margins[0] + 0.05, margins
-    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.05
     assert rows[-1]["rewards/accuracy"] > 0.5
     assert summary["skipped_steps"] == 0 and summary["data/train_pairs"] == 16
     assert "eval/rewards/margin" in summary and (tmp_path / "dpo/config.yaml").is_file()

@@ -137,6 +137,30 @@ def _rm_cfg(tmp_path: Path, sft: Path, data: Path, *extra: str) -> RMConfig:
     )
 
 
+def test_gold_order_is_unknown_without_gold_scores_and_the_ceiling_is_reported(tok) -> None:
+    from engine.stages.rm import PairExample, evaluate
+
+    pairs = [
+        PairExample([1, 5], [1, 6], gold_chosen=1.0, gold_rejected=0.5),  # gold agrees with the label
+        PairExample([1, 5], [1, 7], gold_chosen=0.2, gold_rejected=0.9),  # a flipped label
+        PairExample([1, 5], [1, 8]),  # no gold scores: unknown, not "gold prefers rejected"
+        PairExample([1, 5], [1, 9], gold_chosen=0.5, gold_rejected=0.5),  # a tie: unknown
+    ]
+    b = rm_collate(pairs, tok.pad_token_id)
+    assert b.gold_order[:2].tolist() == [1.0, 0.0] and torch.isnan(b.gold_order[2:]).all()
+
+    class Scores(torch.nn.Module):  # chosen rows score 1, rejected rows 0: the RM agrees with every label
+        device = torch.device("cpu")
+
+        def forward(self, ids, am):
+            return (torch.arange(ids.shape[0]) < len(pairs)).float()
+
+    out = evaluate(Scores(), [b])
+    assert out["eval/accuracy"] == 1.0
+    assert out["eval/gold_pairs"] == 2 and out["eval/gold_label_accuracy"] == 0.5
+    assert out["eval/accuracy_vs_gold"] == 0.5
+
+
 def test_rm_run_learns_training_pairs_and_checkpoint_loads(tmp_path, sft_dir, tok) -> None:
     from transformers import AutoModelForSequenceClassification
 
@@ -150,8 +174,11 @@ def test_rm_run_learns_training_pairs_and_checkpoint_loads(tmp_path, sft_dir, to
             r = RewardScores(model).eval()(b.input_ids, b.attention_mask)
         return float(bradley_terry_loss(r[: len(pairs)], r[len(pairs) :])[1]["accuracy"])
 
-    out = run_rm(_rm_cfg(tmp_path, sft_dir, data))
-    assert out["train/accuracy_last"] > out["train/accuracy_first"], out
+    # 150 steps at lr 1e-3 fit the 64 pairs (sharp labels, bt_temperature 0.05) on any seed: at
+    # seeds 0-4 the final training accuracy was 0.93-1.0 (the first logged 0.44-0.56). The former
+    # 50 steps at lr 3e-3 gave 0.59-0.91, so 0.7 below was a coin flip on other seeds and CPUs.
+    out = run_rm(_rm_cfg(tmp_path, sft_dir, data, "total_steps=150", "optim.lr=1e-3"))
+    assert out["train/accuracy_last"] > out["train/accuracy_first"] + 0.2, out
     rm_dir = tmp_path / "rm"
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]
