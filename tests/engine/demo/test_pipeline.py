@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from engine.demo.pipeline import success_checks
 from engine.demo.task import gold_score
@@ -84,7 +85,12 @@ def test_summary_report_and_plots(run_dir):
     for key in ("rm/accuracy", "gold/sft", "gold/ppo", "gold/dpo", "kl/ppo", "minutes"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert 0.0 <= summary["gold/sft"] <= 1.0 and 0.0 <= summary["rm/accuracy"] <= 1.0
-    assert summary["kl/ppo"] > 0.0  # PPO moved the policy away from the SFT reference
+    # PPO moved the policy away from the SFT reference. (Not asserted through kl/ppo: at this size
+    # that is a k1 estimate over 16 samples of a policy 3 small steps from SFT, so its sign is noise.)
+    from safetensors.torch import load_file
+
+    sft_w, ppo_w = (load_file(next((run_dir / d).glob("*.safetensors"))) for d in ("sft", "ppo/final"))
+    assert sft_w.keys() == ppo_w.keys() and any(not torch.equal(sft_w[k], ppo_w[k]) for k in sft_w)
     # One eval process for all three policies: eval/<name>/eval.json, and the shared RM accuracy on top.
     evals = {
         n: json.loads((run_dir / "eval" / n / "eval.json").read_text()) for n in ("sft", "ppo", "dpo", "bon")
