@@ -26,6 +26,7 @@ from kernels._dispatch import check_float, check_same_device, use_triton
 from kernels.logprobs import (
     check_targets,
     check_temperature,
+    flat_index,
     logprobs_bwd,
     logprobs_from_logits_reference,
     logprobs_fwd,
@@ -208,7 +209,7 @@ def _check_inputs(
     check_targets(targets, "hidden", hidden.shape)
     check_same_device(hidden=hidden, weight=weight, targets=targets)
     check_temperature(temperature)
-    return hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    return hidden.reshape(-1, hidden.shape[-1]), flat_index(targets)
 
 
 def _finish(logp, entropy, lead, return_entropy):

@@ -201,12 +201,20 @@ def _row_layout(logits: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
     return x, 1, x.stride(0), 0
 
 
+def flat_index(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as a contiguous 1-D tensor: the kernels address index and mask tensors as
+    ``ptr + row``, so a strided view such as ``ids[:, 0]`` must be compacted first
+    (a copy of N integers; no copy when ``t`` is already contiguous)."""
+    return t.reshape(-1).contiguous()
+
+
 def logprobs_fwd(
     logits: torch.Tensor, targets: torch.Tensor, temperature: float, out: tuple[torch.Tensor, ...]
 ) -> None:
     """Fill ``out = (logp, entropy, row_max, log_s)`` (each [N] fp32) for logits [..., V]
-    with N rows and flat int ``targets`` [N]."""
+    with N rows and int ``targets`` with N elements (any strides)."""
     x, rows_b, stride_a, stride_b = _row_layout(logits)
+    targets = flat_index(targets)
     n_rows, vocab = logits.numel() // logits.shape[-1], logits.shape[-1]
     if n_rows == 0:
         return
@@ -235,6 +243,7 @@ def logprobs_bwd(
     ``logits`` itself (a contiguous [N, V] tensor) for in-place use.
     """
     x, rows_b, stride_a, stride_b = _row_layout(logits)
+    targets = flat_index(targets)
     n_rows, vocab = out.shape
     if n_rows == 0:
         return
@@ -262,7 +271,7 @@ class _LogprobsFunction(torch.autograd.Function):
     def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float):
         lead = logits.shape[:-1]
         n_rows = logits.numel() // logits.shape[-1]
-        tgt = targets.reshape(-1)
+        tgt = flat_index(targets)
         logp, ent, row_max, log_s = (
             torch.empty(n_rows, device=logits.device, dtype=torch.float32) for _ in range(4)
         )

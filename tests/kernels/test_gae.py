@@ -102,6 +102,20 @@ def test_gae_long_rows() -> None:
     assert_close_fp64(ret, want_ret, torch.float32, name="returns")
 
 
+def test_gae_strided_inputs_and_mask() -> None:
+    """Every other token of wider tensors, and a transposed mask: strided views give the fp64 result."""
+    rewards = torch.randn(3, 2 * 37)[:, ::2]
+    values = torch.randn(37, 3).t()
+    mask = _mask((37, 3)).t()
+    assert not (rewards.is_contiguous() or values.is_contiguous() or mask.is_contiguous())
+    before = dict(LAUNCHES)
+    adv, ret = gae(rewards, values, mask, gamma=0.97, lam=0.9)
+    _check_launched(before)
+    want_adv, want_ret = _gae64(rewards, values, mask, 0.97, 0.9)
+    assert_close_fp64(adv, want_adv, torch.float32, name="advantages")
+    assert_close_fp64(ret, want_ret, torch.float32, name="returns")
+
+
 def test_gae_not_differentiable() -> None:
     values = torch.randn(2, 5, requires_grad=True)
     adv, ret = gae(torch.randn(2, 5), values, torch.ones(2, 5))

@@ -136,6 +136,16 @@ def test_chunk_rows_rule(monkeypatch):
     assert linear_module.chunk_rows(10_000, 10**9, 4) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_targets(monkeypatch, dtype):
+    """``ids[:, P:]`` with one response token: a [B, 1] view with row stride L, and ``ids[:, 0]``."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * 401 * 4)
+    ids = torch.randint(0, 401, (5, 7))
+    hidden, weight, _ = make_inputs((5, 1), 32, 401, dtype)
+    run_and_check(hidden, weight, ids[:, 6:], temperature=0.7)
+    run_and_check(hidden[:, 0], weight, ids[:, 0])
+
+
 def test_out_of_range_targets():
     hidden, weight, _ = make_inputs((3,), 16, 50, torch.float32)
     targets = torch.tensor([3, 50, -1])

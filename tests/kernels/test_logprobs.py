@@ -163,6 +163,18 @@ def test_strided_views():
     run_and_check(transposed, torch.randint(0, 401, (4,)))
 
 
+def test_strided_targets():
+    """Targets that are strided views: ``ids[:, 0]`` and the one-token response ``ids[:, P:]``.
+
+    The kernels index targets as ``ptr + row``; a strided view read that way gives log-probs
+    off by several nats (issue 13), so every path must compact it first."""
+    ids = torch.randint(0, 401, (6, 9))
+    run_and_check(make_logits((6, 401), torch.float32), ids[:, 0], 0.7)
+    response = ids[:, 8:]  # [B, 1] with row stride 9
+    assert response.stride() == (9, 1)
+    run_and_check(make_logits((6, 1, 401), torch.bfloat16), response)
+
+
 def test_empty_rows():
     logits = torch.randn(0, 7, requires_grad=True)
     logp, entropy = logprobs_from_logits(logits, torch.zeros(0, dtype=torch.long), return_entropy=True)

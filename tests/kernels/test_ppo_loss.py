@@ -205,6 +205,38 @@ def test_int_mask_and_mixed_dtypes() -> None:
     assert_close_fp64(loss.reshape(1), want.detach().reshape(1), torch.bfloat16)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
+def test_strided_inputs_and_mask(layout) -> None:
+    """Strided views (every other token, a transpose, a broadcast mask) give the fp64 result."""
+    S, T = 4, 21
+    if layout == "sliced":
+        logp, old, adv = ((-2.0 * torch.rand(S, 2 * T))[:, ::2] for _ in range(3))
+        mask = (torch.rand(S, 2 * T) > 0.3)[:, ::2]
+    elif layout == "transposed":
+        logp, old, adv = ((-2.0 * torch.rand(T, S)).t() for _ in range(3))
+        mask = (torch.rand(T, S) > 0.3).t()
+    else:
+        logp, old, adv = ((-2.0 * torch.rand(S, T)) for _ in range(3))
+        mask = (torch.rand(1, T) > 0.3).expand(S, T)
+    assert not mask.is_contiguous()
+    for reduction in REDUCTIONS:
+        x = logp.clone().requires_grad_() if layout == "expanded" else logp.detach().requires_grad_()
+        loss, stats = ppo_policy_loss(x, old, adv, mask, clip_high=0.28, reduction=reduction)
+        loss.backward()
+        x64, loss64, stats64 = _policy64(logp, old, adv, mask.double(), clip_high=0.28, reduction=reduction)
+        loss64.backward()
+        assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), torch.float32, name="loss")
+        assert_close_fp64(x.grad, x64.grad, torch.float32, name="grad logp")
+        _check_stats(stats, stats64, float(mask.sum()), torch.float32)
+        values = logp.detach().requires_grad_()
+        vloss, _ = ppo_value_loss(values, old, adv, mask, reduction=reduction)
+        vloss.backward()
+        v64, vloss64, _ = _value64(logp, old, adv, mask.double(), reduction=reduction)
+        vloss64.backward()
+        assert_close_fp64(vloss.reshape(1), vloss64.detach().reshape(1), torch.float32, name="value loss")
+        assert_close_fp64(values.grad, v64.grad, torch.float32, name="grad values")
+
+
 def test_bad_inputs() -> None:
     x = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
