@@ -24,6 +24,8 @@ import torch
 
 from kernels._dispatch import check_float, check_same_device, use_triton
 from kernels.logprobs import (
+    LogprobOptions,
+    RowStats,
     check_targets,
     check_temperature,
     flat_index,
@@ -134,7 +136,10 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             logits = hidden[sl] @ weight.T
             if use_kernel:
                 logprobs_fwd(
-                    logits, targets[sl], temperature, (logp[sl], entropy[sl], row_max[sl], log_s[sl])
+                    logits,
+                    targets[sl],
+                    LogprobOptions(temperature),
+                    (logp[sl], entropy[sl], row_max[sl], log_s[sl]),
                 )
             else:
                 logp[sl], entropy[sl] = logprobs_from_logits_reference(logits, targets[sl], temperature, True)
@@ -165,8 +170,9 @@ class _LinearLogprobsFunction(torch.autograd.Function):
             g_ent = None if grad_entropy is None else grad_entropy[sl]
             logits = hidden[sl] @ weight.T
             if ctx.use_kernel:
-                stats = (row_max[sl], log_s[sl], entropy[sl])
-                logprobs_bwd(logits, targets[sl], ctx.temperature, stats, g_logp, g_ent, out=logits)
+                stats = RowStats(row_max[sl], log_s[sl], entropy[sl])
+                opts = LogprobOptions(ctx.temperature)
+                logprobs_bwd(logits, targets[sl], opts, stats, (g_logp, g_ent), out=logits)
                 dlogits = logits  # overwritten in place
             else:
                 dlogits = _reference_dlogits(logits, targets[sl], ctx.temperature, g_logp, g_ent)
