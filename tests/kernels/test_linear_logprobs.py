@@ -13,7 +13,7 @@ import torch
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, linear_logprobs, linear_logprobs_reference, logprobs_from_logits_reference
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
 
 # The package re-exports the function under the module's own name, so fetch the module explicitly.
 linear_module = importlib.import_module("kernels.linear_logprobs")
@@ -32,20 +32,13 @@ def fp64_linear_logprobs(hidden, weight, targets, temperature):
     return h, w, logp, entropy
 
 
-def assert_dispatched(name: str, before: int) -> None:
-    if INTERPRET:
-        assert _dispatch.LAUNCHES[name] > before, f"Triton kernel {name} did not run"
-    else:
-        assert _dispatch.LAUNCHES[name] == before, f"plain CPU must use the reference, but {name} ran"
-
-
 def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entropy"), fn=linear_logprobs):
     dtype = hidden.dtype
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     before = _dispatch.LAUNCHES[FWD]
     logp, entropy = fn(h, w, targets, temperature, return_entropy=True)
     if fn is linear_logprobs:
-        assert_dispatched(FWD, before)
+        check_launched({FWD: before}, (FWD,))
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
     assert logp.shape == targets.shape
 
@@ -54,7 +47,7 @@ def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entr
     before = _dispatch.LAUNCHES[BWD]
     torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
     if fn is linear_logprobs:
-        assert_dispatched(BWD, before)
+        check_launched({BWD: before}, (BWD,))
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
 
     h64, w64, logp64, entropy64 = fp64_linear_logprobs(hidden, weight, targets, temperature)
@@ -155,7 +148,7 @@ def test_strided_targets(monkeypatch, dtype):
 def test_out_of_range_targets():
     hidden, weight, _ = make_inputs((3,), 16, 50, torch.float32)
     targets = torch.tensor([3, 50, -1])
-    if not INTERPRET:
+    if not triton_runs():
         with pytest.raises(ValueError, match="targets"):
             linear_logprobs(hidden, weight, targets)
         return
@@ -202,7 +195,7 @@ def test_ignore_index_custom_and_out_of_range():
     logp = linear_logprobs(hidden, weight, targets, ignore_index=7)
     assert logp[1] == 0 and (logp[[0, 2, 3]] < 0).all()
     bad = torch.tensor([3, -100, 50, 2])
-    if not INTERPRET:
+    if not triton_runs():
         with pytest.raises(ValueError, match="ignore_index=-100"):
             linear_logprobs(hidden, weight, bad)
         return

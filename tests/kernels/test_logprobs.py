@@ -1,7 +1,7 @@
 """logprobs_from_logits against float64 formulas written here, forward and backward.
 
-Under TRITON_INTERPRET=1 every call must launch the Triton kernels; on plain CPU
-the same tests run the reference path and must launch nothing.
+On CUDA, and on CPU under TRITON_INTERPRET=1, every call must launch the Triton
+kernels; on plain CPU the same tests run the reference path and must launch nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, logprobs_from_logits, logprobs_from_logits_reference
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
 
 FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
 
@@ -26,13 +26,6 @@ def fp64_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     return z, logp, entropy
 
 
-def assert_dispatched(name: str, before: int) -> None:
-    if INTERPRET:
-        assert _dispatch.LAUNCHES[name] > before, f"Triton kernel {name} did not run"
-    else:
-        assert _dispatch.LAUNCHES[name] == before, f"plain CPU must use the reference, but {name} ran"
-
-
 def run_and_check(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -45,7 +38,7 @@ def run_and_check(
     x = logits.clone().requires_grad_()
     before = _dispatch.LAUNCHES[FWD]
     logp, entropy = logprobs_from_logits(x, targets, temperature, return_entropy=True)
-    assert_dispatched(FWD, before)
+    check_launched({FWD: before}, (FWD,))
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
     assert logp.shape == targets.shape and entropy.shape == targets.shape
 
@@ -53,7 +46,7 @@ def run_and_check(
     outs = {"logp": logp, "entropy": entropy}
     before = _dispatch.LAUNCHES[BWD]
     torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
-    assert_dispatched(BWD, before)
+    check_launched({BWD: before}, (BWD,))
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
 
     z64, logp64, entropy64 = fp64_logprobs(logits, targets, temperature)
@@ -186,7 +179,7 @@ def test_ignore_index(dtype):
     x = logits.clone().requires_grad_()
     before = _dispatch.LAUNCHES[FWD]
     logp, entropy = logprobs_from_logits(x, targets, 0.7, return_entropy=True)
-    assert_dispatched(FWD, before)
+    check_launched({FWD: before}, (FWD,))
     assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
     g_logp, g_ent = torch.randn_like(logp), torch.randn_like(entropy)
     torch.autograd.backward([logp, entropy], [g_logp, g_ent])
@@ -221,11 +214,11 @@ def test_logp_only_skips_entropy():
     targets = torch.randint(0, 1271, (5,))
     before = _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY]
     run_and_check(logits, targets, grads=("logp",))  # with entropy
-    if INTERPRET:
+    if triton_runs():
         assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before + 1
     x = logits.clone().requires_grad_()
     logp = logprobs_from_logits(x, targets, 0.7)
-    assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before + int(INTERPRET)
+    assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before + int(triton_runs())
     g = torch.randn_like(logp)
     logp.backward(g)
     z64, logp64, _ = fp64_logprobs(logits, targets, 0.7)
@@ -245,7 +238,7 @@ def test_empty_rows():
 def test_out_of_range_targets():
     logits = make_logits((4, 50), torch.float32)
     targets = torch.tensor([3, 50, -1, -100])
-    if not INTERPRET:
+    if not triton_runs():
         with pytest.raises(ValueError, match="targets"):
             logprobs_from_logits(logits, targets)
         return

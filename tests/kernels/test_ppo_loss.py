@@ -7,7 +7,7 @@ import torch
 
 from kernels import ppo_policy_loss, ppo_policy_loss_reference, ppo_value_loss, ppo_value_loss_reference
 from kernels._dispatch import LAUNCHES
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched
 
 SHAPES = [(29,), (4, 23), (2, 3, 19)]
 REDUCTIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
@@ -86,14 +86,6 @@ def _mask(shape: tuple[int, ...], kind: str = "bool") -> torch.Tensor:
     return m.float() if kind == "float" else m
 
 
-def _check_launched(before: dict[str, int], names: tuple[str, ...]) -> None:
-    for name in names:
-        if INTERPRET:
-            assert LAUNCHES[name] > before.get(name, 0), f"Triton kernel {name} did not run"
-        else:
-            assert LAUNCHES[name] == before.get(name, 0), f"{name} launched without TRITON_INTERPRET"
-
-
 def _check_stats(stats: dict[str, torch.Tensor], want: dict[str, float], count: float, dtype) -> None:
     for key, value in want.items():
         got = stats[key]
@@ -116,10 +108,10 @@ def test_policy_loss_matches_fp64(config, reduction, shape, dtype) -> None:
     x = logp.clone().requires_grad_()
     before = dict(LAUNCHES)
     loss, stats = ppo_policy_loss(x, old, adv, mask, reduction=reduction, **config)
-    _check_launched(before, ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize"))
+    check_launched(before, ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize"))
     scale = torch.randn(())
     (loss * scale).backward()
-    _check_launched(before, ("ppo_policy_loss_bwd",))
+    check_launched(before, ("ppo_policy_loss_bwd",))
 
     x64, loss64, stats64 = _policy64(logp, old, adv, mask.double(), reduction=reduction, **config)
     (loss64 * scale.double()).backward()
@@ -147,10 +139,10 @@ def test_value_loss_matches_fp64(clip, reduction, shape, dtype) -> None:
     x = values.clone().requires_grad_()
     before = dict(LAUNCHES)
     loss, stats = ppo_value_loss(x, old, returns, mask, clip=clip, reduction=reduction)
-    _check_launched(before, ("ppo_value_loss_fwd", "ppo_value_loss_finalize"))
+    check_launched(before, ("ppo_value_loss_fwd", "ppo_value_loss_finalize"))
     scale = torch.randn(())
     (loss * scale).backward()
-    _check_launched(before, ("ppo_value_loss_bwd",))
+    check_launched(before, ("ppo_value_loss_bwd",))
 
     x64, loss64, stats64 = _value64(values, old, returns, mask.double(), clip=clip, reduction=reduction)
     (loss64 * scale.double()).backward()
