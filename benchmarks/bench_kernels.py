@@ -5,33 +5,60 @@ Usage::
     python benchmarks/bench_kernels.py                       # all kernels, default sizes
     python benchmarks/bench_kernels.py --kernels gae,kl_penalty --modes fwd --size small
     python benchmarks/bench_kernels.py --size tiny --providers eager   # seconds, on CPU
+    python benchmarks/bench_kernels.py --kernels "" --memory --memory-shape 4096,151936,256 --dtype float32
 
 Providers: ``eager`` (our PyTorch reference), ``compile`` (torch.compile of it), ``triton``
 (our kernel; CUDA, or CPU under TRITON_INTERPRET=1), ``liger`` (Liger-Kernel cross-entropy
 and fused linear cross-entropy) and ``flash_attn`` (flash-attn's Triton cross-entropy).
 Peers compute mean cross-entropy (= -mean log-prob) rather than per-token log-probs: the
-same memory traffic, close enough to compare bandwidth.
+same memory traffic, close enough to compare bandwidth. A peer that is not importable, or
+any provider that fails, gets a row whose note says why, and the run goes on.
 
-Byte / FLOP models (N tokens, V vocab, H hidden, e = input element size):
+Roofline columns. Each row counts the bytes (``gb``) and FLOPs (``gflop``) of the
+operation; with the device's peaks (``PEAKS``, datasheet numbers) ``roofline_ms`` is
+``max(bytes / HBM bandwidth, FLOPs / dense bf16 peak)``, ``bound`` names the larger
+term and ``pct_roofline = 100 * roofline_ms / ms_p50``. Counts (N tokens, V vocab, H
+hidden, e = input element size; small per-row terms left out here, kept in the code):
 
-- logprobs_from_logits: fwd reads N*V*e logits (+ 8N targets, 4N out); bwd reads N*V*e and
-  writes N*V*e (+ 4N grad in); full = fwd + bwd.
-- linear_logprobs: FLOPs fwd 2NVH (the logits GEMM), bwd 4NVH (grad hidden + grad weight;
-  recomputing the logits adds 2NVH of real work, not counted), full 6NVH.
+- logprobs_from_logits: fwd reads N*V*e logits; bwd reads N*V*e and writes N*V*e
+  dlogits; full = fwd + bwd. FLOPs are negligible (memory bound).
+- linear_logprobs (``linear_logprobs_cost``, the scheme of kernels/linear_logprobs.py):
+  fwd = the chunk GEMMs (2NVH FLOPs; hidden read once, the weight once per row chunk,
+  logits written) plus the log-prob kernel reading the logits; bwd = per vocabulary
+  block, one GEMM over all N rows recomputing its logits, the kernel turning them into
+  dlogits in place, grad_weight[block] = dlogits.T @ hidden written once, and
+  grad_hidden += dlogits @ weight[block] into an fp32 [N, H] accumulator: 6NVH FLOPs
+  (recompute included: it is work this scheme does); per block the hidden states are
+  read twice and the fp32 accumulator read and written once; over the whole vocabulary
+  the weight is read twice, grad_weight written once and N*V*e of logits moved five
+  times. full = fwd + bwd (8NVH). Other providers are held to the same counts, so their
+  pct_roofline reads as speed relative to our scheme's roofline.
 - kl_penalty (k3): fwd reads 2Ne, writes 4N; bwd reads 4N + 2Ne, writes 2Ne.
 - ppo_policy_loss / ppo_value_loss: fwd reads 3Ne + N (bool mask); bwd reads the same and
   writes Ne (per-block partials are negligible).
 - gae: reads 2Ne + N (bool mask), writes 8N (advantages and returns, fp32); fwd only.
 
-Rows are appended to a CSV (default ``benchmarks/results/kernels.csv``) with the device,
-versions and git SHA. Targets are only evaluated for the triton provider on CUDA at the
-default size.
+``--memory`` adds one row (mode ``memory``): the peak memory growth of one
+``linear_logprobs`` forward + backward with entropy, against the size of the full
+[N, V] logits (``logits_mb``, ``mem_vs_logits``). On CUDA it is
+``torch.cuda.max_memory_allocated`` over the step; on CPU a fresh subprocess reads the
+process's peak resident set (VmHWM, reset through /proc/self/clear_refs just before the
+step; ru_maxrss where that is not possible). The growth includes the two gradients
+(named in the note).
+
+Rows are appended, kernel by kernel, to a CSV (default ``benchmarks/results/kernels.csv``)
+with the device, versions and git SHA. Targets are only evaluated for the triton provider
+on CUDA at the default size. The script imports only torch, triton and ``kernels`` (no
+engine module), so it runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
+import math
 import os
 import platform
 import subprocess
@@ -61,6 +88,7 @@ SIZES = {
     "default": dict(N=16384, V=151936, H=4096, tokens=4_194_304, seq=1024, gae=(512, 8192)),
     "small": dict(N=2048, V=32768, H=1024, tokens=262_144, seq=1024, gae=(64, 2048)),
     "tiny": dict(N=64, V=1000, H=64, tokens=4096, seq=256, gae=(4, 128)),
+    "micro": dict(N=8, V=300, H=16, tokens=1024, seq=128, gae=(2, 64)),  # scripts/gpu_check.sh --dry-run
 }
 # device-name substring -> (HBM GB/s, dense bf16 TFLOP/s)
 PEAKS = {"H200": (4800.0, 989.0), "H100": (3350.0, 989.0), "A100": (2039.0, 312.0)}
@@ -79,8 +107,9 @@ TARGETS = {
 }
 COLUMNS = [
     "timestamp", "device", "torch", "triton", "python", "git_sha", "kernel", "provider", "mode",
-    "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "gbps", "tflops", "pct_peak", "peak_mem_mb",
-    "target", "target_met", "note",
+    "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "gb", "gflop", "gbps", "tflops", "bound",
+    "roofline_ms", "pct_roofline", "peak_mem_mb", "logits_mb", "mem_vs_logits", "target",
+    "target_met", "note",
 ]  # fmt: skip
 
 
@@ -123,6 +152,27 @@ def _flash_ce():
     return lambda logits, targets, *_: _first(cross_entropy_loss(logits, targets)).mean()
 
 
+# --------------------------------------------------------------------------- cost models
+def linear_logprobs_cost(N: int, V: int, H: int, e: int) -> dict[str, tuple[float, float]]:
+    """``{mode: (bytes, flops)}`` of ``linear_logprobs``'s Triton path as the benchmark runs it
+    (log-probs only, one upstream gradient): row chunks forward, vocabulary blocks backward,
+    sized by the kernels' own ``chunk_rows`` / ``vocab_block_cols``."""
+    from kernels.linear_logprobs import chunk_rows, vocab_block_cols
+
+    logits, hid, wgt = N * V * e, N * H * e, V * H * e
+    chunks = math.ceil(N / chunk_rows(N, V, e))
+    blocks = math.ceil(V / vocab_block_cols(N, V, e))
+    row_io = N * (8 + 3 * 4)  # targets (int64) + logp, row max, log-sum (fp32)
+    fwd = (hid + chunks * wgt + logits) + (logits + row_io)  # chunk GEMMs, then the kernel
+    bwd = blocks * hid + wgt + logits  # recompute each block's logits over all N rows
+    bwd += 2 * logits + blocks * row_io  # kernel: dlogits in place; targets, stats, upstream grad
+    bwd += logits + blocks * hid + wgt  # grad_weight[block] = dlogits.T @ hidden, written once
+    bwd += logits + wgt + blocks * 2 * N * H * 4  # grad_hidden += dlogits @ w_block (fp32 acc)
+    bwd += N * H * (4 + e)  # the accumulator cast to the hidden dtype
+    flops = 2.0 * N * V * H
+    return {"fwd": (fwd, flops), "bwd": (bwd, 3 * flops), "full": (fwd + bwd, 4 * flops)}
+
+
 # --------------------------------------------------------------------------- cases
 def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device) -> Case:
     import kernels as K
@@ -144,12 +194,13 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
             return case
         hidden = (torch.randn(N, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
         weight = (torch.randn(V, H, device=device, dtype=dtype) * H**-0.5).requires_grad_()
+        cost = linear_logprobs_cost(N, V, H, e)
         case = Case(
             f"N={N},V={V},H={H}", (hidden, weight, targets), [hidden, weight],
             {"eager": K.linear_logprobs_reference, "triton": K.linear_logprobs, "liger": _liger_flce},
-            flops={"fwd": 2.0 * N * V * H, "bwd": 4.0 * N * V * H, "full": 6.0 * N * V * H},
+            bytes={m: b for m, (b, _) in cost.items()}, flops={m: f for m, (_, f) in cost.items()},
         )  # fmt: skip
-        case.notes["liger"] = "peer computes mean CE = -mean(logp)"
+        case.notes["liger"] = "peer computes mean CE = -mean(logp); roofline counts our scheme's work"
         return case
     if kernel == "gae":
         B, T = size["gae"]
@@ -188,13 +239,16 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
 
 
 # --------------------------------------------------------------------------- timing
-def _time_cpu(fn: Callable, grad_inputs: list[torch.Tensor], budget_s: float = 0.5, max_reps: int = 50):
+CPU_BUDGET_S = 0.5  # timing budget per CPU row (at least 3 timed calls); --cpu-budget-s
+
+
+def _time_cpu(fn: Callable, grad_inputs: list[torch.Tensor], max_reps: int = 50):
     for t in grad_inputs:
         t.grad = None
     fn()  # warm-up
     times = []
     start = time.perf_counter()
-    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < budget_s):
+    while len(times) < 3 or (len(times) < max_reps and time.perf_counter() - start < CPU_BUDGET_S):
         for t in grad_inputs:
             t.grad = None
         t0 = time.perf_counter()
@@ -232,7 +286,9 @@ def _runner(fn: Callable, case: Case, mode: str) -> Callable:
     return lambda: _first(fn(*case.inputs)).backward(grad)
 
 
-def _provider_fn(provider: str, case: Case, device: torch.device) -> tuple[Callable | None, str]:
+def _provider_fn(
+    provider: str, case: Case, device: torch.device, compile_backend: str = "inductor"
+) -> tuple[Callable | None, str]:
     from kernels._dispatch import use_triton
 
     if provider not in case.fns and provider != "compile":
@@ -240,18 +296,20 @@ def _provider_fn(provider: str, case: Case, device: torch.device) -> tuple[Calla
     if provider == "eager":
         return case.fns["eager"], ""
     if provider == "compile":
-        return torch.compile(case.fns["eager"]), ""
+        note = "" if compile_backend == "inductor" else f"torch.compile backend={compile_backend}"
+        return torch.compile(case.fns["eager"], backend=compile_backend), note
     if provider == "triton":
         probe = next(t for t in case.inputs if isinstance(t, torch.Tensor))
         if not use_triton(probe):
             return None, "skipped: Triton needs CUDA or TRITON_INTERPRET=1"
         return case.fns["triton"], ""
+    try:  # peers are optional: import first, so a missing one is named even on CPU
+        fn = case.fns[provider]()
+    except Exception as exc:
+        return None, f"skipped: {provider} unavailable ({type(exc).__name__}: {exc})".splitlines()[0][:200]
     if device.type != "cuda":
         return None, f"skipped: {provider} needs CUDA"
-    try:
-        return case.fns[provider](), case.notes.get(provider, "")
-    except Exception as exc:  # peers are optional
-        return None, f"skipped: {provider} unavailable ({type(exc).__name__}: {exc})"[:200]
+    return fn, case.notes.get(provider, "")
 
 
 # --------------------------------------------------------------------------- reporting
@@ -268,6 +326,10 @@ def _device_name(device: torch.device) -> str:
 
 
 def _git_sha() -> str:
+    """The checkout's short SHA; ``GIT_SHA`` from the environment where there is no .git
+    (a GPU machine gets a copy of the working tree)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
@@ -298,26 +360,41 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}"
 
 
-def bench(
-    kernels: list[str], modes: list[str], size: str, providers: list[str], dtype: torch.dtype
-) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+@dataclass
+class Options:
+    """What one benchmark run covers (the command line, parsed)."""
+
+    kernels: list[str]
+    modes: list[str]
+    size: str
+    providers: list[str]
+    dtype: torch.dtype
+    device: torch.device
+    compile_backend: str = "inductor"
+    out: Path | None = None  # rows are appended here kernel by kernel, so a killed run keeps them
+    peaks: tuple[float, float] | None = None  # (HBM GB/s, TFLOP/s) instead of PEAKS' entry
+
+
+def bench(opts: Options) -> list[dict]:
+    device = opts.device
     env = _env(device)
-    peaks = next((v for k, v in PEAKS.items() if k in env["device"]), None) if device.type == "cuda" else None
+    peaks = opts.peaks or _peaks(env["device"], device)
     rows = []
-    for kernel in kernels:
+    for kernel in opts.kernels:
         torch.manual_seed(0)
-        case = make_case(kernel, SIZES[size], dtype, device)
-        for provider in providers:
+        case = make_case(kernel, SIZES[opts.size], opts.dtype, device)
+        kernel_rows = []
+        for provider in opts.providers:
             try:
-                fn, note = _provider_fn(provider, case, device)
+                fn, note = _provider_fn(provider, case, device, opts.compile_backend)
             except Exception as exc:
-                fn, note = None, f"skipped: {type(exc).__name__}: {exc}"[:200]
+                fn, note = None, f"skipped: {type(exc).__name__}: {exc}".splitlines()[0][:200]
             if fn is None and not note:
                 continue  # no such peer for this kernel
-            for mode in modes:
+            for mode in opts.modes:
                 row = dict(env, kernel=kernel, provider=provider, mode=mode, shape=case.shape)
-                row.update(dtype=str(dtype).replace("torch.", ""), note=note)
+                row.update(dtype=str(opts.dtype).replace("torch.", ""), note=note)
+                _add_counts(row, case, mode, peaks)
                 if mode != "fwd" and not case.differentiable:
                     row["note"] = "skipped: not differentiable"
                 elif fn is not None:
@@ -329,25 +406,50 @@ def bench(
                         row.update(
                             ms_p50=_fmt(p50), ms_p20=_fmt(p20), ms_p80=_fmt(p80), peak_mem_mb=_fmt(peak)
                         )
-                        _add_rates(row, case, mode, p50, peaks, device, size)
-                rows.append(row)
+                        _add_rates(row, case, mode, p50, peaks, device, opts.size)
+                kernel_rows.append(row)
                 print(
-                    f"  {kernel:22s} {provider:10s} {mode:4s} {row.get('ms_p50', '-'):>10s} ms  {row['note']}"
+                    f"  {kernel:22s} {provider:10s} {mode:4s} {row.get('ms_p50', '-'):>10s} ms"
+                    f" {row.get('pct_roofline', '') or '-':>6s}% roofline  {row['note']}",
+                    flush=True,
                 )
+        del case
+        if opts.out is not None:
+            write_csv(kernel_rows, opts.out)
+        rows += kernel_rows
     return rows
 
 
+def _peaks(device_name: str, device: torch.device) -> tuple[float, float] | None:
+    if device.type != "cuda":
+        return None
+    return next((v for k, v in PEAKS.items() if k in device_name), None)
+
+
+def _add_counts(row: dict, case: Case, mode: str, peaks) -> None:
+    """The cost model's bytes and FLOPs for ``mode`` and, with known peaks, the roofline time."""
+    nbytes, flops = case.bytes.get(mode), case.flops.get(mode)
+    row["gb"] = _fmt(None if nbytes is None else nbytes / 1e9)
+    row["gflop"] = _fmt(None if flops is None else flops / 1e9)
+    terms = {}
+    if nbytes is not None:
+        terms["hbm"] = nbytes / (peaks[0] * 1e9) if peaks else None
+    if flops is not None:
+        terms["flop"] = flops / (peaks[1] * 1e12) if peaks else None
+    if peaks and terms:
+        bound = max(terms, key=terms.get)
+        row["bound"], row["roofline_ms"] = bound, _fmt(terms[bound] * 1e3)
+    elif len(terms) == 1:
+        row["bound"] = next(iter(terms))
+
+
 def _add_rates(row: dict, case: Case, mode: str, ms: float, peaks, device: torch.device, size: str) -> None:
-    rate = None
     if mode in case.bytes:
-        gbps = case.bytes[mode] / (ms * 1e-3) / 1e9
-        row["gbps"] = _fmt(gbps)
-        rate = gbps / peaks[0] if peaks else None
+        row["gbps"] = _fmt(case.bytes[mode] / (ms * 1e-3) / 1e9)
     if mode in case.flops:
-        tflops = case.flops[mode] / (ms * 1e-3) / 1e12
-        row["tflops"] = _fmt(tflops)
-        rate = tflops / peaks[1] if peaks else None
-    row["pct_peak"] = _fmt(None if rate is None else 100 * rate, 3)
+        row["tflops"] = _fmt(case.flops[mode] / (ms * 1e-3) / 1e12)
+    if row.get("roofline_ms"):
+        row["pct_roofline"] = _fmt(100 * float(row["roofline_ms"]) / ms, 3)
     target = TARGETS.get((row["kernel"], mode))
     if target and device.type == "cuda" and size == "default" and row["provider"] == "triton":
         kind, bound = target
@@ -358,6 +460,110 @@ def _add_rates(row: dict, case: Case, mode: str, ms: float, peaks, device: torch
             row["target"], row["target_met"] = f">={bound}TFLOP/s", str(tflops >= bound)
 
 
+# --------------------------------------------------------------------------- memory
+def _rss_bytes(field: str) -> int:
+    """``VmRSS`` or ``VmHWM`` of this process from /proc/self/status, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
+def linear_step_memory(n: int, vocab: int, width: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Peak memory growth of one ``linear_logprobs`` forward + backward with entropy.
+
+    Run in a process of its own on CPU (``measure_memory``): the peak resident set is a
+    per-process number. Inputs are filled in place, so building them leaves no freed
+    temporaries behind; a tiny warm-up step loads code and thread pools first."""
+    import resource
+
+    from kernels import linear_logprobs
+    from kernels._dispatch import use_triton
+
+    def step(hidden, weight, targets, grads):
+        logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
+        torch.autograd.backward([logp, entropy], list(grads))
+
+    def inputs(n, vocab, width):
+        hidden = torch.empty(n, width, dtype=dtype, device=device).normal_(0, width**-0.5)
+        weight = torch.empty(vocab, width, dtype=dtype, device=device).normal_(0, width**-0.5)
+        targets = torch.randint(0, vocab, (n,), device=device)
+        grads = torch.randn(2, n, device=device)
+        return hidden.requires_grad_(), weight.requires_grad_(), targets, grads
+
+    torch.manual_seed(0)
+    step(*inputs(8, 64, 8))
+    hidden, weight, targets, grads = inputs(n, vocab, width)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(hidden, weight, targets, grads)
+        torch.cuda.synchronize()
+        peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
+    else:
+        base = _rss_bytes("VmRSS")
+        try:  # "5" resets the peak resident set (VmHWM) to the current one (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+            method = "peak RSS (VmHWM)"
+        except OSError:
+            method = "ru_maxrss (peak since process start)"
+        step(hidden, weight, targets, grads)
+        if method.startswith("peak RSS"):
+            peak = _rss_bytes("VmHWM")
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    e = hidden.element_size()
+    return {
+        "growth": max(0, peak - base),
+        "logits": n * vocab * e,
+        "grads": (n + vocab) * width * e,
+        "path": "triton" if use_triton(hidden) else "eager",
+        "method": method,
+    }
+
+
+def measure_memory(
+    n: int, vocab: int, width: int, dtype: torch.dtype, device: torch.device, env: dict
+) -> dict:
+    """One CSV row (mode ``memory``) from ``linear_step_memory``; on CPU in a fresh subprocess."""
+    dtype_name = str(dtype).replace("torch.", "")
+    if device.type == "cuda":
+        res = linear_step_memory(n, vocab, width, dtype, device)
+    else:
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--memory-child",
+            f"{n},{vocab},{width},{dtype_name}",
+        ]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
+        res = json.loads(proc.stdout.strip().splitlines()[-1])
+    from kernels.linear_logprobs import CHUNK_BYTES
+
+    mb = 2**20
+    row = dict(env, kernel="linear_logprobs", provider=res["path"], mode="memory", dtype=dtype_name)
+    row.update(
+        shape=f"N={n},V={vocab},H={width}",
+        peak_mem_mb=_fmt(res["growth"] / mb),
+        logits_mb=_fmt(res["logits"] / mb),
+        mem_vs_logits=_fmt(res["growth"] / res["logits"], 3),
+        note=(
+            f"{res['method']} growth over fwd+bwd with entropy; includes grad_hidden+grad_weight "
+            f"{res['grads'] / mb:.0f} MB; CHUNK_BYTES {CHUNK_BYTES / mb:.0f} MB"
+        ),
+    )
+    print(
+        f"  linear_logprobs memory ({row['shape']}, {dtype_name}, {res['path']} path): peak growth "
+        f"{row['peak_mem_mb']} MB = {row['mem_vs_logits']} x the full logits ({row['logits_mb']} MB)",
+        flush=True,
+    )
+    return row
+
+
 def write_csv(rows: list[dict], path: Path) -> None:
     from benchmarks._common import append_rows
 
@@ -365,8 +571,8 @@ def write_csv(rows: list[dict], path: Path) -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    cols = ["kernel", "provider", "mode", "shape", "ms_p50", "ms_p20", "ms_p80", "gbps", "tflops", "pct_peak"]
-    cols += ["peak_mem_mb", "target_met", "note"]
+    cols = ["kernel", "provider", "mode", "shape", "ms_p50", "ms_p20", "ms_p80", "gbps", "tflops", "bound"]
+    cols += ["pct_roofline", "peak_mem_mb", "mem_vs_logits", "target_met", "note"]
     widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols}
     widths["note"] = min(widths["note"], 60)
     print("  ".join(c.ljust(widths[c]) for c in cols))
@@ -374,18 +580,56 @@ def print_table(rows: list[dict]) -> None:
         print("  ".join(str(r.get(c, ""))[: widths[c]].ljust(widths[c]) for c in cols))
 
 
+def _shape3(text: str) -> tuple[int, int, int]:
+    parts = [int(v) for v in text.split(",")]
+    if len(parts) != 3 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected N,V,H (three positive integers), got {text!r}")
+    return parts[0], parts[1], parts[2]
+
+
+def _peaks_arg(text: str) -> tuple[float, float]:
+    parts = [float(v) for v in text.split(",")]
+    if len(parts) != 2 or min(parts) <= 0:
+        raise argparse.ArgumentTypeError(f"expected GBPS,TFLOPS (two positive numbers), got {text!r}")
+    return parts[0], parts[1]
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kernels", default=",".join(KERNELS), help=f"comma list from {KERNELS}")
+    parser.add_argument(
+        "--kernels", default=",".join(KERNELS), help=f"comma list from {KERNELS} ('' for none)"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help="comma list of fwd,bwd,full")
     parser.add_argument("--size", default="default", choices=sorted(SIZES))
     parser.add_argument("--providers", default=",".join(PROVIDERS), help=f"comma list from {PROVIDERS}")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--device", default="auto", choices=["auto", "cpu", "cuda"], help="auto: CUDA if present"
+    )
+    parser.add_argument(
+        "--compile-backend", default="inductor", help="torch.compile backend of the compile provider"
+    )
+    parser.add_argument("--memory", action="store_true", help="add the linear_logprobs peak-memory row")
+    parser.add_argument("--memory-shape", type=_shape3, help="N,V,H of the memory row (default: the size's)")
+    parser.add_argument(
+        "--peaks", type=_peaks_arg, help="GBPS,TFLOPS roofline peaks for a device PEAKS lacks (or a dry run)"
+    )
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)  # N,V,H,dtype: measure, print JSON
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "kernels.csv"))
     parser.add_argument("--cpu-threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    parser.add_argument("--cpu-budget-s", type=float, default=0.5, help="timing budget per CPU row")
     args = parser.parse_args(argv)
+    global CPU_BUDGET_S
+    CPU_BUDGET_S = args.cpu_budget_s
     if args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
+    if args.memory_child:
+        n, vocab, width, dtype_name = args.memory_child.split(",")
+        res = linear_step_memory(
+            int(n), int(vocab), int(width), getattr(torch, dtype_name), torch.device("cpu")
+        )
+        print(json.dumps(res))
+        return []
     split = {
         name: [v for v in getattr(args, name).split(",") if v] for name in ("kernels", "modes", "providers")
     }
@@ -393,12 +637,34 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bad = sorted(set(split[name]) - set(allowed))
         if bad:
             parser.error(f"unknown {name} {bad}; choose from {allowed}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    device = torch.device(
+        "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     if os.environ.get("TRITON_INTERPRET") == "1" and args.size == "default":
         print("note: TRITON_INTERPRET=1 with --size default will be very slow", file=sys.stderr)
-    rows = bench(split["kernels"], split["modes"], args.size, split["providers"], getattr(torch, args.dtype))
-    write_csv(rows, Path(args.out))
-    print_table(rows)
-    print(f"appended {len(rows)} rows to {args.out}")
+    dtype, out = getattr(torch, args.dtype), Path(args.out)
+    opts = Options(split["kernels"], split["modes"], args.size, split["providers"], dtype, device)
+    opts.compile_backend, opts.out, opts.peaks = args.compile_backend, out, args.peaks
+    rows = bench(opts)
+    if args.memory:
+        size = SIZES[args.size]
+        n, vocab, width = args.memory_shape or (size["N"], size["V"], size["H"])
+        try:
+            mem_rows = [measure_memory(n, vocab, width, dtype, device, _env(device))]
+        except Exception as exc:  # one failed measurement must not lose the timing rows
+            row = dict(
+                _env(device), kernel="linear_logprobs", mode="memory", shape=f"N={n},V={vocab},H={width}"
+            )
+            row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
+            mem_rows = [row]
+            print(f"  linear_logprobs memory {row['note']}", flush=True)
+        write_csv(mem_rows, out)
+        rows += mem_rows
+    if rows:
+        print_table(rows)
+    print(f"appended {len(rows)} rows to {out}")
     return rows
 
 

@@ -21,6 +21,32 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
 EAGER_SLACK = 1.5
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Every kernel test runs once per device here (tests/kernels/conftest.py parametrizes them).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def triton_runs(device: str | torch.device | None = None) -> bool:
+    """Whether kernels on ``device`` (default: torch's default device, which the kernel
+    tests set per parametrized device) run Triton: CUDA, or CPU under TRITON_INTERPRET=1."""
+    device = torch.get_default_device() if device is None else torch.device(device)
+    return device.type == "cuda" or INTERPRET
+
+
+def check_launched(
+    before: dict[str, int], names: tuple[str, ...], device=None, count: int | None = None
+) -> None:
+    """Assert each Triton kernel in ``names`` ran since ``before`` (a copy of LAUNCHES) where
+    Triton runs on ``device`` (``count`` times, if given), and never ran elsewhere."""
+    from kernels._dispatch import LAUNCHES
+
+    for name in names:
+        ran = LAUNCHES[name] - before.get(name, 0)
+        if not triton_runs(device):
+            assert ran == 0, f"{name} launched on the CPU reference path"
+        elif count is None:
+            assert ran > 0, f"Triton kernel {name} did not run"
+        else:
+            assert ran == count, f"Triton kernel {name} ran {ran} times, expected {count}"
 
 
 def max_err(out: torch.Tensor, ref64: torch.Tensor) -> float:

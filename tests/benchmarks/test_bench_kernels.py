@@ -47,6 +47,28 @@ def test_bench_tiny_writes_rows(tmp_path: Path) -> None:
             assert row["target_met"] == ""  # targets are only judged on GPU
 
 
+def test_linear_logprobs_cost_counts_the_vocabulary_split_scheme() -> None:
+    """At the README's shape the roofline counts 2NVH / 6NVH / 8NVH FLOPs (the backward
+    recomputes the logits), the step is FLOP-bound on an H200, and the backward moves the
+    logits five times, the weight three times and the hidden states and the fp32 accumulator
+    once per vocabulary block: about 44 GB, where the row-chunk scheme it replaced moved about
+    150 GB through its fp32 weight-gradient accumulator alone."""
+    bench = _load_bench()
+    N, V, H, e = 16384, 151936, 4096, 2
+    cost = bench.linear_logprobs_cost(N, V, H, e)
+    for mode, factor in (("fwd", 2), ("bwd", 6), ("full", 8)):
+        assert cost[mode][1] == factor * N * V * H
+    blocks = -(-V // 8192)  # vocab_block_cols(16384, 151936, 2) == 8192
+    logits, hid, wgt = N * V * e, N * H * e, V * H * e
+    want_bwd = 5 * logits + 3 * wgt + blocks * (2 * hid + 2 * N * H * 4 + N * 20) + N * H * (4 + e)
+    assert cost["bwd"][0] == want_bwd and 40e9 < want_bwd < 50e9
+    assert cost["full"][0] == cost["fwd"][0] + cost["bwd"][0]
+    hbm_gbps, tflops = bench.PEAKS["H200"]
+    for mode in ("fwd", "bwd", "full"):
+        nbytes, flops = cost[mode]
+        assert flops / (tflops * 1e12) > nbytes / (hbm_gbps * 1e9), mode  # FLOP-bound
+
+
 def test_gae_reference_speed(benchmark) -> None:
     rewards, values = torch.randn(8, 256), torch.randn(8, 256)
     mask = torch.ones(8, 256, dtype=torch.bool)

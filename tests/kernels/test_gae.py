@@ -7,7 +7,7 @@ import torch
 
 from kernels import gae, gae_reference
 from kernels._dispatch import LAUNCHES
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched
 
 
 def _gae64(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
@@ -49,13 +49,6 @@ def _mask(shape: tuple[int, ...]) -> torch.Tensor:
     return m
 
 
-def _check_launched(before: dict[str, int]) -> None:
-    if INTERPRET:
-        assert LAUNCHES["gae"] == before.get("gae", 0) + 1, "Triton GAE kernel did not run exactly once"
-    else:
-        assert LAUNCHES["gae"] == before.get("gae", 0), "gae launched without TRITON_INTERPRET"
-
-
 @pytest.mark.parametrize("gamma,lam", [(1.0, 0.95), (0.9, 0.8), (0.99, 1.0), (1.0, 0.0)])
 @pytest.mark.parametrize("shape", [(50,), (4, 37), (2, 3, 29)])
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -65,7 +58,7 @@ def test_gae_matches_fp64(shape, dtype, gamma, lam) -> None:
     mask = _mask(shape)
     before = dict(LAUNCHES)
     adv, ret = gae(rewards, values, mask, gamma=gamma, lam=lam)
-    _check_launched(before)
+    check_launched(before, ("gae",), count=1)
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == shape
     want_adv, want_ret = _gae64(rewards, values, mask, gamma, lam)
     assert_close_fp64(adv, want_adv, dtype, name="advantages")
@@ -96,8 +89,22 @@ def test_gae_long_rows() -> None:
     mask[1] &= torch.rand(T) > 0.1
     before = dict(LAUNCHES)
     adv, ret = gae(rewards, values, mask, gamma=0.999, lam=0.95)
-    _check_launched(before)
+    check_launched(before, ("gae",), count=1)
     want_adv, want_ret = _gae64(rewards, values, mask, 0.999, 0.95)
+    assert_close_fp64(adv, want_adv, torch.float32, name="advantages")
+    assert_close_fp64(ret, want_ret, torch.float32, name="returns")
+
+
+def test_gae_strided_inputs_and_mask() -> None:
+    """Every other token of wider tensors, and a transposed mask: strided views give the fp64 result."""
+    rewards = torch.randn(3, 2 * 37)[:, ::2]
+    values = torch.randn(37, 3).t()
+    mask = _mask((37, 3)).t()
+    assert not (rewards.is_contiguous() or values.is_contiguous() or mask.is_contiguous())
+    before = dict(LAUNCHES)
+    adv, ret = gae(rewards, values, mask, gamma=0.97, lam=0.9)
+    check_launched(before, ("gae",), count=1)
+    want_adv, want_ret = _gae64(rewards, values, mask, 0.97, 0.9)
     assert_close_fp64(adv, want_adv, torch.float32, name="advantages")
     assert_close_fp64(ret, want_ret, torch.float32, name="returns")
 

@@ -7,7 +7,7 @@ import torch
 
 from kernels import kl_penalty
 from kernels._dispatch import LAUNCHES
-from tests.conftest import DTYPES, INTERPRET, TOLERANCES, assert_close_fp64
+from tests.conftest import DTYPES, TOLERANCES, assert_close_fp64, check_launched
 
 SHAPES = [(37,), (3, 41), (2, 3, 17)]
 
@@ -33,14 +33,6 @@ def _eager(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str):
     return out.detach().float(), lp.grad.float(), rf.grad.float()
 
 
-def _check_launched(before: dict[str, int], names: tuple[str, ...]) -> None:
-    for name in names:
-        if INTERPRET:
-            assert LAUNCHES[name] > before.get(name, 0), f"Triton kernel {name} did not run"
-        else:
-            assert LAUNCHES[name] == before.get(name, 0), f"{name} launched without TRITON_INTERPRET"
-
-
 @pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -50,11 +42,11 @@ def test_kl_penalty_matches_fp64(kind: str, shape: tuple[int, ...], dtype: torch
     a, b = logp.clone().requires_grad_(), ref.clone().requires_grad_()
     before = dict(LAUNCHES)
     out = kl_penalty(a, b, kind)
-    _check_launched(before, ("kl_fwd",))
+    check_launched(before, ("kl_fwd",))
     assert out.dtype == torch.float32 and out.shape == shape
     g = torch.randn(shape)
     out.backward(g)
-    _check_launched(before, ("kl_bwd",))
+    check_launched(before, ("kl_bwd",))
     want, want_da, want_db = _formula64(logp, ref, g, kind)
     eager = _eager(logp, ref, g, kind) if dtype != torch.float32 else (None, None, None)
     assert_close_fp64(out, want, dtype, eager=eager[0], name=f"{kind} forward")

@@ -13,7 +13,7 @@ import torch
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, linear_logprobs, linear_logprobs_reference, logprobs_from_logits_reference
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
 
 # The package re-exports the function under the module's own name, so fetch the module explicitly.
 linear_module = importlib.import_module("kernels.linear_logprobs")
@@ -32,20 +32,13 @@ def fp64_linear_logprobs(hidden, weight, targets, temperature):
     return h, w, logp, entropy
 
 
-def assert_dispatched(name: str, before: int) -> None:
-    if INTERPRET:
-        assert _dispatch.LAUNCHES[name] > before, f"Triton kernel {name} did not run"
-    else:
-        assert _dispatch.LAUNCHES[name] == before, f"plain CPU must use the reference, but {name} ran"
-
-
 def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entropy"), fn=linear_logprobs):
     dtype = hidden.dtype
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     before = _dispatch.LAUNCHES[FWD]
     logp, entropy = fn(h, w, targets, temperature, return_entropy=True)
     if fn is linear_logprobs:
-        assert_dispatched(FWD, before)
+        check_launched({FWD: before}, (FWD,))
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
     assert logp.shape == targets.shape
 
@@ -54,7 +47,7 @@ def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entr
     before = _dispatch.LAUNCHES[BWD]
     torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
     if fn is linear_logprobs:
-        assert_dispatched(BWD, before)
+        check_launched({BWD: before}, (BWD,))
     assert h.grad.dtype == dtype and w.grad.dtype == dtype
 
     h64, w64, logp64, entropy64 = fp64_linear_logprobs(hidden, weight, targets, temperature)
@@ -108,8 +101,10 @@ def test_single_output_backward(monkeypatch, grads):
 
 
 def test_reference_is_chunked_and_matches(monkeypatch):
-    """The public reference (CPU path, benchmark baseline) chunks too and matches fp64."""
-    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * 401 * 4)
+    """The public reference (CPU path, benchmark baseline) chunks too, runs the eager
+    reference on sub-blocks of each chunk (its temporaries stay within a chunk) and matches fp64."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 16 * 401 * 4)
+    monkeypatch.setattr(linear_module, "MIN_SUB_BLOCK_BYTES", 1)
     calls = []
     original = linear_module.logprobs_from_logits_reference
 
@@ -118,8 +113,8 @@ def test_reference_is_chunked_and_matches(monkeypatch):
         return original(logits, *args, **kwargs)
 
     monkeypatch.setattr(linear_module, "logprobs_from_logits_reference", spy)
-    run_and_check(*make_inputs((7,), 32, 401, torch.float32), temperature=1.3, fn=linear_logprobs_reference)
-    assert max(calls) == 2, "reference must never see more than one chunk of rows"
+    run_and_check(*make_inputs((37,), 32, 401, torch.float32), temperature=1.3, fn=linear_logprobs_reference)
+    assert max(calls) == 16 // linear_module.REFERENCE_SPLIT, calls
 
 
 def test_large_vocab(monkeypatch):
@@ -129,22 +124,99 @@ def test_large_vocab(monkeypatch):
     run_and_check(*make_inputs((3,), 16, vocab, torch.bfloat16), temperature=1.0)
 
 
-def test_chunk_rows_rule(monkeypatch):
+def test_chunk_rules(monkeypatch):
     monkeypatch.setattr(linear_module, "CHUNK_BYTES", 256 * 2**20)
     assert linear_module.chunk_rows(10_000, 151936, 2) == 832
     assert linear_module.chunk_rows(100, 151936, 2) == 100
     assert linear_module.chunk_rows(10_000, 10**9, 4) == 1
+    assert linear_module.vocab_block_cols(16384, 151936, 2) == 8192
+    assert linear_module.vocab_block_cols(1000, 151936, 2) == 134144
+    assert linear_module.vocab_block_cols(10, 32001, 4) == 32001
+    assert linear_module.vocab_block_cols(10**8, 151936, 2) == linear_module.MIN_BLOCK_COLS
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_strided_targets(monkeypatch, dtype):
+    """``ids[:, P:]`` with one response token: a [B, 1] view with row stride L, and ``ids[:, 0]``."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 2 * 401 * 4)
+    ids = torch.randint(0, 401, (5, 7))
+    hidden, weight, _ = make_inputs((5, 1), 32, 401, dtype)
+    run_and_check(hidden, weight, ids[:, 6:], temperature=0.7)
+    run_and_check(hidden[:, 0], weight, ids[:, 0])
 
 
 def test_out_of_range_targets():
     hidden, weight, _ = make_inputs((3,), 16, 50, torch.float32)
     targets = torch.tensor([3, 50, -1])
-    if not INTERPRET:
+    if not triton_runs():
         with pytest.raises(ValueError, match="targets"):
             linear_logprobs(hidden, weight, targets)
         return
     logp = linear_logprobs(hidden, weight, targets)
     assert torch.isfinite(logp[0]) and torch.isnan(logp[1:]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignore_index(monkeypatch, dtype):
+    """-100 targets: logp 0, entropy 0, no gradient, and a finite grad_weight (it used to be all NaN)."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 3 * 401 * 4)
+    hidden, weight, targets = make_inputs((2, 5), 32, 401, dtype)
+    targets[0, 3:] = -100  # right padding
+    targets[1, 0] = -100
+    ignored = targets == -100
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    logp, entropy = linear_logprobs(h, w, targets, 0.7, return_entropy=True)
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    g_logp, g_ent = torch.randn_like(logp), torch.randn_like(entropy)
+    torch.autograd.backward([logp, entropy], [g_logp, g_ent])
+    assert torch.isfinite(w.grad).all() and (h.grad[ignored] == 0).all()
+
+    keep = ~ignored
+    h64, w64, logp64, entropy64 = fp64_linear_logprobs(hidden[keep], weight, targets[keep], 0.7)
+    gh64, gw64 = torch.autograd.grad(
+        [logp64, entropy64], (h64, w64), [g_logp[keep].double(), g_ent[keep].double()]
+    )
+    eager = {}
+    if dtype != torch.float32:
+        he, we = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        outs = logprobs_from_logits_reference(he @ we.T, targets, 0.7, True)
+        torch.autograd.backward(list(outs), [g_logp, g_ent])
+        eager = {"logp": outs[0][keep].detach(), "h": he.grad[keep], "w": we.grad}
+    assert_close_fp64(logp[keep], logp64.detach(), dtype, eager=eager.get("logp"), name="logp")
+    assert_close_fp64(entropy[keep], entropy64.detach(), dtype, name="entropy")
+    assert_close_fp64(h.grad[keep], gh64, dtype, eager=eager.get("h"), name="grad_hidden")
+    assert_close_fp64(w.grad, gw64, dtype, eager=eager.get("w"), name="grad_weight")
+
+
+def test_ignore_index_custom_and_out_of_range():
+    """A custom ignore_index (a pad id inside [0, V)) is skipped; other bad targets keep their behaviour."""
+    hidden, weight, targets = make_inputs((4,), 16, 50, torch.float32)
+    targets[1] = 7
+    logp = linear_logprobs(hidden, weight, targets, ignore_index=7)
+    assert logp[1] == 0 and (logp[[0, 2, 3]] < 0).all()
+    bad = torch.tensor([3, -100, 50, 2])
+    if not triton_runs():
+        with pytest.raises(ValueError, match="ignore_index=-100"):
+            linear_logprobs(hidden, weight, bad)
+        return
+    logp = linear_logprobs(hidden, weight, bad)
+    assert logp[1] == 0 and torch.isnan(logp[2]) and torch.isfinite(logp[[0, 3]]).all()
+
+
+def test_logp_only_skips_entropy():
+    """return_entropy=False compiles the forward without the entropy accumulator and still matches."""
+    hidden, weight, targets = make_inputs((6,), 24, 401, torch.float32)
+    h = hidden.clone().requires_grad_()
+    before = _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY]
+    logp = linear_logprobs(h, weight, targets, 1.3)
+    assert isinstance(logp, torch.Tensor) and logp.shape == (6,)
+    assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before
+    g = torch.randn_like(logp)
+    logp.backward(g)
+    h64, _, logp64, _ = fp64_linear_logprobs(hidden, weight, targets, 1.3)
+    (gh64,) = torch.autograd.grad(logp64, h64, g.double())
+    assert_close_fp64(logp, logp64.detach(), torch.float32, name="logp")
+    assert_close_fp64(h.grad, gh64, torch.float32, name="grad_hidden")
 
 
 @pytest.mark.parametrize(
@@ -192,3 +264,11 @@ def test_out_of_range_targets():
 def test_bad_inputs(hidden, weight, targets, error, match):
     with pytest.raises(error, match=match):
         linear_logprobs(hidden, weight, targets)
+
+
+@pytest.mark.parametrize("ignore_index", [-100.0, True, None])
+def test_bad_ignore_index(ignore_index):
+    with pytest.raises(TypeError, match="ignore_index"):
+        linear_logprobs(
+            torch.randn(3, 8), torch.randn(10, 8), torch.zeros(3, dtype=torch.long), ignore_index=ignore_index
+        )

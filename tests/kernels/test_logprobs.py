@@ -1,7 +1,7 @@
 """logprobs_from_logits against float64 formulas written here, forward and backward.
 
-Under TRITON_INTERPRET=1 every call must launch the Triton kernels; on plain CPU
-the same tests run the reference path and must launch nothing.
+On CUDA, and on CPU under TRITON_INTERPRET=1, every call must launch the Triton
+kernels; on plain CPU the same tests run the reference path and must launch nothing.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 import kernels.logprobs as logprobs_module
 from kernels import _dispatch, logprobs_from_logits, logprobs_from_logits_reference
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
 
 FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
 
@@ -26,13 +26,6 @@ def fp64_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: floa
     return z, logp, entropy
 
 
-def assert_dispatched(name: str, before: int) -> None:
-    if INTERPRET:
-        assert _dispatch.LAUNCHES[name] > before, f"Triton kernel {name} did not run"
-    else:
-        assert _dispatch.LAUNCHES[name] == before, f"plain CPU must use the reference, but {name} ran"
-
-
 def run_and_check(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -45,7 +38,7 @@ def run_and_check(
     x = logits.clone().requires_grad_()
     before = _dispatch.LAUNCHES[FWD]
     logp, entropy = logprobs_from_logits(x, targets, temperature, return_entropy=True)
-    assert_dispatched(FWD, before)
+    check_launched({FWD: before}, (FWD,))
     assert logp.dtype == torch.float32 and entropy.dtype == torch.float32
     assert logp.shape == targets.shape and entropy.shape == targets.shape
 
@@ -53,7 +46,7 @@ def run_and_check(
     outs = {"logp": logp, "entropy": entropy}
     before = _dispatch.LAUNCHES[BWD]
     torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
-    assert_dispatched(BWD, before)
+    check_launched({BWD: before}, (BWD,))
     assert x.grad.dtype == dtype and x.grad.shape == logits.shape
 
     z64, logp64, entropy64 = fp64_logprobs(logits, targets, temperature)
@@ -163,6 +156,77 @@ def test_strided_views():
     run_and_check(transposed, torch.randint(0, 401, (4,)))
 
 
+def test_strided_targets():
+    """Targets that are strided views: ``ids[:, 0]`` and the one-token response ``ids[:, P:]``.
+
+    The kernels index targets as ``ptr + row``; a strided view read that way gives log-probs
+    off by several nats (issue 13), so every path must compact it first."""
+    ids = torch.randint(0, 401, (6, 9))
+    run_and_check(make_logits((6, 401), torch.float32), ids[:, 0], 0.7)
+    response = ids[:, 8:]  # [B, 1] with row stride 9
+    assert response.stride() == (9, 1)
+    run_and_check(make_logits((6, 1, 401), torch.bfloat16), response)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ignore_index(dtype):
+    """Targets equal to ignore_index: logp 0, entropy 0, zero gradient rows."""
+    logits = make_logits((3, 4, 401), dtype)
+    targets = torch.randint(0, 401, (3, 4))
+    targets[0, 2:] = -100
+    targets[2, 0] = -100
+    ignored = targets == -100
+    x = logits.clone().requires_grad_()
+    before = _dispatch.LAUNCHES[FWD]
+    logp, entropy = logprobs_from_logits(x, targets, 0.7, return_entropy=True)
+    check_launched({FWD: before}, (FWD,))
+    assert (logp[ignored] == 0).all() and (entropy[ignored] == 0).all()
+    g_logp, g_ent = torch.randn_like(logp), torch.randn_like(entropy)
+    torch.autograd.backward([logp, entropy], [g_logp, g_ent])
+    assert (x.grad[ignored] == 0).all()
+
+    keep = ~ignored
+    z64, logp64, entropy64 = fp64_logprobs(logits[keep], targets[keep], 0.7)
+    (grad64,) = torch.autograd.grad([logp64, entropy64], z64, [g_logp[keep].double(), g_ent[keep].double()])
+    eager = {}
+    if dtype != torch.float32:
+        xe = logits[keep].clone().requires_grad_()
+        outs = logprobs_from_logits_reference(xe, targets[keep], 0.7, True)
+        torch.autograd.backward(list(outs), [g_logp[keep], g_ent[keep]])
+        eager = {"logp": outs[0].detach(), "entropy": outs[1].detach(), "grad": xe.grad}
+    assert_close_fp64(logp[keep], logp64.detach(), dtype, eager=eager.get("logp"), name="logp")
+    assert_close_fp64(entropy[keep], entropy64.detach(), dtype, eager=eager.get("entropy"), name="entropy")
+    assert_close_fp64(x.grad[keep], grad64, dtype, eager=eager.get("grad"), name="grad_logits")
+
+
+def test_custom_ignore_index_inside_vocab():
+    logits = make_logits((4, 50), torch.float32)
+    targets = torch.tensor([7, 3, 7, 0])
+    logp = logprobs_from_logits(logits, targets, ignore_index=7)
+    _, logp64, _ = fp64_logprobs(logits, targets, 1.0)
+    assert (logp[[0, 2]] == 0).all()
+    assert_close_fp64(logp[[1, 3]], logp64[[1, 3]].detach(), torch.float32, name="logp")
+
+
+def test_logp_only_skips_entropy():
+    """return_entropy=False compiles the forward without the entropy accumulator."""
+    logits = make_logits((5, 1271), torch.bfloat16)
+    targets = torch.randint(0, 1271, (5,))
+    before = _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY]
+    run_and_check(logits, targets, grads=("logp",))  # with entropy
+    if triton_runs():
+        assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before + 1
+    x = logits.clone().requires_grad_()
+    logp = logprobs_from_logits(x, targets, 0.7)
+    assert _dispatch.LAUNCHES[logprobs_module.FWD_ENTROPY] == before + int(triton_runs())
+    g = torch.randn_like(logp)
+    logp.backward(g)
+    z64, logp64, _ = fp64_logprobs(logits, targets, 0.7)
+    (grad64,) = torch.autograd.grad(logp64, z64, g.double())
+    assert_close_fp64(logp, logp64.detach(), torch.bfloat16, name="logp")
+    assert_close_fp64(x.grad, grad64, torch.bfloat16, name="grad_logits")
+
+
 def test_empty_rows():
     logits = torch.randn(0, 7, requires_grad=True)
     logp, entropy = logprobs_from_logits(logits, torch.zeros(0, dtype=torch.long), return_entropy=True)
@@ -172,9 +236,9 @@ def test_empty_rows():
 
 
 def test_out_of_range_targets():
-    logits = make_logits((3, 50), torch.float32)
-    targets = torch.tensor([3, 50, -1])
-    if not INTERPRET:
+    logits = make_logits((4, 50), torch.float32)
+    targets = torch.tensor([3, 50, -1, -100])
+    if not triton_runs():
         with pytest.raises(ValueError, match="targets"):
             logprobs_from_logits(logits, targets)
         return
@@ -182,7 +246,7 @@ def test_out_of_range_targets():
     logp = logprobs_from_logits(logits, targets)
     _, logp64, _ = fp64_logprobs(logits[:1], targets[:1], 1.0)
     assert_close_fp64(logp[:1], logp64.detach(), torch.float32, name="logp")
-    assert torch.isnan(logp[1:]).all()
+    assert torch.isnan(logp[1:3]).all() and logp[3] == 0
 
 
 @pytest.mark.parametrize(
@@ -206,6 +270,13 @@ def test_out_of_range_targets():
             {"temperature": 0.0},
             ValueError,
             "temperature",
+        ),
+        (
+            torch.randn(3, 10),
+            torch.zeros(3, dtype=torch.long),
+            {"ignore_index": -1.5},
+            TypeError,
+            "ignore_index",
         ),
     ],
 )

@@ -7,7 +7,7 @@ import torch
 
 from kernels import ppo_policy_loss, ppo_policy_loss_reference, ppo_value_loss, ppo_value_loss_reference
 from kernels._dispatch import LAUNCHES
-from tests.conftest import DTYPES, INTERPRET, assert_close_fp64
+from tests.conftest import DTYPES, assert_close_fp64, check_launched
 
 SHAPES = [(29,), (4, 23), (2, 3, 19)]
 REDUCTIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
@@ -86,14 +86,6 @@ def _mask(shape: tuple[int, ...], kind: str = "bool") -> torch.Tensor:
     return m.float() if kind == "float" else m
 
 
-def _check_launched(before: dict[str, int], names: tuple[str, ...]) -> None:
-    for name in names:
-        if INTERPRET:
-            assert LAUNCHES[name] > before.get(name, 0), f"Triton kernel {name} did not run"
-        else:
-            assert LAUNCHES[name] == before.get(name, 0), f"{name} launched without TRITON_INTERPRET"
-
-
 def _check_stats(stats: dict[str, torch.Tensor], want: dict[str, float], count: float, dtype) -> None:
     for key, value in want.items():
         got = stats[key]
@@ -116,10 +108,10 @@ def test_policy_loss_matches_fp64(config, reduction, shape, dtype) -> None:
     x = logp.clone().requires_grad_()
     before = dict(LAUNCHES)
     loss, stats = ppo_policy_loss(x, old, adv, mask, reduction=reduction, **config)
-    _check_launched(before, ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize"))
+    check_launched(before, ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize"))
     scale = torch.randn(())
     (loss * scale).backward()
-    _check_launched(before, ("ppo_policy_loss_bwd",))
+    check_launched(before, ("ppo_policy_loss_bwd",))
 
     x64, loss64, stats64 = _policy64(logp, old, adv, mask.double(), reduction=reduction, **config)
     (loss64 * scale.double()).backward()
@@ -147,10 +139,10 @@ def test_value_loss_matches_fp64(clip, reduction, shape, dtype) -> None:
     x = values.clone().requires_grad_()
     before = dict(LAUNCHES)
     loss, stats = ppo_value_loss(x, old, returns, mask, clip=clip, reduction=reduction)
-    _check_launched(before, ("ppo_value_loss_fwd", "ppo_value_loss_finalize"))
+    check_launched(before, ("ppo_value_loss_fwd", "ppo_value_loss_finalize"))
     scale = torch.randn(())
     (loss * scale).backward()
-    _check_launched(before, ("ppo_value_loss_bwd",))
+    check_launched(before, ("ppo_value_loss_bwd",))
 
     x64, loss64, stats64 = _value64(values, old, returns, mask.double(), clip=clip, reduction=reduction)
     (loss64 * scale.double()).backward()
@@ -203,6 +195,38 @@ def test_int_mask_and_mixed_dtypes() -> None:
     loss, _ = ppo_policy_loss(logp, old, adv, mask)
     _, want, _ = _policy64(logp, old, adv, mask.double())
     assert_close_fp64(loss.reshape(1), want.detach().reshape(1), torch.bfloat16)
+
+
+@pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
+def test_strided_inputs_and_mask(layout) -> None:
+    """Strided views (every other token, a transpose, a broadcast mask) give the fp64 result."""
+    S, T = 4, 21
+    if layout == "sliced":
+        logp, old, adv = ((-2.0 * torch.rand(S, 2 * T))[:, ::2] for _ in range(3))
+        mask = (torch.rand(S, 2 * T) > 0.3)[:, ::2]
+    elif layout == "transposed":
+        logp, old, adv = ((-2.0 * torch.rand(T, S)).t() for _ in range(3))
+        mask = (torch.rand(T, S) > 0.3).t()
+    else:
+        logp, old, adv = ((-2.0 * torch.rand(S, T)) for _ in range(3))
+        mask = (torch.rand(1, T) > 0.3).expand(S, T)
+    assert not mask.is_contiguous()
+    for reduction in REDUCTIONS:
+        x = logp.clone().requires_grad_() if layout == "expanded" else logp.detach().requires_grad_()
+        loss, stats = ppo_policy_loss(x, old, adv, mask, clip_high=0.28, reduction=reduction)
+        loss.backward()
+        x64, loss64, stats64 = _policy64(logp, old, adv, mask.double(), clip_high=0.28, reduction=reduction)
+        loss64.backward()
+        assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), torch.float32, name="loss")
+        assert_close_fp64(x.grad, x64.grad, torch.float32, name="grad logp")
+        _check_stats(stats, stats64, float(mask.sum()), torch.float32)
+        values = logp.detach().requires_grad_()
+        vloss, _ = ppo_value_loss(values, old, adv, mask, reduction=reduction)
+        vloss.backward()
+        v64, vloss64, _ = _value64(logp, old, adv, mask.double(), reduction=reduction)
+        vloss64.backward()
+        assert_close_fp64(vloss.reshape(1), vloss64.detach().reshape(1), torch.float32, name="value loss")
+        assert_close_fp64(values.grad, v64.grad, torch.float32, name="grad values")
 
 
 def test_bad_inputs() -> None:
