@@ -1,4 +1,9 @@
-"""The PPO loop: generate, score, advantages, update, sync.
+"""The RL loop: generate, score, advantages, update, sync.
+
+``algo.advantage`` picks the estimator: ``gae`` (PPO with a critic) or a critic-free one over the
+group of ``ppo.samples_per_prompt`` samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++;
+``engine.rl.advantages``), which builds no critic at all. The KL to the reference goes into the
+reward or, fused into the policy-loss kernel, into the loss (``ppo.kl.placement``).
 
 ``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
 actor and critic, generates its share of the batch, and after every update receives the new
@@ -43,24 +48,6 @@ def _init_single_process() -> None:
 
     dist.ensure_single_process_env()
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
-
-
-def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D float tensor of varying length from every rank (for global reward stats)."""
-    if dist.world_size() == 1:
-        return x
-    import torch.distributed as tdist
-
-    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else x.device
-    n = torch.tensor([x.numel()], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
-    tdist.all_gather(sizes, n)
-    longest = int(max(int(s) for s in sizes))
-    buf = torch.zeros(longest, dtype=torch.float32, device=dev)
-    buf[: x.numel()] = x.to(dev, torch.float32)
-    out = [torch.zeros_like(buf) for _ in sizes]
-    tdist.all_gather(out, buf)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)]).to(x.device)
 
 
 def _device() -> torch.device:
@@ -146,27 +133,42 @@ class PPOTrainer:
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
-        from engine.rl.actor import ActorWorker
+        from engine.rl.actor import ActorWorker, PolicyLossSpec
         from engine.rl.critic import CriticWorker, ValueModel
         from engine.rl.scoring import build_scoring
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
-        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T, updates)
+        self.loss_agg, self.whiten, self.norm_rewards = cfg.resolved()
+        self.actor = ActorWorker(
+            actor_lm,
+            cfg.actor,
+            p,
+            p.micro_batch_size,
+            grad_accum,
+            dtype,
+            T,
+            updates,
+            PolicyLossSpec.from_config(cfg),
+        )
         self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
         if not (self.split and cfg.placement.scoring == "rollout"):
             self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
         self.invalid_rewards = 0
-        init = cfg.critic.init_from
-        if init == "policy":
-            value_model = ValueModel.from_policy(str(self.policy_dir))
-        elif init == "reward":
-            if cfg.reward.kind != "model":
-                raise ConfigError("critic.init_from=reward needs reward.kind=model")
-            value_model = ValueModel.from_reward_model(cfg.reward.model_path)
-        else:
-            value_model = ValueModel.from_reward_model(init)
-        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates)
+        self.critic = None  # critic-free estimators load no value model, optimizer or value pass
+        if cfg.algo.uses_critic:
+            init = cfg.critic.init_from
+            if init == "policy":
+                value_model = ValueModel.from_policy(str(self.policy_dir))
+            elif init == "reward":
+                if cfg.reward.kind != "model":
+                    raise ConfigError("critic.init_from=reward needs reward.kind=model")
+                value_model = ValueModel.from_reward_model(cfg.reward.model_path)
+            else:
+                value_model = ValueModel.from_reward_model(init)
+            self.critic = CriticWorker(
+                value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates
+            )
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.
@@ -183,6 +185,7 @@ class PPOTrainer:
         self.version = 0
         self.step_idx = 0
         self.requested = 0  # split: batches requested from the rollout ranks so far
+        self.extra_requests = 0  # split + dynamic sampling: top-up batches get ids -1, -2, ...
         self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         if self.rollout is not None and self.split:
@@ -224,18 +227,62 @@ class PPOTrainer:
         prompts = self.dataset.batch(self.sampler.next_batch())
         return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
 
-    def generate(self) -> tuple[RolloutBatch, list[dict[str, Any]]]:
-        """This rank's share of batch ``step_idx``, collated, and the rollout timeline events."""
+    def _sample(self, ids: list[list[int]], n: int, seed: int) -> list:
+        """Colocate: ``n`` samples of each prompt from this rank's engine, prompt-major."""
+        return [smp for g in self.rollout.generate(ids, n=n, seed=seed) for smp in g]
+
+    def _scored(self, samples: list) -> list:
+        """The samples with rewards set (those scored beside the rollout engine already are)."""
+        if any(smp.score is None for smp in samples):
+            self.reward.score_samples(samples, self.tokenizer)
+        return samples
+
+    def _filled(self, samples: list, groups: int, more) -> tuple[list, dict[str, float]]:
+        """Dynamic sampling (``engine.rl.dynamic_sampling``): keep informative groups of ``samples``
+        and call ``more()`` for another draw's samples while short, up to ``max_draws`` draws."""
+        from engine.rl.dynamic_sampling import GroupFilter
+
+        filt = GroupFilter(groups, self.cfg.ppo.samples_per_prompt)
+        filt.add(self._scored(samples))
+        while filt.draws < self.cfg.algo.dynamic_sampling.max_draws and self._still_short(filt.short):
+            filt.add(more(filt.short))
+        return filt.take()
+
+    def _more_local(self, short: bool) -> list:
+        """Colocate: the next prompt batch's samples, scored (drawn but not generated when not ``short``)."""
+        ids, seed = self._draw_batch()
+        return self._scored(self._sample(ids, self.cfg.ppo.samples_per_prompt, seed)) if short else []
+
+    def _more_remote(self, events: list[dict[str, Any]]) -> list:
+        """Split, trainer 0: one more prompt batch from the rollout ranks, now (negative batch ids)."""
+        self.extra_requests -= 1
+        ids, seed = self._draw_batch()
+        self.rollout.request(self.extra_requests, ids, self.cfg.ppo.samples_per_prompt, seed)
+        samples, more = self.rollout.collect(self.extra_requests)
+        events += more
+        return self._scored(samples)
+
+    def _still_short(self, short: bool) -> bool:
+        """Colocate: another draw while any rank is short (all ranks draw together); split: trainer 0's."""
+        return short if self.split else dist.all_reduce_max(float(short)) > 0
+
+    def generate(self) -> tuple[RolloutBatch, list[dict[str, Any]], dict[str, float]]:
+        """This rank's share of batch ``step_idx``, collated, the rollout timeline events, and the
+        dynamic-sampling counts (``algo.dynamic_sampling``; empty when it is off)."""
         n = self.cfg.ppo.samples_per_prompt
+        dynamic = self.cfg.algo.dynamic_sampling.enabled
+        ds: dict[str, float] = {}
         if not self.split:
-            ids, seed = self._draw_batch()
             t0 = time.time()
-            groups = self.rollout.generate(ids, n=n, seed=seed)
+            ids, seed = self._draw_batch()
+            samples = self._sample(ids, n, seed)
+            if dynamic:  # a full rank keeps drawing its share of each batch (the sampler stays in step)
+                samples, ds = self._filled(samples, self.samples_per_rank // n, self._more_local)
             events = [
                 {"role": "rollout0", "phase": "generate", "t0": t0, "t1": time.time(), "tag": self.step_idx}
             ]
             self.rollout.sleep()
-            return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id), events
+            return collate_samples(samples, self.tokenizer, self.pad_id), events, ds
         k, samples, events = self.step_idx, None, []
         if self.placement.is_coordinator:
             # Keep batches k .. k+s requested: the rollout ranks generate them while we train.
@@ -246,14 +293,20 @@ class PPOTrainer:
                 self.requested += 1
             samples, events = self.rollout.collect(k)
             del self.pending[k]
+            if dynamic:
+                samples, ds = self._filled(
+                    samples, self.cfg.ppo.rollout_batch_size, lambda _: self._more_remote(events)
+                )
         if self.world > 1:
-            samples = dist.broadcast_object(samples)
+            samples, ds = dist.broadcast_object((samples, ds))
             samples = samples[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
-        return collate_samples(samples, self.tokenizer, self.pad_id), events
+            if self.rank and ds:  # the counts are trainer 0's for the whole batch: count them once
+                ds = {key: v if key == "dynamic/draws_max" else 0.0 for key, v in ds.items()}
+        return collate_samples(samples, self.tokenizer, self.pad_id), events, ds
 
     @torch.no_grad()
     def make_experience(self, rb: RolloutBatch):
-        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats).
+        """Score a rollout: old/ref log-probs, values (GAE only), rewards, advantages. Returns (exp, stats).
 
         Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
         ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
@@ -261,6 +314,12 @@ class PPOTrainer:
         behaviour policy (the rollout engine's processed log-probs, which include temperature and
         top-k/top-p truncation, so those are corrected rather than ignored).
         """
+        from engine.rl.advantages import (
+            group_ids_for,
+            overlong_penalty,
+            sequence_advantages,
+            token_advantages,
+        )
         from engine.rl.experience import (
             Experience,
             compute_advantages,
@@ -269,7 +328,7 @@ class PPOTrainer:
             truncated_is_weights,
         )
 
-        p = self.cfg.ppo
+        p, algo = self.cfg.ppo, self.cfg.algo
         exp = Experience(
             rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
         )
@@ -277,11 +336,14 @@ class PPOTrainer:
         exp.old_logprobs, entropy = self.actor.logprobs(exp)
         if rb.ref_logprobs is not None:  # scored beside the rollout engine
             exp.ref_logprobs = rb.ref_logprobs.to(exp.old_logprobs)
-            raw, valid = rb.scores, rb.score_valid
         else:
             exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+        if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
+            raw, valid = rb.scores, rb.score_valid
+        else:
             raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
-        exp.values = self.critic.values(exp)
+        if self.critic is not None:
+            exp.values = self.critic.values(exp)
         raw = raw.float()
         self.invalid_rewards += int((~valid).sum())
         # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
@@ -289,18 +351,30 @@ class PPOTrainer:
         staleness = self.version - rb.versions
         fresh = staleness <= self.cfg.async_.max_staleness
         exp.action_mask = exp.action_mask & (valid & fresh).view(-1, 1)
-        scores = raw
-        if p.reward_norm:
-            gathered = _all_gather_cat(raw[valid])
-            self.reward_norm.update(gathered)
-            scores = self.reward_norm.normalize(raw)
+        lengths = rb.action_mask.sum(1)
+        penalty = overlong_penalty(
+            lengths, self.cfg.rollout.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty
+        )
+        scores = raw + penalty
+        if self.norm_rewards:
+            self.reward_norm.update(dist.all_gather_cat(scores[valid]))
+            scores = self.reward_norm.normalize(scores)
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
+        # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
+        kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
         exp.rewards, kl = compute_rewards(
-            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, self.kl_ctl.value, p.kl.kind
+            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
         )
-        exp.advantages, exp.returns = compute_advantages(
-            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages, across_ranks=True
-        )
+        if self.critic is not None:
+            exp.advantages, exp.returns = compute_advantages(
+                exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, self.whiten, across_ranks=True
+            )
+        else:  # group baselines over whole groups, wherever their samples are (across ranks)
+            groups = group_ids_for(self.rank * self.samples_per_rank, exp.batch_size, p.samples_per_prompt)
+            seq = sequence_advantages(algo.advantage, exp.scores, groups, valid & fresh, algo.std_eps, True)
+            exp.advantages, exp.rewards = token_advantages(
+                seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
+            )
         is_stats = {}
         if self.cfg.async_.tis_cap > 0:
             w, is_stats = truncated_is_weights(
@@ -315,10 +389,9 @@ class PPOTrainer:
             "kl/mean": float((kl * mf).sum(1).mean()),  # per-sequence KL, summed over tokens
             "kl/token_mean": float(masked_mean(kl, m)),
             "entropy/mean": float(masked_mean(entropy, m)),
-            "response_len/mean": float(rb.action_mask.float().sum(1).mean()),
-            "values/mean": float(masked_mean(exp.values, m)),
+            "response_len/mean": float(lengths.float().mean()),
             "advantages/mean": float(masked_mean(exp.advantages, m)),
-            "returns/mean": float(masked_mean(exp.returns, m)),
+            "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
             "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
             "rollout/invalid_rewards": float((~valid).sum()),
             "rollout/tokens": float(rb.attention_mask.sum()),
@@ -328,11 +401,17 @@ class PPOTrainer:
             "async/refused": float((~fresh).sum()),
             **is_stats,
         }
+        if algo.overlong.buffer:
+            stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
+        if self.critic is not None:
+            stats["values/mean"] = float(masked_mean(exp.values, m))
+            stats["returns/mean"] = float(masked_mean(exp.returns, m))
         return exp, stats
 
     def train(self, exp) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches; one actor and one critic step each."""
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each."""
         p = self.cfg.ppo
+        kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
         sums: dict[str, float] = {}
         n = 0
         for _ in range(p.ppo_epochs):
@@ -340,8 +419,8 @@ class PPOTrainer:
             for i in range(0, exp.batch_size, self.mini_per_rank):
                 mb = exp.select(perm[i : i + self.mini_per_rank])
                 micro = mb.split(p.micro_batch_size)
-                a = self.actor.train_minibatch(micro)
-                c = self.critic.train_minibatch(micro)
+                a = self.actor.train_minibatch(micro, kl_in_loss)
+                c = self.critic.train_minibatch(micro) if self.critic is not None else {}
                 for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
                     (f"critic/{k}", v) for k, v in c.items()
                 ]:
@@ -352,7 +431,7 @@ class PPOTrainer:
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
         t0 = time.time()
-        rb, events = self.generate()
+        rb, events, dynamic = self.generate()
         t1 = time.time()
         exp, stats = self.make_experience(rb)
         t2 = time.time()
@@ -381,7 +460,12 @@ class PPOTrainer:
         )
         self._write_timeline(events)
 
-        local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
+        local = {
+            **stats,
+            **dynamic,
+            **train_stats,
+            **{k: v for k, v in sync_stats.items() if k != "time/sync_s"},
+        }
         local.update(
             {
                 "time/rollout_s": (t1 - t0) + (t3b - t3),  # generating, or (split) waiting for it
@@ -392,10 +476,10 @@ class PPOTrainer:
                 "time/generate_s": generate_s if self.rank == 0 else 0.0,
             }
         )
-        # Sums (tokens, invalid rewards) add over ranks; everything else averages; times take the max.
-        sums = {
-            k: local.pop(k) for k in ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
-        }
+        # Sums (tokens, invalid rewards, group counts) add over ranks; everything else averages;
+        # times and maxima take the max.
+        summed = ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
+        sums = {k: local.pop(k) for k in list(local) if k in summed or k.endswith("_groups")}
         times = {k: local.pop(k) for k in list(local) if k.startswith("time/") or k.endswith("max")}
         m = dist.all_reduce_mean(local)
         m.update(dist.all_reduce_sum(sums))
@@ -405,7 +489,11 @@ class PPOTrainer:
         m.update(
             {
                 "loss/policy": m.get("actor/policy_loss", float("nan")),
-                "loss/value": m.get("critic/value_loss", float("nan")),
+                **(
+                    {"loss/value": m.get("critic/value_loss", float("nan"))}
+                    if self.critic is not None
+                    else {}
+                ),
                 "clipfrac": m.get("actor/clipfrac", float("nan")),
                 "kl_coef": self.kl_ctl.value,
                 "throughput/samples_per_s": samples / m["time/step_s"],
@@ -470,7 +558,7 @@ class PPOTrainer:
                     # K skipped updates in a row (actor or critic; the skip decision is agreed on every
                     # rank, so all ranks stop together): checkpoint, then an error naming the step.
                     stop_on_consecutive_skips(
-                        max(self.actor.train.consecutive_skips, self.critic.train.consecutive_skips),
+                        max(e.train.consecutive_skips for e in self._workers().values()),
                         self.cfg.max_consecutive_skips,
                         self.step_idx,
                         lambda saved=saved: saved or self.save_checkpoint(),
@@ -486,6 +574,9 @@ class PPOTrainer:
                 "rewards/invalid": round(invalid),
                 "world_size": self.world,
                 "policy_dir": str(self.policy_dir),
+                "algo/advantage": self.cfg.algo.advantage,
+                "algo/loss_agg": self.loss_agg,
+                "algo/critic": self.critic is not None,
             }
             self.logger.write_summary(summary)
             return summary
@@ -505,11 +596,8 @@ class PPOTrainer:
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.invalid_rewards,
-            "pending": dict(self.pending),
-            "counters": {
-                "actor": self.actor.train.counters(),
-                "critic": self.critic.train.counters(),
-            },  # split: requested batches (prompts, seed) not yet trained
+            "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
+            "counters": {k: w.train.counters() for k, w in self._workers().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -523,16 +611,20 @@ class PPOTrainer:
         if rollout_rng is not None and state.get("rollout_rng") is not None:
             rollout_rng.set_state(state["rollout_rng"])
         self.invalid_rewards = int(state.get("reward_invalid", 0))
-        if "counters" in state:
-            self.actor.train.load_counters(state["counters"]["actor"])
-            self.critic.train.load_counters(state["counters"]["critic"])
+        for name, worker in self._workers().items():
+            if name in state.get("counters", {}):
+                worker.train.load_counters(state["counters"][name])
         # split: batches requested before the checkpoint are requested again, with the same
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
         self.pending = dict(state.get("pending", {}))
         self.requested = self.step_idx
 
+    def _workers(self) -> dict[str, Any]:
+        """The trained roles: the actor, and the critic for GAE."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
     def _engines(self) -> dict[str, Any]:
-        return {"actor": self.actor.engine, "critic": self.critic.engine}
+        return {k: w.engine for k, w in self._workers().items()}
 
     def save_checkpoint(self) -> Path:
         """Checkpoint step ``step_idx`` (collective): engines, loop state, RNGs and the actor in HF format."""
