@@ -35,8 +35,9 @@ GRPO = REPO / "configs" / "grpo_tiny.yaml"
 STEPS, KILL_IN = 16, 4
 UPDATES_PER_STEP = 2  # 32 samples, mini-batches of 16
 COMPARED = ("reward/mean", "kl/mean", "loss/policy", "actor/kl_loss", "actor/grad_norm")
-# (seed, first, last) of run A's reward, 1 thread per process (filled in from measurements).
-COLOCATE_MEASURED: list[tuple[int, float, float]] = []
+# (seed, first, last) reward of 16 colocate steps of configs/grpo_tiny.yaml (2 threads, AMD EPYC,
+# loaded machine, SHA 3d74d46): every rise is at least 0.109, and last >= 8 x first.
+COLOCATE_MEASURED = [(0, 0.017, 0.162), (1, 0.015, 0.124), (2, 0.011, 0.142), (3, 0.016, 0.201), (4, 0.013, 0.162)]
 SPLIT_MEASURED: list[tuple[int, float, float]] = []
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
 
