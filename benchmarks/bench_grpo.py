@@ -47,6 +47,7 @@ if str(ROOT) not in sys.path:
 from benchmarks._common import append_rows  # noqa: E402
 from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
 from benchmarks.bench_ppo import _version, run_ppo, summarize  # noqa: E402
+from engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "system", "versions", "estimator", "prompts", "group_size",
@@ -211,7 +212,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if peer is not None:
             spec = {
                 "model_dir": str(work / "model"),
-                "prompts": __import__("engine.tasks", fromlist=["toy_prompts"]).toy_prompts(256, args.seed),
+                "prompts": toy_prompts(256, args.seed),  # what data.prompts=toy gives our run
                 "group_size": args.group_size,
                 "prompts_per_step": args.prompts,
                 "max_new_tokens": args.max_new_tokens,

@@ -126,3 +126,34 @@ def test_groups_split_across_two_ranks_use_the_whole_group(tmp_path) -> None:
     assert (
         local[:4] - sequence_advantages("grpo", SCORES_CLEAN, GROUPS, VALID, eps=EPS)[:4]
     ).abs().max() > 0.1
+
+
+# --------------------------------------------------------------------------- dynamic sampling
+def test_group_filter_keeps_informative_groups_and_pads_when_short() -> None:
+    from engine.rl.dynamic_sampling import GroupFilter
+    from engine.rl.rollout import Sample
+
+    def group(*scores, valid=True):
+        return [Sample([1], [5], [-1.0], "stop", 0, score=s, score_valid=valid) for s in scores]
+
+    filt = GroupFilter(groups_needed=3, n=2)
+    filt.add(group(1.0, 0.0) + group(0.0, 0.0) + group(0.5, 0.5))  # one informative, two flat
+    assert filt.short and filt.draws == 1 and len(filt.kept) == 1 and len(filt.dropped) == 2
+    filt.add([])  # a draw this rank did not need
+    filt.add(group(0.2, 0.3) + group(1.0, 1.0, valid=False))  # invalid rewards are not a signal
+    assert filt.draws == 3 and len(filt.kept) == 2 and len(filt.dropped) == 3
+    samples, stats = filt.take()
+    assert [s.score for s in samples] == [1.0, 0.0, 0.2, 0.3, 0.0, 0.0]  # kept first, then padding
+    assert stats == {
+        "dynamic/draws_max": 3.0,
+        "dynamic/kept_groups": 2.0,
+        "dynamic/dropped_groups": 3.0,
+        "dynamic/padded_groups": 1.0,
+    }
+    full = GroupFilter(groups_needed=1, n=2)
+    full.add(group(1.0, 0.0) + group(0.0, 1.0))
+    assert not full.short and len(full.take()[0]) == 2 and full.take()[1]["dynamic/padded_groups"] == 0
+    with pytest.raises(ValueError, match="whole groups of 2"):
+        full.add(group(1.0))
+    with pytest.raises(ValueError, match="n >= 2"):
+        GroupFilter(1, 1)
