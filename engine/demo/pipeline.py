@@ -27,7 +27,7 @@ from typing import Any
 
 COSINE = ("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1")
 
-# Stage overrides per size. "demo" is the README's main job (<= 15 min on 2 cores);
+# Stage overrides per size. "demo" is the README's main job (about 3 min on 2 cores);
 # "ci" is the same pipeline at a reduced size for the end-to-end test.
 SIZES: dict[str, dict[str, Any]] = {
     "demo": {
@@ -417,9 +417,10 @@ RM_SHARE = 0.6
 def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """The demo's success criteria as ``(name, passed, value)``; the report and the slow test use them.
 
-    Each threshold is a margin that holds across seeds 0-4 on Intel and AMD machines (README,
-    "The demo task"): what PPO must show is that it beats SFT by removing the filler the RM can
-    judge, without losing the digits the RM cannot judge.
+    What PPO must show is that it beats SFT by removing the filler the RM can judge, without losing
+    the digits the RM cannot judge. Every check passes with room at seeds 0-4 (measured on an AMD
+    EPYC; margins in README, "Making the demo hold on any CPU"), so a CPU whose float sums send
+    the run down another trajectory does not flip it. At ``--size ci`` they need not pass.
     """
     s = summary
 

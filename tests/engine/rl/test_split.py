@@ -29,7 +29,7 @@ from ppo_launch import REPO, TINY_CONFIG, PPORun, _free_port, launch, require  #
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
+STEPS = 16  # 12 left the reward rise within 1.4x of its threshold at some seeds (below)
 GAP_TOL = 1e-3
 COMMON = [
     f"total_steps={STEPS}",
@@ -95,6 +95,9 @@ def test_split_trains_reward_rises_and_parameters_change(mode, request):
     reward = run.series("reward/mean")
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
     print(f"{mode} reward: {[round(r, 3) for r in reward]}")
+    # Safe on any seed and CPU: one-step-off async (the noisier mode) at seeds 0-4 gave last/first
+    # 2.8-10.7 after 12 steps (AMD EPYC); at 16 steps its two weakest seeds give 6.3 and 7.2, with
+    # the last three steps 0.08-0.11 above the first three.
     assert last > first + 0.02 and last > 2 * first, f"reward did not rise: {first:.3f} -> {last:.3f}"
     assert run.summary["world_size"] == 1
 
