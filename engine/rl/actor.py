@@ -24,7 +24,7 @@ from torch import nn
 import kernels
 from engine import distributed as D
 from engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
-from engine.rl.experience import Experience, masked_mean
+from engine.rl.experience import Experience, masked_mean, truncated_is_weights
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -415,18 +415,33 @@ class ActorWorker:
         ent = torch.cat([o[1] for o in outs]).to(batch.sequences.device)
         return logp, ent
 
-    def train_minibatch(self, micro_batches: Sequence[Experience], kl_coef: float = 0.0) -> dict[str, float]:
+    def train_minibatch(
+        self,
+        micro_batches: Sequence[Experience],
+        kl_coef: float = 0.0,
+        keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        tis_cap: float = 0.0,
+    ) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps).
 
-        Each micro-batch needs ``old_logprobs`` and ``advantages`` (and ``ref_logprobs`` with a KL
-        term). Loss = clipped PPO policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
+        Each micro-batch needs ``advantages`` (and ``ref_logprobs`` with a KL term), and
+        ``old_logprobs`` unless ``keep`` is given: then this forward's own log-probs are the old
+        ones (ratio 1, as when the first update follows a scoring pass under the same weights)
+        and each micro-batch's ``(logp, entropy)``, detached, is appended to ``keep``; with
+        ``tis_cap`` > 0 the advantages are then scaled here by the truncated importance weights
+        ``min(pi_old / pi_rollout, tis_cap)`` (which the trainer applies itself when it scored the
+        old log-probs beforehand). Loss = clipped PPO policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
         is set; reduced as ``loss`` says over the mini-batch) - entropy_coef x mean entropy.
         Returns this rank's means of policy_loss (the kernel's loss, KL term included), entropy,
         clipfrac, approx_kl, loss (and kl_loss with a KL term), plus grad_norm, lr and skipped
         (0/1, agreed on all ranks).
         """
         spec = self.loss
-        need = ("old_logprobs", "advantages") + (("ref_logprobs",) if spec.kl_kind else ())
+        need = (
+            ("advantages",)
+            + (("old_logprobs",) if keep is None else ())
+            + (("ref_logprobs",) if spec.kl_kind else ())
+        )
         check_micro_batches(micro_batches, self.train.grad_accum, *need)
         a = self.algo
         self.engine.train()
@@ -435,11 +450,17 @@ class ActorWorker:
         for mb, w in zip(micro_batches, token_weights(micro_batches, per_seq)):
             mb = mb.to(self.device)
             logp, entropy = self.engine(mb.sequences, mb.attention_mask, mb.response_len, self.temperature)
+            if keep is not None:
+                keep.append((logp.detach(), entropy.detach()))
+            old = mb.old_logprobs if keep is None else logp.detach()
+            adv = mb.advantages
+            if keep is not None and tis_cap > 0:
+                adv = adv * truncated_is_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), tis_cap)[0]
             kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
-                mb.old_logprobs,
-                mb.advantages,
+                old,
+                adv,
                 mb.action_mask,
                 clip_low=a.clip_low,
                 clip_high=a.clip_high,

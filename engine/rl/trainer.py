@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
+import kernels
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
@@ -129,6 +130,19 @@ class PPOTrainer(GenerateMixin):
         )
         self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
         self.mini_per_rank = p.mini_batch_size // self.world
+        # The old log-probs are the first update's own when a step makes one update (one epoch, one
+        # mini-batch) and no reward reads them (no KL in the reward): then they come from that
+        # update's forward (ratio exactly 1, truncated IS weights applied there), not a scoring pass.
+        kl_in_reward = p.kl.placement == "reward" and (p.kl.coef != 0 or p.kl.adaptive)
+        self.old_from_update = (
+            p.ppo_epochs == 1 and self.mini_per_rank == self.samples_per_rank and not kl_in_reward
+        )
+        if self.rank == 0 and self.old_from_update:
+            print(
+                "[ppo] one update per step and no KL in the reward: the old log-probs come from "
+                "the update's own forward (no separate scoring pass)",
+                flush=True,
+            )
         grad_accum = self.mini_per_rank // p.micro_batch_size
         updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
         attn = cfg.model.attn_implementation
@@ -252,11 +266,13 @@ class PPOTrainer(GenerateMixin):
             rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
         )
         exp.policy_version = int(rb.versions.min())
-        exp.old_logprobs, entropy = self.actor.logprobs(exp)
+        entropy = None
+        if not self.old_from_update:  # else train() takes them from the update's forward
+            exp.old_logprobs, entropy = self.actor.logprobs(exp)
         if rb.ref_logprobs is not None:  # scored beside the rollout engine
-            exp.ref_logprobs = rb.ref_logprobs.to(exp.old_logprobs)
+            exp.ref_logprobs = rb.ref_logprobs.to(exp.sequences.device, torch.float32)
         else:
-            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
+            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
         if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
@@ -281,8 +297,10 @@ class PPOTrainer(GenerateMixin):
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
         # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
         kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
+        # Deferred old log-probs (old_from_update): the KL is 0 x kl in the reward, logged after train().
+        old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
         exp.rewards, kl = compute_rewards(
-            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
+            exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
         )
         if self.critic is not None:
             exp.advantages, exp.returns = compute_advantages(
@@ -295,23 +313,19 @@ class PPOTrainer(GenerateMixin):
                 seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
             )
         is_stats = {}
-        if self.cfg.async_.tis_cap > 0:
+        if self.cfg.async_.tis_cap > 0 and exp.old_logprobs is not None:  # else in the update
             w, is_stats = truncated_is_weights(
                 exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
             )
             exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
         m = exp.action_mask
-        mf = m.float()
         stats = {
             "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
             "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
-            "kl/mean": float((kl * mf).sum(1).mean()),  # per-sequence KL, summed over tokens
-            "kl/token_mean": float(masked_mean(kl, m)),
-            "entropy/mean": float(masked_mean(entropy, m)),
+            **(self.logprob_stats(exp, entropy) if entropy is not None else {}),
             "response_len/mean": float(lengths.float().mean()),
             "advantages/mean": float(masked_mean(exp.advantages, m)),
             "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
-            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
             "rollout/invalid_rewards": float((~valid).sum()),
             "rollout/tokens": float(rb.attention_mask.sum()),
             "rollout/response_tokens": float(rb.action_mask.sum()),
@@ -327,25 +341,62 @@ class PPOTrainer(GenerateMixin):
             stats["returns/mean"] = float(masked_mean(exp.returns, m))
         return exp, stats
 
+    def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
+        """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``."""
+        from engine.rl.experience import masked_mean
+
+        m = exp.action_mask
+        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
+        kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
+        return {
+            "kl/mean": float((kl * m.float()).sum(1).mean()),  # per-sequence KL, summed over tokens
+            "kl/token_mean": float(masked_mean(kl, m)),
+            "entropy/mean": float(masked_mean(entropy, m)),
+            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
+        }
+
     def train(self, exp) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each."""
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each.
+
+        With deferred old log-probs (``old_from_update``) the one update's forward supplies them:
+        they are written into ``exp`` and their stats (KL, entropy, log-prob gap) returned here.
+        """
         p = self.cfg.ppo
         kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
         sums: dict[str, float] = {}
         n = 0
+        deferred = exp.old_logprobs is None
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(exp.batch_size, generator=self._gen)
             for i in range(0, exp.batch_size, self.mini_per_rank):
                 mb = exp.select(perm[i : i + self.mini_per_rank])
                 micro = mb.split(p.micro_batch_size)
-                a = self.actor.train_minibatch(micro, kl_in_loss)
+                kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
+                tis = self.cfg.async_.tis_cap if deferred else 0.0
+                a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
+                if kept is not None:  # one mini-batch: perm covers the batch
+                    idx = perm[i : i + self.mini_per_rank]
+                    exp.old_logprobs = torch.empty_like(exp.ref_logprobs)
+                    entropy = torch.empty_like(exp.ref_logprobs)
+                    exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
+                    entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
                 c = self.critic.train_minibatch(micro) if self.critic is not None else {}
                 for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
                     (f"critic/{k}", v) for k, v in c.items()
                 ]:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        stats = {k: v / max(n, 1) for k, v in sums.items()}
+        if deferred:
+            stats.update(self.logprob_stats(exp, entropy))
+            if self.cfg.async_.tis_cap > 0:
+                from engine.rl.experience import truncated_is_weights
+
+                cap = self.cfg.async_.tis_cap
+                stats.update(
+                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, cap)[1]
+                )
+        return stats
 
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
@@ -496,6 +547,8 @@ class PPOTrainer(GenerateMixin):
                 "algo/advantage": self.cfg.algo.advantage,
                 "algo/loss_agg": self.loss_agg,
                 "algo/critic": self.critic is not None,
+                # Where the old log-probs came from: the update's own forward, or a scoring pass.
+                "algo/old_logprobs": "update" if self.old_from_update else "scoring",
             }
             self.logger.write_summary(summary)
             return summary
