@@ -129,7 +129,7 @@ def run_trl(py: Path, spec: dict, work: Path, timeout_s: float) -> dict:
     return json.loads(out_path.read_text())
 
 
-def ours(args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
+def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str) -> dict:
     n, prompts = args.group_size, args.prompts
     overrides = [
         f"model.path={model_dir}",
@@ -145,9 +145,10 @@ def ours(args: argparse.Namespace, model_dir: Path, work: Path) -> dict:
         f"ppo.kl.coef={args.beta}",
         f"actor.lr={args.lr}",
         "data.num_prompts=256",
+        f"rollout.backend={backend}",
         *args.overrides,
     ]
-    out = work / "ours"
+    out = work / f"ours_{backend}"
     run_ppo(ROOT / "configs" / "grpo_tiny.yaml", args.steps, 1, overrides, out, args.timeout)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     stats = summarize(out, args.warmup)
@@ -168,6 +169,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--estimator", default="grpo")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-version", default="1.16.0")
+    parser.add_argument(
+        "--backends", default="hf,vllm", help="our rollout backends to run, comma-separated (hf, vllm)"
+    )
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo.csv"))
@@ -194,21 +198,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
         work = Path(tmp)
         params = build_model(work / "model", args.seed)
         base["model_params"] = params
-        mine = ours(args, work / "model", work)
-        rows.append(
-            {
-                **base,
-                "system": "tritonrlhf",
-                "versions": f"torch {torch.__version__}, vllm {_version('vllm')}, deepspeed {_version('deepspeed')}",
-                "estimator": args.estimator,
-                "step_s_median": f"{mine['step_s_median']:.4g}",
-                "samples_per_s": f"{samples / mine['step_s_median']:.4g}",
-                **{k: f"{mine[k]:.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
-                "reward_first": f"{mine['rewards'][0]:.4g}",
-                "reward_last": f"{mine['rewards'][-1]:.4g}",
-                "note": "1 rank, colocate, vLLM in-process, ZeRO-2; " + " ".join(args.overrides),
-            }
-        )
+        for backend in args.backends.split(","):
+            mine = ours(args, work / "model", work, backend)
+            gen = "vLLM in-process" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
+            rows.append(
+                {
+                    **base,
+                    "system": f"tritonrlhf ({backend})",
+                    "versions": f"torch {torch.__version__}, vllm {_version('vllm')}, deepspeed {_version('deepspeed')}",
+                    "estimator": args.estimator,
+                    "step_s_median": f"{mine['step_s_median']:.4g}",
+                    "samples_per_s": f"{samples / mine['step_s_median']:.4g}",
+                    **{k: f"{mine[k]:.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
+                    "reward_first": f"{mine['rewards'][0]:.4g}",
+                    "reward_last": f"{mine['rewards'][-1]:.4g}",
+                    "note": f"1 rank, colocate, {gen}, ZeRO-2; " + " ".join(args.overrides),
+                }
+            )
         if peer is not None:
             spec = {
                 "model_dir": str(work / "model"),
@@ -245,12 +251,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(
             f"  {r['system']:16s} {r['samples_per_s']:>8s} samples/s  ({r['step_s_median']} s/step)  {r['versions']}"
         )
-    if len(rows) == 2:
-        print(f"  ours / TRL = {float(rows[0]['samples_per_s']) / float(rows[1]['samples_per_s']):.2f}x")
-    print(
-        f"  our step: generate {rows[0]['generate_s']} s, score {rows[0]['score_s']} s, "
-        f"train {rows[0]['train_s']} s, sync {rows[0]['sync_s']} s (means)\nappended to {args.out}"
-    )
+    trl = [r for r in rows if r["system"].startswith("trl")]
+    for r in rows:
+        if not r["system"].startswith("tritonrlhf"):
+            continue
+        if trl:
+            ratio = float(r["samples_per_s"]) / float(trl[0]["samples_per_s"])
+            print(f"  {r['system']} / TRL = {ratio:.2f}x")
+        print(
+            f"  {r['system']} step: generate {r['generate_s']} s, score {r['score_s']} s, "
+            f"train {r['train_s']} s, sync {r['sync_s']} s (means)"
+        )
+    print(f"appended to {args.out}")
     return rows
 
 
