@@ -8,7 +8,9 @@ Usage::
     python benchmarks/bench_kernels.py --kernels "" --memory --memory-shape 4096,151936,256 --dtype float32
 
 Providers: ``eager`` (our PyTorch reference), ``compile`` (torch.compile of it), ``triton``
-(our kernel; CUDA, or CPU under TRITON_INTERPRET=1), ``liger`` (Liger-Kernel cross-entropy
+(our kernel; CUDA, or CPU under TRITON_INTERPRET=1), ``triton_unfused`` (for
+``ppo_policy_loss_kl``: our ``ppo_policy_loss`` and ``kl_penalty`` kernels called one after the
+other, plus a masked mean, against the fused ``kl=KLLossTerm(...)`` call), ``liger`` (Liger-Kernel cross-entropy
 and fused linear cross-entropy) and ``flash_attn`` (flash-attn's Triton cross-entropy).
 Peers compute mean cross-entropy (= -mean log-prob) rather than per-token log-probs: the
 same memory traffic, close enough to compare bandwidth. A peer that is not importable, or
@@ -36,6 +38,8 @@ hidden, e = input element size; small per-row terms left out here, kept in the c
 - kl_penalty (k3): fwd reads 2Ne, writes 4N; bwd reads 4N + 2Ne, writes 2Ne.
 - ppo_policy_loss / ppo_value_loss: fwd reads 3Ne + N (bool mask); bwd reads the same and
   writes Ne (per-block partials are negligible).
+- ppo_policy_loss_kl (the loss with GRPO's fused k3 term): fwd reads 4Ne + N; bwd the same and
+  writes Ne. The unfused pair reads logp twice and writes and re-reads an N-sized fp32 KL.
 - gae: reads 2Ne + N (bool mask), writes 8N (advantages and returns, fp32); fwd only.
 
 ``--memory`` adds one row (mode ``memory``): the peak memory growth of one
@@ -79,11 +83,12 @@ KERNELS = [
     "linear_logprobs",
     "kl_penalty",
     "ppo_policy_loss",
+    "ppo_policy_loss_kl",
     "ppo_value_loss",
     "gae",
 ]
 MODES = ["fwd", "bwd", "full"]
-PROVIDERS = ["eager", "compile", "triton", "liger", "flash_attn"]
+PROVIDERS = ["eager", "compile", "triton", "triton_unfused", "liger", "flash_attn"]
 SIZES = {
     "default": dict(N=16384, V=151936, H=4096, tokens=4_194_304, seq=1024, gae=(512, 8192)),
     "small": dict(N=2048, V=32768, H=1024, tokens=262_144, seq=1024, gae=(64, 2048)),
@@ -235,7 +240,33 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
     if kernel == "ppo_value_loss":
         fns = {"eager": K.ppo_value_loss_reference, "triton": K.ppo_value_loss}
         return Case(f"S={shape[0]},T={T}", (x, old, y, mask), [x], fns, bytes=bytes_)
+    if kernel == "ppo_policy_loss_kl":
+        ref = (x.detach().float() + 0.3 * torch.randn(shape, device=device)).to(dtype)
+        kl = K.KLLossTerm(ref, 0.04, "k3")
+        fwd_b = n * (4 * e + 1)
+        fns = {
+            "eager": lambda *a: K.ppo_policy_loss_reference(*a[:4], kl=a[4]),
+            "triton": lambda *a: K.ppo_policy_loss(*a[:4], kl=a[4]),
+            "triton_unfused": _unfused_policy_kl,
+        }
+        return Case(
+            f"S={shape[0]},T={T},k3",
+            (x, old, y, mask, kl),
+            [x],
+            fns,
+            bytes={"fwd": fwd_b, "bwd": fwd_b + n * e, "full": 2 * fwd_b + n * e},
+        )
     raise ValueError(f"unknown kernel {kernel!r}; choose from {KERNELS}")
+
+
+def _unfused_policy_kl(logp, old, adv, mask, kl):
+    """The policy loss and the KL term as two separate kernels (what ``kl=`` fuses), token mean."""
+    import kernels as K
+
+    loss, _ = K.ppo_policy_loss(logp, old, adv, mask)
+    m = mask.float()
+    kl_mean = (K.kl_penalty(logp, kl.ref_logp, kl.kind) * m).sum() / m.sum().clamp_min(1)
+    return loss + kl.coef * kl_mean
 
 
 # --------------------------------------------------------------------------- timing
@@ -298,11 +329,11 @@ def _provider_fn(
     if provider == "compile":
         note = "" if compile_backend == "inductor" else f"torch.compile backend={compile_backend}"
         return torch.compile(case.fns["eager"], backend=compile_backend), note
-    if provider == "triton":
+    if provider in ("triton", "triton_unfused"):
         probe = next(t for t in case.inputs if isinstance(t, torch.Tensor))
         if not use_triton(probe):
             return None, "skipped: Triton needs CUDA or TRITON_INTERPRET=1"
-        return case.fns["triton"], ""
+        return case.fns[provider], ""
     try:  # peers are optional: import first, so a missing one is named even on CPU
         fn = case.fns[provider]()
     except Exception as exc:

@@ -26,8 +26,12 @@ from engine.config import ConfigError, PPOConfig, load_config
 def _ppo(config: str | None, overrides: list[str]) -> Any:
     cfg = load_config(PPOConfig, config, overrides)
     # The cheap checks first, in about a second: before torch.distributed and the heavy imports.
-    # The launcher's WORLD_SIZE is the world the trainer will see (it validates again there).
-    cfg.validate(int(os.environ.get("WORLD_SIZE") or 1))
+    # The launcher's WORLD_SIZE, less the rollout ranks in split placement, is the world the
+    # trainer will see (it validates again there).
+    world = int(os.environ.get("WORLD_SIZE") or 1)
+    if cfg.placement.mode == "split":
+        world = max(1, world - cfg.placement.rollout_ranks)
+    cfg.validate(world)
     # Checkpoint kinds (config.json only): a reward model given as the policy, or a causal LM as
     # the reward, fails here rather than after the policy has loaded. The loaders check again.
     from engine.models import require_checkpoint_kind

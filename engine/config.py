@@ -93,6 +93,9 @@ class KLConfig:
     adaptive: bool = False
     target: float = 6.0
     horizon: int = 10000
+    # reward: -coef * kl on every response token of the reward (PPO, REINFORCE++);
+    # loss: coef * kl against the reference added to the policy loss per token (GRPO's k3 term)
+    placement: str = "reward"
 
 
 @dataclass
@@ -129,9 +132,70 @@ class PPOAlgoConfig:
     entropy_coef: float = 0.0
     gamma: float = 1.0
     lam: float = 0.95
-    whiten_advantages: bool = True
-    reward_norm: bool = True
+    # null: the estimator's own choice (ESTIMATOR_DEFAULTS); true/false overrides it for any estimator
+    whiten_advantages: bool | None = None
+    reward_norm: bool | None = None  # running mean/std normalization of the raw scores
     kl: KLConfig = field(default_factory=KLConfig)
+
+
+# The advantage estimators (``algo.advantage``). Everything but gae builds no critic.
+ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")
+# Estimators whose baseline is the prompt's group of samples: they need ppo.samples_per_prompt >= 2.
+GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo", "reinforce_pp_baseline")
+LOSS_AGGS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
+# estimator -> (algo.loss_agg, ppo.whiten_advantages, ppo.reward_norm) where the config leaves them null:
+# what the estimator's paper (and TRL / OpenRLHF / verl) do.
+ESTIMATOR_DEFAULTS: dict[str, tuple[str, bool, bool]] = {
+    "gae": ("token_mean", True, True),
+    "grpo": ("seq_mean_token_mean", False, False),
+    "dr_grpo": ("seq_mean_token_sum_norm", False, False),
+    "rloo": ("token_mean", False, False),
+    "reinforce_pp": ("token_mean", True, False),
+    "reinforce_pp_baseline": ("token_mean", True, False),
+}
+
+
+@dataclass
+class DynamicSamplingConfig:
+    """DAPO's dynamic sampling: groups whose valid rewards are all equal carry no group-relative
+    signal; they are dropped and more prompts are drawn until the batch is full, at most
+    ``max_draws`` prompt batches per step (the first included). A batch still short after that is
+    filled with dropped groups (``dynamic/padded_groups`` counts them)."""
+
+    enabled: bool = False
+    max_draws: int = 4
+
+
+@dataclass
+class OverlongConfig:
+    """DAPO's soft overlong punishment, added to the score: 0 up to ``max_new_tokens - buffer``
+    response tokens, then falling linearly to ``-penalty`` at ``max_new_tokens``. ``buffer`` 0: off."""
+
+    buffer: int = 0
+    penalty: float = 1.0
+
+
+@dataclass
+class AlgoConfig:
+    """Which RL algorithm the PPO loop runs: the advantage estimator and how the loss is reduced.
+
+    ``advantage``: ``gae`` (PPO with a critic) or a critic-free estimator over the
+    ``ppo.samples_per_prompt`` samples of each prompt (``engine.rl.advantages``).
+    ``loss_agg``: ``token_mean`` (over the mini-batch's tokens), ``seq_mean_token_mean`` (mean of
+    each sequence's token mean), ``seq_mean_token_sum_norm`` (each sequence's token sum over
+    ``loss_agg_constant``, averaged over sequences: Dr. GRPO); null: the estimator's default.
+    """
+
+    advantage: str = "gae"
+    loss_agg: str | None = None
+    loss_agg_constant: int = 0  # seq_mean_token_sum_norm's constant; 0: rollout.max_new_tokens
+    std_eps: float = 1e-6  # grpo: (r - mean) / (std + std_eps)
+    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
+    overlong: OverlongConfig = field(default_factory=OverlongConfig)
+
+    @property
+    def uses_critic(self) -> bool:
+        return self.advantage == "gae"
 
 
 @dataclass
@@ -196,11 +260,22 @@ class PPOConfig(StageConfig):
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOAlgoConfig = field(default_factory=PPOAlgoConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     actor: OptimConfig = field(default_factory=OptimConfig)
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(lr=5e-5))
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)  # YAML key: async
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def resolved(self) -> tuple[str, bool, bool]:
+        """``(loss_agg, whiten_advantages, reward_norm)`` with nulls replaced by the estimator's defaults."""
+        agg, whiten, norm = ESTIMATOR_DEFAULTS[self.algo.advantage]
+        p = self.ppo
+        return (
+            self.algo.loss_agg or agg,
+            whiten if p.whiten_advantages is None else p.whiten_advantages,
+            norm if p.reward_norm is None else p.reward_norm,
+        )
 
     def validate(self, world_size: int = 1) -> None:
         """Range and consistency checks; raises ConfigError naming the key."""
@@ -211,6 +286,7 @@ class PPOConfig(StageConfig):
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_choice("placement.mode", self.placement.mode, ("colocate", "split"))
         check_choice("placement.scoring", self.placement.scoring, ("trainer", "rollout"))
+        self._validate_algo()
         if self.placement.scoring == "rollout" and self.placement.mode != "split":
             raise ConfigError("placement.scoring=rollout needs placement.mode=split")
         check_positive("placement.timeout_s", self.placement.timeout_s)
@@ -266,10 +342,43 @@ class PPOConfig(StageConfig):
         ):
             if path and not Path(path).exists():
                 raise ConfigError(f"{key}: path does not exist: {path}")
-        if self.critic.init_from not in ("policy", "reward") and not Path(self.critic.init_from).exists():
+        if (
+            self.algo.uses_critic
+            and self.critic.init_from not in ("policy", "reward")
+            and not Path(self.critic.init_from).exists()
+        ):
             raise ConfigError(f"critic.init_from: path does not exist: {self.critic.init_from}")
         if self.data.prompts != "toy" and not Path(self.data.prompts).exists():
             raise ConfigError(f"data.prompts: file does not exist: {self.data.prompts}")
+
+    def _validate_algo(self) -> None:
+        a, n = self.algo, self.ppo.samples_per_prompt
+        check_choice("algo.advantage", a.advantage, ESTIMATORS)
+        check_choice("ppo.kl.placement", self.ppo.kl.placement, ("reward", "loss"))
+        if a.loss_agg is not None:
+            check_choice("algo.loss_agg", a.loss_agg, LOSS_AGGS)
+        if a.advantage in GROUP_ESTIMATORS and n < 2:
+            raise ConfigError(
+                f"algo.advantage={a.advantage} needs groups: ppo.samples_per_prompt must be >= 2, got {n}"
+            )
+        if a.loss_agg_constant < 0:
+            raise ConfigError(
+                f"algo.loss_agg_constant must be >= 0 (0: rollout.max_new_tokens), got {a.loss_agg_constant}"
+            )
+        check_positive("algo.std_eps", a.std_eps)
+        if a.dynamic_sampling.enabled and n < 2:
+            raise ConfigError(f"algo.dynamic_sampling needs ppo.samples_per_prompt >= 2, got {n}")
+        if a.dynamic_sampling.max_draws < 1:
+            raise ConfigError(
+                f"algo.dynamic_sampling.max_draws must be >= 1, got {a.dynamic_sampling.max_draws}"
+            )
+        if not 0 <= a.overlong.buffer < self.rollout.max_new_tokens:
+            raise ConfigError(
+                f"algo.overlong.buffer must be in [0, rollout.max_new_tokens={self.rollout.max_new_tokens}), "
+                f"got {a.overlong.buffer}"
+            )
+        if a.overlong.penalty < 0:
+            raise ConfigError(f"algo.overlong.penalty must be >= 0, got {a.overlong.penalty}")
 
 
 def check_choice(key: str, value: Any, choices: tuple, allow_path: bool = False) -> None:

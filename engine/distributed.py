@@ -104,6 +104,25 @@ def all_reduce_max(value: float) -> float:
     return float(t.item())
 
 
+def all_gather_cat(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Every rank's 1-D ``x`` (lengths may differ) concatenated in rank order, as ``dtype``.
+
+    Two collectives (the lengths, then the padded values); a world of one returns ``x`` itself.
+    """
+    if world_size() == 1:
+        return x.to(dtype)
+    dev = _comm_device()
+    n = torch.tensor([x.numel()], device=dev)
+    sizes = [torch.zeros_like(n) for _ in range(world_size())]
+    dist.all_gather(sizes, n)
+    longest = int(max(int(s) for s in sizes))
+    buf = torch.zeros(longest, dtype=dtype, device=dev)
+    buf[: x.numel()] = x.to(dev, dtype)
+    out = [torch.zeros_like(buf) for _ in sizes]
+    dist.all_gather(out, buf)
+    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)]).to(x.device)
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (pickled; one collective on the default group)."""
     if world_size() == 1:

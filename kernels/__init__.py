@@ -10,6 +10,7 @@ from kernels.kl import kl_penalty, kl_penalty_reference
 from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
 from kernels.logprobs import logprobs_from_logits, logprobs_from_logits_reference
 from kernels.ppo_loss import (
+    KLLossTerm,
     ppo_policy_loss,
     ppo_policy_loss_reference,
     ppo_value_loss,
@@ -17,6 +18,7 @@ from kernels.ppo_loss import (
 )
 
 __all__ = [
+    "KLLossTerm",
     "gae",
     "gae_reference",
     "kl_penalty",

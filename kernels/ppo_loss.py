@@ -11,6 +11,10 @@ mask weights tokens). The scalar loss is one of three reductions:
 - ``seq_mean_token_sum``: sum of each sequence's masked token losses, then mean over the
   sequences that have at least one unmasked token (empty sequences excluded, as above).
 
+``ppo_policy_loss(..., kl=KLLossTerm(ref_logp, coef, kind))`` adds ``coef * kl_t`` per token
+(``kernels.kl``'s k1/k2/k3 estimate of KL(policy || reference), GRPO's loss term) before the
+reduction, inside the same kernels: the launch count is unchanged.
+
 Masked tokens never contribute, even when their inputs are inf/NaN padding. Statistics
 are masked means (0 when nothing is unmasked), returned as 0-d float32 tensors without a
 host sync.
@@ -23,15 +27,31 @@ and no memset, so results are bitwise reproducible.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
-from kernels.kl import _k3
+from kernels.kl import _KIND_ID, KINDS, _expm1, _k3, kl_penalty_reference
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
-_NSTAT = 8  # partial-sum columns: count, loss, clipped, stat_a, stat_b, dual, max, unused
+_NSTAT = 8  # partial-sum columns: count, loss, clipped, stat_a, stat_b, dual, max, kl
+
+
+@dataclass(frozen=True)
+class KLLossTerm:
+    """A KL penalty against a frozen reference, added to the policy loss per token.
+
+    ``ref_logp``: ``[..., T]`` reference log-probs, the shape of ``logp`` (not differentiated);
+    ``coef``: its weight (GRPO's beta); ``kind``: ``k1`` | ``k2`` | ``k3`` (``kernels.kl``; GRPO
+    uses k3, the low-variance unbiased estimator of KL(policy || reference)).
+    """
+
+    ref_logp: torch.Tensor
+    coef: float
+    kind: str = "k3"
 
 
 # --------------------------------------------------------------------------- reference
@@ -72,15 +92,17 @@ def ppo_policy_loss_reference(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     reduction: str = "token_mean",
+    kl: KLLossTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss, PyTorch reference (CPU path and benchmarks' baseline).
 
     Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and a dict of 0-d float32
     stats: ``clipfrac`` (clipped term strictly larger), ``approx_kl`` (masked mean of the k3
     estimator ``expm1(d) - d``, ``d = logp - old_logp``, i.e. KL(old || new)), ``ratio_mean``,
-    ``ratio_max`` (over unmasked tokens, 0 if none) and ``dual_clipfrac``.
-    Memory traffic: reads logp, old_logp, advantages and mask once (eager PyTorch adds
-    several N-sized fp32 temporaries); backward writes N gradients.
+    ``ratio_max`` (over unmasked tokens, 0 if none) and ``dual_clipfrac``; with ``kl`` the loss
+    gains ``kl.coef * kl_t`` per token and the stats ``kl_loss`` (masked mean of ``kl_t``).
+    Memory traffic: reads logp, old_logp, advantages and mask once (and ref_logp with ``kl``;
+    eager PyTorch adds several N-sized fp32 temporaries); backward writes N gradients.
     """
     clip_high = clip_low if clip_high is None else clip_high
     on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
@@ -97,6 +119,11 @@ def ppo_policy_loss_reference(
         loss = torch.where(dual, l3, loss)
     else:
         dual = torch.zeros_like(clipped)
+    if kl is not None:
+        kl_t = kl_penalty_reference(
+            torch.where(on, logp.float(), 0.0), torch.where(on, kl.ref_logp.float(), 0.0), kl.kind
+        )
+        loss = loss + float(kl.coef) * kl_t
     out = _masked_reduce(loss, mask, reduction)
     with torch.no_grad():
         d, ratio = d.detach(), ratio.detach()
@@ -107,6 +134,8 @@ def ppo_policy_loss_reference(
             "ratio_max": _masked_max(ratio, mask),
             "dual_clipfrac": _masked_mean(dual.float(), mask),
         }
+        if kl is not None:
+            stats["kl_loss"] = _masked_mean(kl_t.detach(), mask)
     return out, stats
 
 
@@ -197,11 +226,27 @@ def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constex
 
 
 @triton.jit
+def _kl_loss_term(x, ref, KL_KIND: tl.constexpr):
+    """Per-token (kl, dkl/dx) of the policy's KL term, x = logp: k1, k2 or k3 (``kernels.kl``)."""
+    if KL_KIND == 0:
+        kl = x - ref
+        dkl = tl.full(x.shape, 1.0, tl.float32)
+    elif KL_KIND == 1:
+        kl = 0.5 * (x - ref) * (x - ref)
+        dkl = x - ref
+    else:
+        kl = _k3(ref - x)
+        dkl = -_expm1(ref - x)  # d/dx [expm1(r) - r], r = ref - x
+    return kl, dkl
+
+
+@triton.jit
 def _ppo_fwd_kernel(
     x_ptr,
     old_ptr,
     y_ptr,
     mask_ptr,
+    ref_ptr,
     part_ptr,
     rowpart_ptr,
     S,
@@ -210,8 +255,10 @@ def _ppo_fwd_kernel(
     p0,
     p1,
     p2,
+    kl_coef,
     IS_VALUE: tl.constexpr,
     FLAG: tl.constexpr,
+    KL_KIND: tl.constexpr,
     SEQ: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -229,6 +276,11 @@ def _ppo_fwd_kernel(
     on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
     x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
     loss, coef, clipped, stat_a, stat_b, dual, max_val = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    kl = tl.zeros_like(x)
+    if KL_KIND >= 0:  # the KL term against the reference (KL_KIND -1: none)
+        ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        kl, _ = _kl_loss_term(x, tl.where(on, ref, 0.0), KL_KIND)
+        loss = loss + kl_coef * kl
     lm = tl.where(on, loss * m, 0.0)
     base = part_ptr + (pid_s * n_tb + pid_t) * 8
     tl.store(base + 0, tl.sum(tl.sum(m, axis=1), axis=0))
@@ -238,6 +290,7 @@ def _ppo_fwd_kernel(
     tl.store(base + 4, tl.sum(tl.sum(tl.where(on, stat_b * m, 0.0), axis=1), axis=0))
     tl.store(base + 5, tl.sum(tl.sum(tl.where(on, dual * m, 0.0), axis=1), axis=0))
     tl.store(base + 6, tl.max(tl.max(tl.where(on, max_val, float("-inf")), axis=1), axis=0))
+    tl.store(base + 7, tl.sum(tl.sum(tl.where(on, kl * m, 0.0), axis=1), axis=0))
     if SEQ:
         row_ok = rows < S
         tl.store(rowpart_ptr + rows * n_tb + pid_t, tl.sum(lm, axis=1), mask=row_ok)
@@ -297,7 +350,7 @@ def _ppo_finalize_kernel(
         nden = tl.maximum(tl.sum(nvalid, axis=0), 1.0)
         loss = tl.sum(total, axis=0) / nden
         inv_den = 1.0 / nden
-    # stats: 0 clipped, 1 stat_a, 2 stat_b, 3 dual (masked means), 4 max, 5 backward scale.
+    # stats: 0 clipped, 1 stat_a, 2 stat_b, 3 dual (masked means), 4 max, 5 backward scale, 6 kl.
     tl.store(stats_ptr + 0, tl.sum(tl.where(k == 2, acc_sum, 0.0), axis=0) / den)
     tl.store(stats_ptr + 1, tl.sum(tl.where(k == 3, acc_sum, 0.0), axis=0) / den)
     tl.store(stats_ptr + 2, tl.sum(tl.where(k == 4, acc_sum, 0.0), axis=0) / den)
@@ -305,6 +358,7 @@ def _ppo_finalize_kernel(
     vmax = tl.max(tl.where(k == 6, acc_max, float("-inf")), axis=0)
     tl.store(stats_ptr + 4, tl.where(has, vmax, 0.0))
     tl.store(stats_ptr + 5, inv_den)
+    tl.store(stats_ptr + 6, tl.sum(tl.where(k == 7, acc_sum, 0.0), axis=0) / den)
     tl.store(loss_ptr, loss)
 
 
@@ -317,14 +371,17 @@ def _ppo_bwd_kernel(
     old_ptr,
     y_ptr,
     mask_ptr,
+    ref_ptr,
     grad_ptr,
     S,
     T,
     p0,
     p1,
     p2,
+    kl_coef,
     IS_VALUE: tl.constexpr,
     FLAG: tl.constexpr,
+    KL_KIND: tl.constexpr,
     SEQ: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -343,6 +400,10 @@ def _ppo_bwd_kernel(
     on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
     x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
     _, coef, _, _, _, _, _ = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    if KL_KIND >= 0:
+        ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        _, dkl = _kl_loss_term(x, tl.where(on, ref, 0.0), KL_KIND)
+        coef = coef + kl_coef * dkl
     scale = tl.load(g_ptr).to(tl.float32) * tl.load(stats_ptr + 5)
     if SEQ:
         w = scale * tl.load(rowscale_ptr + rows, mask=row_ok, other=0.0)[:, None]
@@ -359,7 +420,7 @@ def _blocks(S: int, T: int) -> tuple[int, int]:
     return block_s, block_t
 
 
-def _loss_fwd(x, old, y, mask, params, is_value: bool, flag: bool, reduction_id: int):
+def _loss_fwd(x, old, y, mask, ref, params, is_value: bool, flag: bool, reduction_id: int, kl_cfg):
     S, T = x.shape
     block_s, block_t = _blocks(S, T)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
@@ -375,8 +436,9 @@ def _loss_fwd(x, old, y, mask, params, is_value: bool, flag: bool, reduction_id:
     name = "ppo_value_loss" if is_value else "ppo_policy_loss"
     record_launch(f"{name}_fwd")
     _ppo_fwd_kernel[grid](
-        x, old, y, mask, part, rowpart, S, T, n_tb, *params,
-        IS_VALUE=is_value, FLAG=flag, SEQ=seq, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
+        x, old, y, mask, x if ref is None else ref, part, rowpart, S, T, n_tb, *params, kl_cfg[0],
+        IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=seq, BLOCK_S=block_s, BLOCK_T=block_t,
+        num_warps=8,
     )  # fmt: skip
     record_launch(f"{name}_finalize")
     _ppo_finalize_kernel[(1,)](
@@ -386,36 +448,42 @@ def _loss_fwd(x, old, y, mask, params, is_value: bool, flag: bool, reduction_id:
     return loss, stats, rowscale
 
 
-def _loss_bwd(g, stats, rowscale, x, old, y, mask, params, is_value: bool, flag: bool, reduction_id: int):
+def _loss_bwd(
+    g, stats, rowscale, x, old, y, mask, ref, params, is_value: bool, flag: bool, reduction_id: int, kl_cfg
+):
     S, T = x.shape
     block_s, block_t = _blocks(S, T)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
     grad = torch.empty_like(x)
     record_launch("ppo_value_loss_bwd" if is_value else "ppo_policy_loss_bwd")
     _ppo_bwd_kernel[grid](
-        g, stats, rowscale, x, old, y, mask, grad, S, T, *params,
-        IS_VALUE=is_value, FLAG=flag, SEQ=reduction_id != 0, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
+        g, stats, rowscale, x, old, y, mask, x if ref is None else ref, grad, S, T, *params, kl_cfg[0],
+        IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=reduction_id != 0, BLOCK_S=block_s,
+        BLOCK_T=block_t, num_warps=8,
     )  # fmt: skip
     return grad
 
 
 # --------------------------------------------------------------------------- autograd
 class PPOLossFunction(torch.autograd.Function):
-    """Shared autograd wrapper for both losses; differentiable w.r.t. ``x`` only."""
+    """Shared autograd wrapper for both losses; differentiable w.r.t. ``x`` only.
+
+    ``ref`` and ``kl_cfg = (coef, kind id)``: the policy loss's KL term (``ref`` None, kind -1: none).
+    """
 
     @staticmethod
-    def forward(ctx, x, old, y, mask, params, is_value, flag, reduction_id):
-        loss, stats, rowscale = _loss_fwd(x, old, y, mask, params, is_value, flag, reduction_id)
-        ctx.save_for_backward(x, old, y, mask, stats, rowscale)
-        ctx.cfg = (params, is_value, flag, reduction_id)
+    def forward(ctx, x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg=(0.0, -1)):
+        loss, stats, rowscale = _loss_fwd(x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg)
+        ctx.save_for_backward(x, old, y, mask, ref, stats, rowscale)
+        ctx.cfg = (params, is_value, flag, reduction_id, kl_cfg)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        x, old, y, mask, stats, rowscale = ctx.saved_tensors
-        grad = _loss_bwd(grad_loss.contiguous(), stats, rowscale, x, old, y, mask, *ctx.cfg)
-        return grad, None, None, None, None, None, None, None
+        x, old, y, mask, ref, stats, rowscale = ctx.saved_tensors
+        grad = _loss_bwd(grad_loss.contiguous(), stats, rowscale, x, old, y, mask, ref, *ctx.cfg)
+        return grad, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -453,40 +521,59 @@ def ppo_policy_loss(
     clip_high: float | None = None,
     dual_clip: float | None = None,
     reduction: str = "token_mean",
+    kl: KLLossTerm | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO clipped surrogate loss (optionally asymmetric and dual-clipped) and its stats.
 
     Per token: ``ratio = exp(logp - old_logp)``,
     ``loss = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))``
     (``clip_high=None`` means ``clip_low``); with ``dual_clip=c``, tokens with ``A < 0`` are
-    capped at ``-A * c``. See the module docstring for the reductions.
+    capped at ``-A * c``. ``kl``: add ``kl.coef * kl_t`` per token, the KL term against the
+    reference fused into the same launches. See the module docstring for the reductions.
 
     Args:
         logp, old_logp, advantages: ``[..., T]`` float tensors.
         mask: ``[..., T]`` bool, integer or float.
+        kl: optional :class:`KLLossTerm` (``ref_logp`` ``[..., T]``, ``coef``, ``kind``).
 
     Returns:
         ``(loss, stats)``: 0-d float32 loss, differentiable w.r.t. ``logp`` only, and 0-d
         float32 stats ``clipfrac``, ``approx_kl``, ``ratio_mean``, ``ratio_max``,
-        ``dual_clipfrac`` (see :func:`ppo_policy_loss_reference`).
+        ``dual_clipfrac`` and, with ``kl``, ``kl_loss`` (see :func:`ppo_policy_loss_reference`).
     """
     _validate(("logp", "old_logp", "advantages"), (logp, old_logp, advantages), mask, reduction)
+    if kl is not None:
+        _validate_kl(kl, logp)
     if clip_low < 0 or (clip_high is not None and clip_high < 0):
         raise ValueError(f"clip_low/clip_high must be >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
     if not use_triton(logp):
         return ppo_policy_loss_reference(
-            logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction
+            logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction, kl
         )
     clip_high = clip_low if clip_high is None else clip_high
     params = (1.0 - clip_low, 1.0 + clip_high, float(dual_clip or 0.0))
     x, old, y, m = (_as_2d(t) for t in (logp, old_logp, advantages, mask))
+    ref = None if kl is None else _as_2d(kl.ref_logp)
+    kl_cfg = (0.0, -1) if kl is None else (float(kl.coef), _KIND_ID[kl.kind])
     loss, stats = PPOLossFunction.apply(
-        x, old, y, m, params, False, dual_clip is not None, REDUCTIONS.index(reduction)
+        x, old, y, m, ref, params, False, dual_clip is not None, REDUCTIONS.index(reduction), kl_cfg
     )
-    names = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max")
+    names = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max", "", "kl_loss" if kl else "")
     return loss, _stat_views(stats, names)
+
+
+def _validate_kl(kl: KLLossTerm, logp: torch.Tensor) -> None:
+    if not isinstance(kl, KLLossTerm):
+        raise TypeError(f"kl must be a KLLossTerm, got {type(kl).__name__}")
+    if kl.kind not in KINDS:
+        raise ValueError(f"kl.kind must be one of {KINDS}, got {kl.kind!r}")
+    if not isinstance(kl.coef, (int, float)) or not float("-inf") < float(kl.coef) < float("inf"):
+        raise ValueError(f"kl.coef must be a finite number, got {kl.coef!r}")
+    check_float("kl.ref_logp", kl.ref_logp)
+    check_same_device(logp=logp, **{"kl.ref_logp": kl.ref_logp})
+    check_same_shape(logp=logp, **{"kl.ref_logp": kl.ref_logp})
 
 
 def ppo_value_loss(
@@ -518,7 +605,7 @@ def ppo_value_loss(
     params = (float(clip or 0.0), 0.0, 0.0)
     x, old, y, m = (_as_2d(t) for t in (values, old_values, returns, mask))
     loss, stats = PPOLossFunction.apply(
-        x, old, y, m, params, True, clip is not None, REDUCTIONS.index(reduction)
+        x, old, y, m, None, params, True, clip is not None, REDUCTIONS.index(reduction)
     )
     names = ("vf_clipfrac", "values_mean", "returns_mean", "", "values_max")
     return loss, _stat_views(stats, names)

@@ -1,11 +1,13 @@
-"""The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, best-of-n, eval, report.
+"""The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, best-of-n, GRPO, eval, report.
 
 ``python -m engine.demo.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
 Each stage runs as its own ``python -m engine.cli STAGE`` process (or
 ``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
-one folder per stage, ``report.md``, ``summary.json`` and PNG plots. The four policies
-(SFT, PPO, DPO, best-of-n) are evaluated by one ``eval`` process (``eval/<name>/eval.json``).
+one folder per stage, ``report.md``, ``summary.json`` and PNG plots. GRPO runs twice: with the
+RM as reward (``grpo_rm``) and with the gold scorer itself as a verifiable reward
+(``grpo_gold``). The six policies (SFT, PPO, DPO, best-of-n, both GRPOs) are evaluated by one
+``eval`` process (``eval/<name>/eval.json``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "sft": ["total_steps=400", "model.tiny.num_layers=4", *COSINE],
         "rm": ["total_steps=300", "train.batch_size=64", "data.eval_size=512", *COSINE],
         "ppo": ["total_steps=30"],
+        "grpo": ["total_steps=24"],
         "dpo": ["total_steps=100"],
         # 4 rounds: 8 samples for each of 128 prompts, the RM's best kept, 8 SFT steps on them.
         "bon": [
@@ -54,6 +57,7 @@ SIZES: dict[str, dict[str, Any]] = {
         "sft": ["total_steps=40", *COSINE],
         "rm": ["total_steps=30", "data.eval_size=64", *COSINE],
         "ppo": ["total_steps=3"],
+        "grpo": ["total_steps=2", "ppo.rollout_batch_size=8", "ppo.mini_batch_size=16"],
         "dpo": ["total_steps=10", "data.eval_size=64"],
         "bon": [
             "total_steps=1",
@@ -69,8 +73,20 @@ SIZES: dict[str, dict[str, Any]] = {
 
 
 # The policies the pipeline trains and evaluates, the SFT baseline first.
-POLICIES = ("sft", "ppo", "dpo", "bon")
+POLICIES = ("sft", "ppo", "dpo", "bon", "grpo_rm", "grpo_gold")
+# How each is trained, for the report's table.
+METHODS = {
+    "sft": "SFT (the reference)",
+    "ppo": "PPO, RM reward, critic",
+    "dpo": "DPO on the pairs",
+    "bon": "best-of-n (RAFT), RM picks",
+    "grpo_rm": "GRPO, RM reward",
+    "grpo_gold": "GRPO, gold scorer as reward",
+}
 PPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ppo_demo.yaml"
+GRPO_DEMO_CONFIG = PPO_DEMO_CONFIG.with_name("grpo_demo.yaml")
+# The verifiable reward: the demo task's gold scorer, a program.
+GOLD_REWARD = ("reward.kind=function", "reward.function=engine.demo.task:gold_reward")
 
 
 def _stage_env() -> dict[str, str]:
@@ -200,6 +216,21 @@ class Stages:
         self._stage(name, "ppo", [*ov, *sized, *overrides])
         return out
 
+    def grpo(self, name: str, reward: Sequence[str] = ()) -> Path:
+        """GRPO from ``sft/`` (``configs/grpo_demo.yaml``) into ``<name>/``; the RM is the reward
+        unless ``reward`` overrides it (``GOLD_REWARD``). Returns the run folder."""
+        out = self.root / name
+        ov = [
+            "--config",
+            str(GRPO_DEMO_CONFIG),
+            f"output_dir={out}",
+            f"model.path={self.root / 'sft'}",
+            f"reward.model_path={self.root / 'rm'}",
+            f"data.prompts={self.data_paths['prompts']}",
+        ]
+        self._stage(name, "ppo", [*ov, *self.sizes["grpo"], *reward])
+        return out
+
     def dpo(self) -> Path:
         return self._from_sft_on_pairs("dpo")
 
@@ -258,7 +289,9 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     run = st.root
     st.data()
     sft, rm, ppo, dpo, bon = st.sft(), st.rm(), st.ppo(), st.dpo(), st.bon()
-    ev = st.evaluate({"sft": sft, "ppo": ppo / "final", "dpo": dpo, "bon": bon})
+    grpo_rm, grpo_gold = st.grpo("grpo_rm"), st.grpo("grpo_gold", GOLD_REWARD)
+    policies = {"sft": sft, "ppo": ppo / "final", "dpo": dpo, "bon": bon}
+    ev = st.evaluate({**policies, "grpo_rm": grpo_rm / "final", "grpo_gold": grpo_gold / "final"})
     evals: dict[str, dict[str, Any]] = ev.get("policies", {})
     for name in POLICIES:
         evals.setdefault(name, {})
@@ -276,6 +309,8 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         **{f"win_rate_gold/{n}_vs_sft": evals[n].get("win_rate_gold") for n in POLICIES[1:]},
         **{f"kl/{n}": evals[n].get("kl") for n in POLICIES[1:]},
         "response_len/ppo": evals["ppo"].get("response_len"),
+        # The GRPO runs' own training reward (RM score or gold), mean of their first and last 3 steps.
+        **_train_reward(run, ("grpo_rm", "grpo_gold")),
         # How often the RM orders (policy, SFT) sample pairs as gold does: its accuracy off its data.
         **{f"rm_gold_agreement/{n}_vs_sft": evals[n].get("rm_gold_agreement") for n in POLICIES[1:]},
         **_gold_breakdown(run / "eval", POLICIES),
@@ -290,6 +325,17 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     plots = _plots(run, ppo_rows, rm, summary)
     _report(run, summary, ppo_rows, plots)
     return summary
+
+
+def _train_reward(run: Path, names: Sequence[str]) -> dict[str, float | None]:
+    """``train_reward_first/<name>`` and ``train_reward_last/<name>``: mean training reward of a
+    run's first and last three steps (``metrics.jsonl``), None if it has no rows."""
+    out: dict[str, float | None] = {}
+    for name in names:
+        reward = [r["reward/mean"] for r in read_rows_if_exists(run / name / "metrics.jsonl")]
+        out[f"train_reward_first/{name}"] = sum(reward[:3]) / len(reward[:3]) if reward else None
+        out[f"train_reward_last/{name}"] = sum(reward[-3:]) / len(reward[-3:]) if reward else None
+    return out
 
 
 def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | None]:
@@ -334,7 +380,9 @@ def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dic
     names = list(POLICIES)
     gold = [summary.get(f"gold/{n}") or 0.0 for n in names]
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar(names, gold, color=["tab:gray", "tab:blue", "tab:green", "tab:orange"])
+    colors = ["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:red"]
+    fig.set_size_inches(8, 3.5)
+    ax.bar(names, gold, color=colors[: len(names)])
     ax.set(title="Gold score on held-out prompts", ylabel="mean gold score", ylim=(0, 1))
     for i, g in enumerate(gold):
         ax.text(i, g + 0.01, f"{g:.3f}", ha="center")
@@ -400,6 +448,23 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     ]
 
 
+def method_table(summary: dict[str, Any]) -> list[str]:
+    """The report's per-method table: gold, KL to SFT, filler rate and the digits' gold (markdown lines)."""
+
+    def cell(key: str, pct: bool = False) -> str:
+        v = summary.get(key)
+        if not isinstance(v, (int, float)) or not math.isfinite(v):
+            return "-"
+        return f"{v:.0%}" if pct else f"{v:.3f}"
+
+    lines = ["| policy | how | gold | KL to SFT | filler rate | digits' gold |", "|---|---|---|---|---|---|"]
+    for n in POLICIES:
+        kl = "0" if n == "sft" else cell(f"kl/{n}")
+        row = (n, METHODS[n], cell(f"gold/{n}"), kl, cell(f"filler_rate/{n}", True), cell(f"gold_digits/{n}"))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]) -> None:
     checks = success_checks(summary)
     lines = [
@@ -412,6 +477,8 @@ def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], 
         "|---|---|---|",
         *[f"| {name} | {'PASS' if ok else 'FAIL'} | {val} |" for name, ok, val in checks],
         "",
+        *method_table(summary),
+        "",
         "| metric | value |",
         "|---|---|",
         *[f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "stage_seconds"],
@@ -422,7 +489,7 @@ def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], 
         "",
     ]
     (run / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines[: 12 + len(checks)]))
+    print("\n".join(lines[: 15 + len(checks) + len(POLICIES)]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ critic (``engine.rl.critic``).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,8 +23,8 @@ from torch import nn
 
 import kernels
 from engine import distributed as D
-from engine.config import OptimConfig, PPOAlgoConfig
-from engine.rl.experience import Experience, masked_mean
+from engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
+from engine.rl.experience import Experience, masked_mean, truncated_is_weights
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -302,15 +303,45 @@ def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int, *f
             raise ValueError(f"micro-batch is missing {missing}")
 
 
-def token_weights(micro_batches: Sequence[Experience]) -> list[float]:
-    """Per-micro-batch loss weights so the mini-batch loss is a token mean over all its micro-batches."""
-    counts = [float(mb.action_mask.sum()) for mb in micro_batches]
+def token_weights(micro_batches: Sequence[Experience], per_sequence: bool = False) -> list[float]:
+    """Per-micro-batch loss weights so the mini-batch loss is a token mean over all its micro-batches.
+
+    ``per_sequence``: weights by the sequences with at least one valid token instead, for the
+    sequence-mean reductions (the mini-batch loss is then a mean over all its sequences).
+    """
+    if per_sequence:
+        counts = [float(mb.action_mask.any(1).sum()) for mb in micro_batches]
+    else:
+        counts = [float(mb.action_mask.sum()) for mb in micro_batches]
     total = sum(counts)
     n = len(counts)
     return [c * n / total if total > 0 else 1.0 for c in counts]
 
 
 # --------------------------------------------------------------------------- actor
+@dataclass(frozen=True)
+class PolicyLossSpec:
+    """How the actor's loss is reduced and whether it carries a KL term against the reference.
+
+    ``reduction``: a ``kernels.ppo_policy_loss`` reduction; ``scale`` multiplies the loss (Dr.
+    GRPO's ``1 / constant`` on ``seq_mean_token_sum``); ``kl_kind``: the KL term's estimator when
+    ``ppo.kl.placement=loss`` (fused into the loss kernel), else None.
+    """
+
+    reduction: str = "token_mean"
+    scale: float = 1.0
+    kl_kind: str | None = None
+
+    @classmethod
+    def from_config(cls, cfg: PPOConfig) -> PolicyLossSpec:
+        agg = cfg.resolved()[0]
+        kl_kind = cfg.ppo.kl.kind if cfg.ppo.kl.placement == "loss" else None
+        if agg == "seq_mean_token_sum_norm":
+            const = cfg.algo.loss_agg_constant or cfg.rollout.max_new_tokens
+            return cls("seq_mean_token_sum", 1.0 / const, kl_kind)
+        return cls(agg, 1.0, kl_kind)
+
+
 class ActorWorker:
     """The policy being trained: log-probs for experience, and PPO mini-batch updates.
 
@@ -323,6 +354,7 @@ class ActorWorker:
         dtype: training dtype; default bf16 on GPU, fp32 on CPU.
         temperature: the rollout sampling temperature (log-probs use logits / T).
         total_updates: optimizer steps in the whole run (for ``lr_schedule=cosine``).
+        loss: the reduction and the KL term (``PolicyLossSpec``); default: token mean, no KL term.
     """
 
     def __init__(
@@ -335,8 +367,10 @@ class ActorWorker:
         dtype: torch.dtype | None = None,
         temperature: float = 1.0,
         total_updates: int | None = None,
+        loss: PolicyLossSpec | None = None,
     ) -> None:
         self.algo = algo
+        self.loss = loss or PolicyLossSpec()
         self.temperature = float(temperature)
         self.micro_batch_size = train_micro_batch_size
         self.train = TrainEngine(
@@ -381,31 +415,61 @@ class ActorWorker:
         ent = torch.cat([o[1] for o in outs]).to(batch.sequences.device)
         return logp, ent
 
-    def train_minibatch(self, micro_batches: Sequence[Experience]) -> dict[str, float]:
+    def train_minibatch(
+        self,
+        micro_batches: Sequence[Experience],
+        kl_coef: float = 0.0,
+        keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+        tis_cap: float = 0.0,
+    ) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps).
 
-        Each micro-batch needs ``old_logprobs`` and ``advantages``. Loss =
-        clipped PPO policy loss (token mean over the mini-batch) - entropy_coef *
-        mean entropy. Returns this rank's means of policy_loss, entropy,
-        clipfrac, approx_kl, loss, plus grad_norm, lr and skipped (0/1, agreed on all ranks).
+        Each micro-batch needs ``advantages`` (and ``ref_logprobs`` with a KL term), and
+        ``old_logprobs`` unless ``keep`` is given: then this forward's own log-probs are the old
+        ones (ratio 1, as when the first update follows a scoring pass under the same weights)
+        and each micro-batch's ``(logp, entropy)``, detached, is appended to ``keep``; with
+        ``tis_cap`` > 0 the advantages are then scaled here by the truncated importance weights
+        ``min(pi_old / pi_rollout, tis_cap)`` (which the trainer applies itself when it scored the
+        old log-probs beforehand). Loss = clipped PPO policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
+        is set; reduced as ``loss`` says over the mini-batch) - entropy_coef x mean entropy.
+        Returns this rank's means of policy_loss (the kernel's loss, KL term included), entropy,
+        clipfrac, approx_kl, loss (and kl_loss with a KL term), plus grad_norm, lr and skipped
+        (0/1, agreed on all ranks).
         """
-        check_micro_batches(micro_batches, self.train.grad_accum, "old_logprobs", "advantages")
+        spec = self.loss
+        need = (
+            ("advantages",)
+            + (("old_logprobs",) if keep is None else ())
+            + (("ref_logprobs",) if spec.kl_kind else ())
+        )
+        check_micro_batches(micro_batches, self.train.grad_accum, *need)
         a = self.algo
         self.engine.train()
         sums: dict[str, float] = {}
-        for mb, w in zip(micro_batches, token_weights(micro_batches)):
+        per_seq = spec.reduction != "token_mean"
+        for mb, w in zip(micro_batches, token_weights(micro_batches, per_seq)):
             mb = mb.to(self.device)
             logp, entropy = self.engine(mb.sequences, mb.attention_mask, mb.response_len, self.temperature)
+            if keep is not None:
+                keep.append((logp.detach(), entropy.detach()))
+            old = mb.old_logprobs if keep is None else logp.detach()
+            adv = mb.advantages
+            if keep is not None and tis_cap > 0:
+                adv = adv * truncated_is_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), tis_cap)[0]
+            kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
-                mb.old_logprobs,
-                mb.advantages,
+                old,
+                adv,
                 mb.action_mask,
                 clip_low=a.clip_low,
                 clip_high=a.clip_high,
                 dual_clip=a.dual_clip,
-                reduction="token_mean",
+                reduction=spec.reduction,
+                kl=kl,
             )
+            if spec.scale != 1.0:
+                pg_loss = pg_loss * spec.scale
             ent = masked_mean(entropy, mb.action_mask)
             loss = pg_loss - a.entropy_coef * ent if a.entropy_coef else pg_loss
             finite = bool(torch.isfinite(loss))
@@ -416,6 +480,7 @@ class ActorWorker:
                 ("loss", loss),
                 ("clipfrac", st["clipfrac"]),
                 ("approx_kl", st["approx_kl"]),
+                *([("kl_loss", st["kl_loss"])] if kl is not None else []),
             ):
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * w
         n = len(micro_batches)

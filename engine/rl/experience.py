@@ -152,8 +152,10 @@ class RolloutBatch:
     rollout_logprobs: [B, R]   float32, the rollout engine's sampled-token log-probs (0 on padding).
     prompts, responses: B decoded strings, for the reward function.
     versions:         [B] long, the policy version that generated each sample.
-    ref_logprobs, scores [B] float32, score_valid [B] bool: present when the rollout ranks scored
-                      the samples (``placement.scoring=rollout``), else None.
+    ref_logprobs:     [B, R] float32, present when the rollout ranks scored the samples
+                      (``placement.scoring=rollout``), else None.
+    scores [B] float32, score_valid [B] bool: present when the samples were scored before
+                      collation (on the rollout ranks, or for dynamic sampling), else None.
     """
 
     sequences: torch.Tensor
@@ -198,6 +200,7 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
         rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
         for i, s in enumerate(samples):
             rb.ref_logprobs[i, : len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
+    if samples and all(s.score is not None for s in samples):
         rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)
         rb.score_valid = torch.tensor([s.score_valid for s in samples], dtype=torch.bool)
     return rb

@@ -134,6 +134,17 @@ class RewardScorer:
         self.num_invalid += int((~valid).sum())
         return scores, valid
 
+    def score_samples(self, samples: Sequence[Any], tokenizer: Any) -> None:
+        """Set ``score`` and ``score_valid`` of rollout ``Sample``s in place (``score`` semantics)."""
+        from engine.rl.experience import collate_samples
+
+        if not samples:
+            return
+        rb = collate_samples(list(samples), tokenizer, tokenizer.pad_token_id)
+        scores, valid = self.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        for i, s in enumerate(samples):
+            s.score, s.score_valid = float(scores[i]), bool(valid[i])
+
     @torch.no_grad()
     def _model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B] reward-model outputs at each row's last real token (float32, CPU)."""

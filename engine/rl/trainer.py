@@ -1,4 +1,9 @@
-"""The PPO loop: generate, score, advantages, update, sync.
+"""The RL loop: generate, score, advantages, update, sync.
+
+``algo.advantage`` picks the estimator: ``gae`` (PPO with a critic) or a critic-free one over the
+group of ``ppo.samples_per_prompt`` samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++;
+``engine.rl.advantages``), which builds no critic at all. The KL to the reference goes into the
+reward or, fused into the policy-loss kernel, into the loss (``ppo.kl.placement``).
 
 ``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
 actor and critic, generates its share of the batch, and after every update receives the new
@@ -24,11 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 
+import kernels
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
 from engine.metrics import MetricsLogger, drop_rows_after
-from engine.rl.experience import RolloutBatch, collate_samples
+from engine.rl.experience import RolloutBatch
+from engine.rl.generation import GenerateMixin
 
 
 def seed_everything(seed: int) -> None:
@@ -45,31 +52,13 @@ def _init_single_process() -> None:
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
 
 
-def _all_gather_cat(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a 1-D float tensor of varying length from every rank (for global reward stats)."""
-    if dist.world_size() == 1:
-        return x
-    import torch.distributed as tdist
-
-    dev = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else x.device
-    n = torch.tensor([x.numel()], device=dev)
-    sizes = [torch.zeros_like(n) for _ in range(dist.world_size())]
-    tdist.all_gather(sizes, n)
-    longest = int(max(int(s) for s in sizes))
-    buf = torch.zeros(longest, dtype=torch.float32, device=dev)
-    buf[: x.numel()] = x.to(dev, torch.float32)
-    out = [torch.zeros_like(buf) for _ in sizes]
-    tdist.all_gather(out, buf)
-    return torch.cat([o[: int(s)] for o, s in zip(out, sizes)]).to(x.device)
-
-
 def _device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
 
 
-class PPOTrainer:
+class PPOTrainer(GenerateMixin):
     """Builds every role from a ``PPOConfig`` and runs ``total_steps`` PPO steps.
 
     Construction validates everything that can be checked without generating
@@ -141,32 +130,60 @@ class PPOTrainer:
         )
         self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
         self.mini_per_rank = p.mini_batch_size // self.world
+        # The old log-probs are the first update's own when a step makes one update (one epoch, one
+        # mini-batch) and no reward reads them (no KL in the reward): then they come from that
+        # update's forward (ratio exactly 1, truncated IS weights applied there), not a scoring pass.
+        kl_in_reward = p.kl.placement == "reward" and (p.kl.coef != 0 or p.kl.adaptive)
+        self.old_from_update = (
+            p.ppo_epochs == 1 and self.mini_per_rank == self.samples_per_rank and not kl_in_reward
+        )
+        if self.rank == 0 and self.old_from_update:
+            print(
+                "[ppo] one update per step and no KL in the reward: the old log-probs come from "
+                "the update's own forward (no separate scoring pass)",
+                flush=True,
+            )
         grad_accum = self.mini_per_rank // p.micro_batch_size
         updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
-        from engine.rl.actor import ActorWorker
+        from engine.rl.actor import ActorWorker, PolicyLossSpec
         from engine.rl.critic import CriticWorker, ValueModel
         from engine.rl.scoring import build_scoring
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
-        self.actor = ActorWorker(actor_lm, cfg.actor, p, p.micro_batch_size, grad_accum, dtype, T, updates)
+        self.loss_agg, self.whiten, self.norm_rewards = cfg.resolved()
+        self.actor = ActorWorker(
+            actor_lm,
+            cfg.actor,
+            p,
+            p.micro_batch_size,
+            grad_accum,
+            dtype,
+            T,
+            updates,
+            PolicyLossSpec.from_config(cfg),
+        )
         self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
         if not (self.split and cfg.placement.scoring == "rollout"):
             self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
         self.invalid_rewards = 0
-        init = cfg.critic.init_from
-        if init == "policy":
-            value_model = ValueModel.from_policy(str(self.policy_dir))
-        elif init == "reward":
-            if cfg.reward.kind != "model":
-                raise ConfigError("critic.init_from=reward needs reward.kind=model")
-            value_model = ValueModel.from_reward_model(cfg.reward.model_path)
-        else:
-            value_model = ValueModel.from_reward_model(init)
-        self.critic = CriticWorker(value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates)
+        self.critic = None  # critic-free estimators load no value model, optimizer or value pass
+        if cfg.algo.uses_critic:
+            init = cfg.critic.init_from
+            if init == "policy":
+                value_model = ValueModel.from_policy(str(self.policy_dir))
+            elif init == "reward":
+                if cfg.reward.kind != "model":
+                    raise ConfigError("critic.init_from=reward needs reward.kind=model")
+                value_model = ValueModel.from_reward_model(cfg.reward.model_path)
+            else:
+                value_model = ValueModel.from_reward_model(init)
+            self.critic = CriticWorker(
+                value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates
+            )
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.
@@ -183,6 +200,7 @@ class PPOTrainer:
         self.version = 0
         self.step_idx = 0
         self.requested = 0  # split: batches requested from the rollout ranks so far
+        self.extra_requests = 0  # split + dynamic sampling: top-up batches get ids -1, -2, ...
         self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         if self.rollout is not None and self.split:
@@ -218,42 +236,10 @@ class PPOTrainer:
         lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
         return HFRollout(lm, self.tokenizer, c.rollout)
 
-    # ------------------------------------------------------------------ one PPO step
-    def _draw_batch(self) -> tuple[list[list[int]], int]:
-        """The next batch of prompt ids (this rank's share) and its sampling seed."""
-        prompts = self.dataset.batch(self.sampler.next_batch())
-        return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
-
-    def generate(self) -> tuple[RolloutBatch, list[dict[str, Any]]]:
-        """This rank's share of batch ``step_idx``, collated, and the rollout timeline events."""
-        n = self.cfg.ppo.samples_per_prompt
-        if not self.split:
-            ids, seed = self._draw_batch()
-            t0 = time.time()
-            groups = self.rollout.generate(ids, n=n, seed=seed)
-            events = [
-                {"role": "rollout0", "phase": "generate", "t0": t0, "t1": time.time(), "tag": self.step_idx}
-            ]
-            self.rollout.sleep()
-            return collate_samples([s for g in groups for s in g], self.tokenizer, self.pad_id), events
-        k, samples, events = self.step_idx, None, []
-        if self.placement.is_coordinator:
-            # Keep batches k .. k+s requested: the rollout ranks generate them while we train.
-            while self.requested <= k + self.cfg.async_.max_staleness:
-                j = self.requested
-                ids, seed = self.pending[j] = self.pending.get(j) or self._draw_batch()
-                self.rollout.request(j, ids, n, seed)
-                self.requested += 1
-            samples, events = self.rollout.collect(k)
-            del self.pending[k]
-        if self.world > 1:
-            samples = dist.broadcast_object(samples)
-            samples = samples[self.rank * self.samples_per_rank : (self.rank + 1) * self.samples_per_rank]
-        return collate_samples(samples, self.tokenizer, self.pad_id), events
-
+    # ------------------------------------------------------------------ one RL step (generate: GenerateMixin)
     @torch.no_grad()
     def make_experience(self, rb: RolloutBatch):
-        """Score a rollout: old/ref log-probs, values, rewards with KL, GAE. Returns (exp, stats).
+        """Score a rollout: old/ref log-probs, values (GAE only), rewards, advantages. Returns (exp, stats).
 
         Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
         ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
@@ -261,6 +247,12 @@ class PPOTrainer:
         behaviour policy (the rollout engine's processed log-probs, which include temperature and
         top-k/top-p truncation, so those are corrected rather than ignored).
         """
+        from engine.rl.advantages import (
+            group_ids_for,
+            overlong_penalty,
+            sequence_advantages,
+            token_advantages,
+        )
         from engine.rl.experience import (
             Experience,
             compute_advantages,
@@ -269,19 +261,24 @@ class PPOTrainer:
             truncated_is_weights,
         )
 
-        p = self.cfg.ppo
+        p, algo = self.cfg.ppo, self.cfg.algo
         exp = Experience(
             rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
         )
         exp.policy_version = int(rb.versions.min())
-        exp.old_logprobs, entropy = self.actor.logprobs(exp)
+        entropy = None
+        if not self.old_from_update:  # else train() takes them from the update's forward
+            exp.old_logprobs, entropy = self.actor.logprobs(exp)
         if rb.ref_logprobs is not None:  # scored beside the rollout engine
-            exp.ref_logprobs = rb.ref_logprobs.to(exp.old_logprobs)
+            exp.ref_logprobs = rb.ref_logprobs.to(exp.sequences.device, torch.float32)
+        else:
+            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
+        if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
-            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).to(exp.old_logprobs)
             raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
-        exp.values = self.critic.values(exp)
+        if self.critic is not None:
+            exp.values = self.critic.values(exp)
         raw = raw.float()
         self.invalid_rewards += int((~valid).sum())
         # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
@@ -289,37 +286,46 @@ class PPOTrainer:
         staleness = self.version - rb.versions
         fresh = staleness <= self.cfg.async_.max_staleness
         exp.action_mask = exp.action_mask & (valid & fresh).view(-1, 1)
-        scores = raw
-        if p.reward_norm:
-            gathered = _all_gather_cat(raw[valid])
-            self.reward_norm.update(gathered)
-            scores = self.reward_norm.normalize(raw)
+        lengths = rb.action_mask.sum(1)
+        penalty = overlong_penalty(
+            lengths, self.cfg.rollout.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty
+        )
+        scores = raw + penalty
+        if self.norm_rewards:
+            self.reward_norm.update(dist.all_gather_cat(scores[valid]))
+            scores = self.reward_norm.normalize(scores)
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
+        # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
+        kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
+        # Deferred old log-probs (old_from_update): the KL is 0 x kl in the reward, logged after train().
+        old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
         exp.rewards, kl = compute_rewards(
-            exp.scores, exp.old_logprobs, exp.ref_logprobs, exp.action_mask, self.kl_ctl.value, p.kl.kind
+            exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
         )
-        exp.advantages, exp.returns = compute_advantages(
-            exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, p.whiten_advantages, across_ranks=True
-        )
+        if self.critic is not None:
+            exp.advantages, exp.returns = compute_advantages(
+                exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, self.whiten, across_ranks=True
+            )
+        else:  # group baselines over whole groups, wherever their samples are (across ranks)
+            groups = group_ids_for(self.rank * self.samples_per_rank, exp.batch_size, p.samples_per_prompt)
+            seq = sequence_advantages(algo.advantage, exp.scores, groups, valid & fresh, algo.std_eps, True)
+            exp.advantages, exp.rewards = token_advantages(
+                seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
+            )
         is_stats = {}
-        if self.cfg.async_.tis_cap > 0:
+        if self.cfg.async_.tis_cap > 0 and exp.old_logprobs is not None:  # else in the update
             w, is_stats = truncated_is_weights(
                 exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
             )
             exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
         m = exp.action_mask
-        mf = m.float()
         stats = {
             "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
             "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
-            "kl/mean": float((kl * mf).sum(1).mean()),  # per-sequence KL, summed over tokens
-            "kl/token_mean": float(masked_mean(kl, m)),
-            "entropy/mean": float(masked_mean(entropy, m)),
-            "response_len/mean": float(rb.action_mask.float().sum(1).mean()),
-            "values/mean": float(masked_mean(exp.values, m)),
+            **(self.logprob_stats(exp, entropy) if entropy is not None else {}),
+            "response_len/mean": float(lengths.float().mean()),
             "advantages/mean": float(masked_mean(exp.advantages, m)),
-            "returns/mean": float(masked_mean(exp.returns, m)),
-            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
+            "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
             "rollout/invalid_rewards": float((~valid).sum()),
             "rollout/tokens": float(rb.attention_mask.sum()),
             "rollout/response_tokens": float(rb.action_mask.sum()),
@@ -328,31 +334,74 @@ class PPOTrainer:
             "async/refused": float((~fresh).sum()),
             **is_stats,
         }
+        if algo.overlong.buffer:
+            stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
+        if self.critic is not None:
+            stats["values/mean"] = float(masked_mean(exp.values, m))
+            stats["returns/mean"] = float(masked_mean(exp.returns, m))
         return exp, stats
 
+    def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
+        """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``."""
+        from engine.rl.experience import masked_mean
+
+        m = exp.action_mask
+        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
+        kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
+        return {
+            "kl/mean": float((kl * m.float()).sum(1).mean()),  # per-sequence KL, summed over tokens
+            "kl/token_mean": float(masked_mean(kl, m)),
+            "entropy/mean": float(masked_mean(entropy, m)),
+            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
+        }
+
     def train(self, exp) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches; one actor and one critic step each."""
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each.
+
+        With deferred old log-probs (``old_from_update``) the one update's forward supplies them:
+        they are written into ``exp`` and their stats (KL, entropy, log-prob gap) returned here.
+        """
         p = self.cfg.ppo
+        kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
         sums: dict[str, float] = {}
         n = 0
+        deferred = exp.old_logprobs is None
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(exp.batch_size, generator=self._gen)
             for i in range(0, exp.batch_size, self.mini_per_rank):
                 mb = exp.select(perm[i : i + self.mini_per_rank])
                 micro = mb.split(p.micro_batch_size)
-                a = self.actor.train_minibatch(micro)
-                c = self.critic.train_minibatch(micro)
+                kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
+                tis = self.cfg.async_.tis_cap if deferred else 0.0
+                a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
+                if kept is not None:  # one mini-batch: perm covers the batch
+                    idx = perm[i : i + self.mini_per_rank]
+                    exp.old_logprobs = torch.empty_like(exp.ref_logprobs)
+                    entropy = torch.empty_like(exp.ref_logprobs)
+                    exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
+                    entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
+                c = self.critic.train_minibatch(micro) if self.critic is not None else {}
                 for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
                     (f"critic/{k}", v) for k, v in c.items()
                 ]:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
-        return {k: v / max(n, 1) for k, v in sums.items()}
+        stats = {k: v / max(n, 1) for k, v in sums.items()}
+        if deferred:
+            stats.update(self.logprob_stats(exp, entropy))
+            if self.cfg.async_.tis_cap > 0:
+                from engine.rl.experience import truncated_is_weights
+
+                cap = self.cfg.async_.tis_cap
+                stats.update(
+                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, cap)[1]
+                )
+        return stats
 
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
         t0 = time.time()
-        rb, events = self.generate()
+        rb, events, dynamic = self.generate()
         t1 = time.time()
         exp, stats = self.make_experience(rb)
         t2 = time.time()
@@ -381,7 +430,12 @@ class PPOTrainer:
         )
         self._write_timeline(events)
 
-        local = {**stats, **train_stats, **{k: v for k, v in sync_stats.items() if k != "time/sync_s"}}
+        local = {
+            **stats,
+            **dynamic,
+            **train_stats,
+            **{k: v for k, v in sync_stats.items() if k != "time/sync_s"},
+        }
         local.update(
             {
                 "time/rollout_s": (t1 - t0) + (t3b - t3),  # generating, or (split) waiting for it
@@ -392,10 +446,10 @@ class PPOTrainer:
                 "time/generate_s": generate_s if self.rank == 0 else 0.0,
             }
         )
-        # Sums (tokens, invalid rewards) add over ranks; everything else averages; times take the max.
-        sums = {
-            k: local.pop(k) for k in ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
-        }
+        # Sums (tokens, invalid rewards, group counts) add over ranks; everything else averages;
+        # times and maxima take the max.
+        summed = ("rollout/tokens", "rollout/response_tokens", "rollout/invalid_rewards")
+        sums = {k: local.pop(k) for k in list(local) if k in summed or k.endswith("_groups")}
         times = {k: local.pop(k) for k in list(local) if k.startswith("time/") or k.endswith("max")}
         m = dist.all_reduce_mean(local)
         m.update(dist.all_reduce_sum(sums))
@@ -405,7 +459,11 @@ class PPOTrainer:
         m.update(
             {
                 "loss/policy": m.get("actor/policy_loss", float("nan")),
-                "loss/value": m.get("critic/value_loss", float("nan")),
+                **(
+                    {"loss/value": m.get("critic/value_loss", float("nan"))}
+                    if self.critic is not None
+                    else {}
+                ),
                 "clipfrac": m.get("actor/clipfrac", float("nan")),
                 "kl_coef": self.kl_ctl.value,
                 "throughput/samples_per_s": samples / m["time/step_s"],
@@ -470,7 +528,7 @@ class PPOTrainer:
                     # K skipped updates in a row (actor or critic; the skip decision is agreed on every
                     # rank, so all ranks stop together): checkpoint, then an error naming the step.
                     stop_on_consecutive_skips(
-                        max(self.actor.train.consecutive_skips, self.critic.train.consecutive_skips),
+                        max(e.train.consecutive_skips for e in self._workers().values()),
                         self.cfg.max_consecutive_skips,
                         self.step_idx,
                         lambda saved=saved: saved or self.save_checkpoint(),
@@ -486,6 +544,11 @@ class PPOTrainer:
                 "rewards/invalid": round(invalid),
                 "world_size": self.world,
                 "policy_dir": str(self.policy_dir),
+                "algo/advantage": self.cfg.algo.advantage,
+                "algo/loss_agg": self.loss_agg,
+                "algo/critic": self.critic is not None,
+                # Where the old log-probs came from: the update's own forward, or a scoring pass.
+                "algo/old_logprobs": "update" if self.old_from_update else "scoring",
             }
             self.logger.write_summary(summary)
             return summary
@@ -505,11 +568,8 @@ class PPOTrainer:
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.invalid_rewards,
-            "pending": dict(self.pending),
-            "counters": {
-                "actor": self.actor.train.counters(),
-                "critic": self.critic.train.counters(),
-            },  # split: requested batches (prompts, seed) not yet trained
+            "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
+            "counters": {k: w.train.counters() for k, w in self._workers().items()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -523,16 +583,20 @@ class PPOTrainer:
         if rollout_rng is not None and state.get("rollout_rng") is not None:
             rollout_rng.set_state(state["rollout_rng"])
         self.invalid_rewards = int(state.get("reward_invalid", 0))
-        if "counters" in state:
-            self.actor.train.load_counters(state["counters"]["actor"])
-            self.critic.train.load_counters(state["counters"]["critic"])
+        for name, worker in self._workers().items():
+            if name in state.get("counters", {}):
+                worker.train.load_counters(state["counters"][name])
         # split: batches requested before the checkpoint are requested again, with the same
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
         self.pending = dict(state.get("pending", {}))
         self.requested = self.step_idx
 
+    def _workers(self) -> dict[str, Any]:
+        """The trained roles: the actor, and the critic for GAE."""
+        return {"actor": self.actor, **({"critic": self.critic} if self.critic is not None else {})}
+
     def _engines(self) -> dict[str, Any]:
-        return {"actor": self.actor.engine, "critic": self.critic.engine}
+        return {k: w.engine for k, w in self._workers().items()}
 
     def save_checkpoint(self) -> Path:
         """Checkpoint step ``step_idx`` (collective): engines, loop state, RNGs and the actor in HF format."""

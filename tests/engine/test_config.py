@@ -215,3 +215,60 @@ def test_mapping_fields_take_dotted_entries_and_check_their_values() -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             load_config(EvalConfig, None, [override])
+
+
+# --------------------------------------------------------------------------- critic-free RL
+GRPO = CONFIGS / "grpo_tiny.yaml"
+
+
+def test_grpo_tiny_loads_and_resolves_the_estimators_defaults():
+    cfg = _load(path=GRPO)
+    cfg.validate(world_size=1)
+    assert cfg.algo.advantage == "grpo" and not cfg.algo.uses_critic
+    assert cfg.ppo.kl.placement == "loss" and cfg.ppo.kl.kind == "k3"
+    assert cfg.resolved() == ("seq_mean_token_mean", False, False)
+    assert _load("algo.advantage=dr_grpo", path=GRPO).resolved() == ("seq_mean_token_sum_norm", False, False)
+    assert _load("algo.advantage=reinforce_pp", path=GRPO).resolved() == ("token_mean", True, False)
+    # PPO keeps what it did: token mean, whitened advantages, normalized rewards.
+    assert _load().resolved() == ("token_mean", True, True) and _load().algo.uses_critic
+    # Explicit choices win over the estimator's.
+    cfg = _load("algo.loss_agg=token_mean", "ppo.whiten_advantages=true", "ppo.reward_norm=true", path=GRPO)
+    assert cfg.resolved() == ("token_mean", True, True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algo.advantage=ppo"], "algo.advantage must be one of"),
+        (["ppo.kl.placement=both"], "ppo.kl.placement must be one of"),
+        (["algo.loss_agg=sum"], "algo.loss_agg must be one of"),
+        (["ppo.samples_per_prompt=1"], "algo.advantage=grpo needs groups: ppo.samples_per_prompt"),
+        (["algo.advantage=rloo", "ppo.samples_per_prompt=1"], "algo.advantage=rloo needs groups"),
+        (["algo.loss_agg_constant=-1"], "algo.loss_agg_constant must be >= 0"),
+        (["algo.std_eps=0"], "algo.std_eps must be > 0"),
+        (["algo.dynamic_sampling.max_draws=0"], "algo.dynamic_sampling.max_draws must be >= 1"),
+        (["algo.overlong.buffer=16"], r"algo.overlong.buffer must be in \[0, rollout.max_new_tokens=16\)"),
+        (["algo.overlong.penalty=-1"], "algo.overlong.penalty must be >= 0"),
+        (
+            ["algo.advantage=reinforce_pp", "ppo.samples_per_prompt=1", "algo.dynamic_sampling.enabled=true"],
+            "algo.dynamic_sampling needs ppo.samples_per_prompt >= 2",
+        ),
+    ],
+)
+def test_algo_config_errors_name_the_key(overrides, message):
+    cfg = _load(*overrides, path=GRPO)
+    with pytest.raises(ConfigError, match=message):
+        cfg.validate(world_size=1)
+
+
+def test_critic_free_ignores_the_critic_checkpoint_and_reinforce_pp_needs_no_group():
+    _load("critic.init_from=/not/here", path=GRPO).validate(1)  # no critic is built
+    _load(
+        "algo.advantage=reinforce_pp",
+        "ppo.samples_per_prompt=1",
+        "ppo.mini_batch_size=8",
+        "ppo.micro_batch_size=8",
+        path=GRPO,
+    ).validate(1)
+    with pytest.raises(ConfigError, match="unknown config key 'algo.advantages'"):
+        _load("algo.advantages=grpo", path=GRPO)

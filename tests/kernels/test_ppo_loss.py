@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import ppo_policy_loss, ppo_policy_loss_reference, ppo_value_loss, ppo_value_loss_reference
+from kernels import (
+    KLLossTerm,
+    ppo_policy_loss,
+    ppo_policy_loss_reference,
+    ppo_value_loss,
+    ppo_value_loss_reference,
+)
 from kernels._dispatch import LAUNCHES
 from tests.conftest import DTYPES, assert_close_fp64, check_launched
 
@@ -250,3 +256,107 @@ def test_bad_inputs() -> None:
         ppo_value_loss(x, x, x, m, reduction="sum")
     with pytest.raises(ValueError, match="dual_clip"):
         ppo_policy_loss(x, x, x, m, dual_clip=0.5)
+
+
+# --------------------------------------------------------------------------- fused KL term
+def _kl64(x: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
+    """Schulman's estimators of KL(policy || ref) per token, float64 (x = logp, differentiable)."""
+    d = x - ref.double()
+    if kind == "k1":
+        return d
+    if kind == "k2":
+        return 0.5 * d * d
+    return torch.expm1(-d) + d
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(4, 23), (2, 3, 19)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_policy_loss_with_kl_term_matches_fp64(kind, reduction, shape, dtype) -> None:
+    """Surrogate + coef * KL in one set of launches: loss, kl_loss and the gradient against float64."""
+    logp = (-2.0 * torch.rand(shape)).to(dtype)
+    old = (logp.float() + 0.3 * torch.randn(shape)).to(dtype)
+    ref = (logp.float() + 0.5 * torch.randn(shape)).to(dtype)
+    adv = torch.randn(shape).to(dtype)
+    mask = _mask(shape)
+    config = dict(clip_low=0.2, clip_high=0.28, dual_clip=3.0)
+    coef = 0.04 if kind == "k3" else 0.3
+    x = logp.clone().requires_grad_()
+    before = dict(LAUNCHES)
+    loss, stats = ppo_policy_loss(
+        x, old, adv, mask, reduction=reduction, kl=KLLossTerm(ref, coef, kind), **config
+    )
+    scale = torch.randn(())
+    (loss * scale).backward()
+    # Fused: exactly one launch of each where Triton runs, and no separate KL kernel anywhere.
+    check_launched(
+        before, ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize", "ppo_policy_loss_bwd"), count=1
+    )
+    assert LAUNCHES["kl_fwd"] == before.get("kl_fwd", 0) and LAUNCHES["kl_bwd"] == before.get("kl_bwd", 0)
+
+    # float64: the surrogate of _policy64 plus coef * kl per token, reduced the same way.
+    m = mask.double()
+    x64 = logp.double().requires_grad_()
+    o64, a64 = old.double(), adv.double()
+    ratio = torch.exp(x64 - o64)
+    l1, l2 = -a64 * ratio, -a64 * ratio.clamp(0.8, 1.28)
+    surr = torch.maximum(l1, l2)
+    surr = torch.where((a64 < 0) & (surr > -a64 * 3.0), -a64 * 3.0, surr)
+    kl64 = _kl64(x64, ref, kind)
+    loss64 = _reduce64(surr + coef * kl64, m, reduction)
+    (loss64 * scale.double()).backward()
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), dtype, name="loss")
+    xe = logp.clone().requires_grad_()
+    eager_loss, eager_stats = ppo_policy_loss_reference(
+        xe, old, adv, mask, reduction=reduction, kl=KLLossTerm(ref, coef, kind), **config
+    )
+    (eager_loss * scale).backward()
+    eager = xe.grad.float() if dtype != torch.float32 else None
+    assert_close_fp64(x.grad.float(), x64.grad, dtype, eager=eager, name="grad logp")
+    want_kl = _mmean64(kl64.detach(), m)
+    for got in (stats["kl_loss"], eager_stats["kl_loss"]):
+        assert got.dim() == 0 and got.dtype == torch.float32
+        assert_close_fp64(got.reshape(1), torch.tensor([want_kl], dtype=torch.float64), dtype, name="kl_loss")
+    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), dtype, name="reference loss")
+
+
+def test_kl_term_equals_the_unfused_pair_and_zero_coef_changes_nothing() -> None:
+    """loss(kl) == loss + coef * masked_mean(kl_penalty) for token_mean; coef 0 gives the plain loss."""
+    from kernels import kl_penalty
+
+    g = torch.Generator().manual_seed(1)
+    logp, old, ref = (-2 * torch.rand(3, 17, generator=g) for _ in range(3))
+    adv = torch.randn(3, 17, generator=g)
+    mask = _mask((3, 17))
+    base, st = ppo_policy_loss(logp, old, adv, mask)
+    fused, fst = ppo_policy_loss(logp, old, adv, mask, kl=KLLossTerm(ref, 0.1))
+    kl = kl_penalty(logp, ref, "k3")
+    kl_mean = (kl * mask).sum() / mask.sum()
+    torch.testing.assert_close(fused, base + 0.1 * kl_mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fst["kl_loss"], kl_mean, rtol=1e-5, atol=1e-6)
+    zero, zst = ppo_policy_loss(logp, old, adv, mask, kl=KLLossTerm(ref, 0.0))
+    torch.testing.assert_close(zero, base, rtol=1e-6, atol=1e-7)
+    assert "kl_loss" not in st and set(zst) == set(st) | {"kl_loss"}
+    # Padding garbage in ref_logp must not leak through the mask.
+    junk = torch.where(mask, ref, torch.full_like(ref, float("nan")))
+    x = logp.clone().requires_grad_()
+    out, _ = ppo_policy_loss(x, old, adv, mask, kl=KLLossTerm(junk, 0.1))
+    out.backward()
+    assert torch.isfinite(out) and torch.isfinite(x.grad).all()
+    torch.testing.assert_close(out, fused, rtol=1e-6, atol=1e-7)
+
+
+def test_kl_term_bad_inputs() -> None:
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="kl.kind"):
+        ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x, 0.1, "k4"))
+    with pytest.raises(ValueError, match=r"kl.ref_logp\[3, 2\]"):
+        ppo_policy_loss(x, x, x, m, kl=KLLossTerm(torch.zeros(3, 2), 0.1))
+    with pytest.raises(TypeError, match="kl.ref_logp"):
+        ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x.long(), 0.1))
+    with pytest.raises(ValueError, match="kl.coef"):
+        ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x, float("nan")))
+    with pytest.raises(TypeError, match="KLLossTerm"):
+        ppo_policy_loss(x, x, x, m, kl=(x, 0.1))

@@ -82,10 +82,13 @@ def require(*modules: str) -> None:
         pytest.skip(f"needs {', '.join(missing)}")
 
 
-def launch(out_dir: Path, overrides: list[str], ranks: int = 1, timeout_s: float = 420) -> PPORun:
-    """Run ``ppo_run.py ppo --config configs/ppo_tiny.yaml output_dir=OUT <overrides>`` on ``ranks``."""
+def launch(
+    out_dir: Path, overrides: list[str], ranks: int = 1, timeout_s: float = 420, config: Path = TINY_CONFIG
+) -> PPORun:
+    """Run ``ppo_run.py ppo --config CONFIG output_dir=OUT <overrides>`` on ``ranks`` (default config:
+    ``configs/ppo_tiny.yaml``)."""
     fp_dir = out_dir / "fingerprints"
-    script = [str(SCRIPTS / "ppo_run.py"), "--fingerprints", str(fp_dir), "ppo", "--config", str(TINY_CONFIG)]
+    script = [str(SCRIPTS / "ppo_run.py"), "--fingerprints", str(fp_dir), "ppo", "--config", str(config)]
     args = [f"output_dir={out_dir}", "logging.progress_bar=false", *overrides]
     port = free_port()
     cmd = [sys.executable, *script, *args] if ranks == 1 else deepspeed_cmd(ranks, port, *script, *args)

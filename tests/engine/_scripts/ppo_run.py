@@ -58,10 +58,10 @@ class FingerprintedTrainer(trainer_mod.PPOTrainer):
 
     def _roles(self) -> dict[str, tuple[torch.nn.Module, bool]]:
         c = self.cfg
-        return {
-            "actor": (self.actor.module, c.actor.zero_stage == 3),
-            "critic": (self.critic.module, c.critic.zero_stage == 3),
-        }
+        roles = {"actor": (self.actor.module, c.actor.zero_stage == 3)}
+        if self.critic is not None:  # critic-free estimators build none
+            roles["critic"] = (self.critic.module, c.critic.zero_stage == 3)
+        return roles
 
     def fit(self):
         before = {k: _snapshot(m, z3) for k, (m, z3) in self._roles().items()}

@@ -4,8 +4,9 @@ Real vLLM and DeepSpeed in their own processes, as ``scripts/demo.sh`` runs them
 The success thresholds of the full demo (RM accuracy >= 0.75, PPO gold > SFT gold)
 belong to the demo size; at CI size this checks that every stage ran for real and
 the report is consistent with the stages' own outputs. One best-of-n round from the
-pipeline's SFT and RM adds the fourth policy kind; every policy checkpoint (SFT, PPO
-``final/``, DPO, best-of-n) must load in transformers and in vLLM.
+pipeline's SFT and RM adds the fourth policy kind, and two GRPO runs (RM reward, gold reward)
+the fifth and sixth; every policy checkpoint (SFT, PPO ``final/``, DPO, best-of-n, both GRPO
+``final/``) must load in transformers and in vLLM.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def bon_dir(run_dir):
     return run_dir / "bon"
 
 
-POLICIES = ("sft", "ppo/final", "dpo", "bon")
+POLICIES = ("sft", "ppo/final", "dpo", "bon", "grpo_rm/final", "grpo_gold/final")
 
 
 def test_every_stage_left_a_loadable_checkpoint(run_dir, bon_dir):
@@ -125,6 +126,12 @@ def test_summary_report_and_plots(run_dir):
     # Every success check is in the report, PASS or FAIL (at the ci size they need not pass).
     for name, ok, value in success_checks(summary):
         assert f"| {name} | {'PASS' if ok else 'FAIL'} | {value} |" in report
+    # The per-method table: every policy, its gold, KL, filler rate and digits' gold, as summarized.
+    from engine.demo.pipeline import method_table
+
+    table = method_table(summary)
+    assert len(table) == 2 + 6 and all(line in report for line in table)
+    assert any(line.startswith("| grpo_gold | GRPO, gold scorer as reward | ") for line in table)
     for png in ("ppo_reward_kl.png", "gold_scores.png", "rm_accuracy.png"):
         assert (run_dir / png).read_bytes()[:4] == b"\x89PNG"
 
@@ -134,3 +141,26 @@ def test_ppo_stage_metrics(run_dir):
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))
     assert rows[0]["kl/mean"] == pytest.approx(0.0, abs=1e-4)  # actor == reference before any update
     assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows)  # every weight swap reached vLLM
+
+
+def test_grpo_runs_with_rm_and_gold_rewards(run_dir):
+    """Both GRPO runs trained without a critic, on their own reward, and are in the summary."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    evals = json.loads((run_dir / "eval" / "eval.json").read_text())["policies"]
+    for name, reward in (("grpo_rm", "model"), ("grpo_gold", "function")):
+        rows = [json.loads(x) for x in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2]  # the ci size
+        assert not [k for r in rows for k in r if k.startswith("critic/")]
+        assert all(r["rollout/logprob_gap"] < 1e-3 and r["actor/kl_loss"] >= 0 for r in rows)
+        run_summary = json.loads((run_dir / name / "summary.json").read_text())
+        assert run_summary["algo/advantage"] == "grpo" and run_summary["algo/critic"] is False
+        cfg = (run_dir / name / "config.yaml").read_text()
+        assert f"kind: {reward}" in cfg and "placement: loss" in cfg
+        assert summary[f"gold/{name}"] == evals[name]["gold_reward"] and 0.0 <= summary[f"gold/{name}"] <= 1.0
+        assert summary[f"kl/{name}"] == evals[name]["kl"] and math.isfinite(summary[f"kl/{name}"])
+        assert 0.0 <= summary[f"filler_rate/{name}"] <= 1.0 and 0.0 <= summary[f"gold_digits/{name}"] <= 1.0
+        first = sum(r["reward/mean"] for r in rows[:3]) / len(rows[:3])
+        assert summary[f"train_reward_first/{name}"] == pytest.approx(first)
+    # The gold run's training reward is the gold scorer's: in [0, 1] (the RM's is not bounded so).
+    gold_rows = [json.loads(x) for x in (run_dir / "grpo_gold" / "metrics.jsonl").read_text().splitlines()]
+    assert all(0.0 <= r["reward/mean"] <= 1.0 for r in gold_rows)

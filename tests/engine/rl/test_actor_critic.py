@@ -6,6 +6,7 @@ The slow test launches ``deepspeed --num_gpus 2`` for ZeRO-2 and ZeRO-3.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from engine.config import OptimConfig, PPOAlgoConfig
 from engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
 from engine.rl.critic import CriticWorker, ValueModel
-from engine.rl.experience import Experience
+from engine.rl.experience import Experience, truncated_is_weights
 from engine.rl.scoring import ReferenceModel, RewardScorer
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
 
@@ -107,6 +108,50 @@ def test_actor_step_raises_logprob_of_positively_advantaged_tokens() -> None:
     assert stats["policy_loss"] == pytest.approx(-1.0, abs=1e-5)  # ratio 1 at the first step
     gain = (after - before)[batch.action_mask]
     assert gain.mean() > 0.05, gain
+
+
+def test_old_logprobs_from_the_update_give_the_same_update() -> None:
+    """One update per step (PPOTrainer.old_from_update): taking the old log-probs from the update's
+    own forward, instead of a scoring pass first, gives the same loss, stats and weights, the
+    truncated IS weights (toward a behaviour policy some tokens are far from) included."""
+    batch = tiny_batch()
+    g = torch.Generator().manual_seed(3)
+    batch.advantages = torch.randn(batch.action_mask.shape, generator=g)
+    batch.ref_logprobs = hf_logprobs(tiny_lm(seed=5), batch, 0.8)
+    batch.rollout_logprobs = hf_logprobs(tiny_lm(), batch, 0.8) + torch.randn(
+        batch.action_mask.shape, generator=g
+    )
+    cap = 2.0
+    algo = PPOAlgoConfig(entropy_coef=0.01)
+    runs = []
+    for deferred in (False, True):
+        actor = ActorWorker(tiny_lm(), optim(1e-3), algo, 2, 2, temperature=0.8)
+        actor.loss = dataclasses.replace(actor.loss, kl_kind="k3")
+        b = dataclasses.replace(batch)
+        kept: list | None = [] if deferred else None
+        if not deferred:  # the trainer's scoring pass, then its IS weights on the advantages
+            b.old_logprobs, entropy = actor.logprobs(b)
+            w, _ = truncated_is_weights(b.old_logprobs, b.rollout_logprobs, b.action_mask, cap)
+            assert 0 < w.min() and (w < 1).any() and (w == cap).any()  # the weights bite both ways
+            b.advantages = b.advantages * w
+        stats = actor.train_minibatch(b.split(2), kl_coef=0.1, keep=kept, tis_cap=cap if deferred else 0.0)
+        if deferred:
+            assert len(kept) == 2 and b.old_logprobs is None
+            old = torch.cat([lp for lp, _ in kept])
+            entropy = torch.cat([e for _, e in kept])
+        else:
+            old = b.old_logprobs
+        runs.append((stats, old, entropy, params_of(actor.module)))
+    (s0, old0, ent0, w0), (s1, old1, ent1, w1) = runs
+    m = batch.action_mask
+    torch.testing.assert_close(old1[m], old0[m], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ent1[m], ent0[m], atol=1e-5, rtol=0)
+    for k in ("policy_loss", "kl_loss", "entropy", "grad_norm"):
+        assert s1[k] == pytest.approx(s0[k], abs=1e-5), k
+    assert s1["clipfrac"] == s0["clipfrac"] == 0.0
+    for a, b_ in zip(w0, w1):
+        torch.testing.assert_close(a, b_, atol=1e-6, rtol=0)
+    assert any(not torch.equal(a, b_) for a, b_ in zip(w0, params_of(tiny_lm())))  # it did update
 
 
 def test_critic_values_move_toward_returns() -> None:

@@ -41,12 +41,14 @@ def vllm_rollout(tiny_dir):
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     from engine.rl.rollout import VLLMRollout
 
+    threads = torch.get_num_threads()
     r = VLLMRollout(
         str(tiny_dir),
         RolloutConfig(temperature=T, max_new_tokens=12, kv_cache_gib=1),
         seed=0,
         max_model_len=128,
     )
+    r.threads_before = threads
     yield r
     r.close()
 
@@ -97,6 +99,13 @@ def test_vllm_generate_logprobs_match_hf_forward(vllm_rollout, hf_model):
     assert (
         hf_logprobs(hf_model, s.prompt_ids, s.response_ids, temperature=1.0) - torch.tensor(s.logprobs)
     ).abs().max() > 1e-2
+
+
+def test_vllm_leaves_the_trainers_torch_threads(vllm_rollout):
+    """vLLM drops torch to one thread unless OMP_NUM_THREADS is set; the trainer shares the
+    process, so the rollout keeps the count torch had (keep_torch_threads)."""
+    assert torch.get_num_threads() == vllm_rollout.threads_before
+    assert os.environ["OMP_NUM_THREADS"] == str(vllm_rollout.threads_before)
 
 
 def test_vllm_deterministic_given_seed(vllm_rollout):

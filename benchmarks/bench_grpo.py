@@ -1,0 +1,270 @@
+"""Our GRPO against TRL's ``GRPOTrainer``, side by side on the same tiny model and the same work.
+
+Usage::
+
+    python benchmarks/bench_grpo.py                    # 12 steps each, 2 left out as warm-up
+    python benchmarks/bench_grpo.py --steps 20 --estimator rloo   # another of our estimators
+    python benchmarks/bench_grpo.py --skip-peer        # ours only (no TRL install)
+
+One command runs both, one after the other, on this machine:
+
+1. builds a random tiny Llama (hidden 128, 2 layers, the toy tokenizer) and saves it to a
+   directory both load, so both start from the same weights;
+2. ours: ``python -m engine.cli ppo --config configs/grpo_tiny.yaml`` with ``model.path`` set to
+   it, 16 prompts x 4 samples per step (group size 4), 32 new tokens, the k3 KL to the reference
+   in the loss (beta 0.04), one optimizer step per batch (``ppo.mini_batch_size=64``), 1 rank,
+   vLLM generating in-process (``benchmarks/bench_ppo.py``'s runner and per-phase means);
+3. TRL: installs ``trl`` (``--trl-version``) with torch 2.13.0 from the local CPU wheel into its own
+   virtual environment, ``benchmarks/.peer_venvs/trl-<version>`` (git-ignored, made once), and runs
+   ``benchmarks/peers/trl_grpo.py`` there: ``GRPOTrainer`` with the same prompts, group size, new
+   tokens, beta, clip range, learning rate and one optimizer step per batch, reference model
+   included, HF ``generate`` (TRL's default without vLLM), gradient checkpointing off.
+
+Both use the same reward (``engine.tasks:toy_reward``) and fp32. Reported over the steps after
+``--warmup``: samples per second (samples = prompts x group size per step / median step
+seconds) for both, and our per-phase breakdown. Rows are appended to ``benchmarks/results/grpo.csv``
+with the device, versions and git SHA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import append_rows  # noqa: E402
+from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
+from benchmarks.bench_ppo import _version, run_ppo, summarize  # noqa: E402
+from engine.tasks import toy_prompts  # noqa: E402
+
+COLUMNS = [
+    "timestamp", "git_sha", "device", "system", "versions", "estimator", "prompts", "group_size",
+    "max_new_tokens", "model_params", "steps", "warmup", "step_s_median", "samples_per_s",
+    "generate_s", "score_s", "train_s", "sync_s", "reward_first", "reward_last", "threads", "note",
+]  # fmt: skip
+PEER_VENVS = ROOT / "benchmarks" / ".peer_venvs"
+TINY = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 344}
+
+
+def build_model(out: Path, seed: int) -> int:
+    """The tiny random Llama and the toy tokenizer saved to ``out``; returns the parameter count."""
+    from engine.config import TinyModelConfig
+    from engine.models import build_tiny_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_tiny_model(tok, TinyModelConfig(**TINY, max_position_embeddings=256), seed)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _pip_config(key: str) -> list[str]:
+    out = subprocess.run(["pip", "config", "get", key], capture_output=True, text=True)
+    return out.stdout.split() if out.returncode == 0 else []
+
+
+def peer_python(version: str) -> Path:
+    """The interpreter of TRL's own environment, created (once) with torch 2.13.0 from the local wheel.
+
+    Like ``scripts/setup_env.sh``: uv with pip's ``find-links`` folder (the CPU torch wheel) and
+    extra indexes, and PyPI's CUDA builds of torchvision/torchaudio/torchcodec kept out.
+    """
+    venv = PEER_VENVS / f"trl-{version}"
+    py = venv / "bin" / "python"
+    stamp = venv / ".ready"
+    if (
+        stamp.is_file()
+        and subprocess.run([py, "-c", "import trl, torch"], capture_output=True).returncode == 0
+    ):
+        return py
+    print(f"[bench_grpo] installing trl=={version} into {venv} (once)", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
+    subprocess.run([py, "-m", "pip", "install", "-q", "uv"], check=True)
+    excludes = venv / "excludes.txt"
+    excludes.write_text("torchvision\ntorchaudio\ntorchcodec\n")
+    cmd = [
+        str(venv / "bin" / "uv"),
+        "pip",
+        "install",
+        "--python",
+        str(py),
+        "--index-strategy",
+        "unsafe-best-match",
+    ]
+    for folder in _pip_config("global.find-links") or ["/opt/wheels"]:
+        if Path(folder).is_dir():
+            cmd += ["--find-links", folder]
+    for index in _pip_config("global.extra-index-url"):
+        cmd += ["--extra-index-url", index]
+    subprocess.run([*cmd, "--excludes", str(excludes), "torch==2.13.0", f"trl=={version}"], check=True)
+    stamp.write_text(version)
+    return py
+
+
+def run_trl(py: Path, spec: dict, work: Path, timeout_s: float) -> dict:
+    spec_path, out_path = work / "trl_spec.json", work / "trl_result.json"
+    spec_path.write_text(json.dumps({**spec, "work_dir": str(work / "trl_out")}))
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run(
+        [str(py), str(ROOT / "benchmarks" / "peers" / "trl_grpo.py"), str(spec_path), str(out_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout_s,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"TRL run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
+    return json.loads(out_path.read_text())
+
+
+def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str) -> dict:
+    n, prompts = args.group_size, args.prompts
+    overrides = [
+        f"model.path={model_dir}",
+        f"seed={args.seed}",
+        f"algo.advantage={args.estimator}",
+        f"ppo.rollout_batch_size={prompts}",
+        f"ppo.samples_per_prompt={n}",
+        f"ppo.mini_batch_size={prompts * n}",  # one optimizer step per batch
+        f"ppo.micro_batch_size={prompts * n}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        "ppo.kl.placement=loss",
+        "ppo.kl.kind=k3",
+        f"ppo.kl.coef={args.beta}",
+        f"actor.lr={args.lr}",
+        "data.num_prompts=256",
+        f"rollout.backend={backend}",
+        *args.overrides,
+    ]
+    out = work / f"ours_{backend}"
+    run_ppo(ROOT / "configs" / "grpo_tiny.yaml", args.steps, 1, overrides, out, args.timeout)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    stats = summarize(out, args.warmup)
+    stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[args.warmup :])
+    stats["rewards"] = [r["reward/mean"] for r in rows]
+    return stats
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--warmup", type=int, default=2, help="leading steps left out")
+    parser.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    parser.add_argument("--group-size", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (reference model in both)")
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--estimator", default="grpo")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trl-version", default="1.16.0")
+    parser.add_argument(
+        "--backends", default="hf,vllm", help="our rollout backends to run, comma-separated (hf, vllm)"
+    )
+    parser.add_argument("--skip-peer", action="store_true")
+    parser.add_argument("--timeout", type=float, default=1800.0)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo.csv"))
+    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for our run")
+    args = parser.parse_args(argv)
+    if args.steps <= args.warmup:
+        parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
+    peer = None if args.skip_peer else peer_python(args.trl_version)  # install before timing anything
+    device = _device_name(torch.device("cpu"))
+    samples = args.prompts * args.group_size
+    base = {
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_sha": _git_sha(),
+        "device": device,
+        "prompts": args.prompts,
+        "group_size": args.group_size,
+        "max_new_tokens": args.max_new_tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
+        work = Path(tmp)
+        params = build_model(work / "model", args.seed)
+        base["model_params"] = params
+        for backend in args.backends.split(","):
+            mine = ours(args, work / "model", work, backend)
+            gen = "vLLM in-process" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
+            rows.append(
+                {
+                    **base,
+                    "system": f"tritonrlhf ({backend})",
+                    "versions": f"torch {torch.__version__}, vllm {_version('vllm')}, deepspeed {_version('deepspeed')}",
+                    "estimator": args.estimator,
+                    "step_s_median": f"{mine['step_s_median']:.4g}",
+                    "samples_per_s": f"{samples / mine['step_s_median']:.4g}",
+                    **{k: f"{mine[k]:.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
+                    "reward_first": f"{mine['rewards'][0]:.4g}",
+                    "reward_last": f"{mine['rewards'][-1]:.4g}",
+                    "note": f"1 rank, colocate, {gen}, ZeRO-2; " + " ".join(args.overrides),
+                }
+            )
+        if peer is not None:
+            spec = {
+                "model_dir": str(work / "model"),
+                "prompts": toy_prompts(256, args.seed),  # what data.prompts=toy gives our run
+                "group_size": args.group_size,
+                "prompts_per_step": args.prompts,
+                "max_new_tokens": args.max_new_tokens,
+                "beta": args.beta,
+                "lr": args.lr,
+                "steps": args.steps,
+                "seed": args.seed,
+            }
+            trl = run_trl(peer, spec, work, args.timeout)
+            med = statistics.median(trl["step_s"][args.warmup :])
+            v = trl["versions"]
+            rows.append(
+                {
+                    **base,
+                    "system": "trl GRPOTrainer",
+                    "versions": f"trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}",
+                    "estimator": "grpo (loss_type=grpo)",
+                    "step_s_median": f"{med:.4g}",
+                    "samples_per_s": f"{samples / med:.4g}",
+                    "reward_first": f"{trl['reward'][0]:.4g}",
+                    "reward_last": f"{trl['reward'][-1]:.4g}",
+                    "threads": str(trl["threads"]),
+                    "note": "HF generate, reference model, gradient checkpointing off",
+                }
+            )
+    append_rows(Path(args.out), rows, COLUMNS)
+    print(f"{device}: {args.prompts} prompts x {args.group_size} samples, {args.max_new_tokens} new tokens, "
+          f"{params} params, median of steps {args.warmup + 1}-{args.steps}")  # fmt: skip
+    for r in rows:
+        print(
+            f"  {r['system']:16s} {r['samples_per_s']:>8s} samples/s  ({r['step_s_median']} s/step)  {r['versions']}"
+        )
+    trl = [r for r in rows if r["system"].startswith("trl")]
+    for r in rows:
+        if not r["system"].startswith("tritonrlhf"):
+            continue
+        if trl:
+            ratio = float(r["samples_per_s"]) / float(trl[0]["samples_per_s"])
+            print(f"  {r['system']} / TRL = {ratio:.2f}x")
+        print(
+            f"  {r['system']} step: generate {r['generate_s']} s, score {r['score_s']} s, "
+            f"train {r['train_s']} s, sync {r['sync_s']} s (means)"
+        )
+    print(f"appended to {args.out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
