@@ -2,28 +2,34 @@
 
 Usage::
 
-    python benchmarks/bench_grpo.py                    # 12 steps each, 2 left out as warm-up
+    python benchmarks/bench_grpo.py                    # 3 interleaved runs of 12 steps each, 2 warm-up
+    python benchmarks/bench_grpo.py --model small      # hidden 256, 4 layers (3.2M parameters)
     python benchmarks/bench_grpo.py --steps 20 --estimator rloo   # another of our estimators
     python benchmarks/bench_grpo.py --skip-peer        # ours only (no TRL install)
 
-One command runs both, one after the other, on this machine:
+One command runs both on this machine:
 
-1. builds a random tiny Llama (hidden 128, 2 layers, the toy tokenizer) and saves it to a
-   directory both load, so both start from the same weights;
+1. builds a random Llama (``--model``: ``tiny`` hidden 128 x 2 layers, 0.41M parameters, or
+   ``small`` hidden 256 x 4 layers; the toy tokenizer) and saves it to a directory both load, so
+   both start from the same weights;
 2. ours: ``python -m engine.cli ppo --config configs/grpo_tiny.yaml`` with ``model.path`` set to
    it, 16 prompts x 4 samples per step (group size 4), 32 new tokens, the k3 KL to the reference
    in the loss (beta 0.04), one optimizer step per batch (``ppo.mini_batch_size=64``), 1 rank,
-   vLLM generating in-process (``benchmarks/bench_ppo.py``'s runner and per-phase means);
+   once per rollout backend in ``--backends`` (``hf``: transformers ``generate`` on a copy of the
+   policy, weights synced each step; ``vllm``: vLLM in-process), DeepSpeed with ZeRO stage 0 by
+   default (one rank has nothing to shard; pass other overrides to change it);
 3. TRL: installs ``trl`` (``--trl-version``) with torch 2.13.0 from the local CPU wheel into its own
    virtual environment, ``benchmarks/.peer_venvs/trl-<version>`` (git-ignored, made once), and runs
    ``benchmarks/peers/trl_grpo.py`` there: ``GRPOTrainer`` with the same prompts, group size, new
    tokens, beta, clip range, learning rate and one optimizer step per batch, reference model
    included, HF ``generate`` (TRL's default without vLLM), gradient checkpointing off.
 
-Both use the same reward (``engine.tasks:toy_reward``) and fp32. Reported over the steps after
-``--warmup``: samples per second (samples = prompts x group size per step / median step
-seconds) for both, and our per-phase breakdown. Rows are appended to ``benchmarks/results/grpo.csv``
-with the device, versions and git SHA.
+Both use the same reward (``engine.tasks:toy_reward``) and fp32. Each system runs ``--repeats``
+times, interleaved (ours, TRL, ours, TRL, ...), because step times on a shared 2-core VM drift by
+a third between runs minutes apart; each run's median step after ``--warmup`` is taken, and the
+median over runs is reported: samples per second (prompts x group size / step seconds) for
+all, and our per-phase breakdown. Rows are appended to ``benchmarks/results/grpo.csv`` with the
+device, versions, git SHA and every run's median.
 """
 
 from __future__ import annotations
@@ -55,16 +61,33 @@ COLUMNS = [
     "generate_s", "score_s", "train_s", "sync_s", "reward_first", "reward_last", "threads", "note",
 ]  # fmt: skip
 PEER_VENVS = ROOT / "benchmarks" / ".peer_venvs"
-TINY = {"hidden_size": 128, "num_layers": 2, "num_heads": 2, "num_kv_heads": 2, "intermediate_size": 344}
+# --model: random Llamas built from configs (the toy tokenizer's vocabulary); "small" is issue #16's
+# 3.4M-parameter PPO size, where compute starts to count on 2 cores.
+MODELS = {
+    "tiny": {
+        "hidden_size": 128,
+        "num_layers": 2,
+        "num_heads": 2,
+        "num_kv_heads": 2,
+        "intermediate_size": 344,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_layers": 4,
+        "num_heads": 8,
+        "num_kv_heads": 8,
+        "intermediate_size": 688,
+    },
+}
 
 
-def build_model(out: Path, seed: int) -> int:
-    """The tiny random Llama and the toy tokenizer saved to ``out``; returns the parameter count."""
+def build_model(out: Path, seed: int, size: str = "tiny") -> int:
+    """The random Llama of ``MODELS[size]`` and the toy tokenizer saved to ``out``; returns the parameter count."""
     from engine.config import TinyModelConfig
     from engine.models import build_tiny_model, build_tokenizer
 
     tok = build_tokenizer()
-    model = build_tiny_model(tok, TinyModelConfig(**TINY, max_position_embeddings=256), seed)
+    model = build_tiny_model(tok, TinyModelConfig(**MODELS[size], max_position_embeddings=256), seed)
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return sum(p.numel() for p in model.parameters())
@@ -167,15 +190,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--beta", type=float, default=0.04, help="KL coefficient (reference model in both)")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--estimator", default="grpo")
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS), help="the random Llama both train")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trl-version", default="1.16.0")
     parser.add_argument(
         "--backends", default="hf,vllm", help="our rollout backends to run, comma-separated (hf, vllm)"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved")
     parser.add_argument("--skip-peer", action="store_true")
     parser.add_argument("--timeout", type=float, default=1800.0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "grpo.csv"))
-    parser.add_argument("overrides", nargs="*", help="extra dotted overrides for our run")
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        default=["actor.zero_stage=0"],
+        help="dotted overrides for our runs (default: actor.zero_stage=0 -- one rank has nothing to shard)",
+    )
     args = parser.parse_args(argv)
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
@@ -193,64 +223,78 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "warmup": args.warmup,
         "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
     }
-    rows = []
+    runs: dict[str, list[dict]] = {}  # system -> one result per repeat
     with tempfile.TemporaryDirectory(prefix="bench_grpo_") as tmp:
         work = Path(tmp)
-        params = build_model(work / "model", args.seed)
+        params = build_model(work / "model", args.seed, args.model)
         base["model_params"] = params
-        for backend in args.backends.split(","):
-            mine = ours(args, work / "model", work, backend)
+        spec = {
+            "model_dir": str(work / "model"),
+            "prompts": toy_prompts(256, args.seed),  # what data.prompts=toy gives our run
+            "group_size": args.group_size,
+            "prompts_per_step": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "beta": args.beta,
+            "lr": args.lr,
+            "steps": args.steps,
+            "seed": args.seed,
+        }
+        # Repeats interleave the systems, so a slow spell of the machine hits each of them alike.
+        for rep in range(args.repeats):
+            for backend in args.backends.split(","):
+                mine = ours(args, work / "model", work / f"rep{rep}", backend)
+                runs.setdefault(f"tritonrlhf ({backend})", []).append(mine)
+            if peer is not None:
+                trl = run_trl(peer, spec, work, args.timeout)
+                trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])
+                runs.setdefault("trl GRPOTrainer", []).append(trl)
+    rows = []
+    for system, results in runs.items():
+        meds = [r["step_s_median"] for r in results]
+        med = statistics.median(meds)
+        row = {
+            **base,
+            "system": system,
+            "step_s_median": f"{med:.4g}",
+            "samples_per_s": f"{samples / med:.4g}",
+            "reward_first": f"{statistics.median(r['rewards'][0] for r in results):.4g}",
+            "reward_last": f"{statistics.median(r['rewards'][-1] for r in results):.4g}",
+        }
+        per_run = "per-run medians " + " ".join(f"{m:.3f}" for m in meds) + " s"
+        if system.startswith("tritonrlhf"):
+            backend = system.split("(")[1].rstrip(")")
             gen = "vLLM in-process" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
-            rows.append(
+            row.update(
                 {
-                    **base,
-                    "system": f"tritonrlhf ({backend})",
                     "versions": f"torch {torch.__version__}, vllm {_version('vllm')}, deepspeed {_version('deepspeed')}",
                     "estimator": args.estimator,
-                    "step_s_median": f"{mine['step_s_median']:.4g}",
-                    "samples_per_s": f"{samples / mine['step_s_median']:.4g}",
-                    **{k: f"{mine[k]:.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
-                    "reward_first": f"{mine['rewards'][0]:.4g}",
-                    "reward_last": f"{mine['rewards'][-1]:.4g}",
-                    "note": f"1 rank, colocate, {gen}, ZeRO-2; " + " ".join(args.overrides),
+                    **{
+                        k: f"{statistics.median(r[k] for r in results):.4g}"
+                        for k in ("generate_s", "score_s", "train_s", "sync_s")
+                    },
+                    "note": f"1 rank, colocate, {gen}; {' '.join(args.overrides)}; {per_run}",
                 }
             )
-        if peer is not None:
-            spec = {
-                "model_dir": str(work / "model"),
-                "prompts": toy_prompts(256, args.seed),  # what data.prompts=toy gives our run
-                "group_size": args.group_size,
-                "prompts_per_step": args.prompts,
-                "max_new_tokens": args.max_new_tokens,
-                "beta": args.beta,
-                "lr": args.lr,
-                "steps": args.steps,
-                "seed": args.seed,
-            }
-            trl = run_trl(peer, spec, work, args.timeout)
-            med = statistics.median(trl["step_s"][args.warmup :])
-            v = trl["versions"]
-            rows.append(
+        else:
+            v = results[0]["versions"]
+            row.update(
                 {
-                    **base,
-                    "system": "trl GRPOTrainer",
                     "versions": f"trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}",
                     "estimator": "grpo (loss_type=grpo)",
-                    "step_s_median": f"{med:.4g}",
-                    "samples_per_s": f"{samples / med:.4g}",
-                    "reward_first": f"{trl['reward'][0]:.4g}",
-                    "reward_last": f"{trl['reward'][-1]:.4g}",
-                    "threads": str(trl["threads"]),
-                    "note": "HF generate, reference model, gradient checkpointing off",
+                    "threads": str(results[0]["threads"]),
+                    "note": f"HF generate, reference model, gradient checkpointing off; {per_run}",
                 }
             )
+        rows.append(row)
     append_rows(Path(args.out), rows, COLUMNS)
     print(f"{device}: {args.prompts} prompts x {args.group_size} samples, {args.max_new_tokens} new tokens, "
-          f"{params} params, median of steps {args.warmup + 1}-{args.steps}")  # fmt: skip
+          f"{params} params; median over {args.repeats} run(s) of each run's median of steps "
+          f"{args.warmup + 1}-{args.steps}")  # fmt: skip
     for r in rows:
         print(
-            f"  {r['system']:16s} {r['samples_per_s']:>8s} samples/s  ({r['step_s_median']} s/step)  {r['versions']}"
+            f"  {r['system']:18s} {r['samples_per_s']:>8s} samples/s  ({r['step_s_median']} s/step)  {r['versions']}"
         )
+        print(f"  {'':18s} {r['note'].split('; ')[-1]}")
     trl = [r for r in rows if r["system"].startswith("trl")]
     for r in rows:
         if not r["system"].startswith("tritonrlhf"):
@@ -260,7 +304,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"  {r['system']} / TRL = {ratio:.2f}x")
         print(
             f"  {r['system']} step: generate {r['generate_s']} s, score {r['score_s']} s, "
-            f"train {r['train_s']} s, sync {r['sync_s']} s (means)"
+            f"train {r['train_s']} s, sync {r['sync_s']} s (medians of the runs' means)"
         )
     print(f"appended to {args.out}")
     return rows
