@@ -247,6 +247,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if peer is not None:
                 trl = run_trl(peer, spec, work, args.timeout)
                 trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])
+                trl["rewards"] = trl["reward"]
                 runs.setdefault("trl GRPOTrainer", []).append(trl)
     rows = []
     for system, results in runs.items():
