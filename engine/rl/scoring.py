@@ -40,6 +40,9 @@ class ReferenceModel:
         self, model: nn.Module, device: torch.device | str | None = None, micro_batch_size: int = 8
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        from engine.models import disable_dropout
+
+        disable_dropout(model)
         self.net = _freeze(PolicyLogprobs(model.to(self.device)))
         self.micro_batch_size = micro_batch_size
 
