@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import keyword
+import math
 import os
 import types
 import typing
@@ -62,6 +63,11 @@ class RewardConfig:
     function: str = "engine.tasks:toy_reward"
     model_path: str = ""
     clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
+    # Responses cut at rollout.max_new_tokens (no stop token): subtract this from their score
+    # (TRL's missing_eos_penalty; 0: off), and score them ("score") or leave them out of the loss
+    # ("mask": they still count in their group's baseline).
+    missing_eos_penalty: float = 0.0
+    on_truncated: str = "score"
 
 
 @dataclass
@@ -281,6 +287,11 @@ class PPOConfig(StageConfig):
         """Range and consistency checks; raises ConfigError naming the key."""
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("reward.on_truncated", self.reward.on_truncated, ("score", "mask"))
+        if not (math.isfinite(self.reward.missing_eos_penalty) and self.reward.missing_eos_penalty >= 0):
+            raise ConfigError(
+                f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"
+            )
         check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         check_choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))

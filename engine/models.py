@@ -424,3 +424,67 @@ def load_reward_model(
     )
     model.eval().requires_grad_(False)
     return model
+
+
+# --------------------------------------------------------------------------- RL-time model surgery
+# Config keys that scale the output logits after the LM head's matmul, as the HF models apply them:
+# key -> (how, neutral value). "mul": logits * v (Cohere's logit_scale); "div": logits / v (Granite).
+LOGIT_SCALES = {"logit_scale": ("mul", 1.0), "logits_scaling": ("div", 1.0)}
+# Transforms of the final logits that no temperature can express.
+LOGIT_REFUSED = ("final_logit_softcapping",)
+
+
+def logit_multiplier(config: Any) -> float:
+    """The factor an HF model applies to ``hidden @ lm_head.T`` before its logits are returned.
+
+    Cohere multiplies the logits by ``logit_scale``; Granite divides them by ``logits_scaling``.
+    Log-prob paths that take the LM head's weight directly (``kernels.linear_logprobs``) must apply
+    the same factor, or their log-probs differ from the model's (and from vLLM's) silently. A
+    transform that is not a plain factor (Gemma 2's ``final_logit_softcapping``) raises
+    ``ValueError`` naming it.
+    """
+    name = type(config).__name__
+    for key in LOGIT_REFUSED:
+        if getattr(config, key, None):
+            raise ValueError(
+                f"{name}: {key}={getattr(config, key)} (a tanh soft-cap of the final logits) is not "
+                f"supported by the fused log-prob path (kernels.linear_logprobs), which would give "
+                f"log-probs of the uncapped logits"
+            )
+    mult = 1.0
+    for key, (how, neutral) in LOGIT_SCALES.items():
+        v = getattr(config, key, None)
+        if v is None or v == neutral:
+            continue
+        v = float(v)
+        if not v > 0:
+            raise ValueError(f"{name}: {key}={v} must be > 0")
+        mult = mult * v if how == "mul" else mult / v
+    return mult
+
+
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn off every dropout of ``model`` for RL (as TRL does), so that the training forward equals
+    the scoring forward and the first PPO ratio is exactly 1 for any checkpoint.
+
+    Sets ``p = 0`` on ``nn.Dropout`` modules, zeroes the float attributes HF attention layers read
+    at forward time (``attention_dropout``, ``dropout``) and the config's ``*dropout*`` fields.
+    Returns how many settings were non-zero before.
+    """
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.dropout._DropoutNd):
+            changed += module.p != 0
+            module.p = 0.0
+        for attr in ("attention_dropout", "dropout"):
+            v = getattr(module, attr, None)
+            if isinstance(v, float) and not isinstance(v, bool):
+                changed += v != 0
+                setattr(module, attr, 0.0)
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "to_dict"):
+            for key, v in config.to_dict().items():
+                if "dropout" in key and isinstance(v, float) and v != 0:
+                    changed += 1
+                    setattr(config, key, 0.0)
+    return int(changed)

@@ -68,8 +68,10 @@ class PolicyLogprobs(nn.Module):
             raise ValueError(
                 f"{type(lm).__name__}: an LM head with a bias is not supported by linear_logprobs"
             )
-        if getattr(getattr(lm, "config", None), "final_logit_softcapping", None):
-            raise ValueError(f"{type(lm).__name__}: logit soft-capping is not supported by linear_logprobs")
+        from engine.models import logit_multiplier
+
+        # Cohere's logit_scale, Granite's logits_scaling: a factor on the logits, i.e. a temperature.
+        self.logit_mult = logit_multiplier(lm.config) if hasattr(lm, "config") else 1.0
         import deepspeed
 
         deepspeed.zero.register_external_parameter(self, head.weight)
@@ -94,7 +96,9 @@ class PolicyLogprobs(nn.Module):
         hidden = hidden[:, P - 1 : P - 1 + response_len]
         targets = sequences[:, P:]
         weight = self.lm.get_output_embeddings().weight
-        return kernels.linear_logprobs(hidden, weight, targets, temperature=temperature, return_entropy=True)
+        return kernels.linear_logprobs(
+            hidden, weight, targets, temperature=temperature / self.logit_mult, return_entropy=True
+        )
 
 
 # --------------------------------------------------------------------------- DeepSpeed engine
@@ -369,6 +373,9 @@ class ActorWorker:
         total_updates: int | None = None,
         loss: PolicyLossSpec | None = None,
     ) -> None:
+        from engine.models import disable_dropout
+
+        disable_dropout(model)  # training forward == scoring forward: the first ratio is exactly 1
         self.algo = algo
         self.loss = loss or PolicyLossSpec()
         self.temperature = float(temperature)

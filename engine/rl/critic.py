@@ -109,6 +109,9 @@ class CriticWorker:
         dtype: torch.dtype | None = None,
         total_updates: int | None = None,
     ) -> None:
+        from engine.models import disable_dropout
+
+        disable_dropout(model)  # values under training equal values under scoring
         self.algo = algo
         self.micro_batch_size = train_micro_batch_size
         self.train = TrainEngine(

@@ -156,6 +156,8 @@ class RolloutBatch:
                       (``placement.scoring=rollout``), else None.
     scores [B] float32, score_valid [B] bool: present when the samples were scored before
                       collation (on the rollout ranks, or for dynamic sampling), else None.
+    finish_reasons:   B of ``"stop"`` (ended with the stop token) or ``"length"`` (cut at
+                      ``max_new_tokens``); ``truncated`` is the latter as [B] bool.
     """
 
     sequences: torch.Tensor
@@ -168,6 +170,13 @@ class RolloutBatch:
     ref_logprobs: torch.Tensor | None = None
     scores: torch.Tensor | None = None
     score_valid: torch.Tensor | None = None
+    finish_reasons: list[str] | None = None
+
+    @property
+    def truncated(self) -> torch.Tensor:
+        """[B] bool: the responses cut at ``max_new_tokens`` without their stop token."""
+        reasons = self.finish_reasons or ["stop"] * self.sequences.shape[0]
+        return torch.tensor([r != "stop" for r in reasons], dtype=torch.bool)
 
     @property
     def prompt_len(self) -> int:
@@ -196,6 +205,7 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
     responses = tokenizer.batch_decode([s.response_ids for s in samples], skip_special_tokens=True)
     versions = torch.tensor([s.policy_version for s in samples], dtype=torch.long)
     rb = RolloutBatch(seq, attn, amask, lps, prompts, responses, versions)
+    rb.finish_reasons = [s.finish_reason for s in samples]
     if samples and all(s.ref_logprobs is not None for s in samples):
         rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
         for i, s in enumerate(samples):
@@ -474,3 +484,18 @@ def truncated_is_weights(
     else:
         stats = {"is/mean": 1.0, "is/max": 1.0, "is/truncated_frac": 0.0}
     return w, stats
+
+
+def truncation_terms(truncated: torch.Tensor, missing_eos_penalty: float, on_truncated: str) -> tuple:
+    """``(penalty [B] float32, trained [B] bool)`` for responses cut at ``max_new_tokens``.
+
+    ``penalty`` is ``-missing_eos_penalty`` on each truncated response (added to its score, as
+    TRL's ``missing_eos_penalty``), 0 elsewhere; ``trained`` is False on truncated responses when
+    ``on_truncated == "mask"`` (no loss; their score still counts in their group's baseline),
+    True everywhere with ``"score"``.
+    """
+    if on_truncated not in ("score", "mask"):
+        raise ValueError(f"on_truncated must be 'score' or 'mask', got {on_truncated!r}")
+    penalty = -float(missing_eos_penalty) * truncated.float()
+    trained = ~truncated if on_truncated == "mask" else torch.ones_like(truncated)
+    return penalty, trained.bool()

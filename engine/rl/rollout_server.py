@@ -105,7 +105,9 @@ class _Scorer:
         rb = collate_samples(samples, self.tokenizer, self.tokenizer.pad_token_id)
         exp = Experience(rb.sequences, rb.attention_mask, rb.action_mask)
         ref = self.ref.logprobs(exp, self.temperature).float().cpu()
-        scores, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        scores, valid = self.reward.score(
+            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+        )
         for i, s in enumerate(samples):
             s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
             s.score, s.score_valid = float(scores[i]), bool(valid[i])

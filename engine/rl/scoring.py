@@ -40,6 +40,9 @@ class ReferenceModel:
         self, model: nn.Module, device: torch.device | str | None = None, micro_batch_size: int = 8
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        from engine.models import disable_dropout
+
+        disable_dropout(model)
         self.net = _freeze(PolicyLogprobs(model.to(self.device)))
         self.micro_batch_size = micro_batch_size
 
@@ -114,10 +117,18 @@ class RewardScorer:
         responses: Sequence[str],
         sequences: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        finish_reasons: Sequence[str] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scores [B] float32, valid [B] bool) on CPU; a function scorer needs only the texts."""
+        """(scores [B] float32, valid [B] bool) on CPU; a function scorer needs only the texts.
+
+        A reward function that takes a ``finish_reasons`` argument (or ``**kwargs``) also gets
+        each response's ``"stop"`` / ``"length"`` (cut at ``max_new_tokens``).
+        """
         if self.fn is not None:
-            raw = list(self.fn(list(prompts), list(responses)))
+            kwargs = {}
+            if finish_reasons is not None and _accepts(self.fn, "finish_reasons"):
+                kwargs["finish_reasons"] = list(finish_reasons)
+            raw = list(self.fn(list(prompts), list(responses), **kwargs))
             if len(raw) != len(prompts):
                 raise ValueError(f"reward function returned {len(raw)} scores for {len(prompts)} samples")
             values = [_as_float(r) for r in raw]
@@ -141,7 +152,9 @@ class RewardScorer:
         if not samples:
             return
         rb = collate_samples(list(samples), tokenizer, tokenizer.pad_token_id)
-        scores, valid = self.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+        scores, valid = self.score(
+            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+        )
         for i, s in enumerate(samples):
             s.score, s.score_valid = float(scores[i]), bool(valid[i])
 
@@ -161,6 +174,17 @@ class RewardScorer:
             h = hidden[torch.arange(ids.shape[0], device=ids.device), last]
             outs.append(self.head(h).squeeze(-1).float().cpu())
         return torch.cat(outs)
+
+
+def _accepts(fn: Any, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    import inspect
+
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
 def _as_float(x: object) -> float:

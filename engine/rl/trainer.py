@@ -259,6 +259,7 @@ class PPOTrainer(GenerateMixin):
             compute_rewards,
             masked_mean,
             truncated_is_weights,
+            truncation_terms,
         )
 
         p, algo = self.cfg.ppo, self.cfg.algo
@@ -276,7 +277,9 @@ class PPOTrainer(GenerateMixin):
         if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
-            raw, valid = self.reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+            raw, valid = self.reward.score(
+                rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+            )
         if self.critic is not None:
             exp.values = self.critic.values(exp)
         raw = raw.float()
@@ -285,12 +288,16 @@ class PPOTrainer(GenerateMixin):
         # carry no loss.
         staleness = self.version - rb.versions
         fresh = staleness <= self.cfg.async_.max_staleness
-        exp.action_mask = exp.action_mask & (valid & fresh).view(-1, 1)
+        truncated = rb.truncated
+        eos_penalty, trained = truncation_terms(
+            truncated, self.cfg.reward.missing_eos_penalty, self.cfg.reward.on_truncated
+        )
+        exp.action_mask = exp.action_mask & (valid & fresh & trained).view(-1, 1)
         lengths = rb.action_mask.sum(1)
         penalty = overlong_penalty(
             lengths, self.cfg.rollout.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty
         )
-        scores = raw + penalty
+        scores = raw + penalty + eos_penalty
         if self.norm_rewards:
             self.reward_norm.update(dist.all_gather_cat(scores[valid]))
             scores = self.reward_norm.normalize(scores)
@@ -327,6 +334,8 @@ class PPOTrainer(GenerateMixin):
             "advantages/mean": float(masked_mean(exp.advantages, m)),
             "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
             "rollout/invalid_rewards": float((~valid).sum()),
+            # Cut at max_new_tokens without a stop token (scored with reward.missing_eos_penalty).
+            "rollout/truncated_frac": float(truncated.float().mean()),
             "rollout/tokens": float(rb.attention_mask.sum()),
             "rollout/response_tokens": float(rb.action_mask.sum()),
             "async/staleness_max": float(staleness.max()),
@@ -336,6 +345,8 @@ class PPOTrainer(GenerateMixin):
         }
         if algo.overlong.buffer:
             stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
+        if self.cfg.reward.missing_eos_penalty:
+            stats["reward/missing_eos_penalty"] = float(eos_penalty[valid].mean()) if valid.any() else 0.0
         if self.critic is not None:
             stats["values/mean"] = float(masked_mean(exp.values, m))
             stats["returns/mean"] = float(masked_mean(exp.returns, m))

@@ -104,6 +104,11 @@ class BoNConfig(StageConfig):
     def validate(self, world_size: int = 1) -> None:
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        if self.reward.missing_eos_penalty or self.reward.on_truncated != "score":
+            raise ConfigError(
+                "reward.missing_eos_penalty and reward.on_truncated apply to RL runs (engine.cli ppo); "
+                "best-of-n keeps the highest raw score"
+            )
         check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_optim("optim", self.optim)
@@ -327,7 +332,9 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
                     samples = [s for g in groups for s in g]
                     rb = collate_samples(samples, tokenizer, pad)
                     t1 = time.perf_counter()
-                    scores, valid = reward.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask)
+                    scores, valid = reward.score(
+                        rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+                    )
                     kept = select_best(scores, b.n, valid).tolist()
                     t2 = time.perf_counter()
                     examples = _kept_examples(samples, kept)

@@ -92,6 +92,77 @@ def test_linear_logprobs_path_matches_hf_forward_and_reference_model() -> None:
         assert (ref[~mask] == 0).all()
 
 
+def _small(config_cls, **kw):
+    import transformers
+
+    cfg = getattr(transformers, config_cls)(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        **kw,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+
+
+@pytest.mark.parametrize(
+    "config_cls, kw",
+    [
+        ("CohereConfig", {"logit_scale": 0.0625}),  # logits * logit_scale (tied embeddings)
+        ("GraniteConfig", {"logits_scaling": 8.0}),  # logits / logits_scaling
+        ("GraniteConfig", {"logits_scaling": 1.0}),
+    ],
+)
+def test_logit_scaling_heads_give_the_models_own_logprobs(config_cls, kw) -> None:
+    """Heads that scale the logits after the matmul: PolicyLogprobs applies the same factor (as a
+    temperature), so its log-probs are the model's own, not those of the unscaled logits."""
+    lm = _small(config_cls, **kw)
+    batch = tiny_batch()
+    expected = hf_logprobs(lm, batch, 0.7)
+    with torch.no_grad():
+        got, _ = PolicyLogprobs(lm)(batch.sequences, batch.attention_mask, R, 0.7)
+    m = batch.action_mask
+    torch.testing.assert_close(got[m], expected[m], atol=2e-5, rtol=0)
+
+
+def test_logit_softcapping_is_refused_with_the_reason() -> None:
+    lm = _small("Gemma2Config", head_dim=32, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 .*soft-cap"):
+        PolicyLogprobs(lm)
+
+
+def test_rl_roles_turn_dropout_off_so_the_first_ratio_is_one() -> None:
+    """A checkpoint trained with dropout (attention_dropout 0.3 here): the actor, critic and
+    reference turn it off, so the training forward equals the scoring forward and PPO's first
+    ratio is exactly 1 (no clipping at the first update)."""
+    lm = LlamaForCausalLM(tiny_config(attention_dropout=0.3)).float()
+    actor = ActorWorker(lm, optim(1e-3), PPOAlgoConfig(), 4, 1, temperature=1.0)
+    assert lm.config.attention_dropout == 0.0
+    assert all(getattr(m, "attention_dropout", 0.0) == 0.0 for m in lm.modules())
+    batch = tiny_batch()
+    batch.old_logprobs, _ = actor.logprobs(batch)  # eval mode
+    actor.engine.train()
+    with torch.no_grad():
+        train_mode, _ = actor.engine(batch.sequences, batch.attention_mask, R, 1.0)
+    m = batch.action_mask
+    torch.testing.assert_close(train_mode[m], batch.old_logprobs[m], atol=1e-6, rtol=0)
+    batch.advantages = torch.randn(m.shape)
+    stats = actor.train_minibatch([batch])
+    assert stats["clipfrac"] == 0.0 and stats["approx_kl"] == pytest.approx(0.0, abs=1e-7)
+
+    value = ValueModel(LlamaForCausalLM(tiny_config(attention_dropout=0.3)).model, 64)
+    CriticWorker(value, optim(1e-3), PPOAlgoConfig(), 4, 1)
+    assert value.backbone.config.attention_dropout == 0.0
+    ref_lm = LlamaForCausalLM(tiny_config(attention_dropout=0.3)).float()
+    ReferenceModel(ref_lm)
+    assert ref_lm.config.attention_dropout == 0.0
+
+
 def test_actor_step_raises_logprob_of_positively_advantaged_tokens() -> None:
     actor = ActorWorker(tiny_lm(), optim(1e-3), PPOAlgoConfig(entropy_coef=0.01), 2, 2, temperature=0.8)
     batch = tiny_batch()
