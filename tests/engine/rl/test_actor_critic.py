@@ -26,12 +26,13 @@ ROOT = Path(__file__).resolve().parents[3]
 VOCAB, P, R = 96, 5, 6
 
 
-def tiny_config(**kw) -> LlamaConfig:
-    return LlamaConfig(
+def tiny_config(config_cls=LlamaConfig, **kw) -> LlamaConfig:
+    """A 2-layer, hidden-64 config of ``config_cls`` (Llama by default); ``kw`` overrides."""
+    kw = {"num_key_value_heads": 2, **kw}
+    return config_cls(
         vocab_size=VOCAB,
         hidden_size=64,
         num_attention_heads=2,
-        num_key_value_heads=2,
         num_hidden_layers=2,
         intermediate_size=128,
         max_position_embeddings=256,
@@ -93,19 +94,10 @@ def test_linear_logprobs_path_matches_hf_forward_and_reference_model() -> None:
 
 
 def _small(config_cls, **kw):
+    """A random causal LM of another family (grouped-query attention: 1 KV head)."""
     import transformers
 
-    cfg = getattr(transformers, config_cls)(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        **kw,
-    )
+    cfg = tiny_config(getattr(transformers, config_cls), num_key_value_heads=1, **kw)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
 
