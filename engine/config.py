@@ -216,6 +216,9 @@ class PlacementConfig:
     mode: str = "colocate"  # colocate | split
     rollout_ranks: int = 1  # split: how many ranks (the last ones of the world) only generate
     timeout_s: float = 600.0  # split: bound on every blocking wait between trainer and rollout
+    # split: how long trainer 0 waits for the rollout ranks' first "ready" (their imports, vLLM
+    # start-up and weight load: tens of seconds on a loaded CPU), whatever timeout_s is
+    startup_timeout_s: float = 900.0
     bucket_mb: int = 256  # weight-sync bucket size (MiB)
     scoring: str = "trainer"  # split: where reference log-probs and rewards are computed: trainer | rollout
     probe_every: int = 0  # every N steps, after the sync, compare vLLM's and the trainer's log-probs
@@ -301,6 +304,7 @@ class PPOConfig(StageConfig):
         if self.placement.scoring == "rollout" and self.placement.mode != "split":
             raise ConfigError("placement.scoring=rollout needs placement.mode=split")
         check_positive("placement.timeout_s", self.placement.timeout_s)
+        check_positive("placement.startup_timeout_s", self.placement.startup_timeout_s)
         check_positive("placement.bucket_mb", self.placement.bucket_mb)
         if self.async_.max_staleness < 0:
             raise ConfigError(f"async.max_staleness must be >= 0, got {self.async_.max_staleness}")

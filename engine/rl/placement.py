@@ -61,11 +61,14 @@ class Channel:
         self.store.set(self._key(self._sent), pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
         self._sent += 1
 
-    def recv(self, timeout_s: float | None = None, patient: bool = False) -> Any:
+    def recv(
+        self, timeout_s: float | None = None, patient: bool = False, key: str = "placement.timeout_s"
+    ) -> Any:
         """The next message; raises :class:`RolloutLinkError` naming the peer on timeout or loss.
 
         ``patient``: wait as long as the store is reachable (a rollout rank idling while the
-        trainers train); only a lost store (its host, trainer 0, died) ends the wait.
+        trainers train); only a lost store (its host, trainer 0, died) ends the wait. ``key``: the
+        config key the error names as the bound.
         """
         key = self._key(self._received)
         wait = self.timeout_s if timeout_s is None else timeout_s
@@ -84,7 +87,7 @@ class Channel:
             waited = time.monotonic() - t0
             raise RolloutLinkError(
                 f"{self.peer} did not answer on {self.name!r} within {waited:.0f}s "
-                f"(placement.timeout_s={wait:g}): it died or hung; check its log. ({e})"
+                f"({key}={wait:g}): it died or hung; check its log. ({e})"
             ) from None
         self._received += 1
         msg = pickle.loads(data)

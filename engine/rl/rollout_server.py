@@ -135,9 +135,11 @@ class RemoteRollout:
         for ch in self.out:
             ch.send({"kind": "hello", **hello})
 
-    def wait_ready(self) -> None:
+    def wait_ready(self, startup_timeout_s: float) -> None:
+        """Wait for every rollout rank's first message (its vLLM engine is up), at most
+        ``startup_timeout_s`` each: start-up takes longer than any later exchange."""
         for ch in self.inbox:
-            ch.recv()
+            ch.recv(timeout_s=startup_timeout_s, key="placement.startup_timeout_s")
 
     def request(self, batch: int, prompts: list[list[int]], n: int, seed: int) -> None:
         k = len(self.out)

@@ -204,7 +204,7 @@ class PPOTrainer(GenerateMixin):
         self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         if self.rollout is not None and self.split:
-            self.rollout.wait_ready()
+            self.rollout.wait_ready(cfg.placement.startup_timeout_s)
         self._maybe_resume()
         self.logger = MetricsLogger(
             self.out,
