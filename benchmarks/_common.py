@@ -1,9 +1,17 @@
-"""Helpers the benchmark scripts share."""
+"""Helpers the benchmark scripts share: the run's environment columns and CSV appends."""
 
 from __future__ import annotations
 
 import csv
+import datetime
+import os
+import platform
+import subprocess
 from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def append_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
@@ -29,3 +37,50 @@ def append_rows(path: Path, rows: list[dict], fields: list[str]) -> None:
         if new:
             writer.writeheader()
         writer.writerows(rows)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.getdevice_name(device)
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def git_sha() -> str:
+    """The checkout's short SHA; ``GIT_SHA`` from the environment where there is no .git
+    (a GPU machine gets a copy of the working tree)."""
+    if os.environ.get("GIT_SHA"):
+        return os.environ["GIT_SHA"]
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        return out.stdout.strip() if out.returncode == 0 else ""
+    except OSError:
+        return ""
+
+
+def run_env(device: torch.device) -> dict[str, str]:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = ""
+    return {
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "python": platform.python_version(),
+        "git_sha": git_sha(),
+    }
+
+
+def fmt(x: float | None, digits: int = 4) -> str:
+    return "" if x is None else f"{x:.{digits}g}"

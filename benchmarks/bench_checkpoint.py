@@ -29,8 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append_rows  # noqa: E402
-from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    append_rows,  # noqa: E402
+    device_name,
+    git_sha,
+)
 from engine import distributed as D  # noqa: E402
 from engine.checkpoint import CheckpointManager, hf_exporter  # noqa: E402
 from engine.models import build_tokenizer  # noqa: E402
@@ -103,13 +106,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     D.ensure_single_process_env()
     env = {
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(torch.device("cpu")),
+        "device": device_name(torch.device("cpu")),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "deepspeed": deepspeed.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
     }
     tok = build_tokenizer()
     rows = []

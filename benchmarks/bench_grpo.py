@@ -50,8 +50,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append_rows  # noqa: E402
-from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    append_rows,  # noqa: E402
+    device_name,
+    git_sha,
+)
 from benchmarks.bench_ppo import _version, run_ppo, summarize  # noqa: E402
 from engine.tasks import toy_prompts  # noqa: E402
 
@@ -210,11 +213,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     peer = None if args.skip_peer else peer_python(args.trl_version)  # install before timing anything
-    device = _device_name(torch.device("cpu"))
+    device = device_name(torch.device("cpu"))
     samples = args.prompts * args.group_size
     base = {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "device": device,
         "prompts": args.prompts,
         "group_size": args.group_size,

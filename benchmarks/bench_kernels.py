@@ -52,20 +52,16 @@ step; ru_maxrss where that is not possible). The growth includes the two gradien
 
 Rows are appended, kernel by kernel, to a CSV (default ``benchmarks/results/kernels.csv``)
 with the device, versions and git SHA. Targets are only evaluated for the triton provider
-on CUDA at the default size. The script imports only torch, triton and ``kernels`` (no
-engine module), so it runs on a bare GPU machine.
+on CUDA at the default size. The script imports only torch, triton, ``kernels`` and the
+``benchmarks`` helpers (no engine module), so it runs on a bare GPU machine.
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import json
 import math
 import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -77,6 +73,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from benchmarks._common import fmt, run_env  # noqa: E402
+from benchmarks._kernel_memory import linear_step_memory, measure_memory  # noqa: E402
 
 KERNELS = [
     "logprobs_from_logits",
@@ -343,54 +342,7 @@ def _provider_fn(
     return fn, case.notes.get(provider, "")
 
 
-# --------------------------------------------------------------------------- reporting
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
-
-
-def _git_sha() -> str:
-    """The checkout's short SHA; ``GIT_SHA`` from the environment where there is no .git
-    (a GPU machine gets a copy of the working tree)."""
-    if os.environ.get("GIT_SHA"):
-        return os.environ["GIT_SHA"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        return out.stdout.strip() if out.returncode == 0 else ""
-    except OSError:
-        return ""
-
-
-def _env(device: torch.device) -> dict[str, str]:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = ""
-    return {
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": _device_name(device),
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "git_sha": _git_sha(),
-    }
-
-
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "" if x is None else f"{x:.{digits}g}"
-
-
+# --------------------------------------------------------------------------- run
 @dataclass
 class Options:
     """What one benchmark run covers (the command line, parsed)."""
@@ -408,7 +360,7 @@ class Options:
 
 def bench(opts: Options) -> list[dict]:
     device = opts.device
-    env = _env(device)
+    env = run_env(device)
     peaks = opts.peaks or _peaks(env["device"], device)
     rows = []
     for kernel in opts.kernels:
@@ -434,9 +386,7 @@ def bench(opts: Options) -> list[dict]:
                     except Exception as exc:  # e.g. torch.compile without a C++ toolchain
                         row["note"] = f"skipped: {type(exc).__name__}: {exc}".splitlines()[0][:200]
                     else:
-                        row.update(
-                            ms_p50=_fmt(p50), ms_p20=_fmt(p20), ms_p80=_fmt(p80), peak_mem_mb=_fmt(peak)
-                        )
+                        row.update(ms_p50=fmt(p50), ms_p20=fmt(p20), ms_p80=fmt(p80), peak_mem_mb=fmt(peak))
                         _add_rates(row, case, mode, p50, peaks, device, opts.size)
                 kernel_rows.append(row)
                 print(
@@ -460,8 +410,8 @@ def _peaks(device_name: str, device: torch.device) -> tuple[float, float] | None
 def _add_counts(row: dict, case: Case, mode: str, peaks) -> None:
     """The cost model's bytes and FLOPs for ``mode`` and, with known peaks, the roofline time."""
     nbytes, flops = case.bytes.get(mode), case.flops.get(mode)
-    row["gb"] = _fmt(None if nbytes is None else nbytes / 1e9)
-    row["gflop"] = _fmt(None if flops is None else flops / 1e9)
+    row["gb"] = fmt(None if nbytes is None else nbytes / 1e9)
+    row["gflop"] = fmt(None if flops is None else flops / 1e9)
     terms = {}
     if nbytes is not None:
         terms["hbm"] = nbytes / (peaks[0] * 1e9) if peaks else None
@@ -469,18 +419,18 @@ def _add_counts(row: dict, case: Case, mode: str, peaks) -> None:
         terms["flop"] = flops / (peaks[1] * 1e12) if peaks else None
     if peaks and terms:
         bound = max(terms, key=terms.get)
-        row["bound"], row["roofline_ms"] = bound, _fmt(terms[bound] * 1e3)
+        row["bound"], row["roofline_ms"] = bound, fmt(terms[bound] * 1e3)
     elif len(terms) == 1:
         row["bound"] = next(iter(terms))
 
 
 def _add_rates(row: dict, case: Case, mode: str, ms: float, peaks, device: torch.device, size: str) -> None:
     if mode in case.bytes:
-        row["gbps"] = _fmt(case.bytes[mode] / (ms * 1e-3) / 1e9)
+        row["gbps"] = fmt(case.bytes[mode] / (ms * 1e-3) / 1e9)
     if mode in case.flops:
-        row["tflops"] = _fmt(case.flops[mode] / (ms * 1e-3) / 1e12)
+        row["tflops"] = fmt(case.flops[mode] / (ms * 1e-3) / 1e12)
     if row.get("roofline_ms"):
-        row["pct_roofline"] = _fmt(100 * float(row["roofline_ms"]) / ms, 3)
+        row["pct_roofline"] = fmt(100 * float(row["roofline_ms"]) / ms, 3)
     target = TARGETS.get((row["kernel"], mode))
     if target and device.type == "cuda" and size == "default" and row["provider"] == "triton":
         kind, bound = target
@@ -489,110 +439,6 @@ def _add_rates(row: dict, case: Case, mode: str, ms: float, peaks, device: torch
         else:
             tflops = case.flops[mode] / (ms * 1e-3) / 1e12
             row["target"], row["target_met"] = f">={bound}TFLOP/s", str(tflops >= bound)
-
-
-# --------------------------------------------------------------------------- memory
-def _rss_bytes(field: str) -> int:
-    """``VmRSS`` or ``VmHWM`` of this process from /proc/self/status, in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise OSError(f"{field} not in /proc/self/status")
-
-
-def linear_step_memory(n: int, vocab: int, width: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """Peak memory growth of one ``linear_logprobs`` forward + backward with entropy.
-
-    Run in a process of its own on CPU (``measure_memory``): the peak resident set is a
-    per-process number. Inputs are filled in place, so building them leaves no freed
-    temporaries behind; a tiny warm-up step loads code and thread pools first."""
-    import resource
-
-    from kernels import linear_logprobs
-    from kernels._dispatch import use_triton
-
-    def step(hidden, weight, targets, grads):
-        logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
-        torch.autograd.backward([logp, entropy], list(grads))
-
-    def inputs(n, vocab, width):
-        hidden = torch.empty(n, width, dtype=dtype, device=device).normal_(0, width**-0.5)
-        weight = torch.empty(vocab, width, dtype=dtype, device=device).normal_(0, width**-0.5)
-        targets = torch.randint(0, vocab, (n,), device=device)
-        grads = torch.randn(2, n, device=device)
-        return hidden.requires_grad_(), weight.requires_grad_(), targets, grads
-
-    torch.manual_seed(0)
-    step(*inputs(8, 64, 8))
-    hidden, weight, targets, grads = inputs(n, vocab, width)
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step(hidden, weight, targets, grads)
-        torch.cuda.synchronize()
-        peak, method = torch.cuda.max_memory_allocated(), "torch.cuda.max_memory_allocated"
-    else:
-        base = _rss_bytes("VmRSS")
-        try:  # "5" resets the peak resident set (VmHWM) to the current one (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            method = "peak RSS (VmHWM)"
-        except OSError:
-            method = "ru_maxrss (peak since process start)"
-        step(hidden, weight, targets, grads)
-        if method.startswith("peak RSS"):
-            peak = _rss_bytes("VmHWM")
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    e = hidden.element_size()
-    return {
-        "growth": max(0, peak - base),
-        "logits": n * vocab * e,
-        "grads": (n + vocab) * width * e,
-        "path": "triton" if use_triton(hidden) else "eager",
-        "method": method,
-    }
-
-
-def measure_memory(
-    n: int, vocab: int, width: int, dtype: torch.dtype, device: torch.device, env: dict
-) -> dict:
-    """One CSV row (mode ``memory``) from ``linear_step_memory``; on CPU in a fresh subprocess."""
-    dtype_name = str(dtype).replace("torch.", "")
-    if device.type == "cuda":
-        res = linear_step_memory(n, vocab, width, dtype, device)
-    else:
-        cmd = [
-            sys.executable,
-            str(Path(__file__).resolve()),
-            "--memory-child",
-            f"{n},{vocab},{width},{dtype_name}",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-        if proc.returncode != 0:
-            raise RuntimeError(f"memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
-        res = json.loads(proc.stdout.strip().splitlines()[-1])
-    from kernels.linear_logprobs import CHUNK_BYTES
-
-    mb = 2**20
-    row = dict(env, kernel="linear_logprobs", provider=res["path"], mode="memory", dtype=dtype_name)
-    row.update(
-        shape=f"N={n},V={vocab},H={width}",
-        peak_mem_mb=_fmt(res["growth"] / mb),
-        logits_mb=_fmt(res["logits"] / mb),
-        mem_vs_logits=_fmt(res["growth"] / res["logits"], 3),
-        note=(
-            f"{res['method']} growth over fwd+bwd with entropy; includes grad_hidden+grad_weight "
-            f"{res['grads'] / mb:.0f} MB; CHUNK_BYTES {CHUNK_BYTES / mb:.0f} MB"
-        ),
-    )
-    print(
-        f"  linear_logprobs memory ({row['shape']}, {dtype_name}, {res['path']} path): peak growth "
-        f"{row['peak_mem_mb']} MB = {row['mem_vs_logits']} x the full logits ({row['logits_mb']} MB)",
-        flush=True,
-    )
-    return row
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -683,10 +529,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         size = SIZES[args.size]
         n, vocab, width = args.memory_shape or (size["N"], size["V"], size["H"])
         try:
-            mem_rows = [measure_memory(n, vocab, width, dtype, device, _env(device))]
+            mem_rows = [measure_memory(n, vocab, width, dtype, device, run_env(device))]
         except Exception as exc:  # one failed measurement must not lose the timing rows
             row = dict(
-                _env(device), kernel="linear_logprobs", mode="memory", shape=f"N={n},V={vocab},H={width}"
+                run_env(device), kernel="linear_logprobs", mode="memory", shape=f"N={n},V={vocab},H={width}"
             )
             row["note"] = f"failed: {type(exc).__name__}: {exc}".splitlines()[0][:300]
             mem_rows = [row]

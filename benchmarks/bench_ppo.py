@@ -48,8 +48,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append_rows  # noqa: E402
-from benchmarks.bench_kernels import _device_name, _git_sha  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    append_rows,  # noqa: E402
+    device_name,
+    git_sha,
+)
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "vllm", "deepspeed", "config", "mode", "ranks",
@@ -148,8 +151,8 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
     zero = {cfg["actor"]["zero_stage"], cfg["critic"]["zero_stage"]}
     row = {
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_sha": _git_sha(),
-        "device": _device_name(device),
+        "git_sha": git_sha(),
+        "device": device_name(device),
         "torch": torch.__version__,
         "vllm": _version("vllm"),
         "deepspeed": _version("deepspeed"),

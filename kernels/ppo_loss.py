@@ -23,158 +23,26 @@ Launches: forward is two Triton launches (a streaming kernel writing per-block p
 sums, then a one-program kernel that reduces them deterministically and writes the loss,
 the statistics and the per-sequence gradient weights); backward is one launch. No atomics
 and no memset, so results are bitwise reproducible.
+
+The PyTorch references and ``KLLossTerm`` live in ``kernels/ppo_loss_reference.py``.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
-from kernels.kl import _KIND_ID, KINDS, _expm1, _k3, kl_penalty_reference
+from kernels.kl import _KIND_ID, KINDS, _expm1, _k3
+from kernels.ppo_loss_reference import (  # noqa: F401 (re-exported)
+    REDUCTIONS,
+    KLLossTerm,
+    ppo_policy_loss_reference,
+    ppo_value_loss_reference,
+)
 
-REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 _NSTAT = 8  # partial-sum columns: count, loss, clipped, stat_a, stat_b, dual, max, kl
-
-
-@dataclass(frozen=True)
-class KLLossTerm:
-    """A KL penalty against a frozen reference, added to the policy loss per token.
-
-    ``ref_logp``: ``[..., T]`` reference log-probs, the shape of ``logp`` (not differentiated);
-    ``coef``: its weight (GRPO's beta); ``kind``: ``k1`` | ``k2`` | ``k3`` (``kernels.kl``; GRPO
-    uses k3, the low-variance unbiased estimator of KL(policy || reference)).
-    """
-
-    ref_logp: torch.Tensor
-    coef: float
-    kind: str = "k3"
-
-
-# --------------------------------------------------------------------------- reference
-def _masked_reduce(loss: torch.Tensor, mask: torch.Tensor, reduction: str) -> torch.Tensor:
-    """Reduce per-token ``loss[..., T]`` with ``mask`` as documented in the module docstring."""
-    m = mask.float()
-    lm = torch.where(mask != 0, loss * m, torch.zeros_like(loss))
-    if reduction == "token_mean":
-        count = m.sum()
-        return lm.sum() / torch.where(count > 0, count, torch.ones_like(count))
-    rows_sum, rows_cnt = lm.sum(-1), m.sum(-1)
-    valid = rows_cnt > 0
-    if reduction == "seq_mean_token_mean":
-        per = torch.where(valid, rows_sum / torch.where(valid, rows_cnt, torch.ones_like(rows_cnt)), 0.0)
-    else:
-        per = torch.where(valid, rows_sum, 0.0)
-    return per.sum() / valid.sum().clamp(min=1)
-
-
-def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.float()
-    count = m.sum()
-    return torch.where(mask != 0, x * m, 0.0).sum() / torch.where(count > 0, count, torch.ones_like(count))
-
-
-def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    on = mask != 0
-    x = torch.where(on, x, float("-inf")).amax()
-    return torch.where(on.any(), x, 0.0)
-
-
-def ppo_policy_loss_reference(
-    logp: torch.Tensor,
-    old_logp: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    clip_low: float = 0.2,
-    clip_high: float | None = None,
-    dual_clip: float | None = None,
-    reduction: str = "token_mean",
-    kl: KLLossTerm | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss, PyTorch reference (CPU path and benchmarks' baseline).
-
-    Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and a dict of 0-d float32
-    stats: ``clipfrac`` (clipped term strictly larger), ``approx_kl`` (masked mean of the k3
-    estimator ``expm1(d) - d``, ``d = logp - old_logp``, i.e. KL(old || new)), ``ratio_mean``,
-    ``ratio_max`` (over unmasked tokens, 0 if none) and ``dual_clipfrac``; with ``kl`` the loss
-    gains ``kl.coef * kl_t`` per token and the stats ``kl_loss`` (masked mean of ``kl_t``).
-    Memory traffic: reads logp, old_logp, advantages and mask once (and ref_logp with ``kl``;
-    eager PyTorch adds several N-sized fp32 temporaries); backward writes N gradients.
-    """
-    clip_high = clip_low if clip_high is None else clip_high
-    on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
-    adv = torch.where(on, advantages.float(), 0.0)
-    d = torch.where(on, logp.float() - old_logp.float(), 0.0)
-    ratio = torch.exp(d)
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(l1, l2)
-    clipped = l2 > l1
-    if dual_clip is not None:
-        l3 = -adv * dual_clip
-        dual = (adv < 0) & (loss > l3)
-        loss = torch.where(dual, l3, loss)
-    else:
-        dual = torch.zeros_like(clipped)
-    if kl is not None:
-        kl_t = kl_penalty_reference(
-            torch.where(on, logp.float(), 0.0), torch.where(on, kl.ref_logp.float(), 0.0), kl.kind
-        )
-        loss = loss + float(kl.coef) * kl_t
-    out = _masked_reduce(loss, mask, reduction)
-    with torch.no_grad():
-        d, ratio = d.detach(), ratio.detach()
-        stats = {
-            "clipfrac": _masked_mean(clipped.float(), mask),
-            "approx_kl": _masked_mean(torch.expm1(d) - d, mask),
-            "ratio_mean": _masked_mean(ratio, mask),
-            "ratio_max": _masked_max(ratio, mask),
-            "dual_clipfrac": _masked_mean(dual.float(), mask),
-        }
-        if kl is not None:
-            stats["kl_loss"] = _masked_mean(kl_t.detach(), mask)
-    return out, stats
-
-
-def ppo_value_loss_reference(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    clip: float | None = 0.2,
-    reduction: str = "token_mean",
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss ``0.5 * max((v - R)^2, (v_clip - R)^2)``, PyTorch reference.
-
-    ``v_clip = old + clamp(v - old, -clip, clip)``; ``clip=None`` gives ``0.5 * (v - R)^2``.
-    Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and 0-d float32 stats
-    ``vf_clipfrac``, ``values_mean``, ``returns_mean``, ``values_max``.
-    Memory traffic: reads values, old_values, returns and mask once; backward writes N.
-    """
-    on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
-    v, r = torch.where(on, values.float(), 0.0), torch.where(on, returns.float(), 0.0)
-    l1 = (v - r) ** 2
-    if clip is not None:
-        old = torch.where(on, old_values.float(), 0.0)
-        v_clip = old + (v - old).clamp(-clip, clip)
-        l2 = (v_clip - r) ** 2
-        loss = 0.5 * torch.maximum(l1, l2)
-        clipped = l2 > l1
-    else:
-        loss = 0.5 * l1
-        clipped = torch.zeros_like(l1, dtype=torch.bool)
-    out = _masked_reduce(loss, mask, reduction)
-    with torch.no_grad():
-        stats = {
-            "vf_clipfrac": _masked_mean(clipped.float(), mask),
-            "values_mean": _masked_mean(v.detach(), mask),
-            "returns_mean": _masked_mean(r, mask),
-            "values_max": _masked_max(v.detach(), mask),
-        }
-    return out, stats
 
 
 # --------------------------------------------------------------------------- kernels

@@ -29,12 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-import kernels
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
 from engine.metrics import MetricsLogger, drop_rows_after
-from engine.rl.experience import RolloutBatch
+from engine.rl.experience_maker import ExperienceMixin
 from engine.rl.generation import GenerateMixin
 
 
@@ -58,7 +57,7 @@ def _device() -> torch.device:
     return torch.device("cpu")
 
 
-class PPOTrainer(GenerateMixin):
+class PPOTrainer(GenerateMixin, ExperienceMixin):
     """Builds every role from a ``PPOConfig`` and runs ``total_steps`` PPO steps.
 
     Construction validates everything that can be checked without generating
@@ -236,135 +235,8 @@ class PPOTrainer(GenerateMixin):
         lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
         return HFRollout(lm, self.tokenizer, c.rollout)
 
-    # ------------------------------------------------------------------ one RL step (generate: GenerateMixin)
-    @torch.no_grad()
-    def make_experience(self, rb: RolloutBatch):
-        """Score a rollout: old/ref log-probs, values (GAE only), rewards, advantages. Returns (exp, stats).
-
-        Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
-        ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
-        scaled by the truncated importance weights ``min(pi_old / pi_rollout, C)`` toward the
-        behaviour policy (the rollout engine's processed log-probs, which include temperature and
-        top-k/top-p truncation, so those are corrected rather than ignored).
-        """
-        from engine.rl.advantages import (
-            group_ids_for,
-            overlong_penalty,
-            sequence_advantages,
-            token_advantages,
-        )
-        from engine.rl.experience import (
-            Experience,
-            compute_advantages,
-            compute_rewards,
-            masked_mean,
-            truncated_is_weights,
-            truncation_terms,
-        )
-
-        p, algo = self.cfg.ppo, self.cfg.algo
-        exp = Experience(
-            rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
-        )
-        exp.policy_version = int(rb.versions.min())
-        entropy = None
-        if not self.old_from_update:  # else train() takes them from the update's forward
-            exp.old_logprobs, entropy = self.actor.logprobs(exp)
-        if rb.ref_logprobs is not None:  # scored beside the rollout engine
-            exp.ref_logprobs = rb.ref_logprobs.to(exp.sequences.device, torch.float32)
-        else:
-            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
-        if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
-            raw, valid = rb.scores, rb.score_valid
-        else:
-            raw, valid = self.reward.score(
-                rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
-            )
-        if self.critic is not None:
-            exp.values = self.critic.values(exp)
-        raw = raw.float()
-        self.invalid_rewards += int((~valid).sum())
-        # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
-        # carry no loss.
-        staleness = self.version - rb.versions
-        fresh = staleness <= self.cfg.async_.max_staleness
-        truncated = rb.truncated
-        eos_penalty, trained = truncation_terms(
-            truncated, self.cfg.reward.missing_eos_penalty, self.cfg.reward.on_truncated
-        )
-        exp.action_mask = exp.action_mask & (valid & fresh & trained).view(-1, 1)
-        lengths = rb.action_mask.sum(1)
-        penalty = overlong_penalty(
-            lengths, self.cfg.rollout.max_new_tokens, algo.overlong.buffer, algo.overlong.penalty
-        )
-        scores = raw + penalty + eos_penalty
-        if self.norm_rewards:
-            self.reward_norm.update(dist.all_gather_cat(scores[valid]))
-            scores = self.reward_norm.normalize(scores)
-        exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
-        # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
-        kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
-        # Deferred old log-probs (old_from_update): the KL is 0 x kl in the reward, logged after train().
-        old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
-        exp.rewards, kl = compute_rewards(
-            exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
-        )
-        if self.critic is not None:
-            exp.advantages, exp.returns = compute_advantages(
-                exp.rewards, exp.values, exp.action_mask, p.gamma, p.lam, self.whiten, across_ranks=True
-            )
-        else:  # group baselines over whole groups, wherever their samples are (across ranks)
-            groups = group_ids_for(self.rank * self.samples_per_rank, exp.batch_size, p.samples_per_prompt)
-            seq = sequence_advantages(algo.advantage, exp.scores, groups, valid & fresh, algo.std_eps, True)
-            exp.advantages, exp.rewards = token_advantages(
-                seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
-            )
-        is_stats = {}
-        if self.cfg.async_.tis_cap > 0 and exp.old_logprobs is not None:  # else in the update
-            w, is_stats = truncated_is_weights(
-                exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
-            )
-            exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
-        m = exp.action_mask
-        stats = {
-            "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
-            "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
-            **(self.logprob_stats(exp, entropy) if entropy is not None else {}),
-            "response_len/mean": float(lengths.float().mean()),
-            "advantages/mean": float(masked_mean(exp.advantages, m)),
-            "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
-            "rollout/invalid_rewards": float((~valid).sum()),
-            # Cut at max_new_tokens without a stop token (scored with reward.missing_eos_penalty).
-            "rollout/truncated_frac": float(truncated.float().mean()),
-            "rollout/tokens": float(rb.attention_mask.sum()),
-            "rollout/response_tokens": float(rb.action_mask.sum()),
-            "async/staleness_max": float(staleness.max()),
-            "async/staleness_mean": float(staleness.float().mean()),
-            "async/refused": float((~fresh).sum()),
-            **is_stats,
-        }
-        if algo.overlong.buffer:
-            stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
-        if self.cfg.reward.missing_eos_penalty:
-            stats["reward/missing_eos_penalty"] = float(eos_penalty[valid].mean()) if valid.any() else 0.0
-        if self.critic is not None:
-            stats["values/mean"] = float(masked_mean(exp.values, m))
-            stats["returns/mean"] = float(masked_mean(exp.returns, m))
-        return exp, stats
-
-    def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
-        """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``."""
-        from engine.rl.experience import masked_mean
-
-        m = exp.action_mask
-        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
-        kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
-        return {
-            "kl/mean": float((kl * m.float()).sum(1).mean()),  # per-sequence KL, summed over tokens
-            "kl/token_mean": float(masked_mean(kl, m)),
-            "entropy/mean": float(masked_mean(entropy, m)),
-            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
-        }
+    # ------------------------------------------------------------------ one RL step
+    # (generate: GenerateMixin; make_experience: ExperienceMixin)
 
     def train(self, exp) -> dict[str, float]:
         """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each.
