@@ -435,6 +435,19 @@ def compute_rewards(
     return rewards, kl
 
 
+def sequence_kl(kl: torch.Tensor, action_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row KL summed over tokens and which rows train.
+
+    kl [B, R] float, action_mask [B, R] -> (seq_kl [B] float32, trains [B] bool). A row trains when
+    it has at least one unmasked token: rows dropped for an invalid reward, staleness or
+    ``reward.on_truncated=mask`` have an all-zero mask and carry no loss, so a mean of ``seq_kl``
+    over ``trains`` is the KL of what is being optimised (``kl/mean`` and the adaptive controller).
+    """
+    mask = action_mask.bool()
+    seq_kl = torch.where(mask, kl.float(), torch.zeros_like(kl, dtype=torch.float32)).sum(1)
+    return seq_kl, mask.any(1)
+
+
 def compute_advantages(
     rewards: torch.Tensor,
     values: torch.Tensor,

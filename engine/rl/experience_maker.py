@@ -134,14 +134,21 @@ class ExperienceMixin:
         return exp, stats
 
     def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
-        """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``."""
-        from engine.rl.experience import masked_mean
+        """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``.
+
+        Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
+        """
+        from engine.rl.experience import masked_mean, sequence_kl
 
         m = exp.action_mask
         kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
         kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
+        # Per-sequence KL summed over tokens, averaged over the rows that train on every rank (rows
+        # dropped by an invalid reward, staleness or on_truncated=mask have no unmasked token).
+        seq_kl, trains = sequence_kl(kl, m)
+        tot = dist.all_reduce_sum({"kl": float(seq_kl[trains].sum()), "rows": float(trains.sum())})
         return {
-            "kl/mean": float((kl * m.float()).sum(1).mean()),  # per-sequence KL, summed over tokens
+            "kl/mean": tot["kl"] / tot["rows"] if tot["rows"] else float("nan"),
             "kl/token_mean": float(masked_mean(kl, m)),
             "entropy/mean": float(masked_mean(entropy, m)),
             "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),

@@ -155,7 +155,7 @@ def rm_gold_agreement(
     """How often the RM orders two responses to one prompt as the gold scorer does: (accuracy, pairs).
 
     Item i compares response a_i (the policy's) with b_i (the baseline's). Only items whose gold
-    scores differ count; an RM tie there is a miss. NaN accuracy when no item counts. This is the
+    scores are both known (finite) and differ count; an RM tie there is a miss. NaN accuracy when no item counts. This is the
     RM's accuracy on the policy's own samples, the comparisons PPO actually asks of it.
     """
     ra, rb, ga, gb = (torch.as_tensor(x, dtype=torch.float64) for x in (rm_a, rm_b, gold_a, gold_b))
@@ -164,7 +164,8 @@ def rm_gold_agreement(
             f"rm_gold_agreement: need four 1-d score lists of one length, got "
             f"{tuple(ra.shape)}, {tuple(rb.shape)}, {tuple(ga.shape)}, {tuple(gb.shape)}"
         )
-    counted = ga != gb
+    # Unknown gold (NaN: no score) is excluded; ``nan != nan`` would count it, as a miss.
+    counted = (ga != gb) & torch.isfinite(ga) & torch.isfinite(gb)
     n = int(counted.sum())
     if n == 0:
         return float("nan"), 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -241,3 +243,36 @@ def test_masked_whiten_across_ranks_equals_whitening_the_whole_batch(tmp_path) -
     assert (local - expected).abs().max() > 0.1
     # Without a process group, across_ranks is the local whitening.
     torch.testing.assert_close(masked_whiten(*shards[0], across_ranks=True), masked_whiten(*shards[0]))
+
+
+def test_kl_mean_averages_over_training_rows_only() -> None:
+    """Rows dropped (all-zero action mask: invalid reward, stale, on_truncated=mask) do not dilute
+    ``kl/mean``, which also feeds the adaptive KL controller."""
+    from types import SimpleNamespace
+
+    from engine.rl.experience import sequence_kl
+    from engine.rl.experience_maker import ExperienceMixin
+
+    g = torch.Generator().manual_seed(0)
+    B, P, R = 5, 3, 6
+    full = _action_mask([6, 4, 5, 2, 6], R)
+    trained = full.clone()
+    trained[[1, 3]] = False  # two rows dropped after scoring
+    old = -torch.rand(B, R, generator=g) * 3
+    ref = -torch.rand(B, R, generator=g) * 3
+    seq = torch.zeros(B, P + R, dtype=torch.long)
+    exp = Experience(
+        seq, torch.ones_like(seq), trained, old_logprobs=old, rollout_logprobs=old, ref_logprobs=ref
+    )
+    trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(kl=SimpleNamespace(kind="k1"))))
+    stats = ExperienceMixin.logprob_stats(trainer, exp, torch.zeros(B, R))
+
+    per_row = ((old - ref).double() * full).sum(1)  # k1, summed over each row's tokens
+    assert stats["kl/mean"] == pytest.approx(float(per_row[[0, 2, 4]].mean()), rel=1e-6)
+    assert stats["kl/mean"] != pytest.approx(float(per_row[[0, 2, 4]].sum() / B), rel=1e-3)
+    seq_kl, trains = sequence_kl(old - ref, trained)
+    assert trains.tolist() == [True, False, True, False, True]
+    assert seq_kl[[1, 3]].tolist() == [0.0, 0.0]
+    # Every row dropped: no KL to report (NaN, which the adaptive controller skips).
+    exp.action_mask = torch.zeros_like(trained)
+    assert math.isnan(ExperienceMixin.logprob_stats(trainer, exp, torch.zeros(B, R))["kl/mean"])

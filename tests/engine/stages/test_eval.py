@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,18 @@ def test_rm_gold_agreement_hand_count() -> None:
     assert n == 0 and acc != acc  # NaN: nothing to compare
     with pytest.raises(ValueError, match="one length"):
         rm_gold_agreement([1.0, 2.0], [0.0], [0.5], [0.5])
+
+
+def test_rm_gold_agreement_excludes_items_without_gold() -> None:
+    """A missing gold score (NaN) is unknown, not a disagreement: ``nan != nan`` must not count it."""
+    nan = float("nan")
+    # items: gold unknown on one side; on the other; on both; known, and RM agrees
+    acc, n = rm_gold_agreement(
+        [1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0], [nan, 0.2, nan, 0.2], [0.5, nan, nan, 0.9]
+    )
+    assert (n, acc) == (1, 1.0)
+    acc, n = rm_gold_agreement([1.0, 0.0], [0.0, 1.0], [nan, nan], [nan, nan])
+    assert n == 0 and math.isnan(acc)
 
 
 def test_sequence_kl_and_pairwise_accuracy() -> None:
