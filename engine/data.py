@@ -1,8 +1,10 @@
 """Prompt data: checked JSONL reading, the tokenized prompt set, and a resumable sampler.
 
 ``read_jsonl`` is shared by every stage (PPO prompts; SFT, RM and DPO records) and
-reports problems as ``file:line: ...``. ``PromptDataset`` tokenizes prompts once and
-applies ``data.max_prompt_len``. ``PromptSampler`` deals global batches of indices
+reports problems as ``file:line: ...``. Chat ``messages`` are checked (``check_messages``)
+and rendered by the tokenizer's chat template (``render_chat``). ``PromptDataset`` tokenizes
+prompts once (plain ``prompt`` or chat ``messages``, ``read_prompts``) and applies
+``data.max_prompt_len``. ``PromptSampler`` deals global batches of indices
 epoch after epoch; its ``state_dict`` is two integers and the seed, so a resumed
 run draws exactly the batches an uninterrupted run would have drawn.
 """
@@ -72,6 +74,98 @@ def read_jsonl(
     return records
 
 
+def nonblank_line_numbers(path: str | os.PathLike) -> list[int]:
+    """1-based numbers of the non-blank lines: ``read_jsonl``'s i-th record came from line ``[i]``."""
+    with Path(path).open(encoding="utf-8") as f:
+        return [n for n, line in enumerate(f, start=1) if line.strip()]
+
+
+# --------------------------------------------------------------------------- chat
+CHAT_ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages: Any, where: str, col: str = "messages", *, last: str = "prompt") -> None:
+    """A chat conversation: a non-empty list of ``{"role", "content"}`` objects, roles in
+    ``CHAT_ROLES``, contents non-empty strings. ``last="prompt"``: the last turn is not the
+    assistant's (the policy answers next); ``"assistant"``: it is (a response). Errors name
+    ``where`` (``file:line``), the column and the message index."""
+    if not isinstance(messages, list) or not messages:
+        raise DataError(
+            f"{where}: column {col!r} must be a non-empty list of {{role, content}} objects, "
+            f"got {type(messages).__name__}"
+        )
+    for j, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise DataError(f"{where}: column {col!r}: {col}[{j}] must have 'role' and 'content', got {m!r}")
+        if m["role"] not in CHAT_ROLES:
+            raise DataError(
+                f"{where}: column {col!r}: {col}[{j}] has unknown role {m['role']!r} (use one of {CHAT_ROLES})"
+            )
+        if not isinstance(m["content"], str) or not m["content"].strip():
+            raise DataError(
+                f"{where}: column {col!r}: {col}[{j}] ({m['role']}) has empty or non-string content"
+            )
+    if last == "prompt" and messages[-1]["role"] == "assistant":
+        raise DataError(
+            f"{where}: column {col!r}: the last turn is the assistant's; a prompt ends with a user "
+            "(or system) turn for the policy to answer"
+        )
+    if last == "assistant" and messages[-1]["role"] != "assistant":
+        raise DataError(f"{where}: column {col!r}: the last turn must be the assistant's response")
+
+
+def render_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    where: str,
+    col: str = "messages",
+    *,
+    generation_prompt: bool = True,
+) -> str:
+    """``messages`` rendered as text by the tokenizer's chat template (``add_generation_prompt``
+    when ``generation_prompt``). A tokenizer without a template, or a template that raises, is a
+    ``DataError`` naming ``where`` and the column."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{where}: column {col!r} holds chat messages, but the tokenizer has no chat template; "
+            "give plain 'prompt' strings or use a tokenizer (model.tokenizer) that has one"
+        )
+    try:
+        return tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except Exception as e:  # jinja2 errors, raise_exception() in the template
+        raise DataError(f"{where}: column {col!r}: the chat template failed: {e}") from None
+
+
+def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Prompt texts of a JSONL whose records each hold ``prompt`` (a string, used as is) or
+    ``messages`` (a chat, rendered by the tokenizer's chat template with the generation prompt)."""
+    records = read_jsonl(path, [], text=[])
+    texts = []
+    for rec, line in zip(records, nonblank_line_numbers(path)):
+        where = f"{path}:{line}"
+        if ("prompt" in rec) == ("messages" in rec):
+            raise DataError(
+                f"{where}: a prompt record needs exactly one of 'prompt' (a string) or 'messages' "
+                f"(a chat), has {sorted(rec)}"
+            )
+        if "messages" in rec:
+            check_messages(rec["messages"], where)
+            texts.append(render_chat(tokenizer, rec["messages"], where))
+            continue
+        value = rec["prompt"]
+        if not isinstance(value, str):
+            raise DataError(
+                f"{where}: column 'prompt' must be a string, got {type(value).__name__} "
+                "(a chat goes in a 'messages' column)"
+            )
+        if not value.strip():
+            raise DataError(f"{where}: column 'prompt' is empty")
+        texts.append(value)
+    return texts
+
+
 # --------------------------------------------------------------------------- prompts
 @dataclass
 class PromptBatch:
@@ -88,7 +182,8 @@ class PromptBatch:
 
 
 class PromptDataset:
-    """Tokenized prompts from ``data.prompts``: ``"toy"`` (``tasks.toy_prompts``) or a JSONL with ``prompt``.
+    """Tokenized prompts from ``data.prompts``: ``"toy"`` (``tasks.toy_prompts``) or a JSONL of
+    ``{"prompt": str}`` or chat ``{"messages": [...]}`` records (``read_prompts``).
 
     Each prompt is tokenized without special tokens, then <bos> is prepended when
     the tokenizer has one and the text did not already start with it. Prompts longer than ``max_prompt_len`` tokens are cut to
@@ -105,7 +200,7 @@ class PromptDataset:
         if cfg.prompts == "toy":
             raw, source = toy_prompts(cfg.num_prompts, seed), "toy prompts"
         else:
-            raw, source = [r["prompt"] for r in read_jsonl(cfg.prompts, ["prompt"])], cfg.prompts
+            raw, source = read_prompts(cfg.prompts, tokenizer), cfg.prompts
         bos = tokenizer.bos_token_id
         encoded = tokenizer(raw, add_special_tokens=False)["input_ids"]
         self.texts: list[str] = []

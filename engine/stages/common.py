@@ -32,7 +32,7 @@ from engine.config import (
     check_stage_counts,
     save_config,
 )
-from engine.data import DataError
+from engine.data import DataError, nonblank_line_numbers  # noqa: F401 (re-exported for the stages)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -319,12 +319,6 @@ def pad_right(rows: Sequence[Sequence[int]], pad: int, length: int | None = None
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.as_tensor(list(r), dtype=torch.long)
     return out
-
-
-def nonblank_line_numbers(path: str | os.PathLike) -> list[int]:
-    """1-based numbers of the non-blank lines: ``read_jsonl``'s i-th record came from line ``[i]``."""
-    with Path(path).open(encoding="utf-8") as f:
-        return [n for n, line in enumerate(f, start=1) if line.strip()]
 
 
 @dataclass

@@ -109,6 +109,55 @@ def test_chat_rendered_prompt_keeps_one_bos(tok, tmp_path):
     assert ds[0][1].count(tok.bos_token_id) == 1
 
 
+def test_messages_prompts_are_rendered_with_the_generation_prompt(tok, tmp_path):
+    """``{"messages": [...]}`` beside plain ``{"prompt": ...}`` in one file: the chat is rendered by the
+    tokenizer's template with the generation prompt; ids are the template's own tokenization."""
+    chat = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say a:"}]
+    path = _write(tmp_path / "p.jsonl", [json.dumps({"messages": chat}), json.dumps({"prompt": "say b:"})])
+    ds = PromptDataset(DataConfig(prompts=str(path)), tok)
+    ids = tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
+    assert ds[0] == (tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True), ids)
+    assert ids[-1] == tok.convert_tokens_to_ids("<|assistant|>") and ids.count(tok.bos_token_id) == 1
+    assert ds[1][1] == [tok.bos_token_id, *tok("say b:", add_special_tokens=False)["input_ids"]]
+
+
+def _user(text: str = "say a:") -> dict:
+    return {"role": "user", "content": text}
+
+
+@pytest.mark.parametrize(
+    "record, match",
+    [
+        ({"messages": "say a:"}, "column 'messages' must be a non-empty list"),
+        ({"messages": []}, "column 'messages' must be a non-empty list"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\] must have 'role' and 'content'"),
+        ({"messages": [_user(), {"content": "x"}]}, r"messages\[1\] must have 'role' and 'content'"),
+        ({"messages": [{"role": "bot", "content": "hi"}]}, r"messages\[0\] has unknown role 'bot'"),
+        ({"messages": [{"role": "user", "content": "  "}]}, r"messages\[0\] \(user\) has empty"),
+        ({"messages": [{"role": "user", "content": 3}]}, "non-string content"),
+        ({"messages": [_user(), {"role": "assistant", "content": "a"}]}, "last turn is the assistant's"),
+        ({"prompt": "say a:", "messages": [_user()]}, "exactly one of 'prompt'"),
+        ({"text": "say a:"}, "exactly one of 'prompt'"),
+        ({"prompt": [_user()]}, "column 'prompt' must be a string.*'messages' column"),
+    ],
+)
+def test_malformed_messages_name_file_line_and_column(tok, tmp_path, record, match):
+    path = _write(tmp_path / "p.jsonl", [json.dumps({"prompt": "say b:"}), json.dumps(record)])
+    with pytest.raises(DataError, match=rf"{path}:2: .*{match}"):
+        PromptDataset(DataConfig(prompts=str(path)), tok)
+
+
+def test_messages_need_a_chat_template(tmp_path):
+    tok = build_tokenizer()
+    tok.chat_template = None
+    path = _write(
+        tmp_path / "p.jsonl", [json.dumps({"prompt": "say b:"}), json.dumps({"messages": [_user()]})]
+    )
+    with pytest.raises(DataError, match=rf"{path}:2: column 'messages' .*no chat template"):
+        PromptDataset(DataConfig(prompts=str(path)), tok)
+    assert len(PromptDataset(DataConfig(prompts=str(_jsonl(tmp_path / "q.jsonl", ["say b:"]))), tok)) == 1
+
+
 def test_empty_after_filter(tok, tmp_path):
     path = _jsonl(tmp_path / "p.jsonl", ["a long prompt", "another long one"])
     with pytest.raises(DataError, match="all 2 prompts are longer than data.max_prompt_len=4"):
