@@ -239,6 +239,14 @@ class LoggingConfig:
 
 
 @dataclass
+class RLLoggingConfig(LoggingConfig):
+    """The RL loop's logging: ``LoggingConfig`` plus the samples log (``<output_dir>/samples.jsonl``)."""
+
+    samples_every: int = 10  # every N steps append samples_per_step rows to samples.jsonl (0: off)
+    samples_per_step: int = 4  # rows per logged step, from trainer 0's share of the batch
+
+
+@dataclass
 class QuietLoggingConfig(LoggingConfig):
     """metrics.jsonl only: the offline stages (SFT, RM, DPO, best-of-n) are short; a bar and
     tensorboard add little."""
@@ -272,7 +280,7 @@ class PPOConfig(StageConfig):
     critic: CriticConfig = field(default_factory=lambda: CriticConfig(lr=5e-5))
     placement: PlacementConfig = field(default_factory=PlacementConfig)
     async_: AsyncConfig = field(default_factory=AsyncConfig)  # YAML key: async
-    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    logging: RLLoggingConfig = field(default_factory=RLLoggingConfig)
 
     def resolved(self) -> tuple[str, bool, bool]:
         """``(loss_agg, whiten_advantages, reward_norm)`` with nulls replaced by the estimator's defaults."""
@@ -294,6 +302,11 @@ class PPOConfig(StageConfig):
                 f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"
             )
         check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        if self.logging.samples_every < 0 or self.logging.samples_per_step < 1:
+            raise ConfigError(
+                f"logging.samples_every must be >= 0 (0: no samples log) and logging.samples_per_step >= 1, "
+                f"got {self.logging.samples_every} and {self.logging.samples_per_step}"
+            )
         check_choice("ppo.kl.kind", self.ppo.kl.kind, ("k1", "k2", "k3"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_choice("placement.mode", self.placement.mode, ("colocate", "split"))

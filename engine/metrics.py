@@ -1,4 +1,5 @@
-"""Per-step metrics: ``metrics.jsonl``, tensorboard, wandb (optional) and a tqdm bar.
+"""Per-step metrics: ``metrics.jsonl``, tensorboard, wandb (optional) and a tqdm bar; the RL
+loop's decoded samples: ``samples.jsonl`` (``MetricsLogger.log_samples``).
 
 Only the logging rank (rank 0) writes; the others get a no-op logger so the
 trainer loop can call it unconditionally.
@@ -78,6 +79,23 @@ class MetricsLogger:
             shown = {k: row[k] for k in ("reward/mean", "kl/mean", "loss/policy") if row.get(k) is not None}
             self._bar.set_postfix({k.split("/")[0]: f"{v:.3f}" for k, v in shown.items()})
 
+    def log_samples(self, step: int, rows: list[dict[str, Any]]) -> None:
+        """Append ``rows`` (one dict per sample, ``step`` added) to ``<output_dir>/samples.jsonl``,
+        and show them as a table in tensorboard (``samples`` text) and wandb (``samples`` table)."""
+        if not self.enabled or not rows:
+            return
+        rows = [{"step": step, **{k: _plain(v) for k, v in r.items()}} for r in rows]
+        with (self.path.parent / "samples.jsonl").open("a") as f:
+            f.writelines(json.dumps(r, allow_nan=False) + "\n" for r in rows)
+        cols = list(rows[0])
+        if self._tb is not None:
+            self._tb.add_text("samples", _markdown_table(cols, rows), step)
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=cols, data=[[r.get(c) for c in cols] for r in rows])
+            self._wandb.log({"samples": table}, step=step)
+
     def write_summary(self, extra: dict[str, Any] | None = None) -> Path | None:
         """Write ``summary.json``: the last step's metrics, first/last reward and wall time."""
         if not self.enabled:
@@ -101,7 +119,8 @@ class MetricsLogger:
 
 
 def drop_rows_after(path: str | os.PathLike, step: int) -> None:
-    """Rewrite a ``metrics.jsonl`` keeping the rows with ``step <= step`` (and dropping a torn last line).
+    """Rewrite a ``metrics.jsonl`` (or ``samples.jsonl``) keeping the rows with ``step <= step`` (and
+    dropping a torn last line).
 
     A resumed run calls it: the killed run may have logged steps past its last checkpoint.
     """
@@ -120,6 +139,18 @@ def drop_rows_after(path: str | os.PathLike, step: int) -> None:
         tmp = p.with_name(f"{p.name}.tmp-{os.getpid()}")
         tmp.write_text("".join(kept))
         os.replace(tmp, p)
+
+
+def _markdown_table(cols: list[str], rows: list[dict[str, Any]]) -> str:
+    """Rows as a markdown table (tensorboard renders its text plugin's markdown); cells escaped."""
+
+    def cell(v: Any) -> str:
+        text = f"{v:.4g}" if isinstance(v, float) else str(v)
+        return text.replace("|", "\\|").replace("\n", "\\n")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
 
 
 def _plain(v: Any) -> Any:

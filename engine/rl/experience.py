@@ -155,7 +155,8 @@ class RolloutBatch:
     ref_logprobs:     [B, R] float32, present when the rollout ranks scored the samples
                       (``placement.scoring=rollout``), else None.
     scores [B] float32, score_valid [B] bool: present when the samples were scored before
-                      collation (on the rollout ranks, or for dynamic sampling), else None.
+                      collation (on the rollout ranks, or for dynamic sampling), else None until
+                      ``make_experience`` scores them (the raw scores, for the samples log).
     finish_reasons:   B of ``"stop"`` (ended with the stop token) or ``"length"`` (cut at
                       ``max_new_tokens``); ``truncated`` is the latter as [B] bool.
     """

@@ -16,7 +16,7 @@ from engine.rl.experience import RolloutBatch
 
 
 class ExperienceMixin:
-    """``make_experience`` and ``logprob_stats`` for ``PPOTrainer``."""
+    """``make_experience``, ``logprob_stats`` and ``sample_rows`` for ``PPOTrainer``."""
 
     @torch.no_grad()
     def make_experience(self, rb: RolloutBatch):
@@ -64,6 +64,7 @@ class ExperienceMixin:
         if self.critic is not None:
             exp.values = self.critic.values(exp)
         raw = raw.float()
+        rb.scores, rb.score_valid = raw, valid  # the raw scores, for the samples log (sample_rows)
         self.invalid_rewards += int((~valid).sum())
         # Invalid (non-finite / missing) rewards and over-stale samples stay in the batch shape but
         # carry no loss.
@@ -153,3 +154,30 @@ class ExperienceMixin:
             "entropy/mean": float(masked_mean(entropy, m)),
             "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
         }
+
+    def sample_rows(self, rb: RolloutBatch, exp) -> list[dict]:
+        """The first ``logging.samples_per_step`` samples of this rank's batch as ``samples.jsonl`` rows.
+
+        Called after ``train()`` (the old log-probs may come from the update). ``reward`` is the raw
+        score (after ``reward.clip``; before normalisation, penalties and KL; None when invalid),
+        ``kl`` the sample's per-token KL to the reference (``ppo.kl.kind``) summed over its response,
+        dropped samples included. Samples are prompt-major: a group's samples come together.
+        """
+        from engine.rl.experience import sequence_kl
+
+        n = min(self.cfg.logging.samples_per_step, exp.batch_size)
+        kl = kernels.kl_penalty(exp.old_logprobs[:n], exp.ref_logprobs[:n], kind=self.cfg.ppo.kl.kind)
+        seq_kl, _ = sequence_kl(kl, rb.action_mask[:n])
+        lengths = rb.action_mask[:n].sum(1)
+        reasons = rb.finish_reasons or ["stop"] * n
+        return [
+            {
+                "prompt": rb.prompts[i],
+                "response": rb.responses[i],
+                "reward": float(rb.scores[i]) if bool(rb.score_valid[i]) else None,
+                "kl": float(seq_kl[i]),
+                "response_len": int(lengths[i]),
+                "finish_reason": reasons[i],
+            }
+            for i in range(n)
+        ]

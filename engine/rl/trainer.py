@@ -198,6 +198,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.reward_norm = RunningMoments()
         self.version = 0
         self.step_idx = 0
+        self.last_samples: list[dict[str, Any]] = []  # the last step's samples.jsonl rows (trainer 0)
         self.requested = 0  # split: batches requested from the rollout ranks so far
         self.extra_requests = 0  # split + dynamic sampling: top-up batches get ids -1, -2, ...
         self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
@@ -299,6 +300,10 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         sync_stats = self.sync.push(self.version)
         t4 = time.time()
         self.step_idx += 1
+        # A few decoded samples for samples.jsonl (trainer 0's share; logged in fit() beside metrics).
+        due = self.rank == 0 and self.cfg.logging.samples_every
+        due = due and self.step_idx % self.cfg.logging.samples_every == 0
+        self.last_samples = self.sample_rows(rb, exp) if due else []
         every = self.cfg.placement.probe_every
         if every and self.step_idx % every == 0:
             sync_stats["sync/probe_gap_max"] = self.probe_sync()
@@ -401,6 +406,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 while self.step_idx < self.cfg.total_steps:
                     metrics = self.step()
                     self.logger.log(self.step_idx, metrics)
+                    self.logger.log_samples(self.step_idx, self.last_samples)
                     # Step boundary; should_stop_all is a collective, so every rank evaluates it.
                     if stop.should_stop_all() and self.step_idx < self.cfg.total_steps:
                         path = self.save_checkpoint()
@@ -509,6 +515,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 print(f"[ppo] resumed from {self._resume_from} at step {self.step_idx}", flush=True)
         if self.rank == 0:  # a killed run may have logged steps past its last checkpoint
             drop_rows_after(self.out / "metrics.jsonl", self.step_idx)
+            drop_rows_after(self.out / "samples.jsonl", self.step_idx)
         dist.barrier()
 
     def close(self) -> None:
