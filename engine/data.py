@@ -87,7 +87,8 @@ CHAT_ROLES = ("system", "user", "assistant")
 def check_messages(messages: Any, where: str, col: str = "messages", *, last: str = "prompt") -> None:
     """A chat conversation: a non-empty list of ``{"role", "content"}`` objects, roles in
     ``CHAT_ROLES``, contents non-empty strings. ``last="prompt"``: the last turn is not the
-    assistant's (the policy answers next); ``"assistant"``: it is (a response). Errors name
+    assistant's (the policy answers next); ``"assistant"``: it is (a response); ``"any"``: no
+    rule. Errors name
     ``where`` (``file:line``), the column and the message index."""
     if not isinstance(messages, list) or not messages:
         raise DataError(
@@ -101,10 +102,13 @@ def check_messages(messages: Any, where: str, col: str = "messages", *, last: st
             raise DataError(
                 f"{where}: column {col!r}: {col}[{j}] has unknown role {m['role']!r} (use one of {CHAT_ROLES})"
             )
-        if not isinstance(m["content"], str) or not m["content"].strip():
+        if not isinstance(m["content"], str):
             raise DataError(
-                f"{where}: column {col!r}: {col}[{j}] ({m['role']}) has empty or non-string content"
+                f"{where}: column {col!r}: {col}[{j}] ({m['role']}) content must be a string, "
+                f"got {type(m['content']).__name__}"
             )
+        if not m["content"].strip():
+            raise DataError(f"{where}: column {col!r}: {col}[{j}] ({m['role']}) has empty content")
     if last == "prompt" and messages[-1]["role"] == "assistant":
         raise DataError(
             f"{where}: column {col!r}: the last turn is the assistant's; a prompt ends with a user "

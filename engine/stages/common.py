@@ -32,7 +32,7 @@ from engine.config import (
     check_stage_counts,
     save_config,
 )
-from engine.data import DataError, nonblank_line_numbers  # noqa: F401 (re-exported for the stages)
+from engine.data import DataError, nonblank_line_numbers, render_chat
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -342,36 +342,115 @@ def tokenize_preference_pairs(
     max_prompt_len: int,
     on_long_prompt: str = "truncate",
 ) -> tuple[list[TokenizedPair], EncodeStats, int]:
-    """Read, check and tokenize ``{"prompt", "chosen", "rejected"}`` JSONL (errors name file:line).
+    """Read, check and tokenize preference JSONL (errors name file:line and the column).
 
-    The one loader of preference data (RM, DPO, eval). Pairs whose responses are equal as text
-    are dropped and counted in ``stats.extra["pairs_identical_dropped"]``, those equal only after
-    truncation in ``["pairs_identical_after_truncation_dropped"]``; over-long prompts follow
-    ``on_long_prompt``. Returns (pairs, stats, number of records read).
+    The one loader of preference data (RM, DPO, eval). A record is plain ``{"prompt", "chosen",
+    "rejected"}`` strings, or TRL's conversational form (``preference_texts``): chat messages
+    rendered by the tokenizer's chat template. Pairs whose responses are equal as text are dropped
+    and counted in ``stats.extra["pairs_identical_dropped"]``, those equal only after truncation in
+    ``["pairs_identical_after_truncation_dropped"]``; over-long prompts follow ``on_long_prompt``.
+    Returns (pairs, stats, number of records read).
     """
     from engine.data import read_jsonl
 
-    records = read_jsonl(path, ["prompt", "chosen", "rejected"])
+    records = read_jsonl(path, [], text=[])
     lines = nonblank_line_numbers(path)
     stats = EncodeStats(extra={"pairs_identical_dropped": 0, "pairs_identical_after_truncation_dropped": 0})
     bos = tokenizer.bos_token_id
     pairs = []
     for rec, line in zip(records, lines):
-        if rec["chosen"].strip() == rec["rejected"].strip():
+        where = f"{path}:{line}"
+        prompt_text, chosen_text, rejected_text, chat = preference_texts(rec, tokenizer, where)
+        if chosen_text.strip() == rejected_text.strip():
             stats.extra["pairs_identical_dropped"] += 1
             continue
-        prompt = fit_prompt(
-            encode_prompt(tokenizer, rec["prompt"]), max_prompt_len, on_long_prompt, bos, stats
-        )
+        prompt = fit_prompt(encode_prompt(tokenizer, prompt_text), max_prompt_len, on_long_prompt, bos, stats)
         if prompt is None:
             continue
-        chosen = fit_response(prompt, encode_response(tokenizer, rec["chosen"]), max_len, stats)
-        rejected = fit_response(prompt, encode_response(tokenizer, rec["rejected"]), max_len, stats)
+        # A chat response is the assistant turn as the template renders it (its own end-of-turn
+        # tokens included); a plain one gets <eos>.
+        encode = _encode_rendered if chat else encode_response
+        chosen = fit_response(prompt, encode(tokenizer, chosen_text), max_len, stats)
+        rejected = fit_response(prompt, encode(tokenizer, rejected_text), max_len, stats)
         if chosen == rejected:
             stats.extra["pairs_identical_after_truncation_dropped"] += 1
             continue
-        pairs.append(TokenizedPair(prompt, chosen, rejected, rec, f"{path}:{line}"))
+        pairs.append(TokenizedPair(prompt, chosen, rejected, rec, where))
     return pairs, stats, len(records)
+
+
+def _encode_rendered(tokenizer: Any, text: str) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def preference_texts(rec: dict[str, Any], tokenizer: Any, where: str) -> tuple[str, str, str, bool]:
+    """``(prompt, chosen, rejected, chat)`` texts of one preference record, checked.
+
+    Accepted forms (TRL's names):
+
+    * standard: ``prompt``, ``chosen``, ``rejected`` non-empty strings;
+    * conversational: ``prompt`` a list of messages ending with a user (or system) turn,
+      ``chosen`` / ``rejected`` lists of assistant messages;
+    * conversational, implicit prompt: no ``prompt``; ``chosen`` / ``rejected`` whole
+      conversations whose shared leading messages are the prompt, the rest assistant turns.
+
+    Chat prompts are rendered with the generation prompt; a chat response is the text the template
+    adds for it after that (``chat`` is True then).
+    """
+    from engine.data import check_messages
+
+    for col in ("chosen", "rejected"):
+        if col not in rec:
+            raise DataError(f"{where}: missing column {col!r} (has {sorted(rec)})")
+    if "prompt" in rec and all(isinstance(rec[c], str) for c in ("prompt", "chosen", "rejected")):
+        for col in ("prompt", "chosen", "rejected"):
+            if not rec[col].strip():
+                raise DataError(f"{where}: column {col!r} is empty")
+        return rec["prompt"], rec["chosen"], rec["rejected"], False
+    if "prompt" not in rec and not isinstance(rec["chosen"], list):
+        raise DataError(f"{where}: missing column 'prompt' (has {sorted(rec)})")
+    kinds = {c: type(rec[c]).__name__ for c in ("prompt", "chosen", "rejected") if c in rec}
+    if any(k != "list" for k in kinds.values()):
+        raise DataError(
+            f"{where}: columns {kinds} mix forms: give 'prompt', 'chosen' and 'rejected' as strings, "
+            "or all as lists of chat messages ('prompt' may be left out when 'chosen' and 'rejected' "
+            "are whole conversations)"
+        )
+    for col in ("chosen", "rejected"):
+        check_messages(rec[col], where, col, last="assistant")
+    if "prompt" in rec:
+        prompt, chosen, rejected = rec["prompt"], rec["chosen"], rec["rejected"]
+    else:  # implicit prompt: the messages both conversations share
+        n = 0
+        while n < min(len(rec["chosen"]), len(rec["rejected"])) and rec["chosen"][n] == rec["rejected"][n]:
+            n += 1
+        while n and rec["chosen"][n - 1]["role"] == "assistant":  # a shared assistant turn ends no prompt
+            n -= 1
+        if n == 0:
+            raise DataError(
+                f"{where}: no 'prompt' column, and 'chosen' and 'rejected' share no leading user turn "
+                "to take as the prompt (implicit-prompt form)"
+            )
+        prompt, chosen, rejected = rec["chosen"][:n], rec["chosen"][n:], rec["rejected"][n:]
+    check_messages(prompt, where, "prompt", last="prompt")
+    for col, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns or any(m["role"] != "assistant" for m in turns):
+            raise DataError(
+                f"{where}: column {col!r}: the response after the prompt must be assistant turns only, "
+                f"got roles {[m['role'] for m in turns]}"
+            )
+    prompt_text = render_chat(tokenizer, prompt, where, "prompt")
+    responses = []
+    for col, turns in (("chosen", chosen), ("rejected", rejected)):
+        full = render_chat(tokenizer, prompt + turns, where, col, generation_prompt=False)
+        if not full.startswith(prompt_text) or len(full) == len(prompt_text):
+            raise DataError(
+                f"{where}: column {col!r}: the chat template does not render the prompt (with its "
+                "generation prompt) as the start of the whole conversation, so the response cannot "
+                "be cut out of it"
+            )
+        responses.append(full[len(prompt_text) :])
+    return prompt_text, responses[0], responses[1], True
 
 
 def split_eval(n: int, eval_size: int, seed: int) -> tuple[list[int], list[int]]:

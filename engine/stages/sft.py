@@ -37,7 +37,7 @@ from engine.config import (
     check_choice,
     load_config,
 )
-from engine.data import DataError, PromptSampler, read_jsonl
+from engine.data import DataError, PromptSampler, check_messages, read_jsonl
 from engine.stages.common import (
     EncodeStats,
     LoopState,
@@ -215,15 +215,7 @@ def sft_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tens
 
 # --------------------------------------------------------------------------- data
 def _check_messages(messages: Any, where: str) -> None:
-    if not isinstance(messages, list) or not messages:
-        raise DataError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
-    for j, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            raise DataError(f"{where}: messages[{j}] must have 'role' and 'content', got {m!r}")
-        if m["role"] not in ("system", "user", "assistant"):
-            raise DataError(f"{where}: messages[{j}] has unknown role {m['role']!r}")
-        if not isinstance(m["content"], str) or not m["content"].strip():
-            raise DataError(f"{where}: messages[{j}] ({m['role']}) has empty content")
+    check_messages(messages, where, last="any")  # the shape every chat column shares
     if not any(m["role"] == "assistant" for m in messages):
         raise DataError(f"{where}: 'messages' has no assistant turn, so nothing to train on")
     if messages[0]["role"] == "assistant":

@@ -134,7 +134,7 @@ def _user(text: str = "say a:") -> dict:
         ({"messages": [_user(), {"content": "x"}]}, r"messages\[1\] must have 'role' and 'content'"),
         ({"messages": [{"role": "bot", "content": "hi"}]}, r"messages\[0\] has unknown role 'bot'"),
         ({"messages": [{"role": "user", "content": "  "}]}, r"messages\[0\] \(user\) has empty"),
-        ({"messages": [{"role": "user", "content": 3}]}, "non-string content"),
+        ({"messages": [{"role": "user", "content": 3}]}, "content must be a string, got int"),
         ({"messages": [_user(), {"role": "assistant", "content": "a"}]}, "last turn is the assistant's"),
         ({"prompt": "say a:", "messages": [_user()]}, "exactly one of 'prompt'"),
         ({"text": "say a:"}, "exactly one of 'prompt'"),
