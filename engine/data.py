@@ -88,8 +88,7 @@ def check_messages(messages: Any, where: str, col: str = "messages", *, last: st
     """A chat conversation: a non-empty list of ``{"role", "content"}`` objects, roles in
     ``CHAT_ROLES``, contents non-empty strings. ``last="prompt"``: the last turn is not the
     assistant's (the policy answers next); ``"assistant"``: it is (a response); ``"any"``: no
-    rule. Errors name
-    ``where`` (``file:line``), the column and the message index."""
+    rule. Errors name ``where`` (``file:line``), the column and the message index."""
     if not isinstance(messages, list) or not messages:
         raise DataError(
             f"{where}: column {col!r} must be a non-empty list of {{role, content}} objects, "
