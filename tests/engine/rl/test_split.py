@@ -137,7 +137,7 @@ def test_async_overlaps_generation_with_training(split_sync, split_async):
 
 def test_split_sync_equals_colocate(colocate, split_sync):
     """Same seed, max_staleness 0: same samples, rewards, KL and losses step by step -- with the
-    reference and reward computed on the rollout rank in the split run."""
+    reference and reward computed on the rollout rank in the split run -- and the same samples log."""
     assert any(e["role"].startswith("rollout") and e["phase"] == "score" for e in _timeline(split_sync))
     for a, b in zip(colocate.metrics, split_sync.metrics, strict=True):
         for key in (
@@ -148,6 +148,18 @@ def test_split_sync_equals_colocate(colocate, split_sync):
             "response_len/mean",
             "entropy/mean",
         ):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
+    # The samples log (configs/ppo_tiny.yaml: 4 samples every step) is written by the trainer in
+    # both placements: the same samples, raw rewards (scored on the rollout rank here) and KLs.
+    logs = [
+        [json.loads(line) for line in (run.out_dir / "samples.jsonl").read_text().splitlines()]
+        for run in (colocate, split_sync)
+    ]
+    assert len(logs[0]) == 4 * STEPS and [r["step"] for r in logs[1]] == [r["step"] for r in logs[0]]
+    for a, b in zip(*logs, strict=True):
+        for key in ("prompt", "response", "response_len", "finish_reason"):
+            assert b[key] == a[key], (a["step"], key)
+        for key in ("reward", "kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
 
 
