@@ -201,12 +201,16 @@ def test_kl_mean_is_over_the_rows_that_train(chat_run) -> None:
     reward, not truncated under on_truncated=mask), not over the whole batch."""
     run, rows, _ = chat_run
     metrics = {m["step"]: m for m in run.metrics}
+    compared = 0
     for step in range(EVERY, STEPS + 1, EVERY):
         mine = [r for r in rows if r["step"] == step]
         trained = [r["kl"] for r in mine if r["reward"] is not None and r["finish_reason"] == "stop"]
-        assert 0 < len(trained) < len(mine)
+        assert len(trained) < len(mine)  # some rows were dropped
+        if not trained:  # every row dropped (rare: about 4 of 32 train): no KL to report
+            assert metrics[step]["kl/mean"] is None
+            continue
         expected = sum(trained) / len(trained)
         assert metrics[step]["kl/mean"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
-        if step == STEPS:
-            everyone = sum(r["kl"] for r in mine) / len(mine)
-            assert not math.isclose(everyone, expected, rel_tol=1e-3)
+        everyone = sum(r["kl"] for r in mine) / len(mine)
+        compared += not math.isclose(everyone, expected, rel_tol=1e-3, abs_tol=1e-6)
+    assert compared  # at least one step where the two means differ (the old kl/mean was the latter)
