@@ -17,6 +17,7 @@ shape, fails with exit 2 before any step.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from pathlib import Path
@@ -115,6 +116,18 @@ def test_sigkill_during_step_4_then_resume_matches_uninterrupted(runs) -> None:
     diffs = metric_diffs(ma, mb, COMPARED, TOL)
     assert not diffs, f"resumed run differs from the uninterrupted one (step, key): (A, B): {diffs}"
     assert mb[STEPS]["policy_version"] == STEPS
+    # The samples log (ppo_tiny.yaml: 4 rows every step) of the resumed run is the uninterrupted one's.
+    sa, sb = ([json.loads(line) for line in (d / "samples.jsonl").read_text().splitlines()] for d in (a, b))
+    assert (
+        [r["step"] for r in sb]
+        == [r["step"] for r in sa]
+        == [s for s in range(1, STEPS + 1) for _ in range(4)]
+    )
+    for ra, rb in zip(sa, sb):
+        assert (rb["prompt"], rb["response"]) == (ra["prompt"], ra["response"]), ra["step"]
+        assert rb["kl"] == pytest.approx(ra["kl"], abs=TOL) and rb["reward"] == pytest.approx(
+            ra["reward"], abs=TOL
+        )
 
     assert (worst := max_weight_diff(a / "final", b / "final")) <= TOL, f"final actors differ by {worst:.3g}"
     # The run actually learned: the final actor is not the initial policy.
