@@ -1,0 +1,154 @@
+"""End to end: PPO (real vLLM, real DeepSpeed, one rank on CPU) with reward models on their own tokenizer.
+
+* ``text_run``: the policy is the tiny toy-tokenizer Llama (64 tokens); the reward model a tiny
+  Llama on ``_scripts/other_tokenizer.py``'s tokenizer (89 tokens, 128 embedding rows, its own
+  chat template). The run must log the text route, and every score it trained on must equal the
+  RM's score of the same texts rendered with the RM's template and tokenized by hand.
+* ``calibrated_run``: a reward model on the policy's own tokenizer, ``critic.init_from=reward`` and
+  ``ppo.reward_norm``: the critic's first values must be on the normalised scale.
+* ``refusals``: ``critic.init_from=reward`` with the other-tokenizer RM, and ``reward.tokenizer=policy``
+  where the policy emits ids the RM has no row for, fail before vLLM is imported.
+
+Both runs go through ``_scripts/ppo_rm_text.py`` (the real CLI, with the scorer's calls recorded).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine.config import TinyModelConfig
+from engine.models import build_tiny_model, build_tokenizer, load_reward_model
+from tests.engine._scripts.launch import REPO, run
+from tests.engine._scripts.other_tokenizer import build_other_tokenizer, save_tiny_reward_model
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "_scripts"
+CONFIG = REPO / "configs" / "ppo_tiny.yaml"
+STEPS = 2
+COMMON = [
+    f"total_steps={STEPS}",
+    "logging.progress_bar=false",
+    "logging.tensorboard=false",
+    "reward.kind=model",
+]
+
+
+def _launch(out: Path, overrides: list[str]) -> tuple[str, dict]:
+    from tests.engine._scripts.ppo_launch import require
+
+    require("vllm", "deepspeed")
+    record = out / "record.json"
+    cmd = [sys.executable, str(SCRIPTS / "ppo_rm_text.py"), str(record), "ppo", "--config", str(CONFIG)]
+    proc = run(
+        [*cmd, f"output_dir={out / 'run'}", *COMMON, *overrides], 900, VLLM_ENABLE_V1_MULTIPROCESSING="0"
+    )
+    assert proc.returncode == 0, proc.stdout[-6000:]
+    return proc.stdout, json.loads(record.read_text())
+
+
+@pytest.fixture(scope="module")
+def other_rm(tmp_path_factory) -> Path:
+    return save_tiny_reward_model(tmp_path_factory.mktemp("rm_other") / "rm", build_other_tokenizer())
+
+
+@pytest.fixture(scope="module")
+def text_run(tmp_path_factory, other_rm) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("ppo_text")
+    return _launch(out, [f"reward.model_path={other_rm}", "critic.init_from=policy"])
+
+
+@pytest.fixture(scope="module")
+def calibrated_run(tmp_path_factory) -> tuple[str, dict]:
+    out = tmp_path_factory.mktemp("ppo_calib")
+    rm = save_tiny_reward_model(out / "rm", build_tokenizer(), seed=5)
+    return _launch(out, [f"reward.model_path={rm}", "critic.init_from=reward", "ppo.reward_norm=true"])
+
+
+def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm) -> None:
+    output, record = text_run
+    assert record["route"] == "text"
+    assert (
+        "[reward] reward.model_path: text route (reward.tokenizer=auto; tokenizers differ: vocabulary (64 vs 89"
+        in output
+    )
+    rm = load_reward_model(other_rm)
+    tok = build_other_tokenizer()
+    calls = record["scored"]
+    assert len(calls) == STEPS
+    used, expected = [], []
+    for call in calls:
+        for p, r, s, v in zip(call["prompts"], call["responses"], call["scores"], call["valid"]):
+            assert v
+            ids = tok(f"<s><|user|>{p}<|bot|>{r}</s>", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                expected.append(float(rm(input_ids=torch.tensor([ids])).logits[0, 0]))
+            used.append(s)
+    assert len(used) == STEPS * 16
+    torch.testing.assert_close(torch.tensor(used), torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    assert torch.tensor(expected).std() > 1e-3  # distinct samples, distinct scores: the check can fail
+    assert any(c["responses"][i] for c in calls for i in range(16))  # real, non-empty responses
+
+
+def test_calibrated_critic_starts_on_the_normalised_scale(calibrated_run) -> None:
+    output, record = calibrated_run
+    assert record["route"] == "token"
+    assert "critic (init_from=reward) calibrated to the normalised reward scale" in output
+    first = record["first_values"]
+    assert first["calibrated"]
+    raw = torch.tensor(record["scored"][0]["scores"])
+    # The critic started as the reward model: at the last real token it gives the RM's score, now mapped.
+    norm = (raw - first["reward_mean"]) / (first["reward_std"] + 1e-8)
+    torch.testing.assert_close(torch.tensor(first["scores"]), norm, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(first["values_last"]), norm, atol=1e-4, rtol=1e-4)
+    assert (norm - raw).abs().max() > 0.1  # raw and normalised scales differ: the check can fail
+
+
+def test_refusals_come_before_any_rollout(tmp_path: Path, other_rm: Path) -> None:
+    policy = tmp_path / "policy_other"  # a policy on the 89-token tokenizer
+    tok = build_other_tokenizer()
+    build_tiny_model(tok, TinyModelConfig(), 0).save_pretrained(policy)
+    tok.save_pretrained(policy)
+    toy_rm = save_tiny_reward_model(tmp_path / "toy_rm", build_tokenizer())  # 64 embedding rows
+    base = ["ppo", "--config", str(CONFIG), *COMMON]
+    cases = {
+        "critic_from_other_rm": [
+            *base,
+            f"output_dir={tmp_path / 'o1'}",
+            f"reward.model_path={other_rm}",
+            "critic.init_from=reward",
+        ],
+        "policy_ids_past_rm": [
+            *base,
+            f"output_dir={tmp_path / 'o2'}",
+            f"model.path={policy}",
+            f"reward.model_path={toy_rm}",
+            "reward.tokenizer=policy",
+            "critic.init_from=policy",
+        ],
+    }
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    proc = run(
+        [
+            sys.executable,
+            str(SCRIPTS / "ppo_errors.py"),
+            str(tmp_path / "cases.json"),
+            str(tmp_path / "r.json"),
+        ],
+        300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    results = json.loads((tmp_path / "r.json").read_text())
+    expect = {
+        "critic_from_other_rm": "critic.init_from=reward: the reward model's tokenizer differs from the policy's",
+        "policy_ids_past_rm": "reward.tokenizer=policy the reward model would read the policy's ids, but the policy's tokenizer has 89 tokens",
+    }
+    for name, msg in expect.items():
+        r = results[name]
+        assert r["rc"] != 0 and msg in r["stderr"], (name, r["stderr"][-2000:])
+        assert not r["vllm_imported"], name  # refused before the rollout engine (and any weights)
