@@ -219,3 +219,59 @@ def test_ppo_7b_config_passes_every_start_up_check_without_weights(ckpts, tmp_pa
     old = load_config(PPOConfig, str(yaml), [*paths, "critic.init_from=reward"])
     with pytest.raises(ConfigError, match="critic.init_from=reward"):
         check_critic_init(old.critic.init_from, old.reward.kind, tokenizer, route)
+
+
+# --------------------------------------------------------------------------- best-of-n and eval
+def test_best_of_n_reward_takes_the_text_route(ckpts) -> None:
+    from engine.stages.best_of_n import BoNRewardConfig, build_reward
+
+    toy = build_tokenizer()
+    scorer = build_reward(BoNRewardConfig(model_path=str(ckpts["other"])), toy)
+    assert scorer.text_route is not None
+    scores, _ = scorer.score(PROMPTS, RESPONSES)
+    texts = [f"<s><|user|>{p}<|bot|>{r}</s>" for p, r in zip(PROMPTS, RESPONSES)]
+    expected = _own_scores(load_reward_model(ckpts["other"]), build_other_tokenizer(), texts)
+    torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match="reward.tokenizer=policy"):
+        build_reward(
+            BoNRewardConfig(model_path=str(ckpts["toy"]), tokenizer="policy"), build_other_tokenizer()
+        )
+
+
+def test_eval_scores_policy_samples_as_text_and_pairs_with_the_rms_tokenizer(ckpts, tmp_path) -> None:
+    """Eval of a toy-tokenizer policy with the other-tokenizer RM: the RM rewards are its own scores
+    of the samples' texts, and RM accuracy equals that of an RM-only eval (pairs tokenized with the
+    RM's own tokenizer either way)."""
+    from engine.stages.evaluate import EvalConfig, run_eval
+
+    pol = tmp_path / "policy"
+    toy = build_tokenizer()
+    build_tiny_model(toy, TinyModelConfig(), 1).save_pretrained(pol)
+    toy.save_pretrained(pol)
+    prompts, pairs = tmp_path / "prompts.jsonl", tmp_path / "pairs.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"say {c}:"}) + "\n" for c in "abcd"))
+    rows = [("say a:", "aaa", "bbb"), ("say b:", "bb", "ab"), ("say d:", "dd", "d")]
+    pairs.write_text(
+        "".join(json.dumps({"prompt": p, "chosen": c, "rejected": r}) + "\n" for p, c, r in rows)
+    )
+    common = [f"models.reward_model={ckpts['other']}", "models.baseline=", f"data.pairs={pairs}"]
+    with_policy = load_config(
+        EvalConfig,
+        None,
+        [
+            *common,
+            f"output_dir={tmp_path / 'e1'}",
+            f"models.policy={pol}",
+            f"data.prompts={prompts}",
+            "rollout.backend=hf",
+            "rollout.max_new_tokens=6",
+        ],
+    )
+    res = run_eval(with_policy)
+    samples = [json.loads(x) for x in (tmp_path / "e1" / "eval_samples.jsonl").read_text().splitlines()]
+    texts = [f"<s><|user|>{s['prompt']}<|bot|>{s['policy_response']}</s>" for s in samples]
+    own = _own_scores(load_reward_model(ckpts["other"]), build_other_tokenizer(), texts)
+    torch.testing.assert_close(torch.tensor([s["rm_policy"] for s in samples]), own, atol=1e-5, rtol=1e-5)
+    rm_only = run_eval(load_config(EvalConfig, None, [*common, f"output_dir={tmp_path / 'e2'}"]))
+    assert res["rm_pairs"] == rm_only["rm_pairs"] == 3
+    assert res["rm_margin"] == pytest.approx(rm_only["rm_margin"], abs=1e-6) and res["rm_margin"] != 0

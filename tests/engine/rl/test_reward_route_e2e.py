@@ -39,11 +39,11 @@ COMMON = [
 ]
 
 
-def _launch(out: Path, overrides: list[str]) -> tuple[str, dict]:
+def _launch(out: Path, overrides: list[str], record_name: str = "record.json") -> tuple[str, dict]:
     from tests.engine._scripts.ppo_launch import require
 
     require("vllm", "deepspeed")
-    record = out / "record.json"
+    record = out / record_name
     cmd = [sys.executable, str(SCRIPTS / "ppo_rm_text.py"), str(record), "ppo", "--config", str(CONFIG)]
     proc = run(
         [*cmd, f"output_dir={out / 'run'}", *COMMON, *overrides], 900, VLLM_ENABLE_V1_MULTIPROCESSING="0"
@@ -63,11 +63,29 @@ def text_run(tmp_path_factory, other_rm) -> tuple[str, dict]:
     return _launch(out, [f"reward.model_path={other_rm}", "critic.init_from=policy"])
 
 
+def _metrics(out: Path) -> list[dict]:
+    lines = (out / "run" / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
 @pytest.fixture(scope="module")
-def calibrated_run(tmp_path_factory) -> tuple[str, dict]:
+def calibrated_run(tmp_path_factory) -> dict:
+    """3 steps checkpointed every step, then the same run resumed from step 1's checkpoint."""
     out = tmp_path_factory.mktemp("ppo_calib")
     rm = save_tiny_reward_model(out / "rm", build_tokenizer(), seed=5)
-    return _launch(out, [f"reward.model_path={rm}", "critic.init_from=reward", "ppo.reward_norm=true"])
+    args = [f"reward.model_path={rm}", "critic.init_from=reward", "ppo.reward_norm=true"]
+    args += ["total_steps=3", "save_every=1", "keep_last=3"]
+    output, record = _launch(out, args)
+    rows = _metrics(out)
+    ckpt = out / "run" / "checkpoints" / "step_000001"
+    resumed_output, _ = _launch(out, [*args, f"resume={ckpt}"], "record_resumed.json")
+    return {
+        "output": output,
+        "record": record,
+        "rows": rows,
+        "resumed": resumed_output,
+        "resumed_rows": _metrics(out),
+    }
 
 
 def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm) -> None:
@@ -96,7 +114,7 @@ def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm)
 
 
 def test_calibrated_critic_starts_on_the_normalised_scale(calibrated_run) -> None:
-    output, record = calibrated_run
+    output, record = calibrated_run["output"], calibrated_run["record"]
     assert record["route"] == "token"
     assert "critic (init_from=reward) calibrated to the normalised reward scale" in output
     first = record["first_values"]
@@ -152,3 +170,16 @@ def test_refusals_come_before_any_rollout(tmp_path: Path, other_rm: Path) -> Non
         r = results[name]
         assert r["rc"] != 0 and msg in r["stderr"], (name, r["stderr"][-2000:])
         assert not r["vllm_imported"], name  # refused before the rollout engine (and any weights)
+
+
+def test_resume_keeps_the_calibration_and_matches_the_uninterrupted_run(calibrated_run) -> None:
+    """The mapped value head is in the critic's checkpoint and the flag in the loop state: a run
+    resumed from step 1 maps nothing again, and its steps 2-3 equal the uninterrupted run's."""
+    assert "calibrated to the normalised reward scale" not in calibrated_run["resumed"]
+    assert "resumed from" in calibrated_run["resumed"]
+    a = {r["step"]: r for r in calibrated_run["rows"]}
+    b = {r["step"]: r for r in calibrated_run["resumed_rows"]}
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    for step in (2, 3):
+        for key in ("reward/mean", "values/mean", "returns/mean", "loss/value", "loss/policy"):
+            assert abs(a[step][key] - b[step][key]) <= 1e-6, (step, key, a[step][key], b[step][key])
