@@ -1,9 +1,9 @@
 """``python -m engine.cli ppo`` on one rank, recording what the reward model scored and the critic's first values.
 
-Run: ``python tests/engine/_scripts/ppo_rm_text.py RECORD.json ppo --config F k=v ...``. Everything
+Run: ``[deepspeed --num_gpus 2] tests/engine/_scripts/ppo_rm_text.py RECORD.json ppo --config F k=v ...``. Everything
 after RECORD.json goes to ``engine.cli.main`` unchanged (the real CLI path). The trainer is wrapped to
 record (a) every call of the reward scorer: the texts, finish reasons, scores and validity it returned
-(what the run trained on), and (b) on the first step, the critic's value at each sample's last real
+(what the run trained on; under ``placement.scoring=rollout`` the scores the rollout ranks sent), and (b) on the first step, the critic's value at each sample's last real
 token right after ``make_experience`` next to the normalised scores, and whether it was calibrated.
 Used by ``tests/engine/rl/test_reward_route_e2e.py``.
 """
@@ -29,6 +29,8 @@ class RecordingTrainer(trainer_mod.PPOTrainer):
         super().__init__(*args, **kwargs)
         route = self.reward_route
         self.record = {"route": None if route is None else route.route, "scored": [], "first_values": None}
+        if self.reward is None:  # placement.scoring=rollout: the rollout ranks score (see make_experience)
+            return
         inner = self.reward.score
 
         def score(prompts, responses, sequences=None, attention_mask=None, finish_reasons=None):
@@ -47,6 +49,11 @@ class RecordingTrainer(trainer_mod.PPOTrainer):
         self.reward.score = score
 
     def make_experience(self, rb):
+        if self.reward is None and rb.scores is not None:  # scored beside the rollout engine
+            call = {"prompts": rb.prompts, "responses": rb.responses, "finish_reasons": rb.finish_reasons}
+            self.record["scored"].append(
+                {**call, "scores": rb.scores.tolist(), "valid": rb.score_valid.tolist()}
+            )
         exp, stats = super().make_experience(rb)
         if self.critic is not None and self.record["first_values"] is None:
             am = exp.attention_mask
@@ -64,11 +71,13 @@ class RecordingTrainer(trainer_mod.PPOTrainer):
 
     def fit(self):
         summary = super().fit()
-        self.record_path.write_text(json.dumps(self.record, indent=1))
+        if self.rank == 0:
+            self.record_path.write_text(json.dumps(self.record, indent=1))
         return summary
 
 
 def main(argv: list[str]) -> int:
+    argv = [a for a in argv if not a.startswith(("--local_rank", "--local-rank"))]  # the launcher's
     if len(argv) < 2:
         raise SystemExit(__doc__)
     RecordingTrainer.record_path = Path(argv[0])

@@ -4,12 +4,14 @@
   Llama on ``_scripts/other_tokenizer.py``'s tokenizer (89 tokens, 128 embedding rows, its own
   chat template). The run must log the text route, and every score it trained on must equal the
   RM's score of the same texts rendered with the RM's template and tokenized by hand.
+* ``split_run``: the same on two ranks, ``placement.mode=split`` with ``placement.scoring=rollout``:
+  the rollout rank scores through the text route, and the trainer trains on its scores.
 * ``calibrated_run``: a reward model on the policy's own tokenizer, ``critic.init_from=reward`` and
   ``ppo.reward_norm``: the critic's first values must be on the normalised scale.
 * ``refusals``: ``critic.init_from=reward`` with the other-tokenizer RM, and ``reward.tokenizer=policy``
   where the policy emits ids the RM has no row for, fail before vLLM is imported.
 
-Both runs go through ``_scripts/ppo_rm_text.py`` (the real CLI, with the scorer's calls recorded).
+The runs go through ``_scripts/ppo_rm_text.py`` (the real CLI, with the scorer's calls recorded).
 """
 
 from __future__ import annotations
@@ -39,15 +41,19 @@ COMMON = [
 ]
 
 
-def _launch(out: Path, overrides: list[str], record_name: str = "record.json") -> tuple[str, dict]:
+def _launch(
+    out: Path, overrides: list[str], record_name: str = "record.json", ranks: int = 1
+) -> tuple[str, dict]:
+    from tests.engine._scripts.launch import deepspeed_cmd, free_port
     from tests.engine._scripts.ppo_launch import require
 
     require("vllm", "deepspeed")
     record = out / record_name
-    cmd = [sys.executable, str(SCRIPTS / "ppo_rm_text.py"), str(record), "ppo", "--config", str(CONFIG)]
-    proc = run(
-        [*cmd, f"output_dir={out / 'run'}", *COMMON, *overrides], 900, VLLM_ENABLE_V1_MULTIPROCESSING="0"
-    )
+    script = [str(SCRIPTS / "ppo_rm_text.py"), str(record), "ppo", "--config", str(CONFIG)]
+    port = free_port()
+    cmd = [sys.executable, *script] if ranks == 1 else deepspeed_cmd(ranks, port, *script)
+    args = [f"output_dir={out / 'run'}", *COMMON, *overrides]
+    proc = run([*cmd, *args], 900, port=port, VLLM_ENABLE_V1_MULTIPROCESSING="0")
     assert proc.returncode == 0, proc.stdout[-6000:]
     return proc.stdout, json.loads(record.read_text())
 
@@ -88,13 +94,16 @@ def calibrated_run(tmp_path_factory) -> dict:
     }
 
 
-def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm) -> None:
-    output, record = text_run
-    assert record["route"] == "text"
-    assert (
-        "[reward] reward.model_path: text route (reward.tokenizer=auto; tokenizers differ: vocabulary (64 vs 89"
-        in output
-    )
+@pytest.fixture(scope="module")
+def split_run(tmp_path_factory, other_rm) -> tuple[str, dict]:
+    """Two ranks: rank 0 trains, rank 1 runs vLLM and scores (``placement.scoring=rollout``)."""
+    out = tmp_path_factory.mktemp("ppo_split")
+    split = ["placement.mode=split", "placement.scoring=rollout", "placement.timeout_s=300"]
+    return _launch(out, [f"reward.model_path={other_rm}", "critic.init_from=policy", *split], ranks=2)
+
+
+def _check_own_scores(record: dict, other_rm: Path) -> None:
+    """Every score the run trained on equals the RM on the same texts, rendered and tokenized by hand."""
     rm = load_reward_model(other_rm)
     tok = build_other_tokenizer()
     calls = record["scored"]
@@ -111,6 +120,22 @@ def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm)
     torch.testing.assert_close(torch.tensor(used), torch.tensor(expected), atol=1e-5, rtol=1e-5)
     assert torch.tensor(expected).std() > 1e-3  # distinct samples, distinct scores: the check can fail
     assert any(c["responses"][i] for c in calls for i in range(16))  # real, non-empty responses
+
+
+def test_text_route_is_logged_and_its_scores_are_the_rms_own(text_run, other_rm) -> None:
+    output, record = text_run
+    assert record["route"] == "text"
+    assert (
+        "[reward] reward.model_path: text route (reward.tokenizer=auto; tokenizers differ: vocabulary (64 vs 89"
+        in output
+    )
+    _check_own_scores(record, other_rm)
+
+
+def test_rollout_ranks_score_through_the_text_route(split_run, other_rm) -> None:
+    output, record = split_run
+    assert "text route" in output
+    _check_own_scores(record, other_rm)
 
 
 def test_calibrated_critic_starts_on_the_normalised_scale(calibrated_run) -> None:
