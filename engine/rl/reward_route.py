@@ -7,8 +7,9 @@ policy's tokenizer (special tokens dropped, so no policy EOS in the text) and re
 RM's: rendered with the RM's chat template (user turn = prompt, assistant turn = response, no
 generation prompt) where it has one, else laid out as the rm stage trains (``<bos> prompt
 response <eos>``, ``engine.data.encode_prompt`` / ``encode_response``; a response cut at
-``max_new_tokens`` gets no EOS, as on the token route). A sample longer than the RM's positions
-is not cut: its score is invalid (dropped from the loss and counted) and a warning says so.
+``max_new_tokens`` gets no EOS there, as on the token route; a chat template closes every turn its
+own way). A sample longer than the RM's positions is not cut: its score is invalid (dropped from
+the loss and counted) and a warning says so.
 
 ``resolve_reward_route`` decides from ``reward.tokenizer`` (auto | policy | own), reading only the
 RM's ``config.json`` and tokenizer files, so it runs before any weights load.
@@ -56,7 +57,7 @@ class TextRoute:
     """Re-tokenizes (prompt, response) texts for the RM: ``encode(...) -> (ids [B, T], mask [B, T], ok [B])``.
 
     ``ids`` are right-padded with the RM tokenizer's pad id; ``ok`` is False for samples longer than
-    ``max_len`` (their row is a lone pad token; the scorer marks them invalid).
+    ``max_len`` (or empty): their row is a lone pad token and the scorer marks them invalid.
     """
 
     tokenizer: Any
@@ -87,8 +88,8 @@ class TextRoute:
         reasons = list(finish_reasons) if finish_reasons is not None else [None] * len(prompts)
         rows = [self.render(p, r, f != "length") for p, r, f in zip(prompts, responses, reasons)]
         ok = torch.tensor([0 < len(r) <= self.max_len for r in rows], dtype=torch.bool)
-        if not bool(ok.all()):
-            n = int((~ok).sum())
+        n = sum(len(r) > self.max_len for r in rows)
+        if n:
             self.num_too_long += n
             longest = max(len(r) for r in rows)
             print(
