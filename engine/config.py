@@ -66,6 +66,9 @@ class RewardConfig:
     # ("mask": they still count in their group's baseline).
     missing_eos_penalty: float = 0.0
     on_truncated: str = "score"
+    # How a reward model reads samples: auto (its own tokenizer differs from the policy's ->
+    # re-tokenized text, else the policy's ids), policy (always the ids), own (always text).
+    tokenizer: str = "auto"
 
 
 @dataclass
@@ -297,6 +300,7 @@ class PPOConfig(StageConfig):
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
         check_choice("reward.on_truncated", self.reward.on_truncated, ("score", "mask"))
+        check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
         if not (math.isfinite(self.reward.missing_eos_penalty) and self.reward.missing_eos_penalty >= 0):
             raise ConfigError(
                 f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"

@@ -170,6 +170,23 @@ def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) ->
 
 
 # --------------------------------------------------------------------------- prompts
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
+    """Prompt ids without special tokens, with <bos> prepended unless already there (as in PromptDataset)."""
+    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    bos = tokenizer.bos_token_id
+    if bos is not None and ids[:1] != [bos]:
+        ids.insert(0, bos)
+    return ids
+
+
+def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
+    """Response ids without special tokens, then <eos>: what a policy emits before stopping."""
+    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
+    if tokenizer.eos_token_id is None:
+        raise ConfigError("the tokenizer has no eos token; responses need one to mark their end")
+    return ids + [tokenizer.eos_token_id]
+
+
 @dataclass
 class PromptBatch:
     """Prompts for one rollout step, as the rollout engine takes them.

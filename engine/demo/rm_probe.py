@@ -79,7 +79,7 @@ def probe(
     tok = load_tokenizer(policy, role="--policy")
     lm = load_causal_lm(policy, torch.float32, "sdpa", role="--policy")
     check_tokenizer_matches(tok, lm.config)
-    rm, gold_fn = _load_rm(reward_model), _load_gold(gold)
+    rm, gold_fn = _load_rm(reward_model, tok), _load_gold(gold)  # the RM's route is logged
     rollout = HFRollout(lm, tok, RolloutConfig(max_new_tokens=max_new_tokens, temperature=temperature))
     rows: list[dict[str, Any]] = []
     groups = []
@@ -90,7 +90,7 @@ def probe(
         ]
         rb = collate_samples(flat, tok, tok.pad_token_id)
         ps = [p for p in chunk for _ in range(samples)]
-        rm_scores, _ = rm.score(ps, rb.responses, rb.sequences, rb.attention_mask)
+        rm_scores, _ = rm.score(rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons)
         gold_scores, _ = gold_fn.score(ps, rb.responses)
         for j, p in enumerate(chunk):
             group = []

@@ -10,7 +10,9 @@ non-finite step guard are shared with the actor (``engine.rl.actor.TrainEngine``
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 from torch import nn
@@ -84,6 +86,39 @@ class ValueModel(nn.Module):
         return model
 
 
+def check_critic_init(init_from: str, reward_kind: str, policy_tokenizer: object, route: object) -> None:
+    """Refuse, before any weights load, a critic that would not read the policy's token ids.
+
+    ``critic.init_from=reward`` needs a reward model whose tokenizer is the policy's
+    (``route.differences`` empty, ``engine.rl.reward_route``); a checkpoint path needs an embedding
+    with a row for every id the policy can emit.
+    """
+    from engine.config import ConfigError
+
+    if init_from == "reward":
+        if reward_kind != "model":
+            raise ConfigError("critic.init_from=reward needs reward.kind=model")
+        diffs = getattr(route, "differences", None)
+        if diffs:
+            raise ConfigError(
+                "critic.init_from=reward: the reward model's tokenizer differs from the policy's "
+                f"({', '.join(diffs)}), but the critic reads the policy's token ids; use "
+                "critic.init_from=policy, or critic.init_from=<path> of a value/reward checkpoint "
+                "trained on the policy's tokenizer"
+            )
+    elif init_from != "policy":
+        from engine.models import check_tokenizer_matches, require_checkpoint_kind
+
+        config = require_checkpoint_kind(init_from, "critic.init_from", "seq_cls")
+        try:
+            check_tokenizer_matches(policy_tokenizer, config)
+        except ConfigError as e:
+            raise ConfigError(
+                f"critic.init_from={init_from}: the critic reads the policy's token ids, but {e}; "
+                "use critic.init_from=policy or a checkpoint trained on the policy's tokenizer"
+            ) from e
+
+
 def reward_head_of(rm: nn.Module) -> nn.Linear:
     """The scalar head of an HF sequence-classification model (``score`` or ``classifier``)."""
     head = getattr(rm, "score", None) or getattr(rm, "classifier", None)
@@ -129,6 +164,30 @@ class CriticWorker:
     @property
     def device(self) -> torch.device:
         return self.train.device
+
+    @torch.no_grad()
+    def calibrate(self, shift: float, scale: float) -> None:
+        """Map the value head affinely so every value ``v`` becomes ``(v - shift) / scale``.
+
+        weight <- weight / scale, bias <- (bias - shift) / scale: on the module's parameters
+        (gathered and re-partitioned under ZeRO-3) and on the optimizer's fp32 master copies
+        (ZeRO 1-3 and bf16 keep their own), so the next update starts from the mapped head.
+        Identical on every rank given identical arguments. Part of the engine's checkpoint.
+        """
+        import deepspeed
+
+        if not (scale > 0 and math.isfinite(scale) and math.isfinite(shift)):
+            raise ValueError(f"calibrate: need a finite shift and a finite scale > 0, got {shift}, {scale}")
+        head = self.module.value_head
+        params = [head.weight, head.bias]
+        zero3 = any(hasattr(p, "ds_id") for p in params)
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0) if zero3 else nullcontext()
+        with gather:
+            new = [head.weight.float() / scale, (head.bias.float() - shift) / scale]
+            for p, v in zip(params, new):
+                p.data.copy_(v.to(p.dtype))
+        for p, v in zip(params, new):
+            deepspeed.utils.safe_set_full_fp32_param(p, v)
 
     def _response_values(self, mb: Experience) -> torch.Tensor:
         P, R = mb.prompt_len, mb.response_len

@@ -61,8 +61,6 @@ class ExperienceMixin:
             raw, valid = self.reward.score(
                 rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
             )
-        if self.critic is not None:
-            exp.values = self.critic.values(exp)
         raw = raw.float()
         rb.scores, rb.score_valid = raw, valid  # the raw scores, for the samples log (sample_rows)
         self.invalid_rewards += int((~valid).sum())
@@ -83,6 +81,9 @@ class ExperienceMixin:
         if self.norm_rewards:
             self.reward_norm.update(dist.all_gather_cat(scores[valid]))
             scores = self.reward_norm.normalize(scores)
+            self.calibrate_critic_once()  # critic.init_from=reward: onto this scale, once
+        if self.critic is not None:
+            exp.values = self.critic.values(exp)
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
         # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
         kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0

@@ -93,7 +93,12 @@ class _Scorer:
             hello["dtype"]
         ]
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-        self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device)
+        route = None
+        if cfg.reward.kind == "model":  # the trainer ranks checked it and logged the route
+            from engine.rl.reward_route import resolve_reward_route
+
+            route = resolve_reward_route(cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path)
+        self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device, route)
         self.temperature = cfg.rollout.temperature
 
     def score(self, samples: list) -> None:

@@ -4,11 +4,13 @@
 policy log-probs come from the same code path (``kernels.linear_logprobs``).
 ``RewardScorer`` wraps either a Python function of texts or a sequence-
 classification reward model scored at each sample's last real token, and
-reports which scores are unusable instead of raising.
+reports which scores are unusable instead of raising. A reward model with its
+own tokenizer reads re-tokenized text (``engine.rl.reward_route``).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +21,7 @@ from torch import nn
 from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
 from engine.rl.critic import reward_head_of
 from engine.rl.experience import Experience
+from engine.rl.reward_route import RewardRoute, TextRoute
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float | None]]
 
@@ -79,6 +82,7 @@ class RewardScorer:
         clip: float = 0.0,
         device: torch.device | str | None = None,
         micro_batch_size: int = 8,
+        text_route: TextRoute | None = None,
     ) -> None:
         if (fn is None) == (model is None):
             raise ValueError("RewardScorer needs exactly one of fn or model")
@@ -86,6 +90,7 @@ class RewardScorer:
         self.clip = float(clip)
         self.micro_batch_size = micro_batch_size
         self.model = None
+        self.text_route = text_route  # None: the model reads the policy's token ids
         if model is not None:
             self.device = torch.device(device) if device is not None else next(model.parameters()).device
             self.model = _freeze(model.to(self.device))
@@ -111,6 +116,14 @@ class RewardScorer:
             )
         return cls(model=path_or_model, clip=clip, device=device)
 
+    def token_scorer(self) -> RewardScorer:
+        """This scorer reading token ids as given: for ids already in the reward model's own vocabulary."""
+        if self.text_route is None:
+            return self
+        twin = copy.copy(self)
+        twin.text_route = None
+        return twin
+
     def score(
         self,
         prompts: Sequence[str],
@@ -133,9 +146,7 @@ class RewardScorer:
                 raise ValueError(f"reward function returned {len(raw)} scores for {len(prompts)} samples")
             values = [_as_float(r) for r in raw]
         else:
-            if sequences is None or attention_mask is None:
-                raise ValueError("a reward-model scorer needs sequences and attention_mask")
-            values = self._model_scores(sequences, attention_mask).tolist()
+            values = self._route_scores(prompts, responses, sequences, attention_mask, finish_reasons)
         scores = torch.tensor(values, dtype=torch.float32)
         valid = torch.isfinite(scores)
         scores = torch.where(valid, scores, torch.zeros_like(scores))
@@ -157,6 +168,16 @@ class RewardScorer:
         )
         for i, s in enumerate(samples):
             s.score, s.score_valid = float(scores[i]), bool(valid[i])
+
+    def _route_scores(self, prompts, responses, sequences, attention_mask, finish_reasons) -> list[float]:
+        """The model's scores on the policy's ids (token route) or on the re-tokenized texts (text route)."""
+        if self.text_route is None:
+            if sequences is None or attention_mask is None:
+                raise ValueError("a reward-model scorer needs sequences and attention_mask")
+            return self._model_scores(sequences, attention_mask).tolist()
+        ids, mask, ok = self.text_route.encode(prompts, responses, finish_reasons)
+        values = self._model_scores(ids, mask)
+        return torch.where(ok, values, torch.full_like(values, math.nan)).tolist()
 
     @torch.no_grad()
     def _model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -197,10 +218,13 @@ def _as_float(x: object) -> float:
         return math.nan
 
 
-def build_scoring(cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.device) -> tuple:
+def build_scoring(
+    cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.device, route: RewardRoute | None = None
+) -> tuple:
     """The frozen roles of a PPO config: ``(ReferenceModel, RewardScorer)`` on ``device``.
 
     Used by the trainer ranks, or by the rollout ranks under ``placement.scoring=rollout``.
+    ``route``: how a reward model reads samples (``resolve_reward_route``; the token route if None).
     """
     from engine.models import load_causal_lm, load_reward_model
     from engine.tasks import load_callable
@@ -210,4 +234,5 @@ def build_scoring(cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.d
     if cfg.reward.kind == "function":
         return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
     rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
-    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device)
+    text = route.text if route is not None else None
+    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device, text_route=text)

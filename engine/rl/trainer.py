@@ -113,6 +113,21 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         if self.rank != 0:
             self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
+        # How the reward model reads samples, and whether the critic may start from it: decided
+        # from config.json and tokenizer files, before any weights load.
+        from engine.rl.critic import check_critic_init
+
+        self.reward_route = None
+        if cfg.reward.kind == "model":
+            from engine.rl.reward_route import resolve_reward_route
+
+            self.reward_route = resolve_reward_route(
+                cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path
+            )
+            if self.rank == 0:
+                print(self.reward_route.log_line(), flush=True)
+        if cfg.algo.uses_critic:
+            check_critic_init(cfg.critic.init_from, cfg.reward.kind, self.tokenizer, self.reward_route)
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.rollout = None
         if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
@@ -167,7 +182,9 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         )
         self.ref = self.reward = None  # placement.scoring=rollout: the rollout ranks score
         if not (self.split and cfg.placement.scoring == "rollout"):
-            self.ref, self.reward = build_scoring(cfg, str(self.policy_dir), dtype, self.device)
+            self.ref, self.reward = build_scoring(
+                cfg, str(self.policy_dir), dtype, self.device, self.reward_route
+            )
         self.invalid_rewards = 0
         self.critic = None  # critic-free estimators load no value model, optimizer or value pass
         if cfg.algo.uses_critic:
@@ -175,8 +192,6 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             if init == "policy":
                 value_model = ValueModel.from_policy(str(self.policy_dir))
             elif init == "reward":
-                if cfg.reward.kind != "model":
-                    raise ConfigError("critic.init_from=reward needs reward.kind=model")
                 value_model = ValueModel.from_reward_model(cfg.reward.model_path)
             else:
                 value_model = ValueModel.from_reward_model(init)
@@ -196,6 +211,12 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             self.sync = ColocatedWeightSync(self.actor.module, self.rollout, bucket, cfg.actor.zero_stage)
         self.kl_ctl = make_kl_controller(p.kl.coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
         self.reward_norm = RunningMoments()
+        # A critic started from the reward model with normalised rewards is mapped onto the
+        # normalised scale once the first batch's reward statistics exist (make_experience).
+        self.calibrate_critic = (
+            self.critic is not None and cfg.critic.init_from == "reward" and self.norm_rewards
+        )
+        self.critic_calibrated = False
         self.version = 0
         self.step_idx = 0
         self.last_samples: list[dict[str, Any]] = []  # the last step's samples.jsonl rows (trainer 0)
@@ -454,6 +475,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             "sampler": self.sampler.state_dict(),
             "kl_ctl": self.kl_ctl.state_dict(),
             "reward_norm": self.reward_norm.state_dict(),
+            "critic_calibrated": self.critic_calibrated,
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.invalid_rewards,
@@ -467,6 +489,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.sampler.load_state_dict(state["sampler"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.reward_norm.load_state_dict(state["reward_norm"])
+        self.critic_calibrated = bool(state.get("critic_calibrated", False))
         self._gen.set_state(state["gen"])
         rollout_rng = getattr(self.rollout, "_rng", None)
         if rollout_rng is not None and state.get("rollout_rng") is not None:
@@ -479,6 +502,26 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
         self.pending = dict(state.get("pending", {}))
         self.requested = self.step_idx
+
+    def calibrate_critic_once(self) -> None:
+        """Put a critic started from the reward model on the normalised reward scale (once per run).
+
+        Called after the first batch's scores entered ``reward_norm``: the value head is mapped by
+        ``v -> (v - mean) / (std + eps)``, the map ``reward_norm.normalize`` applies to the scores.
+        The mapped weights are in the critic's checkpoint and ``critic_calibrated`` in the loop
+        state, so a resumed run does not map them again.
+        """
+        if not self.calibrate_critic or self.critic_calibrated or self.reward_norm.count <= 0:
+            return
+        mean, scale = self.reward_norm.mean, self.reward_norm.std + self.reward_norm.eps
+        self.critic.calibrate(mean, scale)
+        self.critic_calibrated = True
+        if self.rank == 0:
+            print(
+                f"[ppo] critic (init_from=reward) calibrated to the normalised reward scale: "
+                f"values -> (v - {mean:.4g}) / {scale:.4g} (the first batch's reward mean and std)",
+                flush=True,
+            )
 
     def _workers(self) -> dict[str, Any]:
         """The trained roles: the actor, and the critic for GAE."""

@@ -104,6 +104,7 @@ class BoNConfig(StageConfig):
     def validate(self, world_size: int = 1) -> None:
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
         if self.reward.missing_eos_penalty or self.reward.on_truncated != "score":
             raise ConfigError(
                 "reward.missing_eos_penalty and reward.on_truncated apply to RL runs (engine.cli ppo); "
@@ -186,8 +187,9 @@ def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_mo
     return HFRollout(lm, tokenizer, cfg.rollout)
 
 
-def build_reward(cfg: RewardConfig, device: torch.device | None = None):
-    """A ``RewardScorer`` from ``reward.kind``: the callable, or the RM checkpoint (kind checked)."""
+def build_reward(cfg: RewardConfig, tokenizer: Any, device: torch.device | None = None):
+    """A ``RewardScorer`` from ``reward.kind``: the callable, or the RM checkpoint (kind checked),
+    reading the policy's ids or re-tokenized text as ``reward.tokenizer`` decides (logged)."""
     from engine.rl.scoring import RewardScorer
 
     if cfg.kind == "function":
@@ -195,9 +197,13 @@ def build_reward(cfg: RewardConfig, device: torch.device | None = None):
 
         return RewardScorer.from_function(load_callable(cfg.function), clip=cfg.clip)
     from engine.models import load_reward_model
+    from engine.rl.reward_route import resolve_reward_route
 
+    route = resolve_reward_route(cfg.tokenizer, tokenizer, cfg.model_path)
+    if D.is_main():
+        print(route.log_line(), flush=True)
     rm = load_reward_model(cfg.model_path, torch.float32, "auto", device)
-    return RewardScorer(model=rm, clip=cfg.clip, device=device)
+    return RewardScorer(model=rm, clip=cfg.clip, device=device, text_route=route.text)
 
 
 def _write_samples(
@@ -296,7 +302,9 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     b = cfg.bon
     prompt_sampler = PromptSampler(len(dataset), b.prompts_per_round, cfg.seed, cfg.data.shuffle, rank, world)
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    reward = build_reward(cfg.reward, dev)  # before the engines: a wrong checkpoint kind fails first
+    reward = build_reward(
+        cfg.reward, tokenizer, dev
+    )  # before the engines: a wrong checkpoint kind fails first
 
     model = load_causal_lm(policy_dir, torch.float32, cfg.model.attn_implementation)
     model.config.use_cache = False

@@ -32,11 +32,15 @@ from engine.config import (
     check_stage_counts,
     save_config,
 )
-from engine.data import DataError, nonblank_line_numbers, render_chat
+from engine.data import (  # noqa: F401 (encode_* and nonblank_line_numbers are re-exported)
+    DataError,
+    encode_prompt,
+    encode_response,
+    nonblank_line_numbers,
+    render_chat,
+)
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
-
     from engine.checkpoint import GracefulShutdown
     from engine.data import PromptSampler
     from engine.metrics import MetricsLogger
@@ -269,23 +273,6 @@ class EncodeStats:
             f"{prefix}responses_truncated": self.responses_truncated,
             **{f"{prefix}{k}": v for k, v in self.extra.items()},
         }
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, prompt: str) -> list[int]:
-    """Prompt ids without special tokens, with <bos> prepended unless already there (as in PromptDataset)."""
-    ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    bos = tokenizer.bos_token_id
-    if bos is not None and ids[:1] != [bos]:
-        ids.insert(0, bos)
-    return ids
-
-
-def encode_response(tokenizer: PreTrainedTokenizerBase, response: str) -> list[int]:
-    """Response ids without special tokens, then <eos>: what a policy emits before stopping."""
-    ids = list(tokenizer(response, add_special_tokens=False)["input_ids"])
-    if tokenizer.eos_token_id is None:
-        raise ConfigError("the tokenizer has no eos token; responses need one to mark their end")
-    return ids + [tokenizer.eos_token_id]
 
 
 def fit_prompt(

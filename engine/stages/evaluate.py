@@ -181,9 +181,17 @@ def _logprobs(lm: Any, batch: Any, temperature: float) -> torch.Tensor:
     return ReferenceModel(lm).logprobs(batch, temperature)
 
 
-def _rm_scores(scorer: Any, batch: Any) -> torch.Tensor:
+def _rm_scores(
+    scorer: Any,
+    batch: Any,
+    prompts: list[str] | None = None,
+    responses: list[str] | None = None,
+    reasons=None,
+) -> torch.Tensor:
+    """RM scores of a packed batch (NaN where invalid); a text-route RM reads ``prompts``/``responses``."""
+    B = batch.batch_size
     scores, valid = scorer.score(
-        [""] * batch.batch_size, [""] * batch.batch_size, batch.sequences, batch.attention_mask
+        prompts or [""] * B, responses or [""] * B, batch.sequences, batch.attention_mask, reasons
     )
     return scores.masked_fill(~valid, float("nan"))
 
@@ -233,10 +241,10 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     ref = None
     if policies and ref_path:
         ref = baseline if _same(ref_path, m.baseline) else load(ref_path, "models.reference")
-    rm = _load_rm(m.reward_model) if m.reward_model else None
     gold = _load_gold(m.gold) if m.gold else None
     first = next(iter(policies.values()), "")
     tokenizer = load_tokenizer(m.tokenizer or first or m.baseline or m.reward_model, role="tokenizer")
+    rm = _load_rm(m.reward_model, tokenizer) if m.reward_model else None
     for config in [*configs.values(), *(x.config for x in (baseline, ref) if x is not None)]:
         check_tokenizer_matches(tokenizer, config)
     result: dict[str, Any] = {}
@@ -282,8 +290,11 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     if rm is not None and d.pairs:
         from engine.stages.dpo import collate_pairs, load_preference_pairs
 
-        pairs, stats = load_preference_pairs(d.pairs, tokenizer, d.pairs_max_len, d.pairs_max_prompt_len)
-        scores = _rm_scores(rm, collate_pairs(pairs, tokenizer.pad_token_id))
+        # The pairs are tokenized as the rm stage does, with the tokenizer the RM reads.
+        rm_tok = rm.text_route.tokenizer if rm.text_route is not None else tokenizer
+        pairs, stats = load_preference_pairs(d.pairs, rm_tok, d.pairs_max_len, d.pairs_max_prompt_len)
+        batch = collate_pairs(pairs, rm_tok.pad_token_id)
+        scores = _rm_scores(rm.token_scorer(), batch)
         c, r = scores[: len(pairs)], scores[len(pairs) :]
         result.update({"rm_accuracy": pairwise_accuracy(c, r), "rm_margin": _mean(c - r)})
         result["rm_pairs"] = len(pairs)
@@ -292,11 +303,17 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _load_rm(path: str) -> Any:
+def _load_rm(path: str, tokenizer: Any) -> Any:
+    """The RM scorer; it reads the eval tokenizer's ids, or re-tokenized text when its own differs."""
     from engine.models import load_reward_model
+    from engine.rl.reward_route import resolve_reward_route
     from engine.rl.scoring import RewardScorer
 
-    return RewardScorer(model=load_reward_model(path, torch.float32, "auto", role="models.reward_model"))
+    role = "models.reward_model"
+    route = resolve_reward_route("auto", tokenizer, path, role=role, key="the reward model's tokenizer")
+    print(route.log_line(role), flush=True)
+    model = load_reward_model(path, torch.float32, "auto", role=role)
+    return RewardScorer(model=model, text_route=route.text)
 
 
 def _load_gold(spec: str) -> Any:
@@ -394,13 +411,16 @@ class _PolicyEval:
         batch = pack_rows(self.prompt_ids, ids, self.tok.pad_token_id)
         return samples, batch, self.tok.batch_decode(ids, skip_special_tokens=True)
 
-    def _scores(self, name: str, batch: Any, responses: list[str]) -> torch.Tensor:
+    def _scores(self, name: str, batch: Any, responses: list[str], samples: list[Any]) -> torch.Tensor:
         scorer = self.scorers[name]
-        return _rm_scores(scorer, batch) if name == "rm" else scorer.score(self.texts, responses)[0]
+        if name != "rm":
+            return scorer.score(self.texts, responses)[0]
+        prompts = self.tok.batch_decode(self.prompt_ids, skip_special_tokens=True)  # as PPO's batches
+        return _rm_scores(scorer, batch, prompts, responses, [s.finish_reason for s in samples])
 
     def set_baseline(self, path: str, model: Any) -> None:
         samples, batch, text = self._sample(path, model)
-        scores = {k: self._scores(k, batch, text) for k, s in self.scorers.items() if s is not None}
+        scores = {k: self._scores(k, batch, text, samples) for k, s in self.scorers.items() if s is not None}
         self.base = {"path": path, "samples": samples, "batch": batch, "text": text, "scores": scores}
 
     def evaluate(self, path: str, model: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
@@ -423,7 +443,7 @@ class _PolicyEval:
         for name, scorer in self.scorers.items():
             if scorer is None:
                 continue
-            a = self._scores(name, batch, text)
+            a = self._scores(name, batch, text, samples)
             result[f"{name}_reward"], rows[f"{name}_policy"] = _mean(a), a.tolist()
             if base is not None:
                 b = base["scores"][name]
