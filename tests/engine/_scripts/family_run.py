@@ -1,13 +1,14 @@
 """SFT, RM, PPO (vLLM weight swaps), DPO and eval on one tiny model family, in one process.
 
-Run: ``python tests/engine/_scripts/family_run.py ROOT model.tiny.family=qwen2 [model.tiny.k=v ...]``.
+Run: ``python tests/engine/_scripts/family_run.py ROOT NAME=family=qwen2,tie_word_embeddings=true ...``
+(each ``NAME=`` is one family run into ``ROOT/NAME``, its comma-separated ``model.tiny`` overrides after it).
 Each stage goes through the real ``engine.cli.main`` with the demo task's data (written small into
 ``ROOT/data``): SFT builds the tiny model of the given family from scratch, RM and DPO start from
 the SFT checkpoint, PPO runs ``configs/ppo_tiny.yaml`` from it with the RM as reward (vLLM in-process,
 DeepSpeed ZeRO-2, weights pushed into vLLM after every step), and eval samples the PPO and DPO
-policies with vLLM. One process saves the interpreter and import start-up of five. Writes
-``ROOT/<stage>/`` per stage and ``ROOT/times.json`` (seconds per stage); exits non-zero on the
-first failing stage. Used by ``tests/engine/test_families.py``.
+policies with vLLM. One process for every family saves the interpreter and import start-up of each stage. Writes
+``ROOT/NAME/<stage>/`` per stage, ``ROOT/NAME/times.json`` (seconds per stage) and
+``ROOT/NAME/status.json``; a failing stage ends its family's run, and the next family still runs. Used by ``tests/engine/test_families.py``.
 """
 
 from __future__ import annotations
@@ -35,13 +36,13 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
             [
                 f"output_dir={sft}",
                 f"data.train={data / 'sft.jsonl'}",
-                "total_steps=6",
+                "total_steps=4",
                 "data.eval_size=8",
                 *small,
                 *tiny,
             ],
         ),
-        ("rm", [f"output_dir={rm}", *pairs, "total_steps=4", *small]),
+        ("rm", [f"output_dir={rm}", *pairs, "total_steps=2", *small]),
         (
             "ppo",
             [
@@ -59,7 +60,7 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
                 "logging.tensorboard=false",
             ],
         ),
-        ("dpo", [f"output_dir={root / 'dpo'}", *pairs, "total_steps=3", *small]),
+        ("dpo", [f"output_dir={root / 'dpo'}", *pairs, "total_steps=2", *small]),
         (
             "eval",
             [
@@ -71,28 +72,49 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
                 f"models.reward_model={rm}",
                 "models.gold=engine.demo.task:gold_reward",
                 f"data.prompts={data / 'eval_prompts.jsonl'}",
-                "data.num_prompts=8",
+                "data.num_prompts=4",
             ],
         ),
     ]
 
 
-def main(argv: list[str]) -> int:
-    root, tiny = Path(argv[0]), argv[1:]
+def run_family(root: Path, tiny: list[str]) -> int:
+    """Every stage into ``root``; ``root/times.json`` gets each stage's seconds. Returns the first
+    non-zero exit status (the later stages are then skipped), or 0."""
     from engine.demo.task import write_demo_data
 
     write_demo_data(root / "data", seed=0, n_sft=64, n_pairs=48, n_prompts=16)
     times: dict[str, float] = {}
     for name, args in stages(root, tiny):
         t0 = time.perf_counter()
-        print(f"[family_run] {name}: {' '.join(args)}", flush=True)
+        print(f"[family_run] {root.name} {name}: {' '.join(args)}", flush=True)
         rc = cli.main([name, *args])
         times[name] = time.perf_counter() - t0
         (root / "times.json").write_text(json.dumps(times, indent=1))
         if rc:
-            print(f"[family_run] {name} exited {rc}", flush=True)
             return rc
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``ROOT NAME=k=v,k=v ...``: each family into ``ROOT/NAME``, one after the other; a failing
+    family is recorded in ``ROOT/NAME/status.json`` (with the exception) and the next one runs."""
+    import traceback
+
+    root, failed = Path(argv[0]), 0
+    for spec in argv[1:]:
+        name, _, overrides = spec.partition("=")
+        out = root / name
+        out.mkdir(parents=True, exist_ok=True)
+        status: dict[str, object] = {"overrides": overrides.split(",")}
+        try:
+            status["rc"] = run_family(out, [f"model.tiny.{o}" for o in overrides.split(",")])
+        except Exception:  # noqa: BLE001 - recorded for the test, which shows it
+            status["rc"], status["error"] = 1, traceback.format_exc()
+            print(status["error"], flush=True)
+        (out / "status.json").write_text(json.dumps(status, indent=1))
+        failed += status["rc"] != 0
+    return int(failed > 0)
 
 
 if __name__ == "__main__":
