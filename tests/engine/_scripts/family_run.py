@@ -60,7 +60,7 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
                 "logging.tensorboard=false",
             ],
         ),
-        ("dpo", [f"output_dir={root / 'dpo'}", *pairs, "total_steps=2", *small]),
+        ("dpo", [f"output_dir={root / 'dpo'}", *pairs, "total_steps=2", "optim.warmup_steps=0", *small]),
         (
             "eval",
             [
