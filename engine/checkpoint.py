@@ -159,6 +159,8 @@ def hf_exporter(
 def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
     """The full state dict (CPU clones) on rank 0, None elsewhere; gathers ZeRO-3 partitions.
 
+    Names that alias one tensor (a tied LM head and the input embedding) share one clone, so
+    ``save_pretrained`` still sees the tie and writes the tensor once, as it does for the model.
     A collective under ZeRO-3: every rank must call it.
     """
     import deepspeed
@@ -167,7 +169,14 @@ def gathered_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor] | Non
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         if not D.is_main():
             return None
-        return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        clones: dict[tuple, torch.Tensor] = {}
+        out = {}
+        for k, v in model.state_dict().items():
+            key = (v.data_ptr(), v.dtype, tuple(v.shape), tuple(v.stride()))
+            if key not in clones:
+                clones[key] = v.detach().to("cpu", copy=True)
+            out[k] = clones[key]
+        return out
 
 
 def save_hf_checkpoint(

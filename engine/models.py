@@ -29,8 +29,6 @@ from engine.config import ConfigError, ModelConfig, TinyModelConfig
 
 if TYPE_CHECKING:  # transformers is imported lazily: `import engine` stays cheap
     from transformers import (
-        LlamaForCausalLM,
-        LlamaForSequenceClassification,
         PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
@@ -104,18 +102,32 @@ def _round_up(n: int, multiple: int = 64) -> int:
     return -(-n // multiple) * multiple
 
 
-def _tiny_llama_config(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, **extra: Any) -> Any:
-    from transformers import LlamaConfig
+# model.tiny.family -> the HF config class. Each class gives the family's own layers: Qwen2's
+# q/k/v biases, Qwen3's per-head q/k RMSNorms, Mistral's (here disabled) sliding window.
+_FAMILY_CONFIGS = {
+    "llama": "LlamaConfig",
+    "qwen2": "Qwen2Config",
+    "qwen3": "Qwen3Config",
+    "mistral": "MistralConfig",
+}
 
-    if cfg.hidden_size % cfg.num_heads:
-        raise ConfigError(
-            f"model.tiny.hidden_size={cfg.hidden_size} is not divisible by num_heads={cfg.num_heads}"
-        )
-    if cfg.num_heads % cfg.num_kv_heads:
-        raise ConfigError(
-            f"model.tiny.num_heads={cfg.num_heads} is not divisible by num_kv_heads={cfg.num_kv_heads}"
-        )
-    return LlamaConfig(
+
+def _tiny_config(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, **extra: Any) -> PretrainedConfig:
+    """The HF config of ``cfg.family`` sized by ``cfg``; ``extra`` (e.g. ``num_labels``) passes through.
+
+    Mistral's sliding window is off (``None``, as in Mistral 7B v0.2 and later): a window shorter
+    than the sequence would need the same masking in HF and vLLM, which no test checks here.
+    """
+    import transformers
+
+    cfg.validate()
+    family_extra: dict[str, Any] = {}
+    if cfg.family == "mistral":
+        family_extra["sliding_window"] = None
+    if cfg.family == "qwen2":
+        family_extra["use_sliding_window"] = False
+    config_cls = getattr(transformers, _FAMILY_CONFIGS[cfg.family])
+    return config_cls(
         vocab_size=_round_up(len(tokenizer)),
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -127,38 +139,39 @@ def _tiny_llama_config(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=cfg.tie_word_embeddings,
         dtype="float32",
+        **family_extra,
         **extra,
     )
 
 
-def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, seed: int) -> LlamaForCausalLM:
-    """A randomly initialised Llama causal LM sized by ``cfg``; same ``seed``, same weights.
+def build_tiny_model(tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, seed: int) -> PreTrainedModel:
+    """A randomly initialised causal LM of ``cfg.family`` sized by ``cfg``; same ``seed``, same weights.
 
     The vocabulary is ``len(tokenizer)`` rounded up to a multiple of 64. The global
     torch RNG is left untouched.
     """
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    config = _tiny_llama_config(tokenizer, cfg)
+    config = _tiny_config(tokenizer, cfg)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = AutoModelForCausalLM.from_config(config)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model.float().eval()
 
 
 def build_tiny_reward_model(
     tokenizer: PreTrainedTokenizerBase, cfg: TinyModelConfig, seed: int
-) -> LlamaForSequenceClassification:
-    """A random Llama sequence classifier with one output: a stand-in reward model for tests."""
-    from transformers import LlamaForSequenceClassification
+) -> PreTrainedModel:
+    """A random sequence classifier of ``cfg.family`` with one output: a stand-in reward model for tests."""
+    from transformers import AutoModelForSequenceClassification
 
-    config = _tiny_llama_config(tokenizer, cfg, num_labels=1)
+    config = _tiny_config(tokenizer, cfg, num_labels=1)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForSequenceClassification(config)
+        model = AutoModelForSequenceClassification.from_config(config)
     return model.float().eval()
 
 

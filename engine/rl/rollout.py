@@ -372,35 +372,91 @@ def _worker_finish_reload(worker: Any) -> None:
     from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
     runner = worker.model_runner
+    model = runner.get_model()
     with set_current_vllm_config(worker.vllm_config):
-        finalize_layerwise_reload(runner.get_model(), worker.vllm_config.model_config)
+        finalize_layerwise_reload(model, worker.vllm_config.model_config)
+        _refresh_tied_lm_head(model)
     for reset in ("reset_lora_state", "reset_encoder_cache", "reset_mm_cache"):
         getattr(runner, reset, lambda: None)()
 
 
+def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
+    """Re-derive a tied LM head's kernel state from the (just reloaded) input embedding.
+
+    With ``tie_word_embeddings`` vLLM's ``lm_head.weight`` is the embedding's parameter, and the
+    model's ``load_weights`` skips ``lm_head.*``. The layer-wise reload refills the shared
+    parameter through the embedding but leaves the head "not loaded", so on CPU the head keeps
+    the packed GEMM weight (``cpu_linear``) built from the *old* values: sampling then used the
+    old head with the new body (measured: |vLLM - trainer| log-prob gap 0.08-0.26 after each
+    swap on a tied Qwen2). Running the head's ``process_weights_after_loading`` again repacks it
+    from the current values; on GPU it is a no-op for unquantized heads.
+    """
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None:
+        return
+    tied = any(m is not head and getattr(m, "weight", None) is weight for m in model.modules())
+    method = getattr(head, "quant_method", None)
+    if tied and method is not None:
+        method.process_weights_after_loading(head)
+
+
 # --------------------------------------------------------------------------- HF fallback
+def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
+    """The ids vLLM stops on: the tokenizer's EOS, then the ``eos_token_id`` (an int or a list) of
+    the checkpoint's generation config (vLLM's ``update_from_generation_config``), in that order."""
+    ids: list[int] = []
+    extra = getattr(generation_config, "eos_token_id", None)
+    for tid in [tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])]:
+        if tid is not None and int(tid) not in ids:
+            ids.append(int(tid))
+    return ids
+
+
 class HFRollout:
     """transformers ``generate`` with the same :class:`Sample` output (no vLLM needed).
 
     ``model`` may be the trainer's own module (then ``load_weights`` copies onto itself, which is
-    harmless). Log-probs are :func:`processed_logprobs` of the raw logits, so they match vLLM's.
+    harmless). Sampling is exactly ``softmax(logits / T)`` with ``rollout.top_k`` / ``top_p``, as in
+    vLLM: whatever the checkpoint's ``generation_config`` carries (repetition_penalty,
+    no_repeat_ngram_size, bad_words_ids, min_length, its own temperature/top-k/top-p, beams, ...)
+    is not applied, because ``generate`` runs against a blank generation config. It stops on the
+    same ids as vLLM (:func:`stop_token_ids`: the tokenizer's EOS and the generation config's
+    ``eos_token_id`` list). Log-probs are those of the scores ``generate`` actually sampled from.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig):
         self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
         self.policy_version = 0
         self._rng = torch.Generator().manual_seed(0)
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def _generation_config(self) -> Any:
+        from transformers import GenerationConfig
+
+        c = self.cfg
+        return GenerationConfig(
+            do_sample=True,
+            num_beams=1,
+            temperature=c.temperature,
+            top_k=c.top_k if c.top_k > 0 else 0,  # 0, not None: None would mean transformers' 50
+            top_p=c.top_p,
+            max_new_tokens=c.max_new_tokens,
+            eos_token_id=self.stop_ids or None,
+            pad_token_id=self.pad_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+
     @torch.no_grad()
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
     ) -> list[list[Sample]]:
-        c = self.cfg
         seed = _sample_seeds(seed, self._rng, 1)[0]
         flat = [list(p) for p in prompt_ids for _ in range(n)]
         if not flat:
@@ -411,36 +467,37 @@ class HFRollout:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in flat], device=dev)
         was_training = self.model.training
         self.model.eval()
-        with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-            torch.manual_seed(seed)
-            out = self.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=True,
-                temperature=c.temperature,
-                top_k=c.top_k if c.top_k > 0 else 0,
-                top_p=c.top_p,
-                max_new_tokens=c.max_new_tokens,
-                eos_token_id=self.eos_id,
-                pad_token_id=self.pad_id,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        self.model.train(was_training)
+        # generate() fills every field left None from model.generation_config (the checkpoint's
+        # defaults): blank it for the call, so only what _generation_config() sets applies.
+        from transformers import GenerationConfig
+
+        saved = getattr(self.model, "generation_config", None)
+        self.model.generation_config = GenerationConfig()
+        try:
+            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+                torch.manual_seed(seed)
+                out = self.model.generate(
+                    input_ids=ids, attention_mask=mask, generation_config=self._generation_config()
+                )
+        finally:
+            self.model.generation_config = saved
+            self.model.train(was_training)
         new = out.sequences[:, width:]
-        logits = torch.stack(out.logits, dim=1)  # [B, T, V] raw logits
-        lps = processed_logprobs(logits, new, c.temperature, c.top_k, c.top_p)
+        # Scores are the logits after the processors generate sampled with (T, top-k, top-p).
+        scores = torch.stack(out.scores, dim=1)  # [B, T, V]
+        lps = processed_logprobs(scores, new)
+        stops = set(self.stop_ids)
         samples = []
         for i, p in enumerate(flat):
             resp = new[i].tolist()
-            stop = self.eos_id in resp
-            length = resp.index(self.eos_id) + 1 if stop else len(resp)
+            end = next((k for k, t in enumerate(resp) if t in stops), None)
+            length = len(resp) if end is None else end + 1
             samples.append(
                 Sample(
                     p,
                     resp[:length],
                     lps[i, :length].tolist(),
-                    "stop" if stop else "length",
+                    "length" if end is None else "stop",
                     self.policy_version,
                 )
             )

@@ -136,7 +136,10 @@ class _ActorBuckets:
     """The actor's parameters in HF names, planned into buckets; gathers a bucket under ZeRO-3.
 
     ``module``: a DeepSpeed engine or any ``nn.Module`` whose parameter names are, after stripping
-    wrapper prefixes, the HF checkpoint names. ``zero_stage=3`` (or parameters that carry ZeRO-3
+    wrapper prefixes, the HF checkpoint names. A tied LM head (``tie_word_embeddings``) is the
+    embedding's parameter, so it is listed (and sent) once, as ``model.embed_tokens.weight``; vLLM
+    skips ``lm_head.*`` for tied models and its head follows the embedding
+    (``engine.rl.rollout._refresh_tied_lm_head``). ``zero_stage=3`` (or parameters that carry ZeRO-3
     ``ds_id``) makes each bucket a collective gather: iterate on every rank together.
     """
 

@@ -113,6 +113,8 @@ class BoNConfig(StageConfig):
         check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_optim("optim", self.optim)
+        if not self.model.path:
+            self.model.tiny.validate()
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
         check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)

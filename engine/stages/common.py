@@ -114,6 +114,8 @@ def validate_stage(cfg: Any, world_size: int) -> None:
     for key, path in (("model.path", cfg.model.path), ("model.tokenizer", cfg.model.tokenizer)):
         if path and not Path(path).exists():
             raise ConfigError(f"{key}: path does not exist: {path}")
+    if not cfg.model.path:
+        cfg.model.tiny.validate()
 
 
 # --------------------------------------------------------------------------- checkpoints

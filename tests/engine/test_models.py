@@ -119,6 +119,101 @@ def test_tiny_model_forward_and_seed(tok):
     assert not torch.equal(model.lm_head.weight, other.lm_head.weight)
 
 
+# model.tiny.family -> (HF class prefix, a parameter name only that family has)
+FAMILIES = {
+    "llama": ("Llama", None),
+    "qwen2": ("Qwen2", "model.layers.0.self_attn.q_proj.bias"),
+    "qwen3": ("Qwen3", "model.layers.0.self_attn.q_norm.weight"),
+    "mistral": ("Mistral", None),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("tied", [False, True])
+def test_tiny_families_build_with_their_own_layers(tok, family, tied):
+    """Each family from its HF config class, with grouped-query attention (4 heads, 2 KV heads),
+    tied or untied embeddings, as a causal LM and as a one-output reward model."""
+    prefix, own = FAMILIES[family]
+    cfg = TinyModelConfig(
+        family=family, tie_word_embeddings=tied, hidden_size=128, num_heads=4, num_kv_heads=2, num_layers=1
+    )
+    model = build_tiny_model(tok, cfg, seed=0)
+    rm = build_tiny_reward_model(tok, cfg, seed=0)
+    assert type(model).__name__ == f"{prefix}ForCausalLM"
+    assert type(rm).__name__ == f"{prefix}ForSequenceClassification" and rm.config.num_labels == 1
+    names = dict(model.named_parameters())
+    assert names["model.layers.0.self_attn.k_proj.weight"].shape == (2 * 32, 128)  # 2 KV heads of 32
+    assert (own is None) or own in names
+    others = [o for f, (_, o) in FAMILIES.items() if f != family and o]
+    assert not any(o in names for o in others)
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    assert ("lm_head.weight" in names) == (not tied)  # a tied head is the embedding's parameter
+    assert getattr(model.config, "sliding_window", None) is None  # Mistral's window is off
+    batch = tok(["say a:", "1 2 say b:"], padding=True, return_tensors="pt")
+    assert torch.isfinite(model(**batch).logits).all() and rm(**batch).logits.shape == (2, 1)
+
+
+def test_llama_default_is_unchanged(tok):
+    """The default (llama, untied) is exactly what LlamaForCausalLM built before families existed."""
+    from transformers import LlamaForCausalLM
+
+    model = build_tiny_model(tok, TinyModelConfig(), seed=0)
+    torch.manual_seed(0)
+    direct = LlamaForCausalLM(model.config)
+    assert type(model) is LlamaForCausalLM and not model.config.tie_word_embeddings
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), direct.state_dict().values()))
+
+
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        ({"family": "gemma"}, r"model.tiny.family must be one of"),
+        ({"hidden_size": 96, "num_heads": 2, "num_kv_heads": 1}, r"head size .* = 48 is not one vLLM"),
+        ({"hidden_size": 64, "num_heads": 4, "num_kv_heads": 4}, r"head size .* = 16"),
+        ({"hidden_size": 100, "num_heads": 3, "num_kv_heads": 3}, r"not divisible by num_heads=3"),
+        (
+            {"hidden_size": 128, "num_heads": 4, "num_kv_heads": 3},
+            r"num_heads=4 is not divisible by num_kv_heads=3",
+        ),
+        ({"num_layers": 0}, r"model.tiny.num_layers"),
+    ],
+)
+def test_tiny_config_rejects_what_cannot_run(tok, overrides, match):
+    cfg = TinyModelConfig(**overrides)
+    with pytest.raises(ConfigError, match=match):
+        cfg.validate()
+    with pytest.raises(ConfigError, match=match):  # the builder checks too
+        build_tiny_model(tok, cfg, seed=0)
+
+
+def test_stage_configs_check_the_tiny_model_before_any_work(tmp_path):
+    from engine.config import PPOConfig, load_config
+    from engine.stages.sft import SFTConfig
+
+    bad = ["model.tiny.family=qwen2", "model.tiny.num_heads=4"]  # head size 16
+    for cls in (PPOConfig, SFTConfig):
+        cfg = load_config(cls, None, [f"output_dir={tmp_path}", *bad])
+        with pytest.raises(ConfigError, match="head size"):
+            cfg.validate()
+    ok = load_config(PPOConfig, None, ["model.tiny.family=qwen3", "model.tiny.tie_word_embeddings=true"])
+    ok.validate()
+    assert ok.model.tiny.family == "qwen3" and ok.model.tiny.tie_word_embeddings is True
+
+
+def test_tiny_spec_covers_family_and_tie(tmp_path):
+    """A cached init_policy of another family or tie setting is rebuilt, not reused."""
+    base = TinyModelConfig(hidden_size=64, num_layers=1)
+    path, _ = prepare_policy(ModelConfig(tiny=base), tmp_path, seed=0)
+    for change in ({"family": "qwen2"}, {"tie_word_embeddings": True}):
+        cfg = ModelConfig(tiny=TinyModelConfig(**{**base.__dict__, **change}))
+        prepare_policy(cfg, tmp_path, seed=0)
+        config = json.loads((path / "config.json").read_text())
+        assert (
+            config["model_type"] == cfg.tiny.family
+            and config["tie_word_embeddings"] == cfg.tiny.tie_word_embeddings
+        )
+
+
 # --------------------------------------------------------------------------- prepare_policy
 def test_prepare_policy_tiny_is_loadable(policy_dir, tok):
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -140,3 +140,45 @@ def test_hf_rollout_matches_forward_and_stops_at_eos(hf_model):
             assert s.response_ids[-1] == tok.eos_token_id
     seq = torch.tensor(r.sequence_logprobs(PROMPT, out[0][0].response_ids))
     assert (seq - torch.tensor(out[0][0].logprobs)).abs().max() < 1e-4
+
+
+def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its_eos_list(hf_model, tmp_path):
+    """A checkpoint whose generation_config carries repetition_penalty=1.5, no_repeat_ngram_size
+    and its own temperature/top-k, plus an extra EOS id in a list (as Llama 3 and Qwen2 ship).
+    The HF rollout must sample from softmax(logits / T) with the configured top-k only -- its
+    log-probs, taken from the scores generate sampled with, equal a fresh forward's -- and stop on
+    the extra id, as vLLM does."""
+    from transformers import AutoModelForCausalLM
+
+    tok = build_tokenizer()
+    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, max_new_tokens=16)
+    prompts = [PROMPT, PROMPT[:3]]
+    plain = HFRollout(hf_model, tok, cfg).generate(prompts, n=3, seed=5)
+    emitted = [t for g in plain for s in g for t in s.response_ids[1:]]
+    counts = torch.bincount(torch.tensor(emitted), minlength=len(tok))
+    counts[tok.eos_token_id] = 0
+    extra = int(counts.argmax())  # a token the samples emit after their first position
+    assert counts[extra] >= 2
+
+    hf_model.save_pretrained(tmp_path)
+    gen = hf_model.generation_config
+    gen.eos_token_id = [tok.eos_token_id, extra]
+    gen.repetition_penalty, gen.no_repeat_ngram_size, gen.temperature, gen.top_k = 1.5, 2, 1.3, 5
+    gen.do_sample = True
+    gen.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    assert model.generation_config.repetition_penalty == 1.5  # the checkpoint does carry them
+    r = HFRollout(model, tok, cfg)
+    assert r.stop_ids == [tok.eos_token_id, extra]
+    out = r.generate(prompts, n=3, seed=5)
+    assert model.generation_config.repetition_penalty == 1.5  # restored after the call
+    stopped_on_extra = 0
+    for s, p in zip((s for g in out for s in g), (s for g in plain for s in g)):
+        ref = hf_logprobs(model, s.prompt_ids, s.response_ids, top_k=20)
+        assert (torch.tensor(s.logprobs) - ref).abs().max() < 1e-5
+        # Same seed, same distribution: the same tokens as without the extra id, cut at its first use.
+        cut = next((k + 1 for k, t in enumerate(p.response_ids) if t in (extra, tok.eos_token_id)), None)
+        assert s.response_ids == p.response_ids[:cut]
+        assert s.finish_reason == ("stop" if cut else "length")
+        stopped_on_extra += s.response_ids[-1] == extra
+    assert stopped_on_extra >= 1
