@@ -29,11 +29,12 @@ from tests.engine.rl.test_ppo_e2e import _check_params_moved  # noqa: E402
 
 BF16_MASTER_FP32 = {"params": ["bfloat16"], "master": ["float32"], "optim_state": ["float32"]}
 STEPS = 16
-# bf16 bound on mean |vLLM log-prob - trainer log-prob| of the sampled tokens. Both sides run the
-# same bf16 weights through different kernels (vLLM's torch-linear fallback on this CPU without
-# AVX-512; the trainer's fused linear_logprobs): 0.5e-3 to 1e-3 at seeds 0-4 on a 2-core AMD EPYC,
-# against about 1e-7 in fp32. 5e-3 leaves 5x room; a swap that did not land gives 1e-2 or more.
-GAP_TOL_BF16 = 5e-3
+# bf16 bound on mean |vLLM log-prob - trainer log-prob| of the sampled tokens, per step. Both sides
+# run the same bf16 weights through different kernels (vLLM's torch-linear fallback on a CPU without
+# AVX-512; the trainer's fused linear_logprobs): 0.6e-3 to 2.8e-3 per step at seeds 0-4 on a 2-core
+# AMD EPYC, against about 1e-7 in fp32. 1e-2 leaves 3.5x room; a swap that did not land would show a
+# whole update's change (one update moves the policy 0.26-0.88 nats of KL from the reference here).
+GAP_TOL_BF16 = 1e-2
 
 
 def _lm() -> LlamaForCausalLM:
