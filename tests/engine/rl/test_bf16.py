@@ -31,8 +31,8 @@ BF16_MASTER_FP32 = {"params": ["bfloat16"], "master": ["float32"], "optim_state"
 STEPS = 16
 # bf16 bound on mean |vLLM log-prob - trainer log-prob| of the sampled tokens, per step. Both sides
 # run the same bf16 weights through different kernels (vLLM's torch-linear fallback on a CPU without
-# AVX-512; the trainer's fused linear_logprobs): 0.6e-3 to 2.8e-3 per step at seeds 0-4 on a 2-core
-# AMD EPYC, against about 1e-7 in fp32. 1e-2 leaves 3.5x room; a swap that did not land would show a
+# AVX-512; the trainer's fused linear_logprobs): 0.6e-3 to 3.2e-3 per step at seeds 0-4 on a 2-core
+# AMD EPYC, against about 1e-7 in fp32. 1e-2 leaves 3.2x room; a swap that did not land would show a
 # whole update's change (one update moves the policy 0.26-0.88 nats of KL from the reference here).
 GAP_TOL_BF16 = 1e-2
 
@@ -117,8 +117,9 @@ def test_bf16_ppo_reward_rises(bf16_run):
     reward = bf16_run.series("reward/mean")
     first, last = sum(reward[:3]) / 3, sum(reward[-3:]) / 3
     print(f"reward by step: {[round(r, 3) for r in reward]}")
-    # The fp32 test's margins (test_ppo_e2e.test_one_rank_reward_rises); bf16 at seeds 0-4 on a
-    # 2-core AMD EPYC: see the README's bf16 section for the measured rise.
+    # The fp32 test's margins (test_ppo_e2e.test_one_rank_reward_rises). bf16 at seeds 0-4 on a
+    # 2-core AMD EPYC: 0.020-0.031 -> 0.078-0.178 (3.8-6.8x), so both thresholds have room of
+    # 1.9x or more (last - first >= 0.058 against 0.02; ratio >= 3.8 against 2).
     assert last > first + 0.02 and last > 2 * first, (
         f"reward did not rise: first 3 {first:.3f}, last 3 {last:.3f}"
     )
