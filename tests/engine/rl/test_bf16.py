@@ -4,6 +4,7 @@
   fp32 Adam moments, and all three stages take the same steps (ZeRO-0's 16-bit wrapper used to
   count one extra Adam step: its first update came out at 0.73x the lr); fp16 is refused on CPU
   before any work, for PPO and the offline stages.
+* Slow: the SFT stage in bf16 (the offline stages' path) trains from fp32 masters and its loss falls.
 * Slow (``bf16_run``): PPO on ``configs/ppo_tiny.yaml`` with ``model.dtype=bf16`` through the real
   CLI, vLLM generating in bf16 -- the dtypes above for actor and critic, parameters move, the reward
   rises, and vLLM's log-probs stay within a bf16 bound of the trainer's after every weight swap.
@@ -86,6 +87,29 @@ def test_fp16_is_refused_on_cpu_before_any_work() -> None:
         cfg.validate(1)
     with pytest.raises(ConfigError, match="model.dtype=half"):
         load_config(SFTConfig, None, ["model.dtype=half"]).validate(1)
+
+
+@pytest.mark.slow  # 30 steps of bf16 GEMMs: about a minute on a loaded 2-core VM
+def test_sft_in_bf16_trains_from_fp32_masters(tmp_path, monkeypatch) -> None:
+    """The offline stages pass model.dtype to TrainEngine (SFT here; RM, DPO and best-of-n alike)."""
+    import engine.rl.actor as actor_mod
+    from engine.demo.task import make_sft_data, write_jsonl
+    from engine.stages.sft import run_sft
+    from tests.engine.stages.test_sft import _tiny_cfg
+
+    seen = []
+
+    class Recording(actor_mod.TrainEngine):
+        def finish(self):
+            stats = super().finish()
+            seen.append(self.precision())
+            return stats
+
+    monkeypatch.setattr(actor_mod, "TrainEngine", Recording)  # run_sft imports it at call time
+    data = write_jsonl(make_sft_data(300, seed=0), tmp_path / "sft.jsonl")
+    out = run_sft(_tiny_cfg(tmp_path, str(data), "data.packing=true", "model.dtype=bf16"))
+    assert seen and seen[-1] == BF16_MASTER_FP32, seen[-1:]
+    assert out["train/loss_last"] < 0.75 * out["train/loss_first"], out  # as the fp32 test asks
 
 
 # --------------------------------------------------------------------------- PPO end to end
