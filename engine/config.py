@@ -359,6 +359,7 @@ class PPOConfig(StageConfig):
             raise ConfigError(f"async.tis_cap must be 0 (off) or >= 1, got {self.async_.tis_cap}")
         for name, opt in (("actor", self.actor), ("critic", self.critic)):
             check_optim(name, opt)
+        check_dtype(self.model.dtype)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
         check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
@@ -452,6 +453,13 @@ def check_stage_counts(cfg: StageConfig) -> None:
     ):
         if getattr(cfg, key) < 0:
             raise ConfigError(f"{key} must be >= 0 (0: {zero}), got {getattr(cfg, key)}")
+
+
+def check_dtype(name: str) -> None:
+    """``model.dtype`` names a dtype this machine can train in (fp16 needs CUDA); see ``resolve_dtype``."""
+    from engine.models import resolve_dtype  # lazy: engine.models imports this module
+
+    resolve_dtype(name)
 
 
 def check_optim(name: str, opt: OptimConfig) -> None:

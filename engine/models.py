@@ -352,7 +352,11 @@ def _device_type(device: str | torch.device | None) -> str:
 
 
 def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.dtype:
-    """``"auto"`` -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere; or a named dtype."""
+    """``"auto"`` -> bf16 on CUDA (fp16 where bf16 is unsupported), fp32 elsewhere; or a named dtype.
+
+    The trained roles run in this dtype with fp32 master weights and optimizer state (DeepSpeed's
+    bf16/fp16 mode); fp16 is refused off CUDA, where DeepSpeed cannot train in it.
+    """
     key = name.lower().removeprefix("torch.")
     if key == "auto":
         if _device_type(device) == "cuda":
@@ -360,6 +364,12 @@ def resolve_dtype(name: str, device: str | torch.device | None = None) -> torch.
         return torch.float32
     if key not in _DTYPES:
         raise ConfigError(f"model.dtype must be auto or one of {sorted(_DTYPES)}, got {name!r}")
+    if _DTYPES[key] == torch.float16 and _device_type(device) != "cuda":
+        raise ConfigError(
+            f"model.dtype={name}: DeepSpeed cannot train in fp16 on {_device_type(device)} "
+            "('Type fp16 is not supported on your device'); use bf16 (bf16 weights, fp32 master "
+            "weights and optimizer state) or fp32"
+        )
     return _DTYPES[key]
 
 

@@ -151,7 +151,9 @@ def deepspeed_config(
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": float(optim.grad_clip),
         "zero_optimization": {"stage": int(optim.zero_stage)},
+        # 16-bit module weights and gradients; DeepSpeed keeps fp32 master weights and Adam state.
         "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -186,6 +188,11 @@ def deepspeed_config(
             },
         }
     return cfg
+
+
+# Where DeepSpeed's optimizer wrappers keep the fp32 master weights: ZeRO-0 in 16 bits
+# (FP16_UnfusedOptimizer), ZeRO-1/2, ZeRO-3. Without a wrapper the module's own parameters are updated.
+_MASTER_ATTRS = ("fp32_groups", "single_partition_of_fp32_groups", "fp32_partitioned_groups_flat")
 
 
 def default_dtype() -> torch.dtype:
@@ -224,11 +231,39 @@ class TrainEngine:
         )
         cfg = deepspeed_config(optim, micro_batch_size, grad_accum, self.dtype, total_updates)
         self.engine, *_ = deepspeed.initialize(model=module, optimizer=self.optimizer, config=cfg)
+        if type(self.engine.optimizer).__name__ == "FP16_UnfusedOptimizer":
+            # ZeRO-0 in bf16/fp16: DeepSpeed creates Adam's state with one step on zero gradients,
+            # which then counts in the bias correction (the first real update came out at 0.73x the
+            # lr of ZeRO-1/2/3). Drop that state; AdamW rebuilds it on the first real step.
+            self.optimizer.state.clear()
         self.device = self.engine.device
         self.steps = 0
         self.skipped = 0
         self.consecutive_skips = 0  # skipped updates since the last applied one
         self._z0_norm = float("nan")
+
+    def precision(self) -> dict[str, list[str]]:
+        """The dtypes this rank holds: ``params`` (the module's), ``master`` (the weights the
+        optimizer updates: DeepSpeed's fp32 copies in bf16/fp16 mode) and ``optim_state`` (Adam's
+        moments). bf16 mode gives ``bfloat16`` / ``float32`` / ``float32``."""
+        o = self.engine.optimizer
+        master = next(
+            (getattr(o, a) for a in _MASTER_ATTRS if getattr(o, a, None) is not None),
+            [g["params"] for g in self.optimizer.param_groups],
+        )
+        flat = [t for x in master for t in (x if isinstance(x, (list, tuple)) else [x])]
+        state = [
+            v for st in self.optimizer.state.values() for v in st.values() if torch.is_tensor(v) and v.dim()
+        ]
+
+        def names(ts) -> list[str]:
+            return sorted({str(t.dtype).removeprefix("torch.") for t in ts})
+
+        return {
+            "params": names(self.engine.module.parameters()),
+            "master": names(flat),
+            "optim_state": names(state),
+        }
 
     def micro_step(self, loss: torch.Tensor, finite: bool) -> None:
         """Backward one micro-batch (the engine scales by 1/grad_accum); a non-finite loss forces a skip."""

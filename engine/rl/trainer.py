@@ -198,6 +198,10 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             self.critic = CriticWorker(
                 value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates
             )
+        if self.rank == 0:  # bf16: bf16 params, fp32 master weights and Adam state (DeepSpeed's bf16 mode)
+            for name, role in (("actor", self.actor), ("critic", self.critic)):
+                if role is not None:
+                    print(f"[ppo] {name} dtypes: {role.train.precision()}", flush=True)
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.

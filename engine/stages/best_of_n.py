@@ -46,6 +46,7 @@ from engine.config import (
     RolloutConfig,
     StageConfig,
     check_choice,
+    check_dtype,
     check_optim,
     check_positive,
     check_stage_counts,
@@ -115,6 +116,7 @@ class BoNConfig(StageConfig):
         check_optim("optim", self.optim)
         if not self.model.path:
             self.model.tiny.validate()
+        check_dtype(self.model.dtype)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
         check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
@@ -168,14 +170,14 @@ def select_best(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None)
 
 # --------------------------------------------------------------------------- the stage
 def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_model_len: int, rank: int = 0):
-    """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir`` (fp32 on CPU)."""
-    from engine.rl.actor import default_dtype
+    """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``, in ``model.dtype``."""
+    from engine.models import resolve_dtype
 
-    dtype = default_dtype()
+    dtype = resolve_dtype(cfg.model.dtype)
     if cfg.rollout.backend == "vllm":
         from engine.rl.rollout import VLLMRollout
 
-        vdtype = {torch.float32: "float32", torch.bfloat16: "bfloat16"}[dtype]
+        vdtype = str(dtype).removeprefix("torch.")
         return VLLMRollout(str(policy_dir), cfg.rollout, cfg.seed + rank, max_model_len, vdtype)
     from engine.models import load_causal_lm
     from engine.rl.rollout import HFRollout
@@ -284,7 +286,7 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from engine.data import PromptDataset, PromptSampler
-    from engine.models import load_causal_lm, prepare_policy
+    from engine.models import load_causal_lm, prepare_policy, resolve_dtype
     from engine.rl.actor import TrainEngine
     from engine.rl.experience import collate_samples
     from engine.rl.weight_sync import ColocatedWeightSync
@@ -316,7 +318,8 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
         cfg.optim,
         b.micro_batch_size,
         grad_accum,
-        total_updates=cfg.total_steps * b.steps_per_round,
+        resolve_dtype(cfg.model.dtype),  # 16 bits: DeepSpeed casts the module, keeps fp32 master weights
+        cfg.total_steps * b.steps_per_round,
     )
     engine = train_engine.engine
     rollout = build_rollout(

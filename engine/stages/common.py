@@ -27,6 +27,7 @@ from engine.checkpoint import writable_dir
 from engine.config import (
     ConfigError,
     check_choice,
+    check_dtype,
     check_optim,
     check_positive,
     check_stage_counts,
@@ -101,6 +102,7 @@ def validate_stage(cfg: Any, world_size: int) -> None:
     check_positive("total_steps", cfg.total_steps)
     check_stage_counts(cfg)
     check_optim("optim", cfg.optim)
+    check_dtype(cfg.model.dtype)
     t = cfg.train
     check_positive("train.batch_size", t.batch_size)
     check_positive("train.micro_batch_size", t.micro_batch_size)

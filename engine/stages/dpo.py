@@ -265,6 +265,7 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     ``engine.stages.sft.run_sft``.
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from engine.models import resolve_dtype
     from engine.rl.actor import PolicyLogprobs, TrainEngine
     from engine.rl.scoring import ReferenceModel
     from engine.stages.sft import load_sft_model
@@ -284,7 +285,7 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     grad_accum = cfg.train.batch_size // (mb * world)
     ref_lm = copy.deepcopy(model)  # the frozen starting weights, copied before DeepSpeed wraps them
     train_engine = TrainEngine(
-        PolicyLogprobs(model), cfg.optim, mb, grad_accum, total_updates=cfg.total_steps
+        PolicyLogprobs(model), cfg.optim, mb, grad_accum, resolve_dtype(cfg.model.dtype), cfg.total_steps
     )
     engine = train_engine.engine
     ref = ReferenceModel(ref_lm, device=engine.device, micro_batch_size=2 * mb)

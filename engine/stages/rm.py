@@ -323,6 +323,7 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
     Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.stages.sft.run_sft``.
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from engine.models import resolve_dtype
     from engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "rm")
@@ -339,7 +340,9 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
 
     world = D.world_size()
     grad_accum = cfg.train.batch_size // (mb * world)
-    train_engine = TrainEngine(RewardScores(model), cfg.optim, mb, grad_accum, total_updates=cfg.total_steps)
+    train_engine = TrainEngine(
+        RewardScores(model), cfg.optim, mb, grad_accum, resolve_dtype(cfg.model.dtype), cfg.total_steps
+    )
     engine = train_engine.engine
     sampler = PromptSampler(len(train), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, D.rank(), world)
     data_metrics = {"data/train_pairs": len(train), "data/eval_pairs": len(eval_idx), **stats.as_metrics()}

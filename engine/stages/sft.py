@@ -340,6 +340,7 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     continues from one. SIGTERM/SIGINT finish the step, save, and return ``{"stopped": True, ...}``.
     """
     from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from engine.models import resolve_dtype
     from engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "sft")
@@ -361,7 +362,8 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
 
     world = D.world_size()
     grad_accum = cfg.train.batch_size // (mb * world)
-    train_engine = TrainEngine(model, cfg.optim, mb, grad_accum, total_updates=cfg.total_steps)
+    dtype = resolve_dtype(cfg.model.dtype)  # the model's; 16 bits: DeepSpeed keeps fp32 master weights
+    train_engine = TrainEngine(model, cfg.optim, mb, grad_accum, dtype, cfg.total_steps)
     engine = train_engine.engine
     sampler = PromptSampler(
         len(units), cfg.train.batch_size, cfg.seed, cfg.data.shuffle, rank=D.rank(), world_size=world

@@ -75,6 +75,7 @@ class FingerprintedTrainer(trainer_mod.PPOTrainer):
         }
         for k, (m, z3) in self._roles().items():
             report[k] = _compare(before[k], _snapshot(m, z3))
+            report[k]["precision"] = getattr(self, k).train.precision()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"rank{dist.rank()}.json").write_text(json.dumps(report, indent=1))
         return summary
