@@ -149,3 +149,15 @@ def test_redteam_bad_input_fails_before_models_load(setup, tmp_path: Path) -> No
         run_redteam(_cfg(setup, tmp_path / "b", "models.policies=" + json.dumps({"rm": str(setup["rm"])})))
     with pytest.raises(ConfigError, match="data.prompts: file does not exist"):
         _cfg(setup, tmp_path, "data.prompts=/no/such.jsonl").validate()
+
+
+def test_shipped_attack_and_redteam_configs_parse() -> None:
+    from engine.stages.attacks import load_attacks
+
+    root = Path(__file__).resolve().parents[3] / "configs"
+    attacks = load_attacks(root / "attacks_default.yaml")
+    kinds = {a.kind for a in attacks}
+    assert {"none", "prefix", "suffix", "roleplay", "paraphrase", "case_noise", "spacing_noise"} <= kinds
+    cfg = load_config(RedteamConfig, str(root / "redteam_example.yaml"))
+    assert cfg.attacks == "configs/attacks_default.yaml" and "leaks_digits" in cfg.checkers
+    cfg.checkers["leaks_digits"].validate("checkers.leaks_digits")
