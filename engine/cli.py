@@ -63,6 +63,9 @@ STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
     "dpo": _lazy("engine.stages.dpo", "main_dpo"),
     "bon": _lazy("engine.stages.best_of_n", "main_bon"),
     "eval": _lazy("engine.stages.evaluate", "main_eval"),
+    "redteam": _lazy("engine.stages.redteam", "main_redteam"),
+    "label": _lazy("engine.stages.label", "main_label"),
+    "revise": _lazy("engine.stages.revise", "main_revise"),
 }
 
 

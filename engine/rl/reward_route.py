@@ -62,12 +62,13 @@ class TextRoute:
 
     tokenizer: Any
     max_len: int
+    chat: bool = True  # False: the rm stage's layout even where the tokenizer has a chat template
     num_too_long: int = field(default=0, init=False)
 
     def render(self, prompt: str, response: str, stopped: bool = True) -> list[int]:
         """One sample's RM ids: the RM's chat template if it has one, else the rm stage's layout."""
         tok = self.tokenizer
-        if tok.chat_template:
+        if self.chat and tok.chat_template:
             text = tok.apply_chat_template(
                 [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
                 tokenize=False,

@@ -44,6 +44,7 @@ import torch
 
 from engine import distributed as D
 from engine.config import ConfigError, RolloutConfig, StageConfig, check_choice, load_config, save_config
+from engine.stages.sampling import PolicySampler, same_path
 
 
 # --------------------------------------------------------------------------- config
@@ -215,10 +216,6 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     return result
 
 
-def _same(a: str | Path, b: str | Path) -> bool:
-    return bool(a) and bool(b) and Path(a).resolve() == Path(b).resolve()
-
-
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from engine.config import DataConfig
     from engine.data import PromptDataset
@@ -240,7 +237,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     baseline = load(m.baseline, "models.baseline") if policies and m.baseline else None
     ref = None
     if policies and ref_path:
-        ref = baseline if _same(ref_path, m.baseline) else load(ref_path, "models.reference")
+        ref = baseline if same_path(ref_path, m.baseline) else load(ref_path, "models.reference")
     gold = _load_gold(m.gold) if m.gold else None
     first = next(iter(policies.values()), "")
     tokenizer = load_tokenizer(m.tokenizer or first or m.baseline or m.reward_model, role="tokenizer")
@@ -266,7 +263,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 ev.set_baseline(m.baseline, baseline)
             for name, path in policies.items():
                 t1 = time.time()
-                model = baseline if _same(path, m.baseline) else load(path, roles[name])
+                model = baseline if same_path(path, m.baseline) else load(path, roles[name])
                 metrics, rows = ev.evaluate(path, model)
                 del model
                 metrics["wall_s"] = time.time() - t1
@@ -336,24 +333,6 @@ def _write_rows(path: Path, rows: dict[str, list[Any]]) -> None:
             f.write(json.dumps({k: v[i] for k, v in rows.items()}) + "\n")
 
 
-_ARCH_KEYS = (
-    "architectures",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "tie_word_embeddings",
-)
-
-
-def _arch(config: Any) -> tuple:
-    """What must match for one policy's weights to be swapped into an engine built for another."""
-    return tuple(repr(getattr(config, k, None)) for k in _ARCH_KEYS)
-
-
 class _PolicyEval:
     """The shared state of an eval run: prompts, the rollout engine, scorers and the baseline's samples.
 
@@ -366,50 +345,15 @@ class _PolicyEval:
     ):
         self.cfg, self.tok, self.texts, self.prompt_ids = cfg, tokenizer, texts, prompt_ids
         self.ref, self.scorers = ref, {"rm": rm, "gold": gold}
-        self.rollout: Any = None
-        self._engine_arch: tuple | None = None
-        self._loaded = ""  # the checkpoint whose weights the engine holds
-        self._version = 0
+        self.sampler = PolicySampler(cfg.rollout, tokenizer, cfg.seed, cfg.data.max_prompt_len)
         self.base: dict[str, Any] | None = None  # baseline samples, batch, texts and scores
 
     def close(self) -> None:
-        if self.rollout is not None:
-            self.rollout.close()
-            self.rollout = None
-
-    def _point_at(self, path: str, model: Any) -> None:
-        """Make the rollout engine generate from ``model`` (whose checkpoint is ``path``)."""
-        c = self.cfg
-        if self.rollout is not None and self._loaded and _same(self._loaded, path):
-            return
-        if c.rollout.backend != "vllm":
-            from engine.rl.rollout import HFRollout
-
-            if self.rollout is None:
-                self.rollout = HFRollout(model, self.tok, c.rollout)
-            self.rollout.model = model
-        elif self.rollout is None or self._engine_arch != _arch(model.config):
-            from engine.rl.rollout import VLLMRollout
-
-            self.close()
-            max_len = c.data.max_prompt_len + c.rollout.max_new_tokens + 1
-            self.rollout = VLLMRollout(str(path), c.rollout, c.seed, max_len, "float32")
-            self._engine_arch = _arch(model.config)
-        else:
-            self._version += 1
-            self.rollout.load_weights(list(model.named_parameters()))
-            self.rollout.finish_sync(self._version)
-        self._loaded = str(path)
+        self.sampler.close()
 
     def _sample(self, path: str, model: Any) -> tuple[list[Any], Any, list[str]]:
-        """(samples, packed batch, decoded responses) of ``model``: one sample per prompt at seed ``cfg.seed``."""
-        from engine.stages.dpo import pack_rows
-
-        self._point_at(path, model)
-        samples = [g[0] for g in self.rollout.generate(self.prompt_ids, n=1, seed=self.cfg.seed)]
-        ids = [s.response_ids for s in samples]
-        batch = pack_rows(self.prompt_ids, ids, self.tok.pad_token_id)
-        return samples, batch, self.tok.batch_decode(ids, skip_special_tokens=True)
+        """(samples, packed batch, decoded responses) of ``model``: one sample per prompt at ``cfg.seed``."""
+        return self.sampler.sample(path, model, self.prompt_ids, self.cfg.seed)
 
     def _scores(self, name: str, batch: Any, responses: list[str], samples: list[Any]) -> torch.Tensor:
         scorer = self.scorers[name]
@@ -425,7 +369,7 @@ class _PolicyEval:
 
     def evaluate(self, path: str, model: Any) -> tuple[dict[str, Any], dict[str, list[Any]]]:
         T, n, base = self.cfg.rollout.temperature, len(self.prompt_ids), self.base
-        if base is not None and _same(path, base["path"]):  # same weights, same seed: same samples
+        if base is not None and same_path(path, base["path"]):  # same weights, same seed: same samples
             samples, batch, text = base["samples"], base["batch"], base["text"]
         else:
             samples, batch, text = self._sample(path, model)
