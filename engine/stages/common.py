@@ -49,6 +49,19 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- setup
+def run_on_main(cfg: Any, work: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+    """Init distributed (if launched), validate, then ``work(cfg)`` on rank 0 while the others wait.
+
+    For the stages whose work is one process's (eval, red teaming, labelling, revision); the
+    other ranks of a ``deepspeed`` launch return ``{}``.
+    """
+    D.init_distributed()
+    cfg.validate(D.world_size())
+    result = work(cfg) if D.is_main() else {}
+    D.barrier()
+    return result
+
+
 def setup_stage(cfg: Any, name: str = "train") -> MetricsLogger:
     """Init distributed (if launched), validate, seed, write the resolved config; return the logger.
 

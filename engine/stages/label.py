@@ -39,8 +39,8 @@ from typing import Any
 
 import torch
 
-from engine import distributed as D
 from engine.config import ConfigError, StageConfig, check_choice, check_positive, load_config, save_config
+from engine.stages.common import run_on_main
 
 DEFAULT_TEMPLATE = (
     "principles:\n{principles}\nrequest: {prompt}\nanswer a: {response_a}\nanswer b: {response_b}\n"
@@ -247,13 +247,7 @@ def _vllm_logprobs(cfg: LabelConfig, prompts: list[list[int]], ids: list[int], m
 # --------------------------------------------------------------------------- the stage
 def run_label(cfg: LabelConfig) -> dict[str, Any]:
     """Label ``data.pairs`` with the judge; returns ``label.json``'s content."""
-    D.init_distributed()
-    cfg.validate(D.world_size())
-    result: dict[str, Any] = {}
-    if D.is_main():
-        result = _label(cfg)
-    D.barrier()
-    return result
+    return run_on_main(cfg, _label)
 
 
 def _label(cfg: LabelConfig) -> dict[str, Any]:

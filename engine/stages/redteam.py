@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from engine import distributed as D
 from engine.config import ConfigError, RolloutConfig, StageConfig, check_positive, load_config, save_config
 from engine.stages.checkers import CheckerConfig
+from engine.stages.common import run_on_main
 
 
 # --------------------------------------------------------------------------- config
@@ -134,13 +134,7 @@ def worst_rows(rows: list[dict[str, Any]], k: int) -> list[dict[str, Any]]:
 # --------------------------------------------------------------------------- the stage
 def run_redteam(cfg: RedteamConfig) -> dict[str, Any]:
     """Attack, generate, check; returns the result written to ``<output_dir>/redteam.json``."""
-    D.init_distributed()
-    cfg.validate(D.world_size())
-    result: dict[str, Any] = {}
-    if D.is_main():
-        result = _redteam(cfg)
-    D.barrier()
-    return result
+    return run_on_main(cfg, _redteam)
 
 
 def _redteam(cfg: RedteamConfig) -> dict[str, Any]:

@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 
-from engine import distributed as D
 from engine.config import (
     ConfigError,
     RolloutConfig,
@@ -41,6 +40,7 @@ from engine.config import (
     load_config,
     save_config,
 )
+from engine.stages.common import run_on_main
 from engine.stages.label import JudgeConfig, judge_max_len
 
 CRITIQUE_TEMPLATE = "principle: {principle}\nrequest: {prompt}\nanswer: {response}\ncritique:"
@@ -138,13 +138,7 @@ def _generate(
 
 def run_revise(cfg: ReviseConfig) -> dict[str, Any]:
     """Answer, critique, revise; returns ``revise.json``'s content."""
-    D.init_distributed()
-    cfg.validate(D.world_size())
-    result: dict[str, Any] = {}
-    if D.is_main():
-        result = _revise(cfg)
-    D.barrier()
-    return result
+    return run_on_main(cfg, _revise)
 
 
 def _revise(cfg: ReviseConfig) -> dict[str, Any]:
