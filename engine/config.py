@@ -253,6 +253,9 @@ class PlacementConfig:
     bucket_mb: int = 256  # weight-sync bucket size (MiB)
     scoring: str = "trainer"  # split: where reference log-probs and rewards are computed: trainer | rollout
     probe_every: int = 0  # every N steps, after the sync, compare vLLM's and the trainer's log-probs
+    # The frozen reference and reward model: 0 = a whole copy on every trainer rank; 3 = partitioned
+    # over the ranks (ZeRO-3 inference: 1/world of their weights per rank, gathered layer by layer).
+    frozen_zero_stage: int = 0
 
 
 @dataclass
@@ -345,6 +348,18 @@ class PPOConfig(StageConfig):
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_choice("placement.mode", self.placement.mode, ("colocate", "split"))
         check_choice("placement.scoring", self.placement.scoring, ("trainer", "rollout"))
+        check_choice("placement.frozen_zero_stage", self.placement.frozen_zero_stage, (0, 3))
+        if self.placement.frozen_zero_stage == 3:
+            if self.placement.mode != "colocate":
+                raise ConfigError(
+                    "placement.frozen_zero_stage=3 partitions the reference and reward over a colocate "
+                    "launch's ranks; split placement keeps them whole (set placement.frozen_zero_stage=0)"
+                )
+            if self.algo.dynamic_sampling.enabled:
+                raise ConfigError(
+                    "placement.frozen_zero_stage=3 needs every rank to score as many samples as the others; "
+                    "algo.dynamic_sampling draws a different number per rank (turn one of them off)"
+                )
         self._validate_algo()
         if self.placement.scoring == "rollout" and self.placement.mode != "split":
             raise ConfigError("placement.scoring=rollout needs placement.mode=split")

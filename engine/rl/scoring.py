@@ -33,20 +33,47 @@ def _freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def partition_frozen(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """ZeRO-3 inference: ``module``'s parameters partitioned over the data-parallel ranks.
+
+    DeepSpeed hooks every submodule to gather its parameters for its forward and release them
+    after, so a rank holds 1/world of the frozen weights plus one layer at a time. Every rank must
+    then run the same number of forwards (the gathers are collectives), as the trainer ranks do
+    on their equal shares. Returns the module itself (hooked).
+    """
+    import deepspeed
+
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "steps_per_print": 2**31 - 1,
+    }
+    engine, *_ = deepspeed.initialize(model=module, config=cfg)
+    return engine.module
+
+
 class ReferenceModel:
     """The frozen reference policy: ``logprobs(batch, temperature) -> [B, R]`` float32.
 
-    Holds full weights on one device (no ZeRO partitioning).
+    Holds full weights on one device, or with ``partition=True`` its 1/world share
+    (``partition_frozen``, ZeRO-3 inference; ``placement.frozen_zero_stage=3``).
     """
 
     def __init__(
-        self, model: nn.Module, device: torch.device | str | None = None, micro_batch_size: int = 8
+        self,
+        model: nn.Module,
+        device: torch.device | str | None = None,
+        micro_batch_size: int = 8,
+        partition: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         from engine.models import disable_dropout
 
         disable_dropout(model)
         self.net = _freeze(PolicyLogprobs(model.to(self.device)))
+        if partition:
+            self.net = partition_frozen(self.net, next(model.parameters()).dtype)
         self.micro_batch_size = micro_batch_size
 
     @property
@@ -83,6 +110,7 @@ class RewardScorer:
         device: torch.device | str | None = None,
         micro_batch_size: int = 8,
         text_route: TextRoute | None = None,
+        partition: bool = False,
     ) -> None:
         if (fn is None) == (model is None):
             raise ValueError("RewardScorer needs exactly one of fn or model")
@@ -94,6 +122,8 @@ class RewardScorer:
         if model is not None:
             self.device = torch.device(device) if device is not None else next(model.parameters()).device
             self.model = _freeze(model.to(self.device))
+            if partition:  # ZeRO-3 inference (placement.frozen_zero_stage=3): every submodule gathers its own
+                self.model = partition_frozen(self.model, next(model.parameters()).dtype)
             self.head = reward_head_of(self.model)
             self.body = getattr(self.model, self.model.base_model_prefix, None) or base_model_of(self.model)
         self.num_scored = 0
@@ -229,10 +259,11 @@ def build_scoring(
     from engine.models import load_causal_lm, load_reward_model
     from engine.tasks import load_callable
 
-    attn = cfg.model.attn_implementation
-    ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, cfg.ppo.micro_batch_size)
+    attn, mb = cfg.model.attn_implementation, cfg.ppo.micro_batch_size
+    part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)
+    ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, mb, partition=part)
     if cfg.reward.kind == "function":
         return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
     rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
     text = route.text if route is not None else None
-    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device, text_route=text)
+    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device, text_route=text, partition=part)

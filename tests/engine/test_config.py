@@ -31,8 +31,9 @@ def test_ppo_tiny_loads_and_validates():
 def test_ppo_7b_loads_and_fits_8_gpus(tmp_path):
     cfg = _load(path=BIG)
     assert cfg.actor.zero_stage == cfg.critic.zero_stage == 3
-    assert (cfg.ppo.rollout_batch_size, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size) == (512, 64, 4)
-    assert cfg.rollout.max_new_tokens == 1024 and cfg.rollout.gpu_memory_utilization == 0.5
+    assert (cfg.ppo.rollout_batch_size, cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size) == (512, 64, 2)
+    assert cfg.rollout.max_new_tokens == 1024 and cfg.rollout.gpu_memory_utilization == 0.45
+    assert cfg.placement.frozen_zero_stage == 3  # the frozen reference and reward partitioned: it fits 80 GB
     assert (cfg.actor.lr, cfg.critic.lr) == (1e-6, 5e-6)
     with pytest.raises(ConfigError, match="path does not exist"):
         cfg.validate(world_size=8)  # the placeholder checkpoints are not on this machine

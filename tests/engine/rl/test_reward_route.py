@@ -211,9 +211,9 @@ def test_ppo_7b_config_passes_every_start_up_check_without_weights(ckpts, tmp_pa
     route = resolve_reward_route(cfg.reward.tokenizer, tokenizer, cfg.reward.model_path)
     assert route.route == "text"
     check_critic_init(cfg.critic.init_from, cfg.reward.kind, tokenizer, route)
-    # The split variant its comment gives: 6 trainer ranks.
+    # The split variant its comment names: 6 trainer ranks, the frozen models whole on each.
     split = ["placement.mode=split", "placement.rollout_ranks=2", "async.max_staleness=1"]
-    split += ["ppo.rollout_batch_size=480", "ppo.mini_batch_size=48"]
+    split += ["ppo.rollout_batch_size=480", "ppo.mini_batch_size=48", "placement.frozen_zero_stage=0"]
     load_config(PPOConfig, str(yaml), paths + split).validate(6)
     # What the config used to say would now be refused before any weights load.
     old = load_config(PPOConfig, str(yaml), [*paths, "critic.init_from=reward"])
