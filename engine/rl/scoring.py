@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine import distributed as dist
 from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
 from engine.rl.critic import reward_head_of
 from engine.rl.experience import Experience
@@ -261,6 +262,8 @@ def build_scoring(
 
     attn, mb = cfg.model.attn_implementation, cfg.ppo.micro_batch_size
     part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)
+    if part:
+        print(f"[scoring] reference and reward partitioned over {dist.world_size()} ranks (ZeRO-3 inference)")
     ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, mb, partition=part)
     if cfg.reward.kind == "function":
         return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)

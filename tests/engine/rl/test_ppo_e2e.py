@@ -5,8 +5,8 @@ Two runs, each shared by several tests (module-scoped fixtures):
 * ``one_rank``: plain ``python``, ZeRO-2, 16 steps of the toy task with the adaptive KL
   controller and a huge target -- the reward must rise, KL must grow from exactly 0, the
   coefficient must fall, vLLM must follow every weight swap.
-* ``two_ranks``: ``deepspeed --num_gpus 2``, ZeRO-3, 3 steps with a tiny KL target -- both ranks
-  run and end with the same weights, the gathered ZeRO-3 sync reaches each rank's engine, the
+* ``two_ranks``: ``deepspeed --num_gpus 2``, ZeRO-3 (the frozen reference partitioned too), 3 steps
+  with a tiny KL target -- both ranks run and end with the same weights, the gathered ZeRO-3 sync reaches each rank's engine, the
   coefficient rises once KL is positive.
 
 Both go through ``_scripts/ppo_run.py``: the real ``engine.cli`` plus fingerprints of every actor
@@ -64,6 +64,7 @@ def two_ranks(tmp_path_factory) -> PPORun:
             f"total_steps={TWO_RANK_STEPS}",
             "actor.zero_stage=3",
             "critic.zero_stage=3",
+            "placement.frozen_zero_stage=3",  # the reference partitioned too
             "ppo.kl.adaptive=true",
             "ppo.kl.target=1.0e-6",  # below any positive KL: the coefficient must rise once KL > 0
             f"ppo.kl.horizon={HORIZON}",
@@ -189,6 +190,7 @@ def test_two_ranks_both_run_and_agree(two_ranks):
         assert r["world"] == 2 and r["steps"] == TWO_RANK_STEPS and r["rollout_version"] == TWO_RANK_STEPS
         assert r["zero_stage"] == {"actor": 3, "critic": 3}
         _check_params_moved(r)
+    assert "reference and reward partitioned over 2 ranks" in two_ranks.output
     # Data-parallel ranks average gradients: the gathered weights are the same on both.
     for role in ("actor", "critic"):
         a, b = (r[role]["checksum_after"] for r in reports)
