@@ -141,11 +141,14 @@ def render_chat(
         raise DataError(f"{where}: column {col!r}: the chat template failed: {e}") from None
 
 
-def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) -> list[str]:
-    """Prompt texts of a JSONL whose records each hold ``prompt`` (a string, used as is) or
-    ``messages`` (a chat, rendered by the tokenizer's chat template with the generation prompt)."""
+def read_prompt_records(
+    path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase
+) -> list[tuple[str, list[dict[str, Any]] | None]]:
+    """``(text, messages)`` of each record of a prompt JSONL: ``prompt`` (a string, used as is;
+    messages None) or ``messages`` (a chat, rendered by the tokenizer's chat template with the
+    generation prompt; the chat kept beside its rendering)."""
     records = read_jsonl(path, [], text=[])
-    texts = []
+    out: list[tuple[str, list[dict[str, Any]] | None]] = []
     for rec, line in zip(records, nonblank_line_numbers(path)):
         where = f"{path}:{line}"
         if ("prompt" in rec) == ("messages" in rec):
@@ -155,7 +158,7 @@ def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) ->
             )
         if "messages" in rec:
             check_messages(rec["messages"], where)
-            texts.append(render_chat(tokenizer, rec["messages"], where))
+            out.append((render_chat(tokenizer, rec["messages"], where), rec["messages"]))
             continue
         value = rec["prompt"]
         if not isinstance(value, str):
@@ -165,8 +168,13 @@ def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) ->
             )
         if not value.strip():
             raise DataError(f"{where}: column 'prompt' is empty")
-        texts.append(value)
-    return texts
+        out.append((value, None))
+    return out
+
+
+def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """The prompt texts of ``read_prompt_records`` (chats rendered)."""
+    return [text for text, _ in read_prompt_records(path, tokenizer)]
 
 
 # --------------------------------------------------------------------------- prompts
@@ -218,16 +226,21 @@ class PromptDataset:
         if cfg.max_prompt_len < 2:
             raise ConfigError(f"data.max_prompt_len must be >= 2, got {cfg.max_prompt_len}")
         if cfg.prompts == "toy":
-            raw, source = toy_prompts(cfg.num_prompts, seed), "toy prompts"
+            records, source = [(p, None) for p in toy_prompts(cfg.num_prompts, seed)], "toy prompts"
         else:
-            raw, source = read_prompts(cfg.prompts, tokenizer), cfg.prompts
+            records, source = read_prompt_records(cfg.prompts, tokenizer), cfg.prompts
+        raw = [text for text, _ in records]
         bos = tokenizer.bos_token_id
         encoded = tokenizer(raw, add_special_tokens=False)["input_ids"]
         self.texts: list[str] = []
         self.input_ids: list[list[int]] = []
+        # A chat prompt's conversation, by the prompt as the trainer decodes it from its ids: a reward
+        # model with its own tokenizer and chat template renders the conversation itself
+        # (engine.rl.reward_route.TextRoute). Truncated chats are left out (no longer the whole chat).
+        self.chats: dict[str, list[dict[str, Any]]] = {}
         self.num_truncated = self.num_dropped = 0
         limit = cfg.max_prompt_len
-        for text, ids in zip(raw, encoded):
+        for (text, messages), ids in zip(records, encoded):
             ids = list(ids)
             if bos is not None and ids[:1] != [bos]:  # chat-rendered text may already hold bos
                 ids.insert(0, bos)
@@ -237,6 +250,8 @@ class PromptDataset:
                     continue
                 self.num_truncated += 1
                 ids = [bos] + ids[len(ids) - limit + 1 :] if bos is not None else ids[-limit:]
+            elif messages is not None:
+                self.chats[tokenizer.decode(ids, skip_special_tokens=True)] = messages
             self.texts.append(text)
             self.input_ids.append(ids)
         if not self.input_ids:

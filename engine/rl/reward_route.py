@@ -63,19 +63,30 @@ class TextRoute:
     tokenizer: Any
     max_len: int
     chat: bool = True  # False: the rm stage's layout even where the tokenizer has a chat template
+    # Chat prompts' conversations by their decoded prompt text (PromptDataset.chats): rendered as
+    # the conversation itself, not as the policy's rendering of it.
+    chats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     num_too_long: int = field(default=0, init=False)
 
     def render(self, prompt: str, response: str, stopped: bool = True) -> list[int]:
-        """One sample's RM ids: the RM's chat template if it has one, else the rm stage's layout."""
+        """One sample's RM ids: the RM's chat template if it has one, else the rm stage's layout.
+
+        A prompt found in ``chats`` was a chat: the RM's template renders that conversation (system
+        turns included) and the response; the rm stage's layout takes its last user turn."""
         tok = self.tokenizer
+        chat = self.chats.get(prompt)
         if self.chat and tok.chat_template:
+            turns = list(chat) if chat is not None else [{"role": "user", "content": prompt}]
             text = tok.apply_chat_template(
-                [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}],
+                [*turns, {"role": "assistant", "content": response}],
                 tokenize=False,
                 add_generation_prompt=False,
             )
             return list(tok(text, add_special_tokens=False)["input_ids"])
         from engine.data import encode_prompt, encode_response
+
+        if chat is not None:  # the rm stage's layout holds the request itself: the last user turn
+            prompt = next(m["content"] for m in reversed(chat) if m["role"] == "user")
 
         resp = encode_response(tok, response)
         return encode_prompt(tok, prompt) + (resp if stopped else resp[:-1])

@@ -98,6 +98,10 @@ class _Scorer:
             from engine.rl.reward_route import resolve_reward_route
 
             route = resolve_reward_route(cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path)
+            if route.text is not None:  # chat prompts reach the RM as chats, as on the trainer ranks
+                from engine.data import PromptDataset
+
+                route.text.chats = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed).chats
         self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device, route)
         self.temperature = cfg.rollout.temperature
 

@@ -136,6 +136,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
             self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
         self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
+        if self.reward_route is not None and self.reward_route.text is not None:
+            self.reward_route.text.chats = self.dataset.chats  # chat prompts reach the RM as chats
         p = cfg.ppo
         # split: trainer 0 draws every global batch for the rollout ranks and deals out the samples.
         shard = (0, 1) if self.split else (self.rank, self.world)

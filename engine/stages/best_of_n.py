@@ -309,6 +309,8 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     reward = build_reward(
         cfg.reward, tokenizer, dev
     )  # before the engines: a wrong checkpoint kind fails first
+    if reward.text_route is not None:
+        reward.text_route.chats = dataset.chats  # chat prompts reach the RM as chats
 
     model = load_causal_lm(policy_dir, torch.float32, cfg.model.attn_implementation)
     model.config.use_cache = False

@@ -256,6 +256,8 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             seed=cfg.seed,
         )
         n = min(len(dataset), d.num_prompts) if d.num_prompts else len(dataset)
+        if rm is not None and rm.text_route is not None:
+            rm.text_route.chats = dataset.chats  # chat prompts reach the RM as chats
         ev = _PolicyEval(cfg, tokenizer, dataset.texts[:n], dataset.input_ids[:n], ref, rm, gold)
         per_policy: dict[str, dict[str, Any]] = {}
         try:

@@ -275,3 +275,32 @@ def test_eval_scores_policy_samples_as_text_and_pairs_with_the_rms_tokenizer(ckp
     rm_only = run_eval(load_config(EvalConfig, None, [*common, f"output_dir={tmp_path / 'e2'}"]))
     assert res["rm_pairs"] == rm_only["rm_pairs"] == 3
     assert res["rm_margin"] == pytest.approx(rm_only["rm_margin"], abs=1e-6) and res["rm_margin"] != 0
+
+
+def test_chat_prompts_reach_the_reward_model_as_chats(tmp_path: Path) -> None:
+    """A ``{"messages"}`` prompt is rendered by the policy's template for generation; the text route
+    renders the conversation itself with the RM's template (not the policy's rendering as a user
+    turn), and the rm stage's layout takes the last user turn."""
+    from engine.config import DataConfig
+    from engine.data import PromptDataset
+
+    toy = build_tokenizer()
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "say b:"}]  # fmt: skip
+    path = tmp_path / "prompts.jsonl"
+    path.write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"prompt": "say q:"}) + "\n")
+    data = PromptDataset(DataConfig(prompts=str(path), max_prompt_len=64), toy)
+    decoded = toy.batch_decode(data.input_ids, skip_special_tokens=True)  # what the scorer is given
+    assert decoded[0] != "say b:" and data.chats == {decoded[0]: chat}  # the plain prompt has no chat
+    other = build_other_tokenizer()
+    route = TextRoute(other, 256, chats=data.chats)
+    want = other.apply_chat_template([*chat, {"role": "assistant", "content": "b"}], tokenize=False)
+    assert route.render(decoded[0], "b") == other(want, add_special_tokens=False)["input_ids"]
+    plain = TextRoute(build_other_tokenizer(chat_template=False), 256, chats=data.chats)
+    assert plain.render(decoded[0], "b") == plain.render("say b:", "b")
+    assert route.render(decoded[1], "b") == other(
+        other.apply_chat_template([{"role": "user", "content": "say q:"}, {"role": "assistant", "content": "b"}],
+                                  tokenize=False), add_special_tokens=False)["input_ids"]  # fmt: skip
+    # Truncated chats are not the whole conversation: left out.
+    short = PromptDataset(DataConfig(prompts=str(path), max_prompt_len=8), toy)
+    assert short.num_truncated >= 1 and short.chats == {}
