@@ -51,11 +51,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks._common import (  # noqa: E402
-    append_rows,  # noqa: E402
+    append_rows,
     device_name,
     git_sha,
+    package_version,
 )
-from benchmarks.bench_ppo import _version, run_ppo, summarize  # noqa: E402
+from benchmarks.bench_ppo import run_ppo, summarize  # noqa: E402
 from engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
@@ -270,7 +271,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             gen = "vLLM in-process" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
             row.update(
                 {
-                    "versions": f"torch {torch.__version__}, vllm {_version('vllm')}, deepspeed {_version('deepspeed')}",
+                    "versions": f"torch {torch.__version__}, vllm {package_version('vllm')}, deepspeed {package_version('deepspeed')}",
                     "estimator": args.estimator,
                     **{
                         k: f"{statistics.median(r[k] for r in results):.4g}"
