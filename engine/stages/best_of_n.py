@@ -172,23 +172,11 @@ def select_best(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None)
 def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_model_len: int, rank: int = 0):
     """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``, in ``model.dtype``."""
     from engine.models import resolve_dtype
+    from engine.stages.sampling import open_rollout
 
     dtype = resolve_dtype(cfg.model.dtype)
-    if cfg.rollout.backend == "vllm":
-        from engine.rl.rollout import VLLMRollout
-
-        vdtype = str(dtype).removeprefix("torch.")
-        return VLLMRollout(str(policy_dir), cfg.rollout, cfg.seed + rank, max_model_len, vdtype)
-    from engine.models import load_causal_lm
-    from engine.rl.rollout import HFRollout
-
-    dev = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    lm = load_causal_lm(policy_dir, dtype, cfg.model.attn_implementation, dev).to(dev)
-    return HFRollout(lm, tokenizer, cfg.rollout)
+    attn = cfg.model.attn_implementation
+    return open_rollout(policy_dir, cfg.rollout, tokenizer, cfg.seed + rank, max_model_len, dtype, attn)
 
 
 def build_reward(cfg: RewardConfig, tokenizer: Any, device: torch.device | None = None):

@@ -112,18 +112,6 @@ class ReviseConfig(StageConfig):
             )
 
 
-def _engine(path: str, tokenizer: Any, rcfg: RolloutConfig, seed: int, max_len: int, role: str) -> Any:
-    """A rollout engine on ``path``: vLLM in-process, or HF ``generate``."""
-    if rcfg.backend == "vllm":
-        from engine.rl.rollout import VLLMRollout
-
-        return VLLMRollout(path, rcfg, seed, max_len, "float32")
-    from engine.models import load_causal_lm
-    from engine.rl.rollout import HFRollout
-
-    return HFRollout(load_causal_lm(path, torch.float32, "sdpa", role=role).eval(), tokenizer, rcfg)
-
-
 def _generate(
     engine: Any, rcfg: RolloutConfig, tok: Any, texts: list[str], seed: int
 ) -> tuple[list[str], list[str]]:
@@ -146,7 +134,7 @@ def _revise(cfg: ReviseConfig) -> dict[str, Any]:
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
     from engine.stages.common import encode_prompt
     from engine.stages.label import load_constitution
-    from engine.stages.sampling import PolicySampler
+    from engine.stages.sampling import PolicySampler, open_rollout
 
     t0 = time.time()
     principles = load_constitution(cfg.constitution)
@@ -177,7 +165,7 @@ def _revise(cfg: ReviseConfig) -> dict[str, Any]:
     current = [a.strip() for a in answers]
     reasons = ["stop"] * len(prompts)
     max_len = judge_max_len(cfg.judge, judge_config)
-    judge = _engine(cfg.judge.path, judge_tok, cfg.critique, cfg.seed, max_len, "judge.path")
+    judge = open_rollout(cfg.judge.path, cfg.critique, judge_tok, cfg.seed, max_len, role="judge.path")
     try:
         for r in range(cfg.rounds):
             chosen = [rng.choice(principles) for _ in prompts]
