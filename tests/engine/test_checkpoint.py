@@ -33,7 +33,7 @@ from engine.config import ConfigError, TinyModelConfig
 from engine.data import PromptSampler
 from engine.models import build_tiny_model
 from tests.engine._scripts.ckpt_common import build_engine, build_torch_engine, param_digest, train_step
-from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tests.engine._scripts.launch import run_two_rank_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests/engine/_scripts"
@@ -324,13 +324,7 @@ def test_second_signal_exits_at_once() -> None:
 # --------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_zero3_two_ranks_save_load_round_trip(tmp_path: Path) -> None:
-    port = free_port()
-    cmd = deepspeed_cmd(2, port, str(SCRIPTS / "ckpt_zero3.py"), "--out", str(tmp_path))
-    t0 = time.time()
-    proc = run(cmd, timeout_s=480, port=port, OMP_NUM_THREADS="1")
-    print(f"deepspeed run: {time.time() - t0:.1f}s")
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_two_rank_script(SCRIPTS / "ckpt_zero3.py", tmp_path)
     for r in (r0, r1):
         assert r["digest_after_load"] == r["digest_at_save"] != r["digest_moved_on"]
         assert r["digest_next_after_load"] == r["digest_next"]

@@ -14,6 +14,7 @@ going to a log file (a pipe nobody reads could fill and stall the run).
 from __future__ import annotations
 
 import glob
+import json
 import os
 import signal
 import socket
@@ -157,3 +158,19 @@ def run(cmd: list[str], timeout_s: float, port: int | None = None, **env: str) -
     finally:
         cleanup_shm(port)
     return subprocess.CompletedProcess(cmd, proc.returncode, output)
+
+
+def run_two_rank_script(script: Path, out: Path, timeout_s: float = 480) -> list[dict]:
+    """``deepspeed --num_gpus 2 SCRIPT --out OUT`` (one thread per rank), which must exit 0;
+    returns each rank's ``OUT/rank<r>.json``."""
+    port = free_port()
+    t0 = time.time()
+    proc = run(
+        deepspeed_cmd(2, port, str(script), "--out", str(out)),
+        timeout_s=timeout_s,
+        port=port,
+        OMP_NUM_THREADS="1",
+    )
+    print(f"deepspeed run: {time.time() - t0:.1f}s")
+    assert proc.returncode == 0, proc.stdout[-8000:]
+    return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]

@@ -7,8 +7,6 @@ The slow test launches ``deepspeed --num_gpus 2`` for ZeRO-2 and ZeRO-3.
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +18,7 @@ from engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on
 from engine.rl.critic import CriticWorker, ValueModel
 from engine.rl.experience import Experience, truncated_is_weights
 from engine.rl.scoring import ReferenceModel, RewardScorer
-from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tests.engine._scripts.launch import run_two_rank_script
 
 ROOT = Path(__file__).resolve().parents[3]
 VOCAB, P, R = 96, 5, 6
@@ -325,14 +323,7 @@ def test_value_model_from_reward_model_and_reward_scorer() -> None:
 # --------------------------------------------------------------------------- slow
 @pytest.mark.slow
 def test_zero2_zero3_two_ranks_update_and_agree(tmp_path: Path) -> None:
-    port = free_port()
-    script = str(ROOT / "tests/engine/_scripts/train_zero_stages.py")
-    cmd = deepspeed_cmd(2, port, script, "--out", str(tmp_path))
-    t0 = time.time()
-    proc = run(cmd, timeout_s=420, port=port, OMP_NUM_THREADS="1")
-    print(f"deepspeed run: {time.time() - t0:.1f}s")
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = run_two_rank_script(ROOT / "tests/engine/_scripts/train_zero_stages.py", tmp_path, timeout_s=420)
     for stage in ("2", "3"):
         r0, r1 = ranks[0][stage], ranks[1][stage]
         for role in ("actor", "critic"):

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 
 import pytest
 
 from engine.config import ConfigError, PPOConfig, load_config
-from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tests.engine._scripts.launch import run_two_rank_script
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "_scripts"
 
@@ -39,13 +37,7 @@ def test_frozen_zero_stage_is_checked() -> None:
 
 @pytest.mark.slow
 def test_partitioned_reference_and_reward_score_as_whole_copies(tmp_path: Path) -> None:
-    port = free_port()
-    cmd = deepspeed_cmd(2, port, str(SCRIPTS / "frozen_zero3.py"), "--out", str(tmp_path))
-    t0 = time.time()
-    proc = run(cmd, timeout_s=480, port=port, OMP_NUM_THREADS="1")
-    print(f"deepspeed run: {time.time() - t0:.1f}s")
-    assert proc.returncode == 0, proc.stdout[-8000:]
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = run_two_rank_script(SCRIPTS / "frozen_zero3.py", tmp_path)
     for r in (r0, r1):
         assert r["ref_max_diff"] < 1e-5 and r["rm_max_diff"] < 1e-5, r
         # Each rank holds about half of each frozen model (ZeRO-3 pads shards to equal sizes).
