@@ -121,6 +121,38 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.4
     enforce_eager: bool = True
     sleep_during_train: bool = True  # GPU: release vLLM memory while training
+    # Hard constraints (engine.rl.constraints): the decoded response never contains one of
+    # banned_strings (literal substrings) nor matches one of banned_patterns (Python regexes).
+    banned_strings: list[str] = field(default_factory=list)
+    banned_patterns: list[str] = field(default_factory=list)
+
+    def validate(self, prefix: str = "rollout") -> None:
+        """The checks every stage makes on its sampling section: backend, lengths, bans."""
+        check_choice(f"{prefix}.backend", self.backend, ("vllm", "hf"))
+        check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
+        check_positive(f"{prefix}.temperature", self.temperature)
+        check_banned(f"{prefix}.banned_strings", self.banned_strings)
+        check_banned(f"{prefix}.banned_patterns", self.banned_patterns, regex=True)
+
+
+def check_banned(key: str, values: object, regex: bool = False) -> None:
+    """``values`` is a list of non-empty strings; with ``regex`` each compiles and cannot match
+    the empty response (it would ban every response, including the one that stops at once)."""
+    import re
+
+    if not isinstance(values, list):
+        raise ConfigError(f"{key} must be a list of strings, e.g. '{key}=[foo, bar]', got {values!r}")
+    for i, v in enumerate(values):
+        if not isinstance(v, str) or not v:
+            raise ConfigError(f"{key}[{i}] must be a non-empty string, got {v!r}")
+        if not regex:
+            continue
+        try:
+            pattern = re.compile(v)
+        except re.error as e:
+            raise ConfigError(f"{key}[{i}]: {v!r} is not a valid regular expression: {e}") from None
+        if pattern.search(""):
+            raise ConfigError(f"{key}[{i}]: {v!r} matches the empty string, so it would ban every response")
 
 
 @dataclass
@@ -338,7 +370,7 @@ class PPOConfig(StageConfig):
             raise ConfigError(
                 f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"
             )
-        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        self.rollout.validate()
         if self.logging.samples_every < 0 or self.logging.samples_per_step < 1:
             raise ConfigError(
                 f"logging.samples_every must be >= 0 (0: no samples log) and logging.samples_per_step >= 1, "
@@ -377,8 +409,6 @@ class PPOConfig(StageConfig):
         check_dtype(self.model.dtype)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
-        check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        check_positive("rollout.temperature", self.rollout.temperature)
         check_positive("data.max_prompt_len", self.data.max_prompt_len)
         p = self.ppo
         if not 0.0 <= p.clip_low < 1.0:

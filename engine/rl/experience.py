@@ -34,6 +34,7 @@ _TENSOR_FIELDS = (
     "rewards",
     "advantages",
     "returns",
+    "kept_logmass",
 )
 
 
@@ -55,6 +56,8 @@ class Experience:
     - ``rewards``          [B, R]   per-token rewards (KL penalty + score on the last token)
     - ``advantages``       [B, R]   GAE advantages (optionally whitened)
     - ``returns``          [B, R]   GAE returns (value targets)
+    - ``kept_logmass``     [B, R]   with banned text: log of the mass the ban left per token
+      (``rollout_logprobs + kept_logmass`` is the unconstrained log-prob); None without bans
     - ``policy_version``   int      actor optimizer steps taken when the rollout was generated
 
     Fields not yet computed may be ``None``; ``split``/``cat``/``select``/``to``
@@ -72,6 +75,7 @@ class Experience:
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
+    kept_logmass: torch.Tensor | None = None
     policy_version: int = 0
 
     @property
@@ -159,6 +163,7 @@ class RolloutBatch:
                       ``make_experience`` scores them (the raw scores, for the samples log).
     finish_reasons:   B of ``"stop"`` (ended with the stop token) or ``"length"`` (cut at
                       ``max_new_tokens``); ``truncated`` is the latter as [B] bool.
+    kept_logmass:     [B, R] float32 with banned text (``Sample.kept_logmass``, 0 on padding), else None.
     """
 
     sequences: torch.Tensor
@@ -172,6 +177,7 @@ class RolloutBatch:
     scores: torch.Tensor | None = None
     score_valid: torch.Tensor | None = None
     finish_reasons: list[str] | None = None
+    kept_logmass: torch.Tensor | None = None
 
     @property
     def truncated(self) -> torch.Tensor:
@@ -211,6 +217,10 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
         rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
         for i, s in enumerate(samples):
             rb.ref_logprobs[i, : len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
+    if samples and all(s.kept_logmass is not None for s in samples):
+        rb.kept_logmass = torch.zeros((B, R), dtype=torch.float32)
+        for i, s in enumerate(samples):
+            rb.kept_logmass[i, : len(s.kept_logmass)] = torch.tensor(s.kept_logmass, dtype=torch.float32)
     if samples and all(s.score is not None for s in samples):
         rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)
         rb.score_valid = torch.tensor([s.score_valid for s in samples], dtype=torch.bool)

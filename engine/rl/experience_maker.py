@@ -25,8 +25,8 @@ class ExperienceMixin:
         Samples more than ``async.max_staleness`` versions old are refused (they carry no loss).
         ``old_logprobs`` are the trainer's recomputation; with ``async.tis_cap`` the advantages are
         scaled by the truncated importance weights ``min(pi_old / pi_rollout, C)`` toward the
-        behaviour policy (the rollout engine's processed log-probs, which include temperature and
-        top-k/top-p truncation, so those are corrected rather than ignored).
+        behaviour policy (the rollout engine's processed log-probs, which include temperature,
+        top-k/top-p truncation and banned text, so those are corrected rather than ignored).
         """
         from engine.rl.advantages import (
             group_ids_for,
@@ -45,7 +45,11 @@ class ExperienceMixin:
 
         p, algo = self.cfg.ppo, self.cfg.algo
         exp = Experience(
-            rb.sequences, rb.attention_mask, rb.action_mask, rollout_logprobs=rb.rollout_logprobs
+            rb.sequences,
+            rb.attention_mask,
+            rb.action_mask,
+            rollout_logprobs=rb.rollout_logprobs,
+            kept_logmass=rb.kept_logmass,
         )
         exp.policy_version = int(rb.versions.min())
         entropy = None
@@ -138,7 +142,10 @@ class ExperienceMixin:
     def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
         """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``.
 
-        Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
+        ``rollout/logprob_gap`` compares the trainer with the rollout engine's log-probs *without*
+        the banned-text renormalisation (``rollout_logprobs + kept_logmass``): the engine mismatch
+        alone. ``rollout/constraint_kl`` (with bans) is the mean per-token KL(constrained ||
+        unconstrained) = ``-kept_logmass``, what the ban moved the behaviour policy. Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
         """
         from engine.rl.experience import masked_mean, sequence_kl
 
@@ -149,12 +156,17 @@ class ExperienceMixin:
         # dropped by an invalid reward, staleness or on_truncated=mask have no unmasked token).
         seq_kl, trains = sequence_kl(kl, m)
         tot = dist.all_reduce_sum({"kl": float(seq_kl[trains].sum()), "rows": float(trains.sum())})
-        return {
+        rollout = exp.rollout_logprobs
+        out = {
             "kl/mean": tot["kl"] / tot["rows"] if tot["rows"] else float("nan"),
             "kl/token_mean": float(masked_mean(kl, m)),
             "entropy/mean": float(masked_mean(entropy, m)),
-            "rollout/logprob_gap": float(masked_mean((exp.rollout_logprobs - exp.old_logprobs).abs(), m)),
         }
+        if exp.kept_logmass is not None:
+            rollout = rollout + exp.kept_logmass
+            out["rollout/constraint_kl"] = float(masked_mean(-exp.kept_logmass, m))
+        out["rollout/logprob_gap"] = float(masked_mean((rollout - exp.old_logprobs).abs(), m))
+        return out
 
     def sample_rows(self, rb: RolloutBatch, exp) -> list[dict]:
         """The first ``logging.samples_per_step`` samples of this rank's batch as ``samples.jsonl`` rows.

@@ -39,9 +39,23 @@ the user set it (then that count holds for both).
 Log-probs
 ---------
 ``Sample.logprobs`` are the sampled tokens' log-probs under the *processed* distribution
-(temperature, top-k, top-p applied), i.e. ``logprobs_mode="processed_logprobs"``.
-:func:`processed_logprobs` is the one reference formula; the HF backend and the vLLM
+(banned text masked, temperature, top-k, top-p applied), i.e. ``logprobs_mode="processed_logprobs"``.
+:func:`processed_logprobs` is the one reference formula; the HF backend and both backends'
 ``sequence_logprobs`` use it.
+
+Banned text (``rollout.banned_strings`` / ``banned_patterns``, :mod:`engine.rl.constraints`)
+----------------------------------------------------------------------------------------------
+Both backends mask the tokens that would complete banned text to ``-inf`` before temperature,
+top-k and top-p (vLLM through a logits processor, :mod:`engine.rl.vllm_logits`; HF through
+``generate``'s ``logits_processor``), so ``Sample.logprobs`` are those of the renormalised,
+constrained distribution: the behaviour policy. The trainer does not apply the ban: its old and
+new log-probs are those of the unconstrained policy (as it ignores top-k/top-p), and PPO corrects
+for the difference with the truncated importance weights ``min(pi_old / pi_rollout, async.tis_cap)``,
+which at a constrained step equal the kept mass ``Z <= 1``. Each sample also carries
+``kept_logmass`` (``log Z`` per token, 0 where nothing was banned), so the trainer reports
+``rollout/logprob_gap`` as ``|(rollout + kept_logmass) - trainer|``: the engine-vs-trainer
+mismatch alone, comparable with and without bans; ``rollout/constraint_kl`` is the mean of
+``-kept_logmass``, the per-token KL(constrained || unconstrained) the ban costs.
 """
 
 from __future__ import annotations
@@ -79,6 +93,9 @@ class Sample:
     ref_logprobs: list[float] | None = None  # the frozen reference's log-probs of response_ids
     score: float | None = None  # the reward (0 when invalid)
     score_valid: bool = True  # False: non-finite or missing reward
+    # With banned text (rollout.banned_*): log of the probability mass under softmax(logits / T)
+    # the ban left at each step (0 where nothing was banned); None without bans.
+    kept_logmass: list[float] | None = None
 
 
 @runtime_checkable
@@ -120,14 +137,18 @@ def processed_logprobs(
     temperature: float = 1.0,
     top_k: int = -1,
     top_p: float = 1.0,
+    banned: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Log-probs of ``token_ids`` under ``softmax(logits / T)`` with top-k/top-p masking.
+    """Log-probs of ``token_ids`` under ``softmax(logits / T)`` with ban/top-k/top-p masking.
 
-    logits: ``[L, V]`` (any float dtype, computed in fp32); token_ids: ``[L]``; returns ``[L]``
-    fp32. Masking follows vLLM's sampler order (temperature, top-k, top-p); masked tokens get
+    logits: ``[L, V]`` (any float dtype, computed in fp32); token_ids: ``[L]``; banned: optional
+    bool ``[L, V]``, the tokens banned at each step (``BannedText.banned_masks``); returns ``[L]``
+    fp32. Masking follows vLLM's sampler order (ban, temperature, top-k, top-p); masked tokens get
     ``-inf``. Accepts log-probs as ``logits`` too (log_softmax is shift-invariant).
     """
     x = logits.float() / temperature
+    if banned is not None:
+        x = x.masked_fill(banned.to(x.device), float("-inf"))
     if 0 < top_k < x.shape[-1]:
         kth = torch.topk(x, top_k, dim=-1).values[..., -1:]
         x = x.masked_fill(x < kth, float("-inf"))
@@ -183,6 +204,8 @@ class VLLMRollout:
             keep_torch_threads()
         from vllm import LLM
 
+        from engine.rl.vllm_logits import BanLogitsProcessor
+
         kwargs: dict[str, Any] = {}
         shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shares_dist and torch.distributed.get_world_size() > 1:
@@ -195,6 +218,7 @@ class VLLMRollout:
         self._asleep = False
         self._reloading = False
         self._rng = torch.Generator().manual_seed(seed)
+        self._requests = 0  # tags the banned-text requests' kept-mass records
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
@@ -204,6 +228,8 @@ class VLLMRollout:
             logprobs_mode="processed_logprobs",
             max_logprobs=-1,  # sequence_logprobs at T != 1 needs the full prompt distribution
             tensor_parallel_size=1,
+            # Always registered (idle for requests without bans): a stage may swap self.cfg.
+            logits_processors=[BanLogitsProcessor],
             **kwargs,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -216,10 +242,25 @@ class VLLMRollout:
             self._finalizer.detach()
             self._finalizer = weakref.finalize(client, _shutdown_core, client.engine_core, True)
 
+    def _ban(self) -> Any:
+        """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
+        from engine.rl.constraints import banned_text_for
+
+        c = self.cfg
+        if not (c.banned_strings or c.banned_patterns):
+            return None
+        tokenizer = self.llm.llm_engine.model_config.tokenizer
+        return banned_text_for(tokenizer, tuple(c.banned_strings), tuple(c.banned_patterns))
+
     def _params(self, seed: int, **over: Any):
         from vllm import SamplingParams
 
         c = self.cfg
+        if c.banned_strings or c.banned_patterns:
+            self._requests += 1
+            tag = f"{id(self)}:{self._requests}"
+            spec = {"strings": list(c.banned_strings), "patterns": list(c.banned_patterns), "tag": tag}
+            over.setdefault("extra_args", {"banned_text": spec})
         kw: dict[str, Any] = dict(
             temperature=c.temperature,
             top_p=c.top_p,
@@ -241,26 +282,27 @@ class VLLMRollout:
         params = [self._params(s) for s in seeds]
         outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
         samples = []
-        for req, out in zip(requests, outs):
+        for req, out, sp in zip(requests, outs, params):
             o = out.outputs[0]
             lps = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
             reason = "stop" if o.finish_reason == "stop" else "length"
-            samples.append(
-                Sample(req["prompt_token_ids"], list(o.token_ids), lps, reason, self.policy_version)
-            )
+            smp = Sample(req["prompt_token_ids"], list(o.token_ids), lps, reason, self.policy_version)
+            smp.kept_logmass = _kept_record(sp, len(lps))
+            samples.append(smp)
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
         """Prompt log-probs of ``prompt + response``, with temperature/top-k/top-p applied.
 
         vLLM's prompt log-probs skip the sampling processors (they are ``log_softmax(logits)``),
-        so unless the config is plain T=1 sampling we fetch the full distribution at each
-        response position (``O(len * vocab)`` Python objects: a diagnostic, not a hot path)
-        and apply :func:`processed_logprobs` to it.
+        so unless the config is plain T=1 sampling without bans we fetch the full distribution at
+        each response position (``O(len * vocab)`` Python objects: a diagnostic, not a hot path)
+        and apply :func:`processed_logprobs` to it, with the ban masks sampling used.
         """
         self.wake()
         c = self.cfg
-        plain = c.temperature == 1.0 and c.top_k in (-1, 0) and c.top_p >= 1.0
+        ban = self._ban()
+        plain = c.temperature == 1.0 and c.top_k in (-1, 0) and c.top_p >= 1.0 and ban is None
         ids = list(prompt_ids) + list(response_ids)
         sp = self._params(
             0,
@@ -270,6 +312,7 @@ class VLLMRollout:
             top_p=1.0,
             logprobs=None,
             prompt_logprobs=0 if plain else -1,
+            extra_args=None,
         )
         out = self.llm.generate([{"prompt_token_ids": ids}], sp, use_tqdm=False)[0]
         positions = out.prompt_logprobs[len(prompt_ids) :]
@@ -278,7 +321,9 @@ class VLLMRollout:
         full = torch.full((len(response_ids), self.vocab_size), float("-inf"))
         for row, pos in enumerate(positions):
             full[row, list(pos)] = torch.tensor([lp.logprob for lp in pos.values()])
-        return processed_logprobs(full, torch.tensor(response_ids), c.temperature, c.top_k, c.top_p).tolist()
+        banned = ban.banned_masks(response_ids, self.vocab_size) if ban is not None else None
+        lps = processed_logprobs(full, torch.tensor(response_ids), c.temperature, c.top_k, c.top_p, banned)
+        return lps.tolist()
 
     # -- weight sync ------------------------------------------------------------------------
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -325,6 +370,19 @@ class VLLMRollout:
         else:
             llm.llm_engine.engine_core.shutdown()
         del llm
+
+
+def _kept_record(params: Any, length: int) -> list[float] | None:
+    """Pop the kept-mass record the logits processor wrote for this request (None without bans)."""
+    from engine.rl.vllm_logits import KEPT_LOGMASS
+
+    spec = (params.extra_args or {}).get("banned_text")
+    if not spec:
+        return None
+    record = KEPT_LOGMASS.pop(spec["tag"], {})
+    if len(record) < length:  # not in-process: no side channel
+        return None
+    return [record[i] for i in range(length)]
 
 
 @contextmanager
@@ -423,6 +481,7 @@ class HFRollout:
     is not applied, because ``generate`` runs against a blank generation config. It stops on the
     same ids as vLLM (:func:`stop_token_ids`: the tokenizer's EOS and the generation config's
     ``eos_token_id`` list). Log-probs are those of the scores ``generate`` actually sampled from.
+    Banned text (``rollout.banned_*``) is masked by an :class:`~engine.rl.constraints.HFBanProcessor`.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig):
@@ -432,6 +491,18 @@ class HFRollout:
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+        self._bans: dict[tuple, Any] = {}
+
+    def _ban(self) -> Any:
+        """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
+        from engine.rl.constraints import BannedText
+
+        key = (tuple(self.cfg.banned_strings), tuple(self.cfg.banned_patterns))
+        if not any(key):
+            return None
+        if key not in self._bans:
+            self._bans[key] = BannedText(self.tokenizer, *key)
+        return self._bans[key]
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -469,23 +540,31 @@ class HFRollout:
         self.model.eval()
         # generate() fills every field left None from model.generation_config (the checkpoint's
         # defaults): blank it for the call, so only what _generation_config() sets applies.
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        from engine.rl.constraints import HFBanProcessor
 
         saved = getattr(self.model, "generation_config", None)
         self.model.generation_config = GenerationConfig()
+        ban = self._ban()
+        procs = [HFBanProcessor(ban, width, self.stop_ids, self.cfg.temperature)] if ban is not None else []
         try:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(seed)
                 out = self.model.generate(
-                    input_ids=ids, attention_mask=mask, generation_config=self._generation_config()
+                    input_ids=ids,
+                    attention_mask=mask,
+                    generation_config=self._generation_config(),
+                    logits_processor=LogitsProcessorList(procs),
                 )
         finally:
             self.model.generation_config = saved
             self.model.train(was_training)
         new = out.sequences[:, width:]
-        # Scores are the logits after the processors generate sampled with (T, top-k, top-p).
+        # Scores are the logits after the processors generate sampled with (ban, T, top-k, top-p).
         scores = torch.stack(out.scores, dim=1)  # [B, T, V]
         lps = processed_logprobs(scores, new)
+        kept = torch.stack(procs[0].kept, dim=1) if procs else None  # [B, T]
         stops = set(self.stop_ids)
         samples = []
         for i, p in enumerate(flat):
@@ -499,6 +578,7 @@ class HFRollout:
                     lps[i, :length].tolist(),
                     "length" if end is None else "stop",
                     self.policy_version,
+                    kept_logmass=kept[i, :length].tolist() if kept is not None else None,
                 )
             )
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
@@ -508,7 +588,10 @@ class HFRollout:
         c = self.cfg
         ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self._device())
         logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-        return processed_logprobs(logits, ids[0, len(prompt_ids) :], c.temperature, c.top_k, c.top_p).tolist()
+        ban = self._ban()
+        banned = ban.banned_masks(response_ids, logits.shape[-1]) if ban is not None else None
+        lps = processed_logprobs(logits, ids[0, len(prompt_ids) :], c.temperature, c.top_k, c.top_p, banned)
+        return lps.tolist()
 
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:

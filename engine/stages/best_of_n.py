@@ -111,7 +111,7 @@ class BoNConfig(StageConfig):
                 "reward.missing_eos_penalty and reward.on_truncated apply to RL runs (engine.cli ppo); "
                 "best-of-n keeps the highest raw score"
             )
-        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        self.rollout.validate()
         check_choice("data.on_long_prompt", self.data.on_long_prompt, ("truncate", "drop"))
         check_optim("optim", self.optim)
         if not self.model.path:
@@ -119,8 +119,6 @@ class BoNConfig(StageConfig):
         check_dtype(self.model.dtype)
         check_positive("total_steps", self.total_steps)
         check_stage_counts(self)
-        check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        check_positive("rollout.temperature", self.rollout.temperature)
         b = self.bon
         for key in ("n", "prompts_per_round", "steps_per_round", "batch_size", "micro_batch_size"):
             check_positive(f"bon.{key}", getattr(b, key))

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 
 from engine import distributed as D
-from engine.config import ConfigError, RolloutConfig, StageConfig, check_choice, load_config, save_config
+from engine.config import ConfigError, RolloutConfig, StageConfig, load_config, save_config
 from engine.stages.sampling import PolicySampler, same_path
 
 
@@ -83,7 +83,7 @@ class EvalConfig(StageConfig):
 
     def validate(self, world_size: int = 1) -> None:
         m, d = self.models, self.data
-        check_choice("rollout.backend", self.rollout.backend, ("vllm", "hf"))
+        self.rollout.validate()
         if not isinstance(m.policies, dict) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in m.policies.items()
         ):
@@ -101,8 +101,6 @@ class EvalConfig(StageConfig):
                 "nothing to evaluate: set models.policy (or models.policies), "
                 "or models.reward_model with data.pairs"
             )
-        if self.rollout.temperature <= 0:
-            raise ConfigError(f"rollout.temperature must be > 0, got {self.rollout.temperature}")
         if d.num_prompts < 0:
             raise ConfigError(f"data.num_prompts must be >= 0, got {d.num_prompts}")
         paths = [("models.policy", m.policy), *((f"models.policies.{k}", v) for k, v in m.policies.items())]

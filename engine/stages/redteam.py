@@ -91,10 +91,7 @@ class RedteamConfig(StageConfig):
         if d.num_prompts < 0:
             raise ConfigError(f"data.num_prompts must be >= 0, got {d.num_prompts}")
         check_positive("data.max_prompt_len", d.max_prompt_len)
-        check_positive("rollout.max_new_tokens", self.rollout.max_new_tokens)
-        check_positive("rollout.temperature", self.rollout.temperature)
-        if self.rollout.backend not in ("vllm", "hf"):
-            raise ConfigError(f"rollout.backend must be one of ['vllm', 'hf'], got {self.rollout.backend!r}")
+        self.rollout.validate()
         if self.worst_k < 0:
             raise ConfigError(f"worst_k must be >= 0, got {self.worst_k}")
         if not self.checkers:

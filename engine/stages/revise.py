@@ -35,7 +35,6 @@ from engine.config import (
     ConfigError,
     RolloutConfig,
     StageConfig,
-    check_choice,
     check_positive,
     load_config,
     save_config,
@@ -102,10 +101,7 @@ class ReviseConfig(StageConfig):
         if self.data.num_prompts < 0:
             raise ConfigError(f"data.num_prompts must be >= 0, got {self.data.num_prompts}")
         for name in ("rollout", "critique", "revision"):
-            r = getattr(self, name)
-            check_choice(f"{name}.backend", r.backend, ("vllm", "hf"))
-            check_positive(f"{name}.max_new_tokens", r.max_new_tokens)
-            check_positive(f"{name}.temperature", r.temperature)
+            getattr(self, name).validate(name)
         if self.critique.backend != self.revision.backend:
             raise ConfigError(
                 "critique.backend and revision.backend must match (one judge engine serves both)"
