@@ -43,19 +43,16 @@ Log-probs
 :func:`processed_logprobs` is the one reference formula; the HF backend and both backends'
 ``sequence_logprobs`` use it.
 
-Banned text (``rollout.banned_strings`` / ``banned_patterns``, :mod:`engine.rl.constraints`)
-----------------------------------------------------------------------------------------------
+Banned text (``rollout.banned_*``, :mod:`engine.rl.constraints`)
+------------------------------------------------------------------
 Both backends mask the tokens that would complete banned text to ``-inf`` before temperature,
-top-k and top-p (vLLM through a logits processor, :mod:`engine.rl.vllm_logits`; HF through
-``generate``'s ``logits_processor``), so ``Sample.logprobs`` are those of the renormalised,
-constrained distribution: the behaviour policy. The trainer does not apply the ban: its old and
-new log-probs are those of the unconstrained policy (as it ignores top-k/top-p), and PPO corrects
-for the difference with the truncated importance weights ``min(pi_old / pi_rollout, async.tis_cap)``,
-which at a constrained step equal the kept mass ``Z <= 1``. Each sample also carries
-``kept_logmass`` (``log Z`` per token, 0 where nothing was banned), so the trainer reports
-``rollout/logprob_gap`` as ``|(rollout + kept_logmass) - trainer|``: the engine-vs-trainer
-mismatch alone, comparable with and without bans; ``rollout/constraint_kl`` is the mean of
-``-kept_logmass``, the per-token KL(constrained || unconstrained) the ban costs.
+top-k and top-p (vLLM: :mod:`engine.rl.vllm_logits`; HF: ``generate``'s ``logits_processor``), so
+``Sample.logprobs`` are those of the renormalised, constrained (behaviour) distribution. The
+trainer keeps the unconstrained policy, as it ignores top-k/top-p; PPO corrects with the truncated
+importance weights ``min(pi_old / pi_rollout, async.tis_cap)``, which at a constrained step equal
+the kept mass ``Z <= 1``. ``Sample.kept_logmass`` is ``log Z`` per token, so the trainer reports
+``rollout/logprob_gap`` as ``|(rollout + kept_logmass) - trainer|`` (the engine mismatch alone, as
+without bans) and ``rollout/constraint_kl`` as the mean ``-log Z`` = KL(constrained || unconstrained).
 """
 
 from __future__ import annotations
@@ -204,7 +201,7 @@ class VLLMRollout:
             keep_torch_threads()
         from vllm import LLM
 
-        from engine.rl.vllm_logits import BanLogitsProcessor
+        from engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
 
         kwargs: dict[str, Any] = {}
         shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -276,6 +273,8 @@ class VLLMRollout:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
     ) -> list[list[Sample]]:
+        from engine.rl.vllm_logits import pop_kept_logmass
+
         self.wake()
         seeds = _sample_seeds(seed, self._rng, len(prompt_ids) * n)
         requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n)]
@@ -287,7 +286,7 @@ class VLLMRollout:
             lps = [step[tok].logprob for step, tok in zip(o.logprobs, o.token_ids)]
             reason = "stop" if o.finish_reason == "stop" else "length"
             smp = Sample(req["prompt_token_ids"], list(o.token_ids), lps, reason, self.policy_version)
-            smp.kept_logmass = _kept_record(sp, len(lps))
+            smp.kept_logmass = pop_kept_logmass(sp, len(lps))
             samples.append(smp)
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 
@@ -370,19 +369,6 @@ class VLLMRollout:
         else:
             llm.llm_engine.engine_core.shutdown()
         del llm
-
-
-def _kept_record(params: Any, length: int) -> list[float] | None:
-    """Pop the kept-mass record the logits processor wrote for this request (None without bans)."""
-    from engine.rl.vllm_logits import KEPT_LOGMASS
-
-    spec = (params.extra_args or {}).get("banned_text")
-    if not spec:
-        return None
-    record = KEPT_LOGMASS.pop(spec["tag"], {})
-    if len(record) < length:  # not in-process: no side channel
-        return None
-    return [record[i] for i in range(length)]
 
 
 @contextmanager

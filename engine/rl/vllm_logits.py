@@ -65,3 +65,13 @@ class BanLogitsProcessor(AdapterLogitsProcessor):
             return logits.masked_fill(mask, float("-inf"))
 
         return apply
+
+
+def pop_kept_logmass(params: SamplingParams, length: int) -> list[float] | None:
+    """The kept-mass record of the request ``params`` tagged, removed from :data:`KEPT_LOGMASS`:
+    ``length`` values, or None (no bans, or no side channel: not in-process)."""
+    spec = (params.extra_args or {}).get("banned_text")
+    if not spec or not spec.get("tag"):
+        return None
+    record = KEPT_LOGMASS.pop(spec["tag"], {})
+    return [record[i] for i in range(length)] if len(record) >= length else None
