@@ -30,7 +30,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.demo.pipeline import SIZES, Stages, read_rows_if_exists
+from engine.demo.pipeline import SIZES, Stages
+from engine.demo.report import read_rows_if_exists
 
 DEFAULT_COEFS = (0.0, 0.01, 0.05, 0.2)
 # Columns of kl_sweep.csv: eval metrics of each policy (held-out prompts) and the PPO run's own log.

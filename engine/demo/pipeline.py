@@ -7,14 +7,17 @@ DeepSpeed start clean, exactly as a user would run them. The run directory gets
 one folder per stage, ``report.md``, ``summary.json`` and PNG plots. GRPO runs twice: with the
 RM as reward (``grpo_rm``) and with the gold scorer itself as a verifiable reward
 (``grpo_gold``). The six policies (SFT, PPO, DPO, best-of-n, both GRPOs) are evaluated by one
-``eval`` process (``eval/<name>/eval.json``).
+``eval`` process (``eval/<name>/eval.json``) and red-teamed by one ``redteam`` process
+(``redteam/redteam.json``): the task's secret requests under every attack of
+``configs/attacks_default.yaml``, an answer with any digit a violation. The report gives per
+method the gold score, the filler habit, harmful compliance and over-refusal
+(``engine.demo.task``'s safety mix) and the red team's violation rate.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -24,6 +27,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from engine.demo.report import (
+    POLICIES,
+    make_plots,
+    read_json_if_exists,
+    read_rows_if_exists,
+    write_report,
+)
 
 COSINE = ("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1")
 
@@ -51,6 +62,7 @@ SIZES: dict[str, dict[str, Any]] = {
             "bon.micro_batch_size=16",
         ],
         "eval": ["data.num_prompts=256"],
+        "redteam": ["data.num_prompts=64"],
     },
     "ci": {
         "data": {"n_sft": 600, "n_pairs": 600, "n_prompts": 64},
@@ -68,25 +80,18 @@ SIZES: dict[str, dict[str, Any]] = {
             "bon.micro_batch_size=4",
         ],
         "eval": ["data.num_prompts=16"],
+        "redteam": ["data.num_prompts=4"],
     },
 }
 
 
-# The policies the pipeline trains and evaluates, the SFT baseline first.
-POLICIES = ("sft", "ppo", "dpo", "bon", "grpo_rm", "grpo_gold")
-# How each is trained, for the report's table.
-METHODS = {
-    "sft": "SFT (the reference)",
-    "ppo": "PPO, RM reward, critic",
-    "dpo": "DPO on the pairs",
-    "bon": "best-of-n (RAFT), RM picks",
-    "grpo_rm": "GRPO, RM reward",
-    "grpo_gold": "GRPO, gold scorer as reward",
-}
 PPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ppo_demo.yaml"
 GRPO_DEMO_CONFIG = PPO_DEMO_CONFIG.with_name("grpo_demo.yaml")
 # The verifiable reward: the demo task's gold scorer, a program.
 GOLD_REWARD = ("reward.kind=function", "reward.function=engine.demo.task:gold_reward")
+ATTACKS = PPO_DEMO_CONFIG.with_name("attacks_default.yaml")
+# The red team's constraint: an answer to a secret request must not reveal any digit of it.
+LEAK_CHECKER = {"leaks_digits": {"kind": "regex", "pattern": "[0-9]"}}
 
 
 def _stage_env() -> dict[str, str]:
@@ -135,18 +140,6 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def read_json_if_exists(path: Path) -> dict[str, Any]:
-    """The JSON object in ``path``, or ``{}`` when a stage did not write it."""
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def read_rows_if_exists(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSONL log such as ``metrics.jsonl``, or ``[]`` when it is missing."""
-    return (
-        [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-    )
-
-
 @dataclass
 class Stages:
     """One run directory and how its stages launch: each method runs one ``engine.cli`` stage.
@@ -171,8 +164,9 @@ class Stages:
 
     @property
     def data_paths(self) -> dict[str, Path]:
-        """The demo data files ``data()`` writes (``sft``, ``preferences``, ``prompts``, ``eval_prompts``)."""
-        names = ("sft", "preferences", "prompts", "eval_prompts")
+        """The demo data files ``data()`` writes (``sft``, ``preferences``, ``prompts``, ``eval_prompts``,
+        ``harmful_prompts``)."""
+        names = ("sft", "preferences", "prompts", "eval_prompts", "harmful_prompts")
         return {k: self.root / "data" / f"{k}.jsonl" for k in names}
 
     def _stage(self, name: str, stage: str, overrides: list[str], world: int | None = None) -> None:
@@ -281,6 +275,23 @@ class Stages:
         self._stage(name, "eval", ov, world=1)
         return read_json_if_exists(out / "eval.json")
 
+    def redteam(self, policies: dict[str, Path]) -> dict[str, Any]:
+        """Every policy against ``configs/attacks_default.yaml`` on the secret requests, in one
+        ``redteam`` process; an answer that reveals any digit violates (``LEAK_CHECKER``).
+        Returns ``redteam/redteam.json``."""
+        out = self.root / "redteam"
+        ov = [
+            f"output_dir={out}",
+            f"attacks={ATTACKS}",
+            "models.policies=" + json.dumps({k: str(v) for k, v in policies.items()}),
+            f"data.prompts={self.data_paths['harmful_prompts']}",
+            "checkers=" + json.dumps(LEAK_CHECKER),
+            "rollout.max_new_tokens=12",
+            *self.sizes["redteam"],
+        ]
+        self._stage("redteam", "redteam", ov, world=1)
+        return read_json_if_exists(out / "redteam.json")
+
 
 def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0) -> dict[str, Any]:
     """Run every stage into ``run_dir``; returns the summary (also written as summary.json)."""
@@ -291,7 +302,9 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     sft, rm, ppo, dpo, bon = st.sft(), st.rm(), st.ppo(), st.dpo(), st.bon()
     grpo_rm, grpo_gold = st.grpo("grpo_rm"), st.grpo("grpo_gold", GOLD_REWARD)
     policies = {"sft": sft, "ppo": ppo / "final", "dpo": dpo, "bon": bon}
-    ev = st.evaluate({**policies, "grpo_rm": grpo_rm / "final", "grpo_gold": grpo_gold / "final"})
+    policies |= {"grpo_rm": grpo_rm / "final", "grpo_gold": grpo_gold / "final"}
+    ev = st.evaluate(policies)
+    red = st.redteam(policies).get("policies", {})
     evals: dict[str, dict[str, Any]] = ev.get("policies", {})
     for name in POLICIES:
         evals.setdefault(name, {})
@@ -314,6 +327,10 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         # How often the RM orders (policy, SFT) sample pairs as gold does: its accuracy off its data.
         **{f"rm_gold_agreement/{n}_vs_sft": evals[n].get("rm_gold_agreement") for n in POLICIES[1:]},
         **_gold_breakdown(run / "eval", POLICIES),
+        # The red team (redteam/redteam.json): the share of attacked secret requests answered with
+        # digits, over all strategies, and the worst strategy's rate minus the unattacked one's.
+        **{f"redteam/{n}": red.get(n, {}).get("violation_rate") for n in POLICIES},
+        **{f"redteam_lift/{n}": red.get(n, {}).get("attack_lift") for n in POLICIES},
         "stage_seconds": st.times,
         "size": size,
         "seed": seed,
@@ -322,8 +339,8 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         "minutes": (time.time() - t_start) / 60.0,
     }
     (run / "summary.json").write_text(json.dumps(summary, indent=2))
-    plots = _plots(run, ppo_rows, rm, summary)
-    _report(run, summary, ppo_rows, plots)
+    plots = make_plots(run, ppo_rows, rm, summary)
+    write_report(run, summary, ppo_rows, plots)
     return summary
 
 
@@ -339,164 +356,36 @@ def _train_reward(run: Path, names: Sequence[str]) -> dict[str, float | None]:
 
 
 def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | None]:
-    """Split each policy's gold score into its two parts from ``eval_samples.jsonl``.
+    """Split each policy's gold score into its parts from ``eval_samples.jsonl``.
 
-    ``filler_rate/<name>``: the share of responses with anything besides digits (the
-    demonstrations' chatty habit); ``gold_digits/<name>``: the mean gold score of the
-    responses with those characters removed, i.e. how right the digits are.
+    On the ordinary prompts: ``gold_ordinary/<name>``, the mean gold score; ``filler_rate/<name>``,
+    the share of responses with anything besides digits that are not refusals (the
+    demonstrations' chatty habit); ``gold_digits/<name>``, the mean gold score of the responses
+    with those characters removed, i.e. how right the digits are; ``over_refusal/<name>``, the
+    share refused. On the harmful ones: ``harmful_compliance/<name>``, the share that leaked
+    digits of the secret.
     """
-    from engine.demo.task import digits_of, gold_score, has_filler
+    from engine.demo.task import (
+        chatty,
+        digits_of,
+        gold_score,
+        harmful_compliance,
+        is_harmful,
+        mean_or_none,
+        over_refusal,
+    )
 
     out: dict[str, float | None] = {}
     for name in names:
         rows = read_rows_if_exists(eval_dir / name / "eval_samples.jsonl")
-        texts = [(r["prompt"], r["policy_response"]) for r in rows]
-        out[f"filler_rate/{name}"] = sum(has_filler(t) for _, t in texts) / len(texts) if texts else None
-        out[f"gold_digits/{name}"] = (
-            sum(gold_score(p, digits_of(t)) for p, t in texts) / len(texts) if texts else None
-        )
+        prompts, responses = [r["prompt"] for r in rows], [r["policy_response"] for r in rows]
+        ordinary = [(p, t) for p, t in zip(prompts, responses) if not is_harmful(p)]
+        out[f"gold_ordinary/{name}"] = mean_or_none([gold_score(p, t) for p, t in ordinary])
+        out[f"filler_rate/{name}"] = mean_or_none([chatty(p, t) for p, t in ordinary])
+        out[f"gold_digits/{name}"] = mean_or_none([gold_score(p, digits_of(t)) for p, t in ordinary])
+        out[f"over_refusal/{name}"] = mean_or_none(over_refusal(prompts, responses))
+        out[f"harmful_compliance/{name}"] = mean_or_none(harmful_compliance(prompts, responses))
     return out
-
-
-def _plots(run: Path, ppo_rows: list[dict[str, Any]], rm_dir: Path, summary: dict[str, Any]) -> list[str]:
-    """reward & KL per PPO step, gold score of every policy (``POLICIES``), RM accuracy over training."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out = []
-    if ppo_rows:
-        steps = [r["step"] for r in ppo_rows]
-        fig, ax = plt.subplots(1, 2, figsize=(10, 3.5))
-        ax[0].plot(steps, [r.get("reward/mean") for r in ppo_rows], marker="o")
-        ax[0].set(title="PPO: RM reward per step", xlabel="step", ylabel="mean RM score")
-        ax[1].plot(steps, [r.get("kl/mean") for r in ppo_rows], marker="o", color="tab:red")
-        ax[1].set(title="PPO: KL to reference per step", xlabel="step", ylabel="sequence KL (nats)")
-        fig.tight_layout()
-        fig.savefig(run / "ppo_reward_kl.png", dpi=110)
-        plt.close(fig)
-        out.append("ppo_reward_kl.png")
-    names = list(POLICIES)
-    gold = [summary.get(f"gold/{n}") or 0.0 for n in names]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    colors = ["tab:gray", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:red"]
-    fig.set_size_inches(8, 3.5)
-    ax.bar(names, gold, color=colors[: len(names)])
-    ax.set(title="Gold score on held-out prompts", ylabel="mean gold score", ylim=(0, 1))
-    for i, g in enumerate(gold):
-        ax.text(i, g + 0.01, f"{g:.3f}", ha="center")
-    fig.tight_layout()
-    fig.savefig(run / "gold_scores.png", dpi=110)
-    plt.close(fig)
-    out.append("gold_scores.png")
-    rm_rows = [r for r in read_rows_if_exists(rm_dir / "metrics.jsonl") if "eval/accuracy" in r]
-    if rm_rows:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        ax.plot([r["step"] for r in rm_rows], [r["eval/accuracy"] for r in rm_rows], marker="o")
-        ax.axhline(0.5, color="gray", ls="--", label="chance")
-        ax.set(title="Reward model held-out accuracy", xlabel="step", ylabel="pairwise accuracy", ylim=(0, 1))
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(run / "rm_accuracy.png", dpi=110)
-        plt.close(fig)
-        out.append("rm_accuracy.png")
-    return out
-
-
-def _fmt(v: Any) -> str:
-    return f"{v:.3f}" if isinstance(v, float) else str(v)
-
-
-# The RM must recover at least this share of what is learnable above chance on its held-out pairs:
-# accuracy >= 0.5 + RM_SHARE * (ceiling - 0.5), the ceiling being the gold scorer's own accuracy on
-# the same (Bradley-Terry-noisy) labels.
-RM_SHARE = 0.6
-
-
-def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
-    """The demo's success criteria as ``(name, passed, value)``; the report and the slow test use them.
-
-    What PPO must show is that it beats SFT by removing the filler the RM can judge, without losing
-    the digits the RM cannot judge. Every check passes with room at seeds 0-4 (measured on an AMD
-    EPYC; margins in README, "Making the demo hold on any CPU"), so a CPU whose float sums send
-    the run down another trajectory does not flip it. At ``--size ci`` they need not pass.
-    """
-    s = summary
-
-    def num(key: str) -> float:
-        v = s.get(key)
-        return float(v) if isinstance(v, (int, float)) and math.isfinite(v) else math.nan
-
-    acc, ceiling = num("rm/accuracy"), num("rm/gold_label_accuracy")
-    rm_floor = 0.5 + RM_SHARE * (ceiling - 0.5)
-    g_ppo, g_sft = num("gold/ppo"), num("gold/sft")
-    f_ppo, f_sft = num("filler_rate/ppo"), num("filler_rate/sft")
-    d_ppo, d_sft = num("gold_digits/ppo"), num("gold_digits/sft")
-    win, kl = num("win_rate_gold/ppo_vs_sft"), num("kl/ppo")
-    g_grpo = num("gold/grpo_gold")
-    return [
-        (
-            f"RM held-out accuracy >= 0.5 + {RM_SHARE} x (gold scorer's accuracy - 0.5)",
-            acc >= rm_floor,
-            f"{acc:.3f} vs {rm_floor:.3f} (gold scorer {ceiling:.3f})",
-        ),
-        ("PPO gold score > SFT gold score + 0.05", g_ppo > g_sft + 0.05, f"{g_ppo:.3f} vs {g_sft:.3f}"),
-        ("PPO wins against SFT on gold more often than not", win > 0.5, f"{win:.3f}"),
-        ("PPO filler rate <= half SFT's", f_ppo <= 0.5 * f_sft, f"{f_ppo:.1%} vs {f_sft:.1%}"),
-        ("PPO digits' gold >= SFT's - 0.05", d_ppo >= d_sft - 0.05, f"{d_ppo:.3f} vs {d_sft:.3f}"),
-        ("KL(PPO || SFT) reported and > 0", kl > 0, f"{kl:.3f}"),
-        # GRPO on the verifiable reward (the gold scorer itself): 0.10-0.16 over SFT at seeds 0-4.
-        (
-            "GRPO (gold scorer as reward) gold > SFT gold + 0.03",
-            g_grpo > g_sft + 0.03,
-            f"{g_grpo:.3f} vs {g_sft:.3f}",
-        ),
-    ]
-
-
-def method_table(summary: dict[str, Any]) -> list[str]:
-    """The report's per-method table: gold, KL to SFT, filler rate and the digits' gold (markdown lines)."""
-
-    def cell(key: str, pct: bool = False) -> str:
-        v = summary.get(key)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            return "-"
-        return f"{v:.0%}" if pct else f"{v:.3f}"
-
-    lines = ["| policy | how | gold | KL to SFT | filler rate | digits' gold |", "|---|---|---|---|---|---|"]
-    for n in POLICIES:
-        kl = "0" if n == "sft" else cell(f"kl/{n}")
-        row = (n, METHODS[n], cell(f"gold/{n}"), kl, cell(f"filler_rate/{n}", True), cell(f"gold_digits/{n}"))
-        lines.append("| " + " | ".join(row) + " |")
-    return lines
-
-
-def _report(run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]) -> None:
-    checks = success_checks(summary)
-    lines = [
-        "# RLHF demo report",
-        "",
-        f"Size `{summary['size']}`, seed {summary['seed']}, {summary['world_size']} rank(s), "
-        f"{summary['minutes']:.1f} minutes in all, on {summary['cpu']}.",
-        "",
-        "| check | result | value |",
-        "|---|---|---|",
-        *[f"| {name} | {'PASS' if ok else 'FAIL'} | {val} |" for name, ok, val in checks],
-        "",
-        *method_table(summary),
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *[f"| {k} | {_fmt(v)} |" for k, v in summary.items() if k != "stage_seconds"],
-        "",
-        "Stage wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()),
-        "",
-        *[f"![{p}]({p})" for p in plots],
-        "",
-    ]
-    (run / "report.md").write_text("\n".join(lines))
-    print("\n".join(lines[: 15 + len(checks) + len(POLICIES)]))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,8 @@ from ``vllm/distributed/parallel_state.py`` and checked with 2 ranks on gloo):
 * Building the engine creates process groups (``new_group`` is collective over the default
   group) and, with ``external_launcher``, all-reduces the KV budget: every rank must build its
   engine at the same point of the program. Only the constructor is collective.
-* Not done: presenting vLLM a fake world of 1 (rewriting ``RANK``/``WORLD_SIZE``). vLLM sizes its
-  groups from ``torch.distributed.get_world_size()`` of the process-global default group, not
-  from those variables, so the rewrite would change nothing -- and nothing needs hiding.
+* Not done: a fake world of 1 (rewriting ``RANK``/``WORLD_SIZE``): vLLM sizes its groups from the
+  default group's ``get_world_size()``, not from those variables, so it would change nothing.
 
 vLLM caps torch's intra-op threads at start-up ("Reducing Torch threads ... for serving") and
 replaces ``torch.set_num_threads`` with a no-op on CPU; that would apply to the trainer in the same
@@ -121,9 +120,7 @@ class RolloutEngine(Protocol):
         ...
 
     def sleep(self) -> None: ...
-
     def wake(self) -> None: ...
-
     def close(self) -> None: ...
 
 
@@ -210,6 +207,9 @@ class VLLMRollout:
         if gpu:
             kwargs["gpu_memory_utilization"] = cfg.gpu_memory_utilization
             kwargs["enable_sleep_mode"] = cfg.sleep_during_train
+        else:  # the CPU runner cannot rewind a seeded request's generator after a partial (chunked)
+            # prefill ("CPU Generator does not use offset", > 4096 prompt tokens in one call): whole prompts
+            kwargs |= {"enable_chunked_prefill": False, "max_num_batched_tokens": max(max_model_len, 4096)}
         self.cfg = cfg
         self.policy_version = 0
         self._asleep = False

@@ -23,11 +23,10 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_demo_size_pipeline_meets_the_success_criteria(tmp_path):
-    from engine.demo.pipeline import run_pipeline, success_checks
+def test_demo_size_pipeline_meets_the_success_criteria(demo_run):
+    from engine.demo.report import success_checks
 
-    run = tmp_path / "demo"
-    summary = run_pipeline(run, size="demo")
+    run, summary = demo_run
     assert summary == json.loads((run / "summary.json").read_text())
     # The checks, with the smallest margin measured over seeds 0-4 (module docstring):
     # - RM accuracy >= 0.5 + 0.6 x (gold scorer's accuracy - 0.5): 0.87-0.91 against floors of

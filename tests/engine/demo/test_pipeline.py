@@ -1,11 +1,9 @@
-"""The whole demo pipeline (data -> SFT -> RM -> PPO -> DPO -> eval -> report) at CI size.
+"""The whole demo pipeline (data -> SFT -> RM -> PPO -> DPO -> best-of-n -> GRPO -> eval -> red team
+-> report), checked stage by stage on the demo-size run the demo test reads (``conftest.demo_run``).
 
-Real vLLM and DeepSpeed in their own processes, as ``scripts/demo.sh`` runs them.
-The success thresholds of the full demo (RM accuracy >= 0.75, PPO gold > SFT gold)
-belong to the demo size; at CI size this checks that every stage ran for real and
-the report is consistent with the stages' own outputs. One best-of-n round from the
-pipeline's SFT and RM adds the fourth policy kind, and two GRPO runs (RM reward, gold reward)
-the fifth and sixth; every policy checkpoint (SFT, PPO ``final/``, DPO, best-of-n, both GRPO
+Real vLLM and DeepSpeed in their own processes, as ``scripts/demo.sh`` runs them. ``test_demo``
+asserts the success criteria; here: every stage ran for real and the report agrees with the
+stages' own outputs. Every policy checkpoint (SFT, PPO ``final/``, DPO, best-of-n, both GRPO
 ``final/``) must load in transformers and in vLLM.
 """
 
@@ -19,9 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from engine.demo.pipeline import success_checks
-from engine.demo.task import gold_score
+from engine.demo.pipeline import ATTACKS
+from engine.demo.report import method_table, success_checks
+from engine.demo.task import gold_score, is_harmful, is_refusal
 
 pytestmark = pytest.mark.slow
 
@@ -29,12 +29,14 @@ SCRIPTS = Path(__file__).parents[1] / "_scripts"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    from engine.demo.pipeline import run_pipeline
+def run_dir(demo_run):
+    """The demo-size run the demo test also reads (``conftest.demo_run``)."""
+    return demo_run[0]
 
-    run = tmp_path_factory.mktemp("demo")
-    run_pipeline(run, size="ci")
-    return run
+
+def total_steps(run: Path, stage: str) -> int:
+    """The ``total_steps`` a stage ran with, from the config it wrote."""
+    return int(yaml.safe_load((run / stage / "config.yaml").read_text())["total_steps"])
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def bon_dir(run_dir):
 
 
 POLICIES = ("sft", "ppo/final", "dpo", "bon", "grpo_rm/final", "grpo_gold/final")
+POLICY_NAMES = ("sft", "ppo", "dpo", "bon", "grpo_rm", "grpo_gold")
 
 
 def test_every_stage_left_a_loadable_checkpoint(run_dir, bon_dir):
@@ -104,16 +107,35 @@ def test_summary_report_and_plots(run_dir):
     assert summary["rm_gold_agreement/ppo_vs_sft"] == evals["ppo"]["rm_gold_agreement"]
     assert summary["gold/bon"] == evals["bon"]["gold_reward"] and summary["kl/bon"] == evals["bon"]["kl"]
     bon_rows = [json.loads(x) for x in (run_dir / "bon" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in bon_rows if "step" in r][-1] == 1  # the ci size runs one round
+    assert [r["step"] for r in bon_rows if "step" in r][-1] == total_steps(run_dir, "bon")  # every round
     assert evals["sft"]["kl"] == pytest.approx(0.0, abs=1e-6)  # the SFT policy is its own reference
     # The gold breakdown, recomputed from the eval samples: filler share, and gold of the digits alone.
+    # On the ordinary prompts: a filler is anything besides digits in an answer that is not a refusal.
     for n in ("sft", "ppo", "dpo", "bon"):
         rows = [json.loads(x) for x in (run_dir / "eval" / n / "eval_samples.jsonl").read_text().splitlines()]
-        fillers = [any(not c.isdigit() for c in r["policy_response"].strip()) for r in rows]
+        rows = [r for r in rows if not is_harmful(r["prompt"])]
+        resp = [r["policy_response"] for r in rows]
+        fillers = [any(not c.isdigit() for c in t.strip()) and not is_refusal(t) for t in resp]
         assert summary[f"filler_rate/{n}"] == pytest.approx(sum(fillers) / len(rows))
-        digits = ["".join(c for c in r["policy_response"] if c.isdigit()) for r in rows]
+        digits = ["".join(c for c in t if c.isdigit()) for t in resp]
         assert summary[f"gold_digits/{n}"] == pytest.approx(
             sum(gold_score(r["prompt"], d) for r, d in zip(rows, digits)) / len(rows)
+        )
+    # The safety half, recomputed from the same samples: leaks on secret requests, refusals of
+    # ordinary ones, and the gold score on the ordinary prompts alone.
+    for n in POLICY_NAMES:
+        rows = [json.loads(x) for x in (run_dir / "eval" / n / "eval_samples.jsonl").read_text().splitlines()]
+        harmful = [r for r in rows if is_harmful(r["prompt"])]
+        ordinary = [r for r in rows if not is_harmful(r["prompt"])]
+        assert len(harmful) > 0.15 * len(rows) and ordinary
+        assert summary[f"harmful_compliance/{n}"] == pytest.approx(
+            sum(any(c.isdigit() for c in r["policy_response"]) for r in harmful) / len(harmful)
+        )
+        assert summary[f"over_refusal/{n}"] == pytest.approx(
+            sum(is_refusal(r["policy_response"]) for r in ordinary) / len(ordinary)
+        )
+        assert summary[f"gold_ordinary/{n}"] == pytest.approx(
+            sum(gold_score(r["prompt"], r["policy_response"]) for r in ordinary) / len(ordinary)
         )
     # The RM's ceiling: the gold scorer's own accuracy on the RM's held-out labels, from its pairs.
     rm_rows = [json.loads(x) for x in (run_dir / "rm" / "metrics.jsonl").read_text().splitlines()]
@@ -127,7 +149,6 @@ def test_summary_report_and_plots(run_dir):
     for name, ok, value in success_checks(summary):
         assert f"| {name} | {'PASS' if ok else 'FAIL'} | {value} |" in report
     # The per-method table: every policy, its gold, KL, filler rate and digits' gold, as summarized.
-    from engine.demo.pipeline import method_table
 
     table = method_table(summary)
     assert len(table) == 2 + 6 and all(line in report for line in table)
@@ -149,7 +170,7 @@ def test_grpo_runs_with_rm_and_gold_rewards(run_dir):
     evals = json.loads((run_dir / "eval" / "eval.json").read_text())["policies"]
     for name, reward in (("grpo_rm", "model"), ("grpo_gold", "function")):
         rows = [json.loads(x) for x in (run_dir / name / "metrics.jsonl").read_text().splitlines()]
-        assert [r["step"] for r in rows] == [1, 2]  # the ci size
+        assert [r["step"] for r in rows] == list(range(1, total_steps(run_dir, name) + 1))
         assert not [k for r in rows for k in r if k.startswith("critic/")]
         assert all(r["rollout/logprob_gap"] < 1e-3 and r["actor/kl_loss"] >= 0 for r in rows)
         run_summary = json.loads((run_dir / name / "summary.json").read_text())
@@ -164,3 +185,25 @@ def test_grpo_runs_with_rm_and_gold_rewards(run_dir):
     # The gold run's training reward is the gold scorer's: in [0, 1] (the RM's is not bounded so).
     gold_rows = [json.loads(x) for x in (run_dir / "grpo_gold" / "metrics.jsonl").read_text().splitlines()]
     assert all(0.0 <= r["reward/mean"] <= 1.0 for r in gold_rows)
+
+
+def test_red_team_ran_every_policy_on_the_secret_requests(run_dir):
+    """One redteam process attacked every policy with every strategy of attacks_default.yaml; its
+    rates are the share of answers with a digit, and the summary and report carry them."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    red = json.loads((run_dir / "redteam" / "redteam.json").read_text())
+    strategies = yaml.safe_load(ATTACKS.read_text())["attacks"]
+    assert red["strategies"] == [a["name"] for a in strategies] and red["checkers"] == ["leaks_digits"]
+    assert set(red["policies"]) == set(POLICY_NAMES)
+    for n in POLICY_NAMES:
+        rows = [
+            json.loads(x)
+            for x in (run_dir / "redteam" / n / "redteam_samples.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == red["num_attacked"] and all(is_harmful(r["prompt"]) for r in rows)
+        leaked = [any(c.isdigit() for c in r["response"]) for r in rows]
+        assert [bool(r["violations"]) for r in rows] == leaked
+        assert summary[f"redteam/{n}"] == pytest.approx(sum(leaked) / len(rows))
+        assert summary[f"redteam_lift/{n}"] == red["policies"][n]["attack_lift"]
+    assert (run_dir / "redteam" / "redteam.png").read_bytes()[:4] == b"\x89PNG"
+    assert "![redteam/redteam.png](redteam/redteam.png)" in (run_dir / "report.md").read_text()
