@@ -37,6 +37,8 @@ from engine.demo.report import (
 )
 
 COSINE = ("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1")
+# The teacher's judging prompts (engine.demo.rlaif) are up to ~75 characters, one token each.
+JUDGE_LEN = ("data.max_len=96", "data.max_prompt_len=92")
 
 # Stage overrides per size. "demo" is the README's main job (4-6 min on 2 cores);
 # "ci" is the same pipeline at a reduced size for the end-to-end test.
@@ -63,6 +65,13 @@ SIZES: dict[str, dict[str, Any]] = {
         ],
         "eval": ["data.num_prompts=256"],
         "redteam": ["data.num_prompts=64"],
+        # --rlaif: the teacher judge (SFT on 4000 gold-labelled judging prompts), its labels of every
+        # preference pair, and an RM on them with the first RM's recipe.
+        "rlaif": {
+            "judge_pairs": 4000,
+            "teacher": ["total_steps=400", "model.tiny.num_layers=4", *COSINE, *JUDGE_LEN],
+            "label": [],
+        },
     },
     "ci": {
         "data": {"n_sft": 600, "n_pairs": 600, "n_prompts": 64},
@@ -81,6 +90,11 @@ SIZES: dict[str, dict[str, Any]] = {
         ],
         "eval": ["data.num_prompts=16"],
         "redteam": ["data.num_prompts=4"],
+        "rlaif": {
+            "judge_pairs": 200,
+            "teacher": ["total_steps=20", *JUDGE_LEN],
+            "label": ["data.num_pairs=96"],
+        },
     },
 }
 
@@ -92,6 +106,7 @@ GOLD_REWARD = ("reward.kind=function", "reward.function=engine.demo.task:gold_re
 ATTACKS = PPO_DEMO_CONFIG.with_name("attacks_default.yaml")
 # The red team's constraint: an answer to a secret request must not reveal any digit of it.
 LEAK_CHECKER = {"leaks_digits": {"kind": "regex", "pattern": "[0-9]"}}
+CONSTITUTION = PPO_DEMO_CONFIG.with_name("constitution_demo.yaml")
 
 
 def _stage_env() -> dict[str, str]:
@@ -292,9 +307,62 @@ class Stages:
         self._stage("redteam", "redteam", ov, world=1)
         return read_json_if_exists(out / "redteam.json")
 
+    def teacher(self) -> Path:
+        """The teacher judge: SFT from scratch on gold-labelled judging prompts (``engine.demo.rlaif``)."""
+        from engine.demo.rlaif import make_judge_data
+        from engine.demo.task import write_jsonl
+        from engine.stages.label import load_constitution
 
-def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0) -> dict[str, Any]:
-    """Run every stage into ``run_dir``; returns the summary (also written as summary.json)."""
+        sizes = self.sizes["rlaif"]
+        records = make_judge_data(sizes["judge_pairs"], self.seed + 30_000, load_constitution(CONSTITUTION))
+        data = write_jsonl(records, self.root / "data" / "judge_sft.jsonl")
+        out = self.root / "teacher"
+        self._stage("teacher", "sft", [f"output_dir={out}", f"data.train={data}", *sizes["teacher"]])
+        return out
+
+    def label(self) -> dict[str, Any]:
+        """The teacher labels the demo's preference pairs under the constitution (one principle per
+        pair, both orders); returns ``label/label.json``. The pairs keep their gold scores."""
+        import yaml
+
+        from engine.demo.rlaif import CHOICES, JUDGE_TEMPLATE
+
+        out = self.root / "label"
+        out.mkdir(parents=True, exist_ok=True)
+        cfg = {
+            "output_dir": str(out),
+            "constitution": str(CONSTITUTION),
+            "template": JUDGE_TEMPLATE,
+            "choices": list(CHOICES),
+            "principles_per_pair": 1,
+            # HF: one batched forward per 256 judging prompts; on CPU, vLLM's per-request scheduling
+            # costs more than the tiny judge's prefill (the label stage serves either).
+            "judge": {"path": str(self.root / "teacher"), "backend": "hf", "batch_size": 256},
+            "data": {"pairs": str(self.data_paths["preferences"])},
+        }
+        (out / "label_demo.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))  # the template's braces
+        self._stage(
+            "label", "label", ["--config", str(out / "label_demo.yaml"), *self.sizes["rlaif"]["label"]]
+        )
+        return read_json_if_exists(out / "label.json")
+
+    def rm_ai(self) -> Path:
+        """An RM from ``sft/`` on the AI labels, with the first RM's recipe, into ``rm_ai/``."""
+        out = self.root / "rm_ai"
+        ov = [f"output_dir={out}", f"model.path={self.root / 'sft'}"]
+        self._stage(
+            "rm_ai", "rm", [*ov, f"data.train={self.root / 'label' / 'preferences.jsonl'}", *self.sizes["rm"]]
+        )
+        return out
+
+
+def run_pipeline(
+    run_dir: str | Path, size: str = "demo", world: int = 1, seed: int = 0, rlaif: bool = False
+) -> dict[str, Any]:
+    """Run every stage into ``run_dir``; returns the summary (also written as summary.json).
+
+    ``rlaif`` adds the teacher judge, its labels and the RM trained on them (``engine.demo.rlaif``).
+    """
     t_start = time.time()
     st = Stages(Path(run_dir), size, world, seed)
     run = st.root
@@ -305,6 +373,7 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     policies |= {"grpo_rm": grpo_rm / "final", "grpo_gold": grpo_gold / "final"}
     ev = st.evaluate(policies)
     red = st.redteam(policies).get("policies", {})
+    ai = _rlaif(st) if rlaif else {}
     evals: dict[str, dict[str, Any]] = ev.get("policies", {})
     for name in POLICIES:
         evals.setdefault(name, {})
@@ -331,6 +400,7 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
         # digits, over all strategies, and the worst strategy's rate minus the unattacked one's.
         **{f"redteam/{n}": red.get(n, {}).get("violation_rate") for n in POLICIES},
         **{f"redteam_lift/{n}": red.get(n, {}).get("attack_lift") for n in POLICIES},
+        **ai,
         "stage_seconds": st.times,
         "size": size,
         "seed": seed,
@@ -342,6 +412,23 @@ def run_pipeline(run_dir: str | Path, size: str = "demo", world: int = 1, seed: 
     plots = make_plots(run, ppo_rows, rm, summary)
     write_report(run, summary, ppo_rows, plots)
     return summary
+
+
+def _rlaif(st: Stages) -> dict[str, Any]:
+    """Teacher, labels, RM on them; the summary's ``label/*`` and ``rm_ai/*`` keys."""
+    st.teacher()
+    labels = st.label()
+    rm_ai = read_json_if_exists(st.rm_ai() / "summary.json")
+    stats = read_json_if_exists(st.root / "data" / "stats.json")
+    return {
+        "label/agreement_with_gold": labels.get("agreement_with_gold"),
+        "label/position_bias": labels.get("position_bias"),
+        "label/ties_dropped": labels.get("ties_dropped"),
+        # The human-style labels agree with gold wherever the Bradley-Terry draw did not flip them.
+        "label/human_agreement_with_gold": 1.0 - stats["label_flip_rate"] if stats else None,
+        "rm_ai/accuracy": rm_ai.get("eval/accuracy"),
+        "rm_ai/accuracy_vs_gold": rm_ai.get("eval/accuracy_vs_gold"),
+    }
 
 
 def _train_reward(run: Path, names: Sequence[str]) -> dict[str, float | None]:
@@ -394,8 +481,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     ap.add_argument("--world", type=int, default=1, help="ranks per stage (deepspeed --num_gpus N)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--rlaif",
+        action="store_true",
+        help="add the teacher judge, its labels and an RM on them (engine.demo.rlaif)",
+    )
     a = ap.parse_args(argv)
-    run_pipeline(a.run_dir, a.size, a.world, a.seed)
+    run_pipeline(a.run_dir, a.size, a.world, a.seed, a.rlaif)
     return 0
 
 

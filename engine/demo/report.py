@@ -185,6 +185,27 @@ def method_table(summary: dict[str, Any]) -> list[str]:
     return lines
 
 
+def label_table(summary: dict[str, Any]) -> list[str]:
+    """Human-style against AI labels (``--rlaif``): each set's agreement with gold and the held-out
+    accuracy against gold of the RM trained on it (markdown lines and a blank; none without it)."""
+    if "label/agreement_with_gold" not in summary:
+        return []
+
+    def cell(key: str) -> str:
+        v = summary.get(key)
+        return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+
+    return [
+        "| preference labels | agreement with gold | RM held-out accuracy vs gold |",
+        "|---|---|---|",
+        f"| human-style (Bradley-Terry noise) | {cell('label/human_agreement_with_gold')} | "
+        f"{cell('rm/accuracy_vs_gold')} |",
+        f"| AI: teacher judge under the constitution | {cell('label/agreement_with_gold')} | "
+        f"{cell('rm_ai/accuracy_vs_gold')} |",
+        "",
+    ]
+
+
 def write_report(
     run: Path, summary: dict[str, Any], ppo_rows: list[dict[str, Any]], plots: list[str]
 ) -> None:
@@ -201,6 +222,7 @@ def write_report(
         "",
         *method_table(summary),
         "",
+        *label_table(summary),
         "| metric | value |",
         "|---|---|",
         *[f"| {k} | {fmt_value(v)} |" for k, v in summary.items() if k != "stage_seconds"],

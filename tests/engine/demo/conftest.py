@@ -16,8 +16,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory) -> tuple[Path, dict[str, Any]]:
-    """The run directory and the summary ``run_pipeline`` returned (size ``demo``, seed 0)."""
+    """The run directory and the summary ``run_pipeline`` returned (size ``demo``, seed 0, with the
+    teacher judge's AI labels and the RM on them: ``scripts/demo.sh RUN_DIR --rlaif``)."""
     from engine.demo.pipeline import run_pipeline
 
     run = tmp_path_factory.mktemp("demo") / "demo"
-    return run, run_pipeline(run, size="demo")
+    return run, run_pipeline(run, size="demo", rlaif=True)

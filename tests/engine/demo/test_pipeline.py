@@ -20,7 +20,7 @@ import torch
 import yaml
 
 from engine.demo.pipeline import ATTACKS
-from engine.demo.report import method_table, success_checks
+from engine.demo.report import label_table, method_table, success_checks
 from engine.demo.task import gold_score, is_harmful, is_refusal
 
 pytestmark = pytest.mark.slow
@@ -207,3 +207,32 @@ def test_red_team_ran_every_policy_on_the_secret_requests(run_dir):
         assert summary[f"redteam_lift/{n}"] == red["policies"][n]["attack_lift"]
     assert (run_dir / "redteam" / "redteam.png").read_bytes()[:4] == b"\x89PNG"
     assert "![redteam/redteam.png](redteam/redteam.png)" in (run_dir / "report.md").read_text()
+
+
+def test_rlaif_teacher_labels_every_pair_and_an_rm_learns_from_them(run_dir):
+    """--rlaif: the teacher (SFT on gold-labelled judging prompts) labelled every preference pair in
+    both orders under one principle each; its agreement with gold, recomputed from its output, is
+    well above chance; the RM on its labels was judged by gold like the first RM; the report
+    compares the two label sets."""
+    summary = json.loads((run_dir / "summary.json").read_text())
+    label = json.loads((run_dir / "label" / "label.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "label" / "preferences.jsonl").read_text().splitlines()]
+    pairs = (run_dir / "data" / "preferences.jsonl").read_text().splitlines()
+    assert (
+        label["pairs"] == len(pairs) and label["labelled"] == len(rows) == len(pairs) - label["ties_dropped"]
+    )
+    graded = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
+    agreement = sum(r["gold_chosen"] > r["gold_rejected"] for r in graded) / len(graded)
+    assert summary["label/agreement_with_gold"] == pytest.approx(agreement)
+    # Chance is 0.5; the teacher scored 0.78-0.83 at seeds 0-1 (AMD EPYC), README "AI feedback".
+    assert agreement > 0.65
+    assert all(0.5 < r["judge_p"] <= 1.0 for r in rows)
+    teacher = yaml.safe_load((run_dir / "teacher" / "config.yaml").read_text())
+    assert teacher["data"]["train"].endswith("judge_sft.jsonl")
+    rm_ai = json.loads((run_dir / "rm_ai" / "summary.json").read_text())
+    assert summary["rm_ai/accuracy_vs_gold"] == rm_ai["eval/accuracy_vs_gold"]
+    assert 0.5 < summary["rm_ai/accuracy_vs_gold"] <= 1.0
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    assert summary["label/human_agreement_with_gold"] == pytest.approx(1 - stats["label_flip_rate"])
+    report = (run_dir / "report.md").read_text()
+    assert all(line in report for line in label_table(summary)) and "| AI: teacher judge" in report
