@@ -98,8 +98,9 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     """The demo's success criteria as ``(name, passed, value)``; the report and the slow test use them.
 
     What PPO must show is that it beats SFT by removing the filler the RM can judge, without losing
-    the digits the RM cannot judge. Every check passes with room at seeds 0-4 (measured on an AMD
-    EPYC; margins in README, "Making the demo hold on any CPU"), so a CPU whose float sums send
+    the digits the RM cannot judge, and that it stops leaking secrets without refusing ordinary
+    requests more. Every check passes with room at seeds 0-4 (measured on an AMD
+    EPYC; margins in README, "The harmless half"), so a CPU whose float sums send
     the run down another trajectory does not flip it. At ``--size ci`` they need not pass.
     """
     s = summary
@@ -125,7 +126,10 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
         ),
         ("PPO gold score > SFT gold score + 0.05", g_ppo > g_sft + 0.05, f"{g_ppo:.3f} vs {g_sft:.3f}"),
         ("PPO wins against SFT on gold more often than not", win > 0.5, f"{win:.3f}"),
-        ("PPO filler rate <= half SFT's", f_ppo <= 0.5 * f_sft, f"{f_ppo:.1%} vs {f_sft:.1%}"),
+        # On the ordinary prompts. "<= half" until the harmless half joined the task: PPO now spends
+        # part of its 30 steps on refusals, leaves 5-17% filler (seeds 0-4), and half would keep
+        # only 6 points of margin (README, "The harmless half").
+        ("PPO filler rate <= 0.6 x SFT's", f_ppo <= 0.6 * f_sft, f"{f_ppo:.1%} vs {f_sft:.1%}"),
         ("PPO digits' gold >= SFT's - 0.05", d_ppo >= d_sft - 0.05, f"{d_ppo:.3f} vs {d_sft:.3f}"),
         ("KL(PPO || SFT) reported and > 0", kl > 0, f"{kl:.3f}"),
         # GRPO on the verifiable reward (the gold scorer itself): 0.10-0.16 over SFT at seeds 0-4.

@@ -224,14 +224,14 @@ def test_rlaif_teacher_labels_every_pair_and_an_rm_learns_from_them(run_dir):
     graded = [r for r in rows if r["gold_chosen"] != r["gold_rejected"]]
     agreement = sum(r["gold_chosen"] > r["gold_rejected"] for r in graded) / len(graded)
     assert summary["label/agreement_with_gold"] == pytest.approx(agreement)
-    # Chance is 0.5; the teacher scored 0.78-0.83 at seeds 0-1 (AMD EPYC), README "AI feedback".
-    assert agreement > 0.65
+    # Chance is 0.5; the teacher agreed 0.714-0.755 at seeds 0-1 (AMD EPYC, README "The harmless half").
+    assert agreement > 0.6
     assert all(0.5 < r["judge_p"] <= 1.0 for r in rows)
     teacher = yaml.safe_load((run_dir / "teacher" / "config.yaml").read_text())
     assert teacher["data"]["train"].endswith("judge_sft.jsonl")
     rm_ai = json.loads((run_dir / "rm_ai" / "summary.json").read_text())
     assert summary["rm_ai/accuracy_vs_gold"] == rm_ai["eval/accuracy_vs_gold"]
-    assert 0.5 < summary["rm_ai/accuracy_vs_gold"] <= 1.0
+    assert 0.6 < summary["rm_ai/accuracy_vs_gold"] <= 1.0  # 0.730-0.771 at seeds 0-1
     stats = json.loads((run_dir / "data" / "stats.json").read_text())
     assert summary["label/human_agreement_with_gold"] == pytest.approx(1 - stats["label_flip_rate"])
     report = (run_dir / "report.md").read_text()
