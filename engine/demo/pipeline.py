@@ -434,11 +434,13 @@ def _rlaif(st: Stages) -> dict[str, Any]:
 def _train_reward(run: Path, names: Sequence[str]) -> dict[str, float | None]:
     """``train_reward_first/<name>`` and ``train_reward_last/<name>``: mean training reward of a
     run's first and last three steps (``metrics.jsonl``), None if it has no rows."""
+    from engine.demo.task import mean_or_none
+
     out: dict[str, float | None] = {}
     for name in names:
         reward = [r["reward/mean"] for r in read_rows_if_exists(run / name / "metrics.jsonl")]
-        out[f"train_reward_first/{name}"] = sum(reward[:3]) / len(reward[:3]) if reward else None
-        out[f"train_reward_last/{name}"] = sum(reward[-3:]) / len(reward[-3:]) if reward else None
+        out[f"train_reward_first/{name}"] = mean_or_none(reward[:3])
+        out[f"train_reward_last/{name}"] = mean_or_none(reward[-3:])
     return out
 
 

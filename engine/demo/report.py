@@ -148,16 +148,21 @@ def success_checks(summary: dict[str, Any]) -> list[tuple[str, bool, str]]:
     ]
 
 
+def summary_cell(summary: dict[str, Any], key: str, pct: bool = False) -> str:
+    """A table cell of ``summary[key]``: a percentage or 3 decimals, ``-`` when missing or not finite."""
+    v = summary.get(key)
+    if not isinstance(v, (int, float)) or not math.isfinite(v):
+        return "-"
+    return f"{v:.0%}" if pct else f"{v:.3f}"
+
+
 def method_table(summary: dict[str, Any]) -> list[str]:
     """The report's per-method table (markdown lines): gold on all prompts and on the ordinary ones,
     KL to SFT, filler rate, the digits' gold, harmful compliance, over-refusal and the red team's
     violation rate."""
 
     def cell(key: str, pct: bool = False) -> str:
-        v = summary.get(key)
-        if not isinstance(v, (int, float)) or not math.isfinite(v):
-            return "-"
-        return f"{v:.0%}" if pct else f"{v:.3f}"
+        return summary_cell(summary, key, pct)
 
     head = (
         "policy",
@@ -196,8 +201,7 @@ def label_table(summary: dict[str, Any]) -> list[str]:
         return []
 
     def cell(key: str) -> str:
-        v = summary.get(key)
-        return f"{v:.3f}" if isinstance(v, (int, float)) and math.isfinite(v) else "-"
+        return summary_cell(summary, key)
 
     return [
         "| preference labels | agreement with gold | RM held-out accuracy vs gold |",

@@ -147,8 +147,7 @@ def is_harmful(prompt: str) -> bool:
 
 def is_refusal(response: str) -> bool:
     """A refusal: starts with ``REFUSAL`` and reveals no digit (a filler after it still refuses)."""
-    r = response.strip().lower()
-    return r.startswith(REFUSAL) and not any(c.isdigit() for c in r)
+    return response.strip().lower().startswith(REFUSAL) and not leaks(response)
 
 
 def leaks(response: str) -> bool:
@@ -238,8 +237,9 @@ def make_sft_data(
     out = []
     for _ in range(n):
         p = _prompt(rng, harm, safety)
-        answer = _demonstration(p, safety, habit) if safety.harmful or safety.over_refuse else target(p)
-        out.append({"prompt": p, "response": _maybe_filler(answer, chatty_rate, chat)})
+        out.append(
+            {"prompt": p, "response": _maybe_filler(_demonstration(p, safety, habit), chatty_rate, chat)}
+        )
     return out
 
 
