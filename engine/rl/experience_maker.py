@@ -145,7 +145,9 @@ class ExperienceMixin:
         ``rollout/logprob_gap`` compares the trainer with the rollout engine's log-probs *without*
         the banned-text renormalisation (``rollout_logprobs + kept_logmass``): the engine mismatch
         alone. ``rollout/constraint_kl`` (with bans) is the mean per-token KL(constrained ||
-        unconstrained) = ``-kept_logmass``, what the ban moved the behaviour policy. Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
+        unconstrained) = ``-kept_logmass``, what the ban moved the behaviour policy.
+
+        Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
         """
         from engine.rl.experience import masked_mean, sequence_kl
 
