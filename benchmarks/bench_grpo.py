@@ -14,10 +14,13 @@ One command runs both on this machine:
    both start from the same weights;
 2. ours: ``python -m engine.cli ppo --config configs/grpo_tiny.yaml`` with ``model.path`` set to
    it, 16 prompts x 4 samples per step (group size 4), 32 new tokens, the k3 KL to the reference
-   in the loss (beta 0.04), one optimizer step per batch (``ppo.mini_batch_size=64``), 1 rank,
-   once per rollout backend in ``--backends`` (``hf``: transformers ``generate`` on a copy of the
-   policy, weights synced each step; ``vllm``: vLLM in-process), DeepSpeed with ZeRO stage 0 by
-   default (one rank has nothing to shard; pass other overrides to change it);
+   in the loss (beta 0.04), one optimizer step per batch (``ppo.mini_batch_size=64``), once per
+   rollout backend in ``--backends`` (``hf``: transformers ``generate`` on a copy of the policy,
+   weights synced each step; ``vllm``: vLLM) and placement in ``--modes`` (``colocate``: 1 rank;
+   ``async``: ``split``, 1 trainer + 1 rollout rank with one thread each, one-step-off, the
+   reference scored on the rollout rank, so generating batch k+1 overlaps training on batch k),
+   DeepSpeed with ZeRO stage 0 by default (one rank has nothing to shard; pass other overrides to
+   change it);
 3. TRL: installs ``trl`` (``--trl-version``) with torch 2.13.0 from the local CPU wheel into its own
    virtual environment, ``benchmarks/.peer_venvs/trl-<version>`` (git-ignored, made once), and runs
    ``benchmarks/peers/trl_grpo.py`` there: ``GRPOTrainer`` with the same prompts, group size, new
@@ -156,7 +159,16 @@ def run_trl(py: Path, spec: dict, work: Path, timeout_s: float) -> dict:
     return json.loads(out_path.read_text())
 
 
-def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str) -> dict:
+# --modes: our placements. "async" is split placement, 1 trainer rank + 1 rollout rank (2
+# processes, one thread each), one-step-off (async.max_staleness=1), the reference scored beside
+# the rollout engine: the same work per step, with generation overlapped with training.
+MODES = {
+    "colocate": ([], 1),
+    "async": (["placement.mode=split", "async.max_staleness=1", "placement.scoring=rollout"], 2),
+}
+
+
+def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str, mode: str = "colocate") -> dict:
     n, prompts = args.group_size, args.prompts
     overrides = [
         f"model.path={model_dir}",
@@ -173,10 +185,21 @@ def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str) ->
         f"actor.lr={args.lr}",
         "data.num_prompts=256",
         f"rollout.backend={backend}",
+        *MODES[mode][0],
         *args.overrides,
     ]
-    out = work / f"ours_{backend}"
-    run_ppo(ROOT / "configs" / "grpo_tiny.yaml", args.steps, 1, overrides, out, args.timeout)
+    out = work / f"ours_{backend}_{mode}"
+    env = {"OMP_NUM_THREADS": "1"} if MODES[mode][1] > 1 else {}  # the 2 cores: one per process
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        run_ppo(ROOT / "configs" / "grpo_tiny.yaml", args.steps, MODES[mode][1], overrides, out, args.timeout)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     stats = summarize(out, args.warmup)
     stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[args.warmup :])
@@ -199,6 +222,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--trl-version", default="1.16.0")
     parser.add_argument(
         "--backends", default="hf,vllm", help="our rollout backends to run, comma-separated (hf, vllm)"
+    )
+    parser.add_argument(
+        "--modes", default="colocate,async", help=f"our placements, comma-separated ({', '.join(MODES)})"
     )
     parser.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved")
     parser.add_argument("--skip-peer", action="store_true")
@@ -245,9 +271,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         # Repeats interleave the systems, so a slow spell of the machine hits each of them alike.
         for rep in range(args.repeats):
-            for backend in args.backends.split(","):
-                mine = ours(args, work / "model", work / f"rep{rep}", backend)
-                runs.setdefault(f"tritonrlhf ({backend})", []).append(mine)
+            for mode in args.modes.split(","):
+                for backend in args.backends.split(","):
+                    mine = ours(args, work / "model", work / f"rep{rep}", backend, mode)
+                    label = backend if mode == "colocate" else f"{backend}, split async"
+                    runs.setdefault(f"tritonrlhf ({label})", []).append(mine)
             if peer is not None:
                 trl = run_trl(peer, spec, work, args.timeout)
                 trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])
@@ -267,8 +295,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
         }
         per_run = "per-run medians " + " ".join(f"{m:.3f}" for m in meds) + " s"
         if system.startswith("tritonrlhf"):
-            backend = system.split("(")[1].rstrip(")")
-            gen = "vLLM in-process" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
+            backend, _, split = system.split("(")[1].rstrip(")").partition(", ")
+            gen = "vLLM" if backend == "vllm" else "HF generate (a copy, weights synced each step)"
+            where = (
+                "1 trainer + 1 rollout rank, one-step-off async, reference scored on the rollout rank, "
+                "1 thread each"
+                if split
+                else "1 rank, colocate"
+            )
             row.update(
                 {
                     "versions": f"torch {torch.__version__}, vllm {package_version('vllm')}, deepspeed {package_version('deepspeed')}",
@@ -277,7 +311,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         k: f"{statistics.median(r[k] for r in results):.4g}"
                         for k in ("generate_s", "score_s", "train_s", "sync_s")
                     },
-                    "note": f"1 rank, colocate, {gen}; {' '.join(args.overrides)}; {per_run}",
+                    "note": f"{where}, {gen}; {' '.join(args.overrides)}; {per_run}",
                 }
             )
         else:

@@ -271,9 +271,10 @@ class AlgoConfig:
 class PlacementConfig:
     """Where the roles run inside one launch (see ``engine.rl.placement``).
 
-    ``colocate``: every rank holds a vLLM engine beside its DeepSpeed shard and generates its own
-    share. ``split``: the last ``rollout_ranks`` ranks run only vLLM; the others form the DeepSpeed
-    data-parallel group of actor and critic, and score (reference and reward) the samples.
+    ``colocate``: every rank holds a rollout engine (``rollout.backend``: vLLM, or HF ``generate``)
+    beside its DeepSpeed shard and generates its own share. ``split``: the last ``rollout_ranks``
+    ranks run only the rollout engine; the others form the DeepSpeed data-parallel group of actor
+    and critic, and score (reference and reward) the samples.
     """
 
     mode: str = "colocate"  # colocate | split

@@ -1,7 +1,8 @@
 """``split`` placement: the rollout ranks' serving loop, and the trainer's client for it.
 
-A rollout rank runs :func:`serve`: it builds its vLLM engine from the policy checkpoint named in
-trainer 0's ``hello``, then executes trainer 0's commands in the order they were sent:
+A rollout rank runs :func:`serve`: it builds its rollout engine (:func:`build_engine`:
+``rollout.backend`` vLLM, or HF ``generate``) from the policy checkpoint named in trainer 0's
+``hello``, then executes trainer 0's commands in the order they were sent:
 
 * ``generate`` -- sample ``n`` responses per prompt with the given per-request seeds and send
   the :class:`~engine.rl.rollout.Sample` s back, each stamped with the engine's policy version;
@@ -26,7 +27,6 @@ from engine.rl.placement import Placement
 
 def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
     """Main loop of a rollout rank; returns when trainer 0 says ``stop``."""
-    from engine.rl.rollout import VLLMRollout
     from engine.rl.weight_sync import receive_weights
 
     i = placement.rollout_index
@@ -35,9 +35,7 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
     served = 0
     try:
         hello = inbox.recv(patient=True)
-        engine = VLLMRollout(
-            hello["policy_dir"], cfg.rollout, hello["seed"], hello["max_len"], hello["dtype"]
-        )
+        engine = build_engine(cfg, hello["policy_dir"], hello)
         scorer = _Scorer(cfg, hello) if hello["scoring"] == "rollout" else None
         outbox.send({"kind": "ready", "rank": placement.global_rank})
         events: list[dict[str, Any]] = []
@@ -77,6 +75,33 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
         if engine is not None:
             engine.close()
     return {"role": "rollout", "batches": served}
+
+
+def build_engine(
+    cfg: Any, policy_dir: str, args: dict[str, Any], tokenizer: Any = None, device: Any = None
+) -> Any:
+    """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``.
+
+    ``args``: ``seed``, ``max_len`` and ``dtype`` (``"float32"`` / ``"bfloat16"`` / ``"float16"``).
+    ``vllm``: :class:`~engine.rl.rollout.VLLMRollout`. ``hf``: transformers ``generate`` on its own
+    copy of the policy (:class:`~engine.rl.rollout.HFRollout`, weights loaded at each sync), with
+    one sampling seed per ``generate`` call rather than vLLM's one per request, so its samples
+    depend on how a batch is cut between rollout ranks.
+    """
+    import torch
+
+    from engine.rl.rollout import HFRollout, VLLMRollout
+
+    if cfg.rollout.backend == "vllm":
+        return VLLMRollout(policy_dir, cfg.rollout, args["seed"], args["max_len"], args["dtype"])
+    from engine.models import load_causal_lm, load_tokenizer
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args["dtype"]]
+    if device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    lm = load_causal_lm(policy_dir, dtype, cfg.model.attn_implementation, device).to(device)
+    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or policy_dir)
+    return HFRollout(lm, tokenizer, cfg.rollout)
 
 
 class _Scorer:

@@ -251,17 +251,11 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         }
 
     def _build_rollout(self, dtype: torch.dtype):
-        c = self.cfg
-        if c.rollout.backend == "vllm":
-            from engine.rl.rollout import VLLMRollout
+        from engine.rl.rollout_server import build_engine
 
-            a = self._vllm_args(dtype)
-            return VLLMRollout(str(self.policy_dir), c.rollout, a["seed"], a["max_len"], a["dtype"])
-        from engine.models import load_causal_lm
-        from engine.rl.rollout import HFRollout
-
-        lm = load_causal_lm(self.policy_dir, dtype, c.model.attn_implementation, self.device).to(self.device)
-        return HFRollout(lm, self.tokenizer, c.rollout)
+        return build_engine(
+            self.cfg, str(self.policy_dir), self._vllm_args(dtype), self.tokenizer, self.device
+        )
 
     # ------------------------------------------------------------------ one RL step
     # (generate: GenerateMixin; make_experience: ExperienceMixin)

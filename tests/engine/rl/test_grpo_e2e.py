@@ -179,3 +179,31 @@ def test_one_update_per_step_takes_old_logprobs_from_the_update(tmp_path) -> Non
     assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows), [r["rollout/logprob_gap"] for r in rows]
     assert all(abs(r["is/mean"] - 1) < 1e-3 and r["is/truncated_frac"] == 0 for r in rows)
     assert all(r["clipfrac"] == 0 for r in rows)  # ratio exactly 1 in the one update
+
+
+def test_split_with_the_hf_backend_samples_from_the_synced_policy(tmp_path) -> None:
+    """``rollout.backend=hf`` on a rollout rank (``engine.rl.rollout_server.build_engine``): 1 trainer +
+    1 rank generating with transformers, synchronous. Every step's samples come from the weights the
+    trainer pushed after the previous update: their log-probs equal the trainer's within fp32 noise
+    (a missed or misnamed sync would leave the gap at the size of an update's change, >> 1e-3)."""
+    require("deepspeed")
+    extra = [
+        "total_steps=3",
+        "ppo.rollout_batch_size=16",
+        "ppo.mini_batch_size=64",
+        "placement.mode=split",
+        "async.max_staleness=0",
+        "placement.scoring=rollout",
+        "rollout.backend=hf",
+        "actor.lr=1e-2",  # updates large enough that a stale policy would show
+        *QUIET,
+    ]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OMP_NUM_THREADS", "1")
+        run = launch(tmp_path / "split_hf", extra, ranks=2, timeout_s=300, config=GRPO)
+    run.check()
+    rows = run.metrics
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert rows[-1]["kl/mean"] > 1e-3  # the policy moved away from the reference
+    assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows), [r["rollout/logprob_gap"] for r in rows]
+    assert all(r["async/staleness_max"] == 0 for r in rows)
