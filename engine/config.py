@@ -165,6 +165,15 @@ class KLConfig:
     # reward: -coef * kl on every response token of the reward (PPO, REINFORCE++);
     # loss: coef * kl against the reference added to the policy loss per token (GRPO's k3 term)
     placement: str = "reward"
+    # auto: build the frozen reference only when the KL acts (coef != 0 or adaptive); at coef 0
+    # there is no reference model, no reference forward and no kl/ stats.
+    # always: build it anyway, to log the KL at coef 0 (the KL sweep's coefficient 0).
+    reference: str = "auto"
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the run builds the frozen reference policy and scores against it."""
+        return self.reference == "always" or self.coef != 0 or self.adaptive
 
 
 @dataclass
@@ -463,7 +472,16 @@ class PPOConfig(StageConfig):
     def _validate_algo(self) -> None:
         a, n = self.algo, self.ppo.samples_per_prompt
         check_choice("algo.advantage", a.advantage, ESTIMATORS)
-        check_choice("ppo.kl.placement", self.ppo.kl.placement, ("reward", "loss"))
+        kl = self.ppo.kl
+        check_choice("ppo.kl.placement", kl.placement, ("reward", "loss"))
+        check_choice("ppo.kl.reference", kl.reference, ("auto", "always"))
+        if not math.isfinite(kl.coef):
+            raise ConfigError(f"ppo.kl.coef must be finite, got {kl.coef}")
+        if kl.adaptive and kl.coef <= 0:
+            raise ConfigError(
+                f"ppo.kl.adaptive=true scales ppo.kl.coef multiplicatively, so it needs ppo.kl.coef > 0 "
+                f"(from {kl.coef} it never moves); set a starting coefficient or ppo.kl.adaptive=false"
+            )
         if a.loss_agg is not None:
             check_choice("algo.loss_agg", a.loss_agg, LOSS_AGGS)
         if a.advantage in GROUP_ESTIMATORS and n < 2:

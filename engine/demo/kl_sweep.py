@@ -8,7 +8,8 @@ The SFT policy and the reward model come from ``RUN_DIR/sft`` and ``RUN_DIR/rm``
 the data, SFT and RM there first. Then, under ``RUN_DIR/kl_sweep/``:
 
 * ``kl_<coef>/``: one PPO run per coefficient (``configs/ppo_demo.yaml`` with ``ppo.kl.coef``
-  set and the adaptive controller off), saving an HF export every ``--eval-every`` steps;
+  set, the adaptive controller off and ``ppo.kl.reference=always``, so coefficient 0 still logs
+  its training KL), saving an HF export every ``--eval-every`` steps;
 * ``eval/``: one ``eval`` process for the SFT policy and every saved PPO policy, on held-out
   prompts: mean RM score (the proxy the policy was trained on), mean gold score (the hidden
   objective) and the sampled KL to the SFT reference;
@@ -102,7 +103,13 @@ def run_sweep(
     runs: dict[float, Path] = {}
     for coef in coefs:
         name = _coef_name(coef)
-        ov = [f"ppo.kl.coef={coef}", "ppo.kl.adaptive=false", f"total_steps={steps}"]
+        # reference=always: the KL is tracked at coefficient 0 too (auto would build no reference).
+        ov = [
+            f"ppo.kl.coef={coef}",
+            "ppo.kl.adaptive=false",
+            "ppo.kl.reference=always",
+            f"total_steps={steps}",
+        ]
         ov += [f"save_every={every}", "keep_last=0"] if every else ["save_every=0"]
         runs[coef] = st.ppo(out / name, [*ov, *ppo_overrides], name=f"ppo_{name}")
 

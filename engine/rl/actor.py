@@ -364,7 +364,7 @@ class PolicyLossSpec:
 
     ``reduction``: a ``kernels.ppo_policy_loss`` reduction; ``scale`` multiplies the loss (Dr.
     GRPO's ``1 / constant`` on ``seq_mean_token_sum``); ``kl_kind``: the KL term's estimator when
-    ``ppo.kl.placement=loss`` (fused into the loss kernel), else None.
+    ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None.
     """
 
     reduction: str = "token_mean"
@@ -374,7 +374,8 @@ class PolicyLossSpec:
     @classmethod
     def from_config(cls, cfg: PPOConfig) -> PolicyLossSpec:
         agg = cfg.resolved()[0]
-        kl_kind = cfg.ppo.kl.kind if cfg.ppo.kl.placement == "loss" else None
+        kl = cfg.ppo.kl
+        kl_kind = kl.kind if kl.placement == "loss" and kl.needs_reference else None
         if agg == "seq_mean_token_sum_norm":
             const = cfg.algo.loss_agg_constant or cfg.rollout.max_new_tokens
             return cls("seq_mean_token_sum", 1.0 / const, kl_kind)

@@ -50,7 +50,8 @@ class Experience:
     - ``action_mask``      [B, R]   bool    1 on real response tokens
     - ``old_logprobs``     [B, R]   the trainer's recomputed log-probs before the update
     - ``rollout_logprobs`` [B, R]   the rollout engine's (vLLM) log-probs
-    - ``ref_logprobs``     [B, R]   the frozen reference policy's log-probs
+    - ``ref_logprobs``     [B, R]   the frozen reference policy's log-probs; None without a
+      reference (``ppo.kl.reference=auto`` at KL coefficient 0)
     - ``values``           [B, R]   critic values of the state before each response token
     - ``scores``           [B]      the reward model / function score per sample
     - ``rewards``          [B, R]   per-token rewards (KL penalty + score on the last token)
@@ -424,8 +425,8 @@ def last_token_index(action_mask: torch.Tensor) -> torch.Tensor:
 
 def compute_rewards(
     scores: torch.Tensor,
-    logprobs: torch.Tensor,
-    ref_logprobs: torch.Tensor,
+    logprobs: torch.Tensor | None,
+    ref_logprobs: torch.Tensor | None,
     action_mask: torch.Tensor,
     kl_coef: float,
     kl_kind: str = "k1",
@@ -434,10 +435,16 @@ def compute_rewards(
 
     scores [B], logprobs/ref_logprobs/action_mask [B, R] -> (rewards [B, R], kl [B, R]),
     float32, zero where ``action_mask`` is 0. A row with no response tokens gets no score.
+    ``ref_logprobs`` None (no reference model: the KL is off, ``kl_coef`` must be 0): kl is zero.
     """
     mask = action_mask.bool()
-    kl = kernels.kl_penalty(logprobs, ref_logprobs, kind=kl_kind).float()
-    kl = torch.where(mask, kl, torch.zeros_like(kl))
+    if ref_logprobs is None:
+        if kl_coef != 0:
+            raise ValueError(f"compute_rewards: kl_coef={kl_coef} needs ref_logprobs")
+        kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    else:
+        kl = kernels.kl_penalty(logprobs, ref_logprobs, kind=kl_kind).float()
+        kl = torch.where(mask, kl, torch.zeros_like(kl))
     rewards = -float(kl_coef) * kl
     last = last_token_index(mask)
     has = last >= 0

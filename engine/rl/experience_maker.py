@@ -55,7 +55,9 @@ class ExperienceMixin:
         entropy = None
         if not self.old_from_update:  # else train() takes them from the update's forward
             exp.old_logprobs, entropy = self.actor.logprobs(exp)
-        if rb.ref_logprobs is not None:  # scored beside the rollout engine
+        if not p.kl.needs_reference:  # KL off and not logged: no reference, no reference forward
+            exp.ref_logprobs = None
+        elif rb.ref_logprobs is not None:  # scored beside the rollout engine
             exp.ref_logprobs = rb.ref_logprobs.to(exp.sequences.device, torch.float32)
         else:
             exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
@@ -92,6 +94,7 @@ class ExperienceMixin:
         # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
         kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
         # Deferred old log-probs (old_from_update): the KL is 0 x kl in the reward, logged after train().
+        # No reference: the KL is zero here and absent from the stats.
         old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
         exp.rewards, kl = compute_rewards(
             exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
@@ -142,6 +145,8 @@ class ExperienceMixin:
     def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
         """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``.
 
+        Without a reference (``exp.ref_logprobs`` None) there are no ``kl/`` stats (absent, not 0).
+
         ``rollout/logprob_gap`` compares the trainer with the rollout engine's log-probs *without*
         the banned-text renormalisation (``rollout_logprobs + kept_logmass``): the engine mismatch
         alone. ``rollout/constraint_kl`` (with bans) is the mean per-token KL(constrained ||
@@ -152,18 +157,18 @@ class ExperienceMixin:
         from engine.rl.experience import masked_mean, sequence_kl
 
         m = exp.action_mask
-        kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
-        kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
-        # Per-sequence KL summed over tokens, averaged over the rows that train on every rank (rows
-        # dropped by an invalid reward, staleness or on_truncated=mask have no unmasked token).
-        seq_kl, trains = sequence_kl(kl, m)
-        tot = dist.all_reduce_sum({"kl": float(seq_kl[trains].sum()), "rows": float(trains.sum())})
+        out = {}
+        if exp.ref_logprobs is not None:
+            kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
+            kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
+            # Per-sequence KL summed over tokens, averaged over the rows that train on every rank
+            # (rows dropped by an invalid reward, staleness or on_truncated=mask have no unmasked token).
+            seq_kl, trains = sequence_kl(kl, m)
+            tot = dist.all_reduce_sum({"kl": float(seq_kl[trains].sum()), "rows": float(trains.sum())})
+            out["kl/mean"] = tot["kl"] / tot["rows"] if tot["rows"] else float("nan")
+            out["kl/token_mean"] = float(masked_mean(kl, m))
+        out["entropy/mean"] = float(masked_mean(entropy, m))
         rollout = exp.rollout_logprobs
-        out = {
-            "kl/mean": tot["kl"] / tot["rows"] if tot["rows"] else float("nan"),
-            "kl/token_mean": float(masked_mean(kl, m)),
-            "entropy/mean": float(masked_mean(entropy, m)),
-        }
         if exp.kept_logmass is not None:
             rollout = rollout + exp.kept_logmass
             out["rollout/constraint_kl"] = float(masked_mean(-exp.kept_logmass, m))
@@ -176,13 +181,16 @@ class ExperienceMixin:
         Called after ``train()`` (the old log-probs may come from the update). ``reward`` is the raw
         score (after ``reward.clip``; before normalisation, penalties and KL; None when invalid),
         ``kl`` the sample's per-token KL to the reference (``ppo.kl.kind``) summed over its response,
-        dropped samples included. Samples are prompt-major: a group's samples come together.
+        dropped samples included (None without a reference). Samples are prompt-major: a group's
+        samples come together.
         """
         from engine.rl.experience import sequence_kl
 
         n = min(self.cfg.logging.samples_per_step, exp.batch_size)
-        kl = kernels.kl_penalty(exp.old_logprobs[:n], exp.ref_logprobs[:n], kind=self.cfg.ppo.kl.kind)
-        seq_kl, _ = sequence_kl(kl, rb.action_mask[:n])
+        seq_kl = None
+        if exp.ref_logprobs is not None:
+            kl = kernels.kl_penalty(exp.old_logprobs[:n], exp.ref_logprobs[:n], kind=self.cfg.ppo.kl.kind)
+            seq_kl, _ = sequence_kl(kl, rb.action_mask[:n])
         lengths = rb.action_mask[:n].sum(1)
         reasons = rb.finish_reasons or ["stop"] * n
         return [
@@ -190,7 +198,7 @@ class ExperienceMixin:
                 "prompt": rb.prompts[i],
                 "response": rb.responses[i],
                 "reward": float(rb.scores[i]) if bool(rb.score_valid[i]) else None,
-                "kl": float(seq_kl[i]),
+                "kl": None if seq_kl is None else float(seq_kl[i]),
                 "response_len": int(lengths[i]),
                 "finish_reason": reasons[i],
             }

@@ -131,19 +131,20 @@ class _Scorer:
         self.temperature = cfg.rollout.temperature
 
     def score(self, samples: list) -> None:
-        """Fill each sample's ``ref_logprobs``, ``score`` and ``score_valid`` in place."""
+        """Fill each sample's ``ref_logprobs`` (with a reference), ``score`` and ``score_valid`` in place."""
         from engine.rl.experience import Experience, collate_samples
 
         if not samples:
             return
         rb = collate_samples(samples, self.tokenizer, self.tokenizer.pad_token_id)
         exp = Experience(rb.sequences, rb.attention_mask, rb.action_mask)
-        ref = self.ref.logprobs(exp, self.temperature).float().cpu()
+        ref = None if self.ref is None else self.ref.logprobs(exp, self.temperature).float().cpu()
         scores, valid = self.reward.score(
             rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
         )
         for i, s in enumerate(samples):
-            s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
+            if ref is not None:
+                s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
             s.score, s.score_valid = float(scores[i]), bool(valid[i])
 
 

@@ -252,9 +252,10 @@ def _as_float(x: object) -> float:
 def build_scoring(
     cfg: Any, policy_dir: str, dtype: torch.dtype, device: torch.device, route: RewardRoute | None = None
 ) -> tuple:
-    """The frozen roles of a PPO config: ``(ReferenceModel, RewardScorer)`` on ``device``.
+    """The frozen roles of a PPO config: ``(ReferenceModel | None, RewardScorer)`` on ``device``.
 
-    Used by the trainer ranks, or by the rollout ranks under ``placement.scoring=rollout``.
+    Used by the trainer ranks, or by the rollout ranks under ``placement.scoring=rollout``. The
+    reference is None when the KL does not act and is not asked for (``ppo.kl.needs_reference``).
     ``route``: how a reward model reads samples (``resolve_reward_route``; the token route if None).
     """
     from engine.models import load_causal_lm, load_reward_model
@@ -264,7 +265,9 @@ def build_scoring(
     part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)
     if part:
         print(f"[scoring] reference and reward partitioned over {dist.world_size()} ranks (ZeRO-3 inference)")
-    ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, mb, partition=part)
+    ref = None
+    if cfg.ppo.kl.needs_reference:
+        ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, mb, partition=part)
     if cfg.reward.kind == "function":
         return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
     rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)

@@ -187,6 +187,11 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             self.ref, self.reward = build_scoring(
                 cfg, str(self.policy_dir), dtype, self.device, self.reward_route
             )
+        # KL coef 0 and ppo.kl.reference=auto: no reference model anywhere (rollout ranks included).
+        self.reference = "model" if p.kl.needs_reference else "skipped"
+        if self.rank == 0 and self.reference == "skipped":
+            msg = "no reference model, no reference forward, no kl/ stats (reference=always logs them)"
+            print(f"[ppo] KL coefficient 0 and ppo.kl.reference=auto: {msg}", flush=True)
         self.invalid_rewards = 0
         self.critic = None  # critic-free estimators load no value model, optimizer or value pass
         if cfg.algo.uses_critic:
@@ -281,8 +286,9 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
                 if kept is not None:  # one mini-batch: perm covers the batch
                     idx = perm[i : i + self.mini_per_rank]
-                    exp.old_logprobs = torch.empty_like(exp.ref_logprobs)
-                    entropy = torch.empty_like(exp.ref_logprobs)
+                    shape, dev = exp.action_mask.shape, exp.action_mask.device
+                    exp.old_logprobs = torch.empty(shape, dtype=torch.float32, device=dev)
+                    entropy = torch.empty(shape, dtype=torch.float32, device=dev)
                     exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
                     entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
                 c = self.critic.train_minibatch(micro) if self.critic is not None else {}
@@ -363,8 +369,9 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         m = dist.all_reduce_mean(local)
         m.update(dist.all_reduce_sum(sums))
         m.update({k: dist.all_reduce_max(v) for k, v in times.items()})
-        self.kl_ctl.update(m["kl/mean"], self.cfg.ppo.rollout_batch_size * self.cfg.ppo.samples_per_prompt)
         samples = self.samples_per_rank * self.world
+        if "kl/mean" in m:  # absent without a reference (then the coefficient is a fixed 0)
+            self.kl_ctl.update(m["kl/mean"], samples)
         m.update(
             {
                 "loss/policy": m.get("actor/policy_loss", float("nan")),
@@ -375,6 +382,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 ),
                 "clipfrac": m.get("actor/clipfrac", float("nan")),
                 "kl_coef": self.kl_ctl.value,
+                "algo/reference": self.reference,  # "skipped": no reference model, no kl/ stats
                 "throughput/samples_per_s": samples / m["time/step_s"],
                 "throughput/tokens_per_s": m["rollout/response_tokens"] / m["time/step_s"],
                 "policy_version": self.version,
@@ -459,6 +467,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 "algo/critic": self.critic is not None,
                 # Where the old log-probs came from: the update's own forward, or a scoring pass.
                 "algo/old_logprobs": "update" if self.old_from_update else "scoring",
+                # Whether a reference model was built and scored against ("skipped" at KL coef 0).
+                "algo/reference": self.reference,
             }
             self.logger.write_summary(summary)
             return summary

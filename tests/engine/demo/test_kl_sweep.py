@@ -51,6 +51,7 @@ def test_every_coefficient_ran_with_its_own_kl_coef(sweep):
         ppo = run / "kl_sweep" / f"kl_{coef:g}"
         cfg = yaml.safe_load((ppo / "config.yaml").read_text())
         assert cfg["ppo"]["kl"]["coef"] == coef and cfg["ppo"]["kl"]["adaptive"] is False
+        assert cfg["ppo"]["kl"]["reference"] == "always"  # coefficient 0 logs its KL too
         rows = [json.loads(x) for x in (ppo / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
         assert (ppo / "checkpoints" / "step_000001" / "hf" / "model.safetensors").is_file()
