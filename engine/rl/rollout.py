@@ -189,7 +189,13 @@ class VLLMRollout:
     """
 
     def __init__(
-        self, model_dir: str, cfg: RolloutConfig, seed: int, max_model_len: int, dtype: str = "float32"
+        self,
+        model_dir: str,
+        cfg: RolloutConfig,
+        seed: int,
+        max_model_len: int,
+        dtype: str = "float32",
+        bans: bool | None = None,
     ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors pass by reference
         gpu = _on_gpu()
@@ -198,9 +204,14 @@ class VLLMRollout:
             keep_torch_threads()
         from vllm import LLM
 
-        from engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
-
         kwargs: dict[str, Any] = {}
+        # The ban processor runs on every decode step once registered: only where a request may
+        # ban text (bans=None: cfg's own bans; a stage that swaps self.cfg passes True).
+        self._bans_on = bool(cfg.banned_strings or cfg.banned_patterns) if bans is None else bans
+        if self._bans_on:
+            from engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
+
+            kwargs["logits_processors"] = [BanLogitsProcessor]
         shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shares_dist and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -225,8 +236,6 @@ class VLLMRollout:
             logprobs_mode="processed_logprobs",
             max_logprobs=-1,  # sequence_logprobs at T != 1 needs the full prompt distribution
             tensor_parallel_size=1,
-            # Always registered (idle for requests without bans): a stage may swap self.cfg.
-            logits_processors=[BanLogitsProcessor],
             **kwargs,
         )
         self.vocab_size = self.llm.llm_engine.model_config.get_vocab_size()
@@ -254,6 +263,11 @@ class VLLMRollout:
 
         c = self.cfg
         if c.banned_strings or c.banned_patterns:
+            if not self._bans_on:
+                raise ValueError(
+                    "rollout: this vLLM engine was built without the banned-text processor "
+                    "(open it with bans=True to ban text in later requests)"
+                )
             self._requests += 1
             tag = f"{id(self)}:{self._requests}"
             spec = {"strings": list(c.banned_strings), "patterns": list(c.banned_patterns), "tag": tag}

@@ -80,28 +80,29 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
 def build_engine(
     cfg: Any, policy_dir: str, args: dict[str, Any], tokenizer: Any = None, device: Any = None
 ) -> Any:
-    """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``.
-
-    ``args``: ``seed``, ``max_len`` and ``dtype`` (``"float32"`` / ``"bfloat16"`` / ``"float16"``).
-    ``vllm``: :class:`~engine.rl.rollout.VLLMRollout`. ``hf``: transformers ``generate`` on its own
-    copy of the policy (:class:`~engine.rl.rollout.HFRollout`, weights loaded at each sync), with
-    one sampling seed per ``generate`` call rather than vLLM's one per request, so its samples
-    depend on how a batch is cut between rollout ranks.
-    """
+    """The rollout engine of ``cfg.rollout.backend`` on the PPO run's policy checkpoint (colocate:
+    the trainer's; split: a rollout rank's). ``args``: ``seed``, ``max_len`` and ``dtype``
+    (``"float32"`` / ``"bfloat16"`` / ``"float16"``). With ``rollout.backend=hf`` sampling takes one
+    seed per ``generate`` call rather than vLLM's one per request, so its samples depend on how a
+    batch is cut between rollout ranks."""
     import torch
 
-    from engine.rl.rollout import HFRollout, VLLMRollout
-
-    if cfg.rollout.backend == "vllm":
-        return VLLMRollout(policy_dir, cfg.rollout, args["seed"], args["max_len"], args["dtype"])
-    from engine.models import load_causal_lm, load_tokenizer
+    from engine.models import load_tokenizer
+    from engine.rl.engines import open_rollout
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args["dtype"]]
-    if device is None:
-        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-    lm = load_causal_lm(policy_dir, dtype, cfg.model.attn_implementation, device).to(device)
-    tokenizer = tokenizer or load_tokenizer(cfg.model.tokenizer or policy_dir)
-    return HFRollout(lm, tokenizer, cfg.rollout)
+    if cfg.rollout.backend == "hf" and tokenizer is None:
+        tokenizer = load_tokenizer(cfg.model.tokenizer or policy_dir)
+    return open_rollout(
+        policy_dir,
+        cfg.rollout,
+        tokenizer,
+        args["seed"],
+        args["max_len"],
+        dtype,
+        cfg.model.attn_implementation,
+        device=device,
+    )
 
 
 class _Scorer:

@@ -170,7 +170,7 @@ def select_best(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None)
 def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_model_len: int, rank: int = 0):
     """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``, in ``model.dtype``."""
     from engine.models import resolve_dtype
-    from engine.stages.sampling import open_rollout
+    from engine.rl.engines import open_rollout
 
     dtype = resolve_dtype(cfg.model.dtype)
     attn = cfg.model.attn_implementation

@@ -128,9 +128,10 @@ def run_revise(cfg: ReviseConfig) -> dict[str, Any]:
 def _revise(cfg: ReviseConfig) -> dict[str, Any]:
     from engine.data import read_jsonl
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
+    from engine.rl.engines import open_rollout
     from engine.stages.common import encode_prompt
     from engine.stages.label import load_constitution
-    from engine.stages.sampling import PolicySampler, open_rollout
+    from engine.stages.sampling import PolicySampler
 
     t0 = time.time()
     principles = load_constitution(cfg.constitution)
@@ -161,7 +162,10 @@ def _revise(cfg: ReviseConfig) -> dict[str, Any]:
     current = [a.strip() for a in answers]
     reasons = ["stop"] * len(prompts)
     max_len = judge_max_len(cfg.judge, judge_config)
-    judge = open_rollout(cfg.judge.path, cfg.critique, judge_tok, cfg.seed, max_len, role="judge.path")
+    bans = any(c.banned_strings or c.banned_patterns for c in (cfg.critique, cfg.revision))
+    judge = open_rollout(
+        cfg.judge.path, cfg.critique, judge_tok, cfg.seed, max_len, role="judge.path", bans=bans
+    )
     try:
         for r in range(cfg.rounds):
             chosen = [rng.choice(principles) for _ in prompts]

@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import torch
-
 _ARCH_KEYS = (
     "architectures",
     "vocab_size",
@@ -34,35 +32,6 @@ def same_path(a: str | Path, b: str | Path) -> bool:
 def arch_of(config: Any) -> tuple:
     """What must match for one policy's weights to be swapped into an engine built for another."""
     return tuple(repr(getattr(config, k, None)) for k in _ARCH_KEYS)
-
-
-def open_rollout(
-    path: str | Path,
-    rollout_cfg: Any,
-    tokenizer: Any,
-    seed: int,
-    max_model_len: int,
-    dtype: torch.dtype = torch.float32,
-    attn_implementation: str = "sdpa",
-    role: str = "model.path",
-) -> Any:
-    """A rollout engine on the checkpoint at ``path``: vLLM in-process, or HF ``generate``
-    (``rollout_cfg.backend``), in ``dtype``."""
-    if rollout_cfg.backend == "vllm":
-        from engine.rl.rollout import VLLMRollout
-
-        vdtype = str(dtype).removeprefix("torch.")
-        return VLLMRollout(str(path), rollout_cfg, seed, max_model_len, vdtype)
-    from engine.models import load_causal_lm
-    from engine.rl.rollout import HFRollout
-
-    dev = (
-        torch.device("cuda", torch.cuda.current_device())
-        if torch.cuda.is_available()
-        else torch.device("cpu")
-    )
-    lm = load_causal_lm(path, dtype, attn_implementation, dev, role=role).to(dev)
-    return HFRollout(lm, tokenizer, rollout_cfg)
 
 
 class PolicySampler:

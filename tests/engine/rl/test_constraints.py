@@ -202,6 +202,21 @@ def test_vllm_constrained_sampling(vllm_rollout, hf_model, tok):
     _assert_constrained(r)
 
 
+def test_vllm_engine_without_the_ban_processor_refuses_bans():
+    """An engine opened without bans registers no logits processor (none runs at each decode
+    step); a request that bans text is then refused, not sampled unconstrained."""
+    pytest.importorskip("vllm")
+    from engine.rl.rollout import VLLMRollout
+
+    engine = object.__new__(VLLMRollout)  # the guard only: no engine needed
+    engine._bans_on, engine._requests = False, 0
+    engine.cfg = RolloutConfig(banned_strings=["ab"])
+    with pytest.raises(ValueError, match="built without the banned-text processor"):
+        engine._params(seed=0)
+    engine.cfg = RolloutConfig()
+    assert engine._params(seed=0).extra_args is None
+
+
 def test_hf_constrained_sampling(hf_model, tok):
     engine = HFRollout(hf_model, tok, RolloutConfig(backend="hf", temperature=T, max_new_tokens=12))
     r = _check_constrained(engine, hf_model, tok, [PROMPT, PROMPT[:3]], seed=1)

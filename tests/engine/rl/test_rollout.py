@@ -47,6 +47,7 @@ def vllm_rollout(tiny_dir):
         RolloutConfig(temperature=T, max_new_tokens=12, kv_cache_gib=1),
         seed=0,
         max_model_len=128,
+        bans=True,  # test_constraints shares this engine and swaps in configs that ban text
     )
     r.threads_before = threads
     yield r
