@@ -10,7 +10,9 @@ padded position to its place in the row, so per-token outputs go back into the p
 rest of the code expects (``unflatten``), zeros where the padded forward computed padding.
 
 Token-budget micro-batches (``ppo.micro_batch_tokens``) group consecutive samples of a mini-batch
-greedily under a budget of real tokens; a longer sample goes alone.
+greedily under a budget of real tokens; a longer sample goes alone. With eager/sdpa attention the
+packed mask is dense over the row ([N, N]), so attention costs N^2 rather than the samples'
+sum of squares (flash-attention's varlen path): keep the budget to a few of the longest samples.
 """
 
 from __future__ import annotations
