@@ -201,6 +201,9 @@ class PPOAlgoConfig:
     samples_per_prompt: int = 1
     mini_batch_size: int = 8  # samples per optimizer step, across all ranks
     micro_batch_size: int = 4  # samples per forward/backward, per rank
+    # true: actor, critic, reference and reward forwards run on packed rows (no padding; engine.rl.packing)
+    packing: bool = False
+    micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many real tokens (needs packing)
     ppo_epochs: int = 1
     clip_low: float = 0.2
     clip_high: float | None = None
@@ -439,10 +442,25 @@ class PPOConfig(StageConfig):
             check_positive(f"ppo.{key}", getattr(p, key))
         samples = p.rollout_batch_size * p.samples_per_prompt
         unit = p.micro_batch_size * world_size
+        if p.micro_batch_tokens < 0:
+            raise ConfigError(
+                f"ppo.micro_batch_tokens must be >= 0 (0: micro_batch_size samples), got {p.micro_batch_tokens}"
+            )
+        if p.micro_batch_tokens and not p.packing:
+            raise ConfigError(
+                "ppo.micro_batch_tokens > 0 needs ppo.packing=true (the budget counts real tokens; "
+                "padded micro-batches would hold more)"
+            )
+        # With a token budget the micro-batches are cut by tokens: only the ranks must divide the mini-batch.
+        unit = world_size if p.micro_batch_tokens else unit
         if p.mini_batch_size % unit:
             raise ConfigError(
                 f"ppo.mini_batch_size={p.mini_batch_size} is not divisible by "
-                f"micro_batch_size x world_size = {p.micro_batch_size} x {world_size}"
+                + (
+                    f"the world size {world_size}"
+                    if p.micro_batch_tokens
+                    else f"micro_batch_size x world_size = {p.micro_batch_size} x {world_size}"
+                )
             )
         if samples % p.mini_batch_size:
             raise ConfigError(

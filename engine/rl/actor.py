@@ -25,6 +25,7 @@ import kernels
 from engine import distributed as D
 from engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
 from engine.rl.experience import Experience, masked_mean, truncated_is_weights
+from engine.rl.packing import Batching, check_packable, pack, packed_hidden, response_sources, unflatten
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -49,9 +50,11 @@ def base_model_of(lm: nn.Module) -> nn.Module:
 class PolicyLogprobs(nn.Module):
     """Response-token log-probs (and entropies) of a causal LM, through ``kernels.linear_logprobs``.
 
-    ``forward(sequences[B, P+R], attention_mask[B, P+R], response_len=R, temperature)``
+    ``forward(sequences[B, P+R], attention_mask[B, P+R], response_len=R, temperature, packed)``
     -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``engine.rl.experience``:
-    hidden states at positions P-1 .. P+R-2 predict tokens P .. P+R-1.
+    hidden states at positions P-1 .. P+R-2 predict tokens P .. P+R-1. ``packed``: one forward
+    over the real tokens only (``engine.rl.packing``), the LM head only on the response's
+    predicting positions; zeros where the padded forward computes padding.
 
     ZeRO-3: the LM head's weight is used here, not in ``lm_head.forward``, so it
     is registered as an *external parameter* of this module; DeepSpeed then
@@ -82,10 +85,20 @@ class PolicyLogprobs(nn.Module):
         attention_mask: torch.Tensor,
         response_len: int,
         temperature: float = 1.0,
+        packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         P = sequences.shape[1] - response_len
         if P < 1 or response_len < 1:
             raise ValueError(f"need a prompt and a response; got P={P}, R={response_len}")
+        weight = self.lm.get_output_embeddings().weight
+        T = temperature / self.logit_mult
+        if packed:
+            pk = pack(sequences, attention_mask)
+            index, valid = response_sources(pk, attention_mask, response_len)
+            hidden = packed_hidden(base_model_of(self.lm), pk)[index]
+            targets = sequences[:, P:][valid]
+            logp, ent = kernels.linear_logprobs(hidden, weight, targets, temperature=T, return_entropy=True)
+            return unflatten(logp, valid), unflatten(ent, valid)
         out = base_model_of(self.lm)(
             input_ids=sequences,
             attention_mask=attention_mask,
@@ -95,10 +108,7 @@ class PolicyLogprobs(nn.Module):
         hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
         hidden = hidden[:, P - 1 : P - 1 + response_len]
         targets = sequences[:, P:]
-        weight = self.lm.get_output_embeddings().weight
-        return kernels.linear_logprobs(
-            hidden, weight, targets, temperature=temperature / self.logit_mult, return_entropy=True
-        )
+        return kernels.linear_logprobs(hidden, weight, targets, temperature=T, return_entropy=True)
 
 
 # --------------------------------------------------------------------------- DeepSpeed engine
@@ -204,7 +214,9 @@ class TrainEngine:
     """A DeepSpeed engine around ``module`` with AdamW, clipping, the lr schedule and the non-finite guard.
 
     ``micro_step(loss, finite)`` runs backward + engine step per micro-batch; ``finish()`` ends the
-    mini-batch and reports whether it was skipped. Used by the actor and critic and every offline
+    mini-batch and reports whether it was skipped. ``begin(n)`` before a mini-batch of ``n``
+    micro-batches, where ``n`` varies (token-budget micro-batches), takes the accumulation over
+    from DeepSpeed's fixed ``gradient_accumulation_steps`` (call it for every mini-batch then). Used by the actor and critic and every offline
     stage. ``total_updates``: optimizer steps in the whole run (for ``optim.lr_schedule=cosine``).
     """
 
@@ -241,6 +253,8 @@ class TrainEngine:
         self.skipped = 0
         self.consecutive_skips = 0  # skipped updates since the last applied one
         self._z0_norm = float("nan")
+        self._n_micro: int | None = None  # set by begin(): this mini-batch's micro-batch count
+        self._micro_done = 0
 
     def precision(self) -> dict[str, list[str]]:
         """The dtypes this rank holds: ``params`` (the module's), ``master`` (the weights the
@@ -265,11 +279,24 @@ class TrainEngine:
             "optim_state": names(state),
         }
 
+    def begin(self, n_micro: int) -> None:
+        """Start a mini-batch of ``n_micro`` micro-batches: each ``micro_step`` then divides its loss
+        by ``n_micro`` (as DeepSpeed divides by gradient_accumulation_steps) and the last one is
+        the accumulation boundary (``set_gradient_accumulation_boundary``), whatever the config's count."""
+        if n_micro < 1:
+            raise ValueError(f"a mini-batch needs at least one micro-batch, got {n_micro}")
+        self._n_micro, self._micro_done = n_micro, 0
+
     def micro_step(self, loss: torch.Tensor, finite: bool) -> None:
-        """Backward one micro-batch (the engine scales by 1/grad_accum); a non-finite loss forces a skip."""
+        """Backward one micro-batch (scaled by 1/grad_accum, or 1/n of ``begin(n)``); a non-finite loss forces a skip."""
         if not finite:
             self.optimizer.force_skip = True
-        self.engine.backward(loss)
+        if self._n_micro is None:
+            self.engine.backward(loss)
+        else:
+            self._micro_done += 1
+            self.engine.set_gradient_accumulation_boundary(self._micro_done == self._n_micro)
+            self.engine.backward(loss / self._n_micro, scale_wrt_gas=False)
         if self.engine.is_gradient_accumulation_boundary() and self.engine.zero_optimization_stage() == 0:
             # ZeRO-0 keeps full gradients and DeepSpeed does not report their norm; take it pre-clip.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
@@ -331,8 +358,9 @@ def stop_on_consecutive_skips(
     )
 
 
-def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int, *fields: str) -> None:
-    if len(micro_batches) != grad_accum:
+def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int | None, *fields: str) -> None:
+    """Each micro-batch has ``fields``; their count is ``grad_accum`` unless None (token budgets)."""
+    if grad_accum is not None and len(micro_batches) != grad_accum:
         raise ValueError(
             f"train_minibatch got {len(micro_batches)} micro-batches; the engine accumulates {grad_accum}"
         )
@@ -389,8 +417,9 @@ class ActorWorker:
         model: an HF causal LM (``LlamaForCausalLM``-like), fp32 weights.
         optim: learning rate, AdamW betas/eps/weight decay, grad clip, warmup, ZeRO stage.
         algo: clip_low / clip_high / dual_clip and entropy_coef.
-        train_micro_batch_size: samples per forward/backward on this rank.
-        gradient_accumulation_steps: micro-batches per optimizer step.
+        train_micro_batch_size: samples per forward/backward on this rank, or a ``Batching``
+            (token-budget micro-batches, packing; ``engine.rl.packing``).
+        gradient_accumulation_steps: micro-batches per optimizer step (any count with a token budget).
         dtype: training dtype; default bf16 on GPU, fp32 on CPU.
         temperature: the rollout sampling temperature (log-probs use logits / T).
         total_updates: optimizer steps in the whole run (for ``lr_schedule=cosine``).
@@ -402,7 +431,7 @@ class ActorWorker:
         model: nn.Module,
         optim: OptimConfig,
         algo: PPOAlgoConfig,
-        train_micro_batch_size: int,
+        train_micro_batch_size: int | Batching,
         gradient_accumulation_steps: int,
         dtype: torch.dtype | None = None,
         temperature: float = 1.0,
@@ -415,11 +444,14 @@ class ActorWorker:
         self.algo = algo
         self.loss = loss or PolicyLossSpec()
         self.temperature = float(temperature)
-        self.micro_batch_size = train_micro_batch_size
+        self.batching = Batching.of(train_micro_batch_size)
+        if self.batching.packing:
+            check_packable(model, "actor")
+        self.micro_batch_size = self.batching.micro_batch_size
         self.train = TrainEngine(
             PolicyLogprobs(model),
             optim,
-            train_micro_batch_size,
+            self.micro_batch_size,
             gradient_accumulation_steps,
             dtype,
             total_updates,
@@ -443,16 +475,21 @@ class ActorWorker:
     def logprobs(
         self, batch: Experience, micro_batch_size: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logp [B, R], entropy [B, R]) float32 under the current weights, eval mode, on the batch's device."""
+        """(logp [B, R], entropy [B, R]) float32 under the current weights, eval mode, on the batch's device.
+
+        Micro-batches of ``micro_batch_size`` samples if given, else as ``self.batching`` says.
+        """
         self.engine.eval()
+        micro = batch.split(micro_batch_size) if micro_batch_size else self.batching.split(batch)
         outs = [
             self.engine(
                 mb.sequences.to(self.device),
                 mb.attention_mask.to(self.device),
                 mb.response_len,
                 self.temperature,
+                self.batching.packing,
             )
-            for mb in batch.split(micro_batch_size or self.micro_batch_size)
+            for mb in micro
         ]
         logp = torch.cat([o[0] for o in outs]).to(batch.sequences.device)
         ent = torch.cat([o[1] for o in outs]).to(batch.sequences.device)
@@ -465,7 +502,7 @@ class ActorWorker:
         keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         tis_cap: float = 0.0,
     ) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps).
+        """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps, any with a token budget).
 
         Each micro-batch needs ``advantages`` (and ``ref_logprobs`` with a KL term), and
         ``old_logprobs`` unless ``keep`` is given: then this forward's own log-probs are the old
@@ -485,14 +522,22 @@ class ActorWorker:
             + (("old_logprobs",) if keep is None else ())
             + (("ref_logprobs",) if spec.kl_kind else ())
         )
-        check_micro_batches(micro_batches, self.train.grad_accum, *need)
+        tokens = self.batching.micro_batch_tokens > 0
+        check_micro_batches(micro_batches, None if tokens else self.train.grad_accum, *need)
+        if tokens:
+            self.train.begin(len(micro_batches))
         a = self.algo
         self.engine.train()
         sums: dict[str, float] = {}
         per_seq = spec.reduction != "token_mean"
-        for mb, w in zip(micro_batches, token_weights(micro_batches, per_seq)):
+        # w: the loss reduction's weights (tokens or sequences); wt: tokens, for the entropy bonus and
+        # the token-mean stats, so neither depends on how the mini-batch is cut into micro-batches.
+        weights = zip(token_weights(micro_batches, per_seq), token_weights(micro_batches))
+        for mb, (w, wt) in zip(micro_batches, weights):
             mb = mb.to(self.device)
-            logp, entropy = self.engine(mb.sequences, mb.attention_mask, mb.response_len, self.temperature)
+            logp, entropy = self.engine(
+                mb.sequences, mb.attention_mask, mb.response_len, self.temperature, self.batching.packing
+            )
             if keep is not None:
                 keep.append((logp.detach(), entropy.detach()))
             old = mb.old_logprobs if keep is None else logp.detach()
@@ -514,19 +559,18 @@ class ActorWorker:
             if spec.scale != 1.0:
                 pg_loss = pg_loss * spec.scale
             ent = masked_mean(entropy, mb.action_mask)
-            loss = pg_loss - a.entropy_coef * ent if a.entropy_coef else pg_loss
-            finite = bool(torch.isfinite(loss))
-            self.train.micro_step(loss * w, finite)
-            for k, v in (
-                ("policy_loss", pg_loss),
-                ("entropy", ent),
-                ("loss", loss),
-                ("clipfrac", st["clipfrac"]),
-                ("approx_kl", st["approx_kl"]),
-                *([("kl_loss", st["kl_loss"])] if kl is not None else []),
+            loss = pg_loss * w - a.entropy_coef * ent * wt if a.entropy_coef else pg_loss * w
+            self.train.micro_step(loss, bool(torch.isfinite(loss)))
+            for k, v, weight in (
+                ("policy_loss", pg_loss, w),
+                ("entropy", ent, wt),
+                ("clipfrac", st["clipfrac"], wt),
+                ("approx_kl", st["approx_kl"], wt),
+                *([("kl_loss", st["kl_loss"], wt)] if kl is not None else []),
             ):
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * w
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * weight
         n = len(micro_batches)
         stats = {k: v / n for k, v in sums.items()}
+        stats["loss"] = stats["policy_loss"] - a.entropy_coef * stats["entropy"]
         stats.update(self.train.finish())
         return stats

@@ -27,6 +27,7 @@ from engine.rl.actor import (
     token_weights,
 )
 from engine.rl.experience import Experience, masked_mean
+from engine.rl.packing import Batching, check_packable, pack, packed_hidden, response_sources, unflatten
 
 
 class ValueModel(nn.Module):
@@ -34,6 +35,8 @@ class ValueModel(nn.Module):
 
     ``forward(input_ids[B, T], attention_mask[B, T])`` -> values [B, T] float32.
     Positions count real tokens only (``position_ids_from_mask``), as in the actor.
+    ``forward(..., response_len=R)`` -> values [B, R] at positions P-1 .. P+R-2 only, computed on
+    the packed real tokens (``engine.rl.packing``), zeros where the padded forward reads padding.
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, head_init_std: float | None = None) -> None:
@@ -45,7 +48,14 @@ class ValueModel(nn.Module):
         nn.init.normal_(self.value_head.weight, std=std)
         nn.init.zeros_(self.value_head.bias)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int | None = None
+    ) -> torch.Tensor:
+        if response_len is not None:
+            pk = pack(input_ids, attention_mask)
+            index, valid = response_sources(pk, attention_mask, response_len)
+            hidden = packed_hidden(self.backbone, pk)[index]
+            return unflatten(self.value_head(hidden).squeeze(-1).float(), valid)
         out = self.backbone(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -139,7 +149,7 @@ class CriticWorker:
         model: ValueModel,
         optim: OptimConfig,
         algo: PPOAlgoConfig,
-        train_micro_batch_size: int,
+        train_micro_batch_size: int | Batching,
         gradient_accumulation_steps: int,
         dtype: torch.dtype | None = None,
         total_updates: int | None = None,
@@ -148,9 +158,12 @@ class CriticWorker:
 
         disable_dropout(model)  # values under training equal values under scoring
         self.algo = algo
-        self.micro_batch_size = train_micro_batch_size
+        self.batching = Batching.of(train_micro_batch_size)
+        if self.batching.packing:
+            check_packable(model.backbone, "critic")
+        self.micro_batch_size = self.batching.micro_batch_size
         self.train = TrainEngine(
-            model, optim, train_micro_batch_size, gradient_accumulation_steps, dtype, total_updates
+            model, optim, self.micro_batch_size, gradient_accumulation_steps, dtype, total_updates
         )
 
     @property
@@ -191,14 +204,17 @@ class CriticWorker:
 
     def _response_values(self, mb: Experience) -> torch.Tensor:
         P, R = mb.prompt_len, mb.response_len
-        values = self.engine(mb.sequences.to(self.device), mb.attention_mask.to(self.device))
-        return values[:, P - 1 : P - 1 + R]
+        seq, am = mb.sequences.to(self.device), mb.attention_mask.to(self.device)
+        if self.batching.packing:
+            return self.engine(seq, am, R)
+        return self.engine(seq, am)[:, P - 1 : P - 1 + R]
 
     @torch.no_grad()
     def values(self, batch: Experience, micro_batch_size: int | None = None) -> torch.Tensor:
         """[B, R] float32 values of the state before each response token (eval mode), on the batch's device."""
         self.engine.eval()
-        outs = [self._response_values(mb) for mb in batch.split(micro_batch_size or self.micro_batch_size)]
+        micro = batch.split(micro_batch_size) if micro_batch_size else self.batching.split(batch)
+        outs = [self._response_values(mb) for mb in micro]
         values = torch.cat(outs).to(batch.sequences.device)
         return torch.where(batch.action_mask.bool(), values, torch.zeros_like(values))
 
@@ -207,7 +223,10 @@ class CriticWorker:
 
         Returns this rank's means of value_loss, values, the kernel's stats (``vf_``-prefixed), plus grad_norm, lr, skipped.
         """
-        check_micro_batches(micro_batches, self.train.grad_accum, "values", "returns")
+        tokens = self.batching.micro_batch_tokens > 0
+        check_micro_batches(micro_batches, None if tokens else self.train.grad_accum, "values", "returns")
+        if tokens:
+            self.train.begin(len(micro_batches))
         self.engine.train()
         sums: dict[str, float] = {}
         for mb, w in zip(micro_batches, token_weights(micro_batches)):

@@ -11,6 +11,7 @@ own tokenizer reads re-tokenized text (``engine.rl.reward_route``).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -22,6 +23,14 @@ from engine import distributed as dist
 from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
 from engine.rl.critic import reward_head_of
 from engine.rl.experience import Experience
+from engine.rl.packing import (
+    Batching,
+    agreed_token_groups,
+    check_packable,
+    pack,
+    packed_hidden,
+    token_budget_groups,
+)
 from engine.rl.reward_route import RewardRoute, TextRoute
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float | None]]
@@ -59,23 +68,28 @@ class ReferenceModel:
 
     Holds full weights on one device, or with ``partition=True`` its 1/world share
     (``partition_frozen``, ZeRO-3 inference; ``placement.frozen_zero_stage=3``).
+    ``micro_batch_size``: samples per forward, or a ``Batching`` (token budget, packing).
     """
 
     def __init__(
         self,
         model: nn.Module,
         device: torch.device | str | None = None,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | Batching = 8,
         partition: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         from engine.models import disable_dropout
 
+        self.batching = Batching.of(micro_batch_size)
+        if self.batching.packing:
+            check_packable(model, "reference")
+        self.partition = partition
         disable_dropout(model)
         self.net = _freeze(PolicyLogprobs(model.to(self.device)))
         if partition:
             self.net = partition_frozen(self.net, next(model.parameters()).dtype)
-        self.micro_batch_size = micro_batch_size
+        self.micro_batch_size = self.batching.micro_batch_size
 
     @property
     def module(self) -> nn.Module:
@@ -84,11 +98,16 @@ class ReferenceModel:
     @torch.no_grad()
     def logprobs(self, batch: Experience, temperature: float = 1.0) -> torch.Tensor:
         """[B, R] log-probs of the response tokens under the reference policy, on the batch's device."""
+        b = self.batching
         outs = [
             self.net(
-                mb.sequences.to(self.device), mb.attention_mask.to(self.device), mb.response_len, temperature
+                mb.sequences.to(self.device),
+                mb.attention_mask.to(self.device),
+                mb.response_len,
+                temperature,
+                b.packing,
             )[0]
-            for mb in batch.split(self.micro_batch_size)
+            for mb in b.split(batch, agree=self.partition)  # ZeRO-3 gathers: as many forwards on every rank
         ]
         logp = torch.cat(outs).to(batch.sequences.device)
         return torch.where(batch.action_mask.bool().to(logp.device), logp, torch.zeros_like(logp))
@@ -109,7 +128,7 @@ class RewardScorer:
         model: nn.Module | None = None,
         clip: float = 0.0,
         device: torch.device | str | None = None,
-        micro_batch_size: int = 8,
+        micro_batch_size: int | Batching = 8,
         text_route: TextRoute | None = None,
         partition: bool = False,
     ) -> None:
@@ -117,11 +136,15 @@ class RewardScorer:
             raise ValueError("RewardScorer needs exactly one of fn or model")
         self.fn = fn
         self.clip = float(clip)
-        self.micro_batch_size = micro_batch_size
+        self.batching = Batching.of(micro_batch_size)
+        self.micro_batch_size = self.batching.micro_batch_size
+        self.partition = partition
         self.model = None
         self.text_route = text_route  # None: the model reads the policy's token ids
         if model is not None:
             self.device = torch.device(device) if device is not None else next(model.parameters()).device
+            if self.batching.packing:
+                check_packable(model, "reward model")
             self.model = _freeze(model.to(self.device))
             if partition:  # ZeRO-3 inference (placement.frozen_zero_stage=3): every submodule gathers its own
                 self.model = partition_frozen(self.model, next(model.parameters()).dtype)
@@ -212,11 +235,28 @@ class RewardScorer:
 
     @torch.no_grad()
     def _model_scores(self, sequences: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B] reward-model outputs at each row's last real token (float32, CPU)."""
+        """[B] reward-model outputs at each row's last real token (float32, CPU).
+
+        Packed (``batching.packing``): NaN (invalid) for a row with no real token.
+        """
+        b = self.batching
+        if b.micro_batch_tokens > 0:
+            lengths, budget = attention_mask.sum(1).tolist(), b.micro_batch_tokens
+            groups = (
+                agreed_token_groups(attention_mask, budget)  # ZeRO-3 gathers: as many forwards per rank
+                if self.partition
+                else token_budget_groups(lengths, budget)
+            )
+            chunks = [(sequences[g], attention_mask[g]) for g in groups]
+        else:
+            n = b.micro_batch_size
+            chunks = [(sequences[i : i + n], attention_mask[i : i + n]) for i in range(0, len(sequences), n)]
         outs = []
-        for i in range(0, sequences.shape[0], self.micro_batch_size):
-            ids = sequences[i : i + self.micro_batch_size].to(self.device)
-            am = attention_mask[i : i + self.micro_batch_size].to(self.device)
+        for ids, am in chunks:
+            ids, am = ids.to(self.device), am.to(self.device)
+            if b.packing:
+                outs.append(self._packed_scores(ids, am))
+                continue
             out = self.body(
                 input_ids=ids, attention_mask=am, position_ids=position_ids_from_mask(am), use_cache=False
             )
@@ -226,6 +266,16 @@ class RewardScorer:
             h = hidden[torch.arange(ids.shape[0], device=ids.device), last]
             outs.append(self.head(h).squeeze(-1).float().cpu())
         return torch.cat(outs)
+
+    def _packed_scores(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
+        """[B] scores at each row's last real token from one packed forward (NaN for an empty row)."""
+        pk = pack(ids, am)
+        last = pk.slot.max(1).values  # slots rise along a row's real tokens; -1 on padding
+        has = last >= 0
+        h = packed_hidden(self.body, pk)[last[has]]
+        out = torch.full((ids.shape[0],), float("nan"))
+        out[has.cpu()] = self.head(h).squeeze(-1).float().cpu()
+        return out
 
 
 def _accepts(fn: Any, name: str) -> bool:
@@ -261,7 +311,7 @@ def build_scoring(
     from engine.models import load_causal_lm, load_reward_model
     from engine.tasks import load_callable
 
-    attn, mb = cfg.model.attn_implementation, cfg.ppo.micro_batch_size
+    attn, mb = cfg.model.attn_implementation, Batching.from_config(cfg.ppo)
     part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)
     if part:
         print(f"[scoring] reference and reward partitioned over {dist.world_size()} ranks (ZeRO-3 inference)")
@@ -272,4 +322,10 @@ def build_scoring(
         return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
     rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
     text = route.text if route is not None else None
-    return ref, RewardScorer(model=rm, clip=cfg.reward.clip, device=device, text_route=text, partition=part)
+    rmb = dataclasses.replace(
+        mb, micro_batch_size=8
+    )  # the reward model's forwards: 8 samples unless a budget
+    scorer = RewardScorer(
+        model=rm, clip=cfg.reward.clip, device=device, micro_batch_size=rmb, text_route=text, partition=part
+    )
+    return ref, scorer

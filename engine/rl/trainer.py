@@ -159,7 +159,12 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 "the update's own forward (no separate scoring pass)",
                 flush=True,
             )
-        grad_accum = self.mini_per_rank // p.micro_batch_size
+        # With ppo.micro_batch_tokens the count varies per mini-batch and the workers drive DeepSpeed's
+        # accumulation themselves (TrainEngine.begin); this only fills DeepSpeed's config.
+        grad_accum = max(self.mini_per_rank // p.micro_batch_size, 1)
+        from engine.rl.packing import Batching
+
+        self.batching = Batching.from_config(p)
         updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
         attn = cfg.model.attn_implementation
 
@@ -175,7 +180,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             actor_lm,
             cfg.actor,
             p,
-            p.micro_batch_size,
+            self.batching,
             grad_accum,
             dtype,
             T,
@@ -202,9 +207,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 value_model = ValueModel.from_reward_model(cfg.reward.model_path)
             else:
                 value_model = ValueModel.from_reward_model(init)
-            self.critic = CriticWorker(
-                value_model, cfg.critic, p, p.micro_batch_size, grad_accum, dtype, updates
-            )
+            self.critic = CriticWorker(value_model, cfg.critic, p, self.batching, grad_accum, dtype, updates)
         if self.rank == 0:  # bf16: bf16 params, fp32 master weights and Adam state (DeepSpeed's bf16 mode)
             for name, role in (("actor", self.actor), ("critic", self.critic)):
                 if role is not None:
@@ -280,7 +283,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             perm = torch.randperm(exp.batch_size, generator=self._gen)
             for i in range(0, exp.batch_size, self.mini_per_rank):
                 mb = exp.select(perm[i : i + self.mini_per_rank])
-                micro = mb.split(p.micro_batch_size)
+                micro = self.batching.split(mb)  # consecutive: `kept` below stays in perm's order
                 kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
                 tis = self.cfg.async_.tis_cap if deferred else 0.0
                 a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)

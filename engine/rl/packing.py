@@ -1,0 +1,189 @@
+"""Packed sequences and token-budget micro-batches for the training-side passes.
+
+A packed micro-batch is its samples' real tokens (``attention_mask`` 1) concatenated into one row
+``[1, N]`` with ``position_ids`` restarting at 0 for each sample, and no padding; with
+``attention_mask=None``, ``use_cache=False`` and restarting positions, transformers' masking
+utilities (``find_packed_sequence_indices``; flash-attention's varlen path for
+``flash_attention_2``) build a block-diagonal causal mask, so every token sees exactly what it
+sees in the padded ``[B, T]`` forward with ``position_ids_from_mask``. ``Packed.slot`` maps each
+padded position to its place in the row, so per-token outputs go back into the padded layout the
+rest of the code expects (``unflatten``), zeros where the padded forward computed padding.
+
+Token-budget micro-batches (``ppo.micro_batch_tokens``) group consecutive samples of a mini-batch
+greedily under a budget of real tokens; a longer sample goes alone. With eager/sdpa attention the
+packed mask is dense over the row ([N, N]), so attention costs N^2 rather than the samples'
+sum of squares (flash-attention's varlen path): keep the budget to a few of the longest samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from engine.rl.experience import Experience
+
+# model_type -> verified (tests/engine/rl/test_packing.py): the decoder builds its mask with
+# transformers' create_causal_mask / create_sliding_window_causal_mask from the position_ids it is
+# given, and takes rotary positions from them. Others are refused rather than trusted.
+PACKABLE_MODEL_TYPES = ("llama", "qwen2", "qwen3", "mistral")
+PACKABLE_ATTENTION = ("eager", "sdpa", "flash_attention_2")
+
+
+def check_packable(model: nn.Module, role: str) -> None:
+    """Raise ``ValueError`` naming ``role``, the model type and why, unless packing is exact for ``model``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in PACKABLE_MODEL_TYPES:
+        raise ValueError(
+            f"ppo.packing: the {role} is a {model_type!r} model; packing is exact only where the model's "
+            "mask comes from transformers' masking utilities, which turn restarting position_ids into a "
+            f"block-diagonal mask, verified for {list(PACKABLE_MODEL_TYPES)}. Set ppo.packing=false."
+        )
+    attn = getattr(config, "_attn_implementation", None)
+    if attn not in PACKABLE_ATTENTION:
+        raise ValueError(
+            f"ppo.packing: the {role} ({model_type}) uses attn_implementation={attn!r}, which does not "
+            f"read packed position_ids; use one of {list(PACKABLE_ATTENTION)} or ppo.packing=false"
+        )
+
+
+@dataclass(frozen=True)
+class Packed:
+    """A micro-batch's real tokens in one row.
+
+    - ``input_ids``    [1, N] long: the real tokens of rows 0..B-1, in order
+    - ``position_ids`` [1, N] long: 0, 1, ... within each sample (``position_ids_from_mask``'s values)
+    - ``slot``         [B, T] long: where each padded position sits in the row; -1 on padding
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    slot: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def pack(sequences: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
+    """``sequences``/``attention_mask`` [B, T] (any padding side) -> ``Packed`` on their device."""
+    real = attention_mask.bool()
+    positions = real.long().cumsum(-1) - 1  # per-row rank of each real token
+    slot = torch.full_like(positions, -1)
+    slot[real] = torch.arange(int(real.sum()), device=real.device)
+    return Packed(sequences[real][None], positions[real][None], slot)
+
+
+def packed_hidden(body: nn.Module, packed: Packed) -> torch.Tensor:
+    """[N, H] final hidden states of an HF base model over the packed row (block-diagonal attention)."""
+    out = body(
+        input_ids=packed.input_ids,
+        attention_mask=None,  # None + restarting position_ids: transformers builds the packed mask
+        position_ids=packed.position_ids,
+        use_cache=False,  # with a cache the packed-sequence detection is skipped
+    )
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    return hidden[0]
+
+
+def response_sources(packed: Packed, attention_mask: torch.Tensor, response_len: int):
+    """Where the hidden states predicting the response tokens sit in the packed row.
+
+    Returns ``(index [M] long, valid [B, R] bool)``: ``valid`` marks response positions j whose token
+    and predicting position P-1+j are both real; ``index`` lists, in ``valid``'s row-major order,
+    the packed position of P-1+j.
+    """
+    T = attention_mask.shape[1]
+    P = T - response_len
+    real = attention_mask.bool()
+    valid = real[:, P - 1 : T - 1] & real[:, P:]
+    return packed.slot[:, P - 1 : T - 1][valid], valid
+
+
+def unflatten(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[M] values -> [B, R] (``valid``'s shape) with zeros elsewhere; differentiable w.r.t. ``flat``."""
+    return torch.zeros(valid.shape, dtype=flat.dtype, device=flat.device).masked_scatter(valid, flat)
+
+
+# --------------------------------------------------------------------------- token-budget micro-batches
+def token_budget_groups(lengths: list[int], budget: int, min_groups: int = 0) -> list[list[int]]:
+    """Consecutive groups of sample indices whose ``lengths`` sum to at most ``budget``.
+
+    Greedy in order (a sample longer than ``budget`` goes alone), so concatenating the groups gives
+    back 0..n-1. With ``min_groups`` > the greedy count (another rank needs more micro-batches, and
+    every rank must run as many), the group with the most tokens is halved by tokens until there
+    are ``min(min_groups, n)`` groups; halving keeps every group within the budget.
+    """
+    if budget <= 0:
+        raise ValueError(f"token budget must be > 0, got {budget}")
+    groups: list[list[int]] = []
+    total = budget + 1
+    for i, n in enumerate(lengths):
+        if groups and total + n <= budget:
+            groups[-1].append(i)
+            total += n
+        else:
+            groups.append([i])
+            total = n
+    while len(groups) < min(min_groups, len(lengths)):
+        k = max(
+            (j for j, g in enumerate(groups) if len(g) > 1), key=lambda j: sum(lengths[i] for i in groups[j])
+        )
+        g = groups[k]
+        half, acc, cut = sum(lengths[i] for i in g) / 2, 0, 1
+        for c in range(1, len(g)):  # the cut whose left part comes closest to half the tokens
+            acc += lengths[g[c - 1]]
+            if abs(acc - half) < abs(sum(lengths[i] for i in g[:cut]) - half):
+                cut = c
+        groups[k : k + 1] = [g[:cut], g[cut:]]
+    return groups
+
+
+def agreed_token_groups(attention_mask: torch.Tensor, budget: int) -> list[list[int]]:
+    """``token_budget_groups`` of a rank's samples with the group count agreed across ranks.
+
+    Collective: every rank must call it (ZeRO-2/3 reduce gradients in each micro-batch's backward and
+    ZeRO-3 gathers weights in each forward, so all ranks run the same number of micro-batches).
+    """
+    from engine import distributed as D
+
+    lengths = attention_mask.sum(1).tolist()
+    groups = token_budget_groups(lengths, budget)
+    return token_budget_groups(lengths, budget, int(D.all_reduce_max(len(groups))))
+
+
+@dataclass(frozen=True)
+class Batching:
+    """How a role cuts a batch into micro-batches (``ppo.micro_batch_size`` / ``micro_batch_tokens``) and
+    whether it runs them packed (``ppo.packing``).
+
+    ``micro_batch_tokens`` 0: consecutive chunks of ``micro_batch_size`` samples; > 0: consecutive
+    groups of at most that many real tokens (``token_budget_groups``), their count agreed across
+    ranks when ``split(..., agree=True)``.
+    """
+
+    micro_batch_size: int
+    micro_batch_tokens: int = 0
+    packing: bool = False
+
+    @classmethod
+    def of(cls, spec: int | Batching) -> Batching:
+        """A ``Batching`` from itself or from a plain sample count (padded, as before packing)."""
+        return spec if isinstance(spec, Batching) else cls(int(spec))
+
+    @classmethod
+    def from_config(cls, ppo) -> Batching:
+        """From a ``PPOAlgoConfig``."""
+        return cls(ppo.micro_batch_size, ppo.micro_batch_tokens, ppo.packing)
+
+    def split(self, exp: Experience, agree: bool = True) -> list[Experience]:
+        """``exp`` as micro-batches in sample order; ``agree`` (collective) matches the count across ranks."""
+        if self.micro_batch_tokens <= 0:
+            return exp.split(self.micro_batch_size)
+        if agree:
+            groups = agreed_token_groups(exp.attention_mask, self.micro_batch_tokens)
+        else:
+            groups = token_budget_groups(exp.attention_mask.sum(1).tolist(), self.micro_batch_tokens)
+        return [exp.select(g) for g in groups]
