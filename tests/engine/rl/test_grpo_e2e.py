@@ -185,7 +185,9 @@ def test_split_with_the_hf_backend_samples_from_the_synced_policy(tmp_path) -> N
     """``rollout.backend=hf`` on a rollout rank (``engine.rl.rollout_server.build_engine``): 1 trainer +
     1 rank generating with transformers, synchronous. Every step's samples come from the weights the
     trainer pushed after the previous update: their log-probs equal the trainer's within fp32 noise
-    (a missed or misnamed sync would leave the gap at the size of an update's change, >> 1e-3)."""
+    (a missed or misnamed sync leaves the gap at the size of an update's change, >> 1e-3: checked by
+    disabling ``HFRollout.load_weights``). At KL coefficient 0 with ``placement.scoring=rollout``
+    neither side builds a reference (``ppo.kl.reference=auto``): the rollout rank sends rewards only."""
     require("deepspeed")
     extra = [
         "total_steps=3",
@@ -194,7 +196,9 @@ def test_split_with_the_hf_backend_samples_from_the_synced_policy(tmp_path) -> N
         "placement.mode=split",
         "async.max_staleness=0",
         "placement.scoring=rollout",
+        "placement.timeout_s=120",
         "rollout.backend=hf",
+        "ppo.kl.coef=0",
         "actor.lr=1e-2",  # updates large enough that a stale policy would show
         *QUIET,
     ]
@@ -202,8 +206,13 @@ def test_split_with_the_hf_backend_samples_from_the_synced_policy(tmp_path) -> N
         mp.setenv("OMP_NUM_THREADS", "1")
         run = launch(tmp_path / "split_hf", extra, ranks=2, timeout_s=300, config=GRPO)
     run.check()
+    assert "no reference model, no reference forward" in run.output
     rows = run.metrics
     assert [r["step"] for r in rows] == [1, 2, 3]
-    assert rows[-1]["kl/mean"] > 1e-3  # the policy moved away from the reference
+    (report,) = run.ranks  # the trainer rank
+    assert report["actor"]["n_changed"] == report["actor"]["n_tensors"]
+    for r in rows:
+        assert r["algo/reference"] == "skipped" and math.isfinite(r["reward/mean"])
+        assert not [k for k in r if k.startswith("kl/")], r
+        assert r["async/staleness_max"] == 0
     assert all(r["rollout/logprob_gap"] < 1e-3 for r in rows), [r["rollout/logprob_gap"] for r in rows]
-    assert all(r["async/staleness_max"] == 0 for r in rows)

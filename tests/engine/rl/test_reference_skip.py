@@ -177,31 +177,5 @@ def test_coef0_auto_and_always_make_the_same_update(coef0_runs) -> None:
     assert max_weight_diff(a / "final", b / "final") <= 1e-6
 
 
-@pytest.mark.slow
-def test_split_rollout_scoring_at_coef0_builds_no_reference(tmp_path) -> None:
-    """``placement.scoring=rollout``: the rollout rank scores the samples (rewards only, no
-    reference log-probs) and the trainer trains on them without a reference either."""
-    sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
-    from ppo_launch import launch, require
-
-    require("vllm", "deepspeed")
-    extra = [
-        "total_steps=2",
-        "ppo.kl.coef=0",
-        "placement.mode=split",
-        "placement.scoring=rollout",
-        "placement.timeout_s=120",
-        "logging.tensorboard=false",
-    ]
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("OMP_NUM_THREADS", "1")
-        run = launch(tmp_path / "split", extra, ranks=2, timeout_s=480, config=GRPO)
-    run.check()
-    assert "no reference model, no reference forward" in run.output
-    rows = run.metrics
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["algo/reference"] == "skipped" and math.isfinite(r["reward/mean"])
-        assert not [k for k in r if k.startswith("kl/")], r
-    (report,) = run.ranks  # the trainer rank
-    assert report["actor"]["n_changed"] == report["actor"]["n_tensors"]
+# The split path with placement.scoring=rollout at coefficient 0 (no reference on either side) is
+# tests/engine/rl/test_grpo_e2e.py::test_split_with_the_hf_backend_samples_from_the_synced_policy.
