@@ -34,6 +34,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,6 +125,20 @@ def summarize(out_dir: Path, warmup: int) -> dict[str, float]:
     if "time/generate_s" in timed[0]:
         stats["generate_busy_s"] = mean("time/generate_s")  # the rollout engine's own generate time
         stats["hidden_pct"] = 100 * mean("async/hidden_frac")
+    return stats
+
+
+def measure(
+    config: Path, steps: int, warmup: int, ranks: int, overrides: list[str], out_dir: Path, timeout_s: float
+) -> dict:
+    """One run of the CLI (``run_ppo``) summarized: ``summarize``'s means, plus ``step_s_median``
+    (the median step seconds after ``warmup``), ``rewards`` (every step's mean reward) and ``wall_s``."""
+    wall = run_ppo(config, steps, ranks, overrides, out_dir, timeout_s)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+    stats = summarize(out_dir, warmup)
+    stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[warmup:] or rows)
+    stats["rewards"] = [r["reward/mean"] for r in rows]
+    stats["wall_s"] = wall
     return stats
 
 
