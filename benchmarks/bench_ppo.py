@@ -165,6 +165,19 @@ def measure(
     return stats
 
 
+def env_columns() -> dict[str, str]:
+    """A row's first columns: when, which commit, which device, which torch, vLLM and DeepSpeed."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return {
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "vllm": package_version("vllm"),
+        "deepspeed": package_version("deepspeed"),
+    }
+
+
 def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
     """One run; ``keep``: copy its timeline.jsonl there."""
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
@@ -176,15 +189,9 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
         params = _model_params(Path(summary["policy_dir"]))
         if keep is not None and (out / "timeline.jsonl").is_file():
             keep.write_text((out / "timeline.jsonl").read_text())
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     zero = {cfg["actor"]["zero_stage"], cfg["critic"]["zero_stage"]}
     row = {
-        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_sha": git_sha(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "vllm": package_version("vllm"),
-        "deepspeed": package_version("deepspeed"),
+        **env_columns(),
         "config": os.path.relpath(args.config, ROOT),
         "mode": cfg["placement"]["mode"],
         "ranks": args.ranks,
