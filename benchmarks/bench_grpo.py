@@ -39,10 +39,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +57,8 @@ from benchmarks._common import (  # noqa: E402
     git_sha,
     package_version,
 )
-from benchmarks.bench_ppo import run_ppo, summarize  # noqa: E402
+from benchmarks._peers import MODELS, build_model, peer_python, run_peer  # noqa: E402
+from benchmarks.bench_ppo import measure  # noqa: E402
 from engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
@@ -67,96 +66,6 @@ COLUMNS = [
     "max_new_tokens", "model_params", "steps", "warmup", "step_s_median", "samples_per_s",
     "generate_s", "score_s", "train_s", "sync_s", "reward_first", "reward_last", "threads", "note",
 ]  # fmt: skip
-PEER_VENVS = ROOT / "benchmarks" / ".peer_venvs"
-# --model: random Llamas built from configs (the toy tokenizer's vocabulary); "small" is issue #16's
-# 3.4M-parameter PPO size, where compute starts to count on 2 cores.
-MODELS = {
-    "tiny": {
-        "hidden_size": 128,
-        "num_layers": 2,
-        "num_heads": 2,
-        "num_kv_heads": 2,
-        "intermediate_size": 344,
-    },
-    "small": {
-        "hidden_size": 256,
-        "num_layers": 4,
-        "num_heads": 8,
-        "num_kv_heads": 8,
-        "intermediate_size": 688,
-    },
-}
-
-
-def build_model(out: Path, seed: int, size: str = "tiny") -> int:
-    """The random Llama of ``MODELS[size]`` and the toy tokenizer saved to ``out``; returns the parameter count."""
-    from engine.config import TinyModelConfig
-    from engine.models import build_tiny_model, build_tokenizer
-
-    tok = build_tokenizer()
-    model = build_tiny_model(tok, TinyModelConfig(**MODELS[size], max_position_embeddings=256), seed)
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return sum(p.numel() for p in model.parameters())
-
-
-def _pip_config(key: str) -> list[str]:
-    out = subprocess.run(["pip", "config", "get", key], capture_output=True, text=True)
-    return out.stdout.split() if out.returncode == 0 else []
-
-
-def peer_python(version: str) -> Path:
-    """The interpreter of TRL's own environment, created (once) with torch 2.13.0 from the local wheel.
-
-    Like ``scripts/setup_env.sh``: uv with pip's ``find-links`` folder (the CPU torch wheel) and
-    extra indexes, and PyPI's CUDA builds of torchvision/torchaudio/torchcodec kept out.
-    """
-    venv = PEER_VENVS / f"trl-{version}"
-    py = venv / "bin" / "python"
-    stamp = venv / ".ready"
-    if (
-        stamp.is_file()
-        and subprocess.run([py, "-c", "import trl, torch"], capture_output=True).returncode == 0
-    ):
-        return py
-    print(f"[bench_grpo] installing trl=={version} into {venv} (once)", flush=True)
-    subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True)
-    subprocess.run([py, "-m", "pip", "install", "-q", "uv"], check=True)
-    excludes = venv / "excludes.txt"
-    excludes.write_text("torchvision\ntorchaudio\ntorchcodec\n")
-    cmd = [
-        str(venv / "bin" / "uv"),
-        "pip",
-        "install",
-        "--python",
-        str(py),
-        "--index-strategy",
-        "unsafe-best-match",
-    ]
-    for folder in _pip_config("global.find-links") or ["/opt/wheels"]:
-        if Path(folder).is_dir():
-            cmd += ["--find-links", folder]
-    for index in _pip_config("global.extra-index-url"):
-        cmd += ["--extra-index-url", index]
-    subprocess.run([*cmd, "--excludes", str(excludes), "torch==2.13.0", f"trl=={version}"], check=True)
-    stamp.write_text(version)
-    return py
-
-
-def run_trl(py: Path, spec: dict, work: Path, timeout_s: float) -> dict:
-    spec_path, out_path = work / "trl_spec.json", work / "trl_result.json"
-    spec_path.write_text(json.dumps({**spec, "work_dir": str(work / "trl_out")}))
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    proc = subprocess.run(
-        [str(py), str(ROOT / "benchmarks" / "peers" / "trl_grpo.py"), str(spec_path), str(out_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=timeout_s,
-    )
-    if proc.returncode != 0:
-        raise RuntimeError(f"TRL run failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}")
-    return json.loads(out_path.read_text())
 
 
 # --modes: our placements. "async" is split placement, 1 trainer rank + 1 rollout rank (2
@@ -189,22 +98,17 @@ def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str, mo
         *args.overrides,
     ]
     out = work / f"ours_{backend}_{mode}"
-    env = {"OMP_NUM_THREADS": "1"} if MODES[mode][1] > 1 else {}  # the 2 cores: one per process
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        run_ppo(ROOT / "configs" / "grpo_tiny.yaml", args.steps, MODES[mode][1], overrides, out, args.timeout)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
-    stats = summarize(out, args.warmup)
-    stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[args.warmup :])
-    stats["rewards"] = [r["reward/mean"] for r in rows]
-    return stats
+    ranks = MODES[mode][1]
+    return measure(
+        ROOT / "configs" / "grpo_tiny.yaml",
+        args.steps,
+        args.warmup,
+        ranks,
+        overrides,
+        out,
+        args.timeout,
+        threads=1 if ranks > 1 else None,  # the 2 cores: one per process
+    )
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -277,7 +181,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     label = backend if mode == "colocate" else f"{backend}, split async"
                     runs.setdefault(f"tritonrlhf ({label})", []).append(mine)
             if peer is not None:
-                trl = run_trl(peer, spec, work, args.timeout)
+                trl = run_peer(peer, "trl_grpo.py", spec, work, args.timeout)
                 trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])
                 trl["rewards"] = trl["reward"]
                 runs.setdefault("trl GRPOTrainer", []).append(trl)

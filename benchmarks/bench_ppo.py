@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_ppo.py --ranks 2 --steps 6 actor.zero_stage=3 critic.zero_stage=3
     python benchmarks/bench_ppo.py --config configs/ppo_7b_8gpu.yaml --ranks 8 --steps 20
     python benchmarks/bench_ppo.py --compare --steps 12                # the placement comparison below
+    python benchmarks/bench_ppo.py --peer trl --model small            # against TRL's PPOTrainer, below
 
 Runs ``python -m engine.cli ppo`` (``deepspeed --num_gpus N --module engine.cli ppo`` for N > 1) in a
 subprocess with the given dotted overrides, then reads the run's ``metrics.jsonl``. Reported
@@ -24,6 +25,20 @@ a row for each, prints the speed-up of async over the best synchronous mode, and
 per-phase timeline of a few steps of each mode into ``benchmarks/results/ppo_timeline.png``: for
 ``split``, ``generate`` is the rollout rank's time; ``hidden_pct`` is the share of it that the
 trainer did not wait for (it trained meanwhile).
+
+``--peer trl`` puts ours beside TRL's ``PPOTrainer`` (TRL 1.12, ``--trl-version``) on the same
+work, in one command, as ``bench_grpo.py`` does for GRPO: it saves one random Llama (``--model``)
+and a ``num_labels=1`` classifier on its backbone (``benchmarks/_peers.py``), installs TRL into its
+own environment under ``benchmarks/.peer_venvs/`` (once), and runs, interleaved ``--repeats`` times:
+ours colocated on 1 rank for each of ``--backends``; ours split one-step-off (1 trainer + 1 vLLM
+rollout rank scoring reference and reward; ``--no-split`` leaves it out); and
+``benchmarks/peers/trl_ppo.py`` in TRL's environment. Both load the policy and reference from the
+Llama and the reward model and critic from the classifier, and train on ``--prompts`` toy prompts
+per step, ``--max-new-tokens`` at temperature 0.7, k1 KL 0.05 in the reward, one epoch of one
+mini-batch (one optimizer step per batch), fp32 (``saved_model_overrides``). Each run's median step
+after ``--warmup`` is taken, and the median over runs is reported: steps/s, samples/s, the speed
+ratio to TRL, and our per-phase breakdown; a row per system goes to
+``benchmarks/results/ppo_vs_trl.csv``.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import glob
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -53,6 +69,14 @@ from benchmarks._common import (  # noqa: E402
     git_sha,
     package_version,
 )
+from benchmarks._peers import (  # noqa: E402
+    MODELS,
+    build_model,
+    build_reward_model,
+    peer_python,
+    run_peer,
+)
+from engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "vllm", "deepspeed", "config", "mode", "ranks",
@@ -79,9 +103,16 @@ def _model_params(policy_dir: Path) -> int:
 
 
 def run_ppo(
-    config: Path, steps: int, ranks: int, overrides: list[str], out_dir: Path, timeout_s: float
+    config: Path,
+    steps: int,
+    ranks: int,
+    overrides: list[str],
+    out_dir: Path,
+    timeout_s: float,
+    threads: int | None = None,
 ) -> float:
-    """Run the CLI; returns its wall seconds. Raises with the output tail on failure."""
+    """Run the CLI; returns its wall seconds. Raises with the output tail on failure. ``threads``:
+    ``OMP_NUM_THREADS`` of each process (default: the environment's)."""
     port = _free_port()  # names this run's /dev/shm buffers, so cleanup touches no other run's
     if ranks == 1:
         cmd = [sys.executable, "-m", "engine.cli"]
@@ -91,6 +122,8 @@ def run_ppo(
     cmd += ["ppo", "--config", str(config), f"output_dir={out_dir}", f"total_steps={steps}"]
     cmd += ["logging.progress_bar=false", "logging.tensorboard=false", *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(port))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -127,6 +160,40 @@ def summarize(out_dir: Path, warmup: int) -> dict[str, float]:
     return stats
 
 
+def measure(
+    config: Path,
+    steps: int,
+    warmup: int,
+    ranks: int,
+    overrides: list[str],
+    out_dir: Path,
+    timeout_s: float,
+    threads: int | None = None,
+) -> dict:
+    """One run of the CLI (``run_ppo``) summarized: ``summarize``'s means, plus ``step_s_median``
+    (the median step seconds after ``warmup``), ``rewards`` (every step's mean reward) and ``wall_s``."""
+    wall = run_ppo(config, steps, ranks, overrides, out_dir, timeout_s, threads)
+    rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
+    stats = summarize(out_dir, warmup)
+    stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[warmup:] or rows)
+    stats["rewards"] = [r["reward/mean"] for r in rows]
+    stats["wall_s"] = wall
+    return stats
+
+
+def env_columns() -> dict[str, str]:
+    """A row's first columns: when, which commit, which device, which torch, vLLM and DeepSpeed."""
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    return {
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "vllm": package_version("vllm"),
+        "deepspeed": package_version("deepspeed"),
+    }
+
+
 def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
     """One run; ``keep``: copy its timeline.jsonl there."""
     with tempfile.TemporaryDirectory(prefix="bench_ppo_") as tmp:
@@ -138,15 +205,9 @@ def bench(args: argparse.Namespace, keep: Path | None = None) -> dict[str, str]:
         params = _model_params(Path(summary["policy_dir"]))
         if keep is not None and (out / "timeline.jsonl").is_file():
             keep.write_text((out / "timeline.jsonl").read_text())
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     zero = {cfg["actor"]["zero_stage"], cfg["critic"]["zero_stage"]}
     row = {
-        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
-        "git_sha": git_sha(),
-        "device": device_name(device),
-        "torch": torch.__version__,
-        "vllm": package_version("vllm"),
-        "deepspeed": package_version("deepspeed"),
+        **env_columns(),
         "config": os.path.relpath(args.config, ROOT),
         "mode": cfg["placement"]["mode"],
         "ranks": args.ranks,
@@ -248,13 +309,197 @@ def plot_timelines(
     print(f"timeline plot: {path}")
 
 
+# --peer trl: our PPO and TRL's PPOTrainer on the same saved Llama and the same work (module doc).
+SPLIT_ASYNC = ["placement.mode=split", "async.max_staleness=1", "placement.scoring=rollout"]
+MODES = {"colocate": (1, []), "split-async": (2, SPLIT_ASYNC)}  # name -> (ranks, overrides)
+PEER_LR, PEER_VF_COEF, PEER_TEMPERATURE, PEER_KL_COEF = 5e-3, 0.5, 0.7, 0.05
+PEER_COLUMNS = [
+    "timestamp", "git_sha", "device", "system", "versions", "model", "model_params", "prompts",
+    "max_new_tokens", "steps", "warmup", "step_s_median", "steps_per_s", "samples_per_s",
+    "tokens_per_s", "vs_trl", "generate_s", "score_s", "train_s", "sync_s", "reward_first",
+    "reward_last", "threads", "note",
+]  # fmt: skip
+
+
+def saved_model_overrides(
+    model_dir: Path, rm_dir: Path, prompts: int, max_new_tokens: int, seed: int
+) -> list[str]:
+    """Our PPO on saved checkpoints with the work of ``benchmarks/peers/trl_ppo.py``.
+
+    Policy and reference from ``model_dir``; reward model and critic from ``rm_dir`` (a
+    ``num_labels=1`` classifier); ``prompts`` per step, one sample each, one PPO epoch of one
+    mini-batch (one optimizer step per batch); k1 KL in the reward; raw rewards (TRL's
+    ``whiten_rewards=False``), whitened advantages (as TRL); ZeRO stage 0 (one trainer rank has
+    nothing to shard).
+    """
+    return [
+        f"model.path={model_dir}",
+        "reward.kind=model",
+        f"reward.model_path={rm_dir}",
+        f"critic.init_from={rm_dir}",
+        f"seed={seed}",
+        "data.num_prompts=256",
+        f"ppo.rollout_batch_size={prompts}",
+        "ppo.samples_per_prompt=1",
+        f"ppo.mini_batch_size={prompts}",
+        f"ppo.micro_batch_size={prompts}",
+        "ppo.ppo_epochs=1",
+        f"ppo.vf_coef={PEER_VF_COEF}",
+        "ppo.reward_norm=false",
+        "ppo.whiten_advantages=true",
+        "ppo.kl.kind=k1",
+        f"ppo.kl.coef={PEER_KL_COEF}",
+        "ppo.kl.placement=reward",
+        f"rollout.max_new_tokens={max_new_tokens}",
+        f"rollout.temperature={PEER_TEMPERATURE}",
+        f"actor.lr={PEER_LR}",
+        f"critic.lr={PEER_LR}",
+        "actor.zero_stage=0",
+        "critic.zero_stage=0",
+    ]
+
+
+def save_models(work: Path, seed: int, size: str) -> tuple[Path, Path, int]:
+    """The random Llama of ``MODELS[size]`` and its reward model saved under ``work``: (policy dir,
+    reward dir, parameter count)."""
+    params = build_model(work / f"policy_{size}", seed, size)
+    build_reward_model(work / f"policy_{size}", work / f"rm_{size}", seed)
+    return work / f"policy_{size}", work / f"rm_{size}", params
+
+
+def peer_compare(args: argparse.Namespace) -> list[dict]:
+    """Ours (colocate per backend, split one-step-off) and TRL's PPOTrainer, interleaved ``--repeats``
+    times; one row per system with the median of the runs' median steps."""
+    peer = peer_python(args.trl_version)  # install before timing anything
+    ours = [(f"ours colocate ({b})", *MODES["colocate"], [f"rollout.backend={b}"]) for b in args.backends]
+    if args.split:
+        ours += [(f"ours split async s=1 ({b})", *MODES["split-async"], [f"rollout.backend={b}"]) for b in args.backends]
+    runs: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_ppo_peer_") as tmp:
+        work = Path(tmp)
+        model_dir, rm_dir, params = save_models(work, args.seed, args.model)
+        common = saved_model_overrides(model_dir, rm_dir, args.prompts, args.max_new_tokens, args.seed)
+        spec = {
+            "model_dir": str(model_dir),
+            "reward_dir": str(rm_dir),
+            "prompts": toy_prompts(256, args.seed),  # what data.prompts=toy gives our run
+            "prompts_per_step": args.prompts,
+            "max_new_tokens": args.max_new_tokens,
+            "temperature": PEER_TEMPERATURE,
+            "kl_coef": PEER_KL_COEF,
+            "vf_coef": PEER_VF_COEF,
+            "lr": PEER_LR,
+            "steps": args.steps,
+            "seed": args.seed,
+        }
+        # Repeats interleave the systems, so a slow spell of the machine hits each of them alike.
+        for rep in range(args.repeats):
+            for i, (label, ranks, mode, extra) in enumerate(ours):
+                overrides = [*common, *mode, *extra, *args.overrides]
+                out = work / f"rep{rep}_ours{i}"
+                runs.setdefault(label, []).append(
+                    measure(
+                        Path(args.config),
+                        args.steps,
+                        args.warmup,
+                        ranks,
+                        overrides,
+                        out,
+                        args.timeout,
+                        threads=1 if ranks > 1 else None,  # 2 processes: one thread each
+                    )
+                )
+            trl = run_peer(peer, "trl_ppo.py", spec, work, args.timeout)
+            trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])
+            trl["rewards"] = trl["reward"]
+            runs.setdefault("trl PPOTrainer", []).append(trl)
+    rows = peer_rows(args, runs, params, dict((label, extra) for label, _, _, extra in ours))
+    append_rows(Path(args.out), rows, PEER_COLUMNS)
+    print_peer_rows(args, rows)
+    return rows
+
+
+def peer_rows(args: argparse.Namespace, runs: dict[str, list[dict]], params: int, ours: dict) -> list[dict]:
+    """One CSV row per system: medians over the repeats of each run's figures."""
+    med = lambda results, key: statistics.median(r[key] for r in results)  # noqa: E731
+    base = {
+        "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
+        "git_sha": git_sha(),
+        "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "model": args.model,
+        "model_params": params,
+        "prompts": args.prompts,
+        "max_new_tokens": args.max_new_tokens,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": os.environ.get("OMP_NUM_THREADS", str(torch.get_num_threads())),
+    }
+    trl_step = med(runs["trl PPOTrainer"], "step_s_median")
+    rows = []
+    for system, results in runs.items():
+        step = med(results, "step_s_median")
+        per_run = "per-run medians " + " ".join(f"{r['step_s_median']:.3f}" for r in results) + " s"
+        row = {
+            **base,
+            "system": system,
+            "step_s_median": f"{step:.4g}",
+            "steps_per_s": f"{1 / step:.4g}",
+            "samples_per_s": f"{args.prompts / step:.4g}",
+            "vs_trl": f"{trl_step / step:.3g}",
+            "reward_first": f"{statistics.median(r['rewards'][0] for r in results):.4g}",
+            "reward_last": f"{statistics.median(r['rewards'][-1] for r in results):.4g}",
+        }
+        if system in ours:
+            gen = "HF generate" if "(hf)" in system else "vLLM"
+            where = f"2 processes, 1 thread each: 1 trainer + 1 {gen} rollout rank scoring ref and reward, one-step-off"
+            if "colocate" in system:
+                where = f"1 rank, colocate, {gen}"
+            row |= {
+                "versions": f"torch {torch.__version__}, vllm {package_version('vllm')}, "
+                f"deepspeed {package_version('deepspeed')}",
+                "tokens_per_s": f"{med(results, 'tokens_per_s'):.4g}",
+                **{k: f"{med(results, k):.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
+                "note": f"{where}; {' '.join([*ours[system], *args.overrides])}; {per_run}",
+            }
+            if "split" in system:
+                row["threads"] = "1"
+        else:
+            v = results[0]["versions"]
+            row |= {
+                "versions": f"trl {v['trl']}, transformers {v['transformers']}, torch {v['torch']}",
+                "threads": str(results[0]["threads"]),
+                "note": f"HF generate, ref/reward/value models, gradient checkpointing off; {per_run}",
+            }
+        rows.append(row)
+    return rows
+
+
+def print_peer_rows(args: argparse.Namespace, rows: list[dict]) -> None:
+    print(
+        f"{rows[0]['device']}: {args.prompts} prompts x {args.max_new_tokens} new tokens, {args.model} "
+        f"({rows[0]['model_params']} params); median over {args.repeats} run(s) of each run's median "
+        f"step {args.warmup + 1}-{args.steps}"
+    )
+    for r in rows:
+        print(
+            f"  {r['system']:30s} {r['steps_per_s']:>7s} steps/s {r['samples_per_s']:>8s} samples/s "
+            f"({r['step_s_median']} s/step)  speed vs TRL {r['vs_trl']}x  {r['versions']}"
+        )
+        if r["system"].startswith("ours"):
+            print(
+                f"  {'':30s} generate {r['generate_s']} s, score {r['score_s']} s, train {r['train_s']} s, "
+                f"sync {r['sync_s']} s per step (medians of the runs' means); {r['tokens_per_s']} tokens/s"
+            )
+    print(f"appended to {args.out}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, str]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "ppo_tiny.yaml"))
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1, help="leading steps left out of the means")
     parser.add_argument("--ranks", type=int, default=1, help="1: plain python; N > 1: deepspeed --num_gpus N")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "ppo.csv"))
+    parser.add_argument("--out", default=None, help="CSV (default results/ppo.csv; --peer: ppo_vs_trl.csv)")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds before the run is killed")
     parser.add_argument("--compare", action="store_true", help="colocate vs split sync vs split async")
     parser.add_argument(
@@ -263,12 +508,30 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
         choices=("trainer", "rollout"),
         help="placement.scoring of split runs",
     )
+    peer = parser.add_argument_group("--peer trl: side by side with TRL's PPOTrainer")
+    peer.add_argument("--peer", choices=("trl",), help="run the peer comparison")
+    peer.add_argument("--trl-version", default="1.12.0", help="TRL's last release with PPOTrainer")
+    peer.add_argument("--model", default="small", choices=list(MODELS), help="the random Llama both train")
+    peer.add_argument("--prompts", type=int, default=16, help="prompts per step")
+    peer.add_argument("--max-new-tokens", type=int, default=64)
+    peer.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved")
+    peer.add_argument(
+        "--backends", default="hf,vllm", type=lambda s: s.split(","), help="our colocate rollout backends"
+    )
+    peer.add_argument(
+        "--split", action=argparse.BooleanOptionalAction, default=True, help="also ours split one-step-off"
+    )
+    peer.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. actor.zero_stage=3")
     args = parser.parse_args(argv)
+    results = ROOT / "benchmarks" / "results"
+    args.out = args.out or str(results / ("ppo_vs_trl.csv" if args.peer else "ppo.csv"))
     if args.steps <= args.warmup:
         parser.error(f"--steps ({args.steps}) must exceed --warmup ({args.warmup})")
     if args.ranks < 1:
         parser.error("--ranks must be >= 1")
+    if args.peer:
+        return peer_compare(args)[-1]
     if args.compare:
         return compare(args)[-1]
     row = bench(args)
