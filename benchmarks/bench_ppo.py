@@ -373,7 +373,10 @@ def peer_compare(args: argparse.Namespace) -> list[dict]:
     peer = peer_python(args.trl_version)  # install before timing anything
     ours = [(f"ours colocate ({b})", *MODES["colocate"], [f"rollout.backend={b}"]) for b in args.backends]
     if args.split:
-        ours += [(f"ours split async s=1 ({b})", *MODES["split-async"], [f"rollout.backend={b}"]) for b in args.backends]
+        ours += [
+            (f"ours split async s=1 ({b})", *MODES["split-async"], [f"rollout.backend={b}"])
+            for b in args.backends
+        ]
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ppo_peer_") as tmp:
         work = Path(tmp)

@@ -89,7 +89,7 @@ def run_point(args: argparse.Namespace, work: Path, point: dict, mode: str, mode
             k: f"{stats[k]:.4g}"
             for k in ("samples_per_s", "tokens_per_s", "step_s", "generate_s", "score_s", "train_s", "sync_s")
         },
-        "threads": str(threads or os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())),
+        "threads": str(threads or os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
         "overrides": " ".join(args.overrides),
     }
 
