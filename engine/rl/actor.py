@@ -216,8 +216,9 @@ class TrainEngine:
     ``micro_step(loss, finite)`` runs backward + engine step per micro-batch; ``finish()`` ends the
     mini-batch and reports whether it was skipped. ``begin(n)`` before a mini-batch of ``n``
     micro-batches, where ``n`` varies (token-budget micro-batches), takes the accumulation over
-    from DeepSpeed's fixed ``gradient_accumulation_steps`` (call it for every mini-batch then). Used by the actor and critic and every offline
-    stage. ``total_updates``: optimizer steps in the whole run (for ``optim.lr_schedule=cosine``).
+    from DeepSpeed's fixed ``gradient_accumulation_steps`` (call it for every mini-batch then).
+    Used by the actor and critic and every offline stage. ``total_updates``: optimizer steps in
+    the whole run (for ``optim.lr_schedule=cosine``).
     """
 
     def __init__(
@@ -288,7 +289,8 @@ class TrainEngine:
         self._n_micro, self._micro_done = n_micro, 0
 
     def micro_step(self, loss: torch.Tensor, finite: bool) -> None:
-        """Backward one micro-batch (scaled by 1/grad_accum, or 1/n of ``begin(n)``); a non-finite loss forces a skip."""
+        """Backward one micro-batch (scaled by 1/grad_accum, or 1/n of ``begin(n)``); a non-finite
+        loss forces a skip."""
         if not finite:
             self.optimizer.force_skip = True
         if self._n_micro is None:
@@ -502,7 +504,8 @@ class ActorWorker:
         keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         tis_cap: float = 0.0,
     ) -> dict[str, float]:
-        """One optimizer step over ``micro_batches`` (len == gradient_accumulation_steps, any with a token budget).
+        """One optimizer step over ``micro_batches`` (as many as gradient_accumulation_steps; any
+        number with a token budget).
 
         Each micro-batch needs ``advantages`` (and ``ref_logprobs`` with a KL term), and
         ``old_logprobs`` unless ``keep`` is given: then this forward's own log-probs are the old

@@ -221,7 +221,8 @@ class CriticWorker:
     def train_minibatch(self, micro_batches: Sequence[Experience]) -> dict[str, float]:
         """One optimizer step on ``vf_coef * ppo_value_loss`` (needs ``values`` and ``returns``).
 
-        Returns this rank's means of value_loss, values, the kernel's stats (``vf_``-prefixed), plus grad_norm, lr, skipped.
+        Returns this rank's means of value_loss, values, the kernel's stats (``vf_``-prefixed), plus
+        grad_norm, lr, skipped.
         """
         tokens = self.batching.micro_batch_tokens > 0
         check_micro_batches(micro_batches, None if tokens else self.train.grad_accum, "values", "returns")
