@@ -58,13 +58,14 @@ from benchmarks._common import (  # noqa: E402
     package_version,
 )
 from benchmarks._peers import MODELS, build_model, peer_python, run_peer  # noqa: E402
-from benchmarks.bench_ppo import measure  # noqa: E402
+from benchmarks.bench_ppo import measure, passes_text  # noqa: E402
 from engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "system", "versions", "estimator", "prompts", "group_size",
     "max_new_tokens", "model_params", "steps", "warmup", "step_s_median", "samples_per_s",
-    "generate_s", "score_s", "train_s", "sync_s", "reward_first", "reward_last", "threads", "note",
+    "generate_s", "score_s", "train_s", "sync_s", "passes", "reward_first", "reward_last", "threads",
+    "note",
 ]  # fmt: skip
 
 
@@ -215,6 +216,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         k: f"{statistics.median(r[k] for r in results):.4g}"
                         for k in ("generate_s", "score_s", "train_s", "sync_s")
                     },
+                    "passes": passes_text(results),
                     "note": f"{where}, {gen}; {' '.join(args.overrides)}; {per_run}",
                 }
             )
@@ -249,6 +251,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             f"  {r['system']} step: generate {r['generate_s']} s, score {r['score_s']} s, "
             f"train {r['train_s']} s, sync {r['sync_s']} s (medians of the runs' means)"
         )
+        print(f"  {r['system']} inside score and train (trainer rank): {r['passes']}")
     print(f"appended to {args.out}")
     return rows
 

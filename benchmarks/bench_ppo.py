@@ -157,7 +157,17 @@ def summarize(out_dir: Path, warmup: int) -> dict[str, float]:
     if "time/generate_s" in timed[0]:
         stats["generate_busy_s"] = mean("time/generate_s")  # the rollout engine's own generate time
         stats["hidden_pct"] = 100 * mean("async/hidden_frac")
+    # The passes inside score and train that this (trainer) rank ran: time/score/ref_s -> pass/ref.
+    for key in timed[0]:
+        if key.startswith(("time/score/", "time/train/")):
+            stats["pass/" + key.rsplit("/", 1)[1].removesuffix("_s")] = mean(key)
     return stats
+
+
+def passes_text(results: list[dict]) -> str:
+    """``"old_logprobs 0.12 s, ref 0.10 s, ..."``: each pass's median over ``results`` (summarize's)."""
+    names = [k for k in results[0] if k.startswith("pass/")]
+    return ", ".join(f"{k[5:]} {statistics.median(r[k] for r in results):.3g} s" for k in names)
 
 
 def measure(
@@ -316,8 +326,8 @@ PEER_LR, PEER_VF_COEF, PEER_TEMPERATURE, PEER_KL_COEF = 5e-3, 0.5, 0.7, 0.05
 PEER_COLUMNS = [
     "timestamp", "git_sha", "device", "system", "versions", "model", "model_params", "prompts",
     "max_new_tokens", "steps", "warmup", "step_s_median", "steps_per_s", "samples_per_s",
-    "tokens_per_s", "vs_trl", "generate_s", "score_s", "train_s", "sync_s", "reward_first",
-    "reward_last", "threads", "note",
+    "tokens_per_s", "vs_trl", "generate_s", "score_s", "train_s", "sync_s", "passes",
+    "reward_first", "reward_last", "threads", "note",
 ]  # fmt: skip
 
 
@@ -462,6 +472,7 @@ def peer_rows(args: argparse.Namespace, runs: dict[str, list[dict]], params: int
                 f"deepspeed {package_version('deepspeed')}",
                 "tokens_per_s": f"{med(results, 'tokens_per_s'):.4g}",
                 **{k: f"{med(results, k):.4g}" for k in ("generate_s", "score_s", "train_s", "sync_s")},
+                "passes": passes_text(results),
                 "note": f"{where}; {' '.join([*ours[system], *args.overrides])}; {per_run}",
             }
             if "split" in system:
@@ -493,6 +504,7 @@ def print_peer_rows(args: argparse.Namespace, rows: list[dict]) -> None:
                 f"  {'':30s} generate {r['generate_s']} s, score {r['score_s']} s, train {r['train_s']} s, "
                 f"sync {r['sync_s']} s per step (medians of the runs' means); {r['tokens_per_s']} tokens/s"
             )
+            print(f"  {'':30s} inside score and train (trainer rank): {r['passes']}")
     print(f"appended to {args.out}")
 
 

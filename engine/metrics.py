@@ -7,10 +7,12 @@ trainer loop can call it unconditionally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -160,3 +162,18 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return None
     return v
+
+
+class PhaseTimes(dict):
+    """Seconds per named phase, summed over repeats: ``with times("time/score/ref_s"): ...``.
+
+    A dict, so a step's metrics take it as it is (``time/`` keys reduce with the max over ranks).
+    """
+
+    @contextlib.contextmanager
+    def __call__(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self[key] = self.get(key, 0.0) + time.perf_counter() - t0

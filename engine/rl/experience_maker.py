@@ -12,6 +12,7 @@ import torch
 
 import kernels
 from engine import distributed as dist
+from engine.metrics import PhaseTimes
 from engine.rl.experience import RolloutBatch
 
 
@@ -53,20 +54,24 @@ class ExperienceMixin:
         )
         exp.policy_version = int(rb.versions.min())
         entropy = None
+        timed = PhaseTimes()  # each pass this rank runs (time/score/*_s)
         if not self.old_from_update:  # else train() takes them from the update's forward
-            exp.old_logprobs, entropy = self.actor.logprobs(exp)
+            with timed("time/score/old_logprobs_s"):
+                exp.old_logprobs, entropy = self.actor.logprobs(exp)
         if not p.kl.needs_reference:  # KL off and not logged: no reference, no reference forward
             exp.ref_logprobs = None
         elif rb.ref_logprobs is not None:  # scored beside the rollout engine
             exp.ref_logprobs = rb.ref_logprobs.to(exp.sequences.device, torch.float32)
         else:
-            exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
+            with timed("time/score/ref_s"):
+                exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
         if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
-            raw, valid = self.reward.score(
-                rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
-            )
+            with timed("time/score/reward_s"):
+                raw, valid = self.reward.score(
+                    rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+                )
         raw = raw.float()
         rb.scores, rb.score_valid = raw, valid  # the raw scores, for the samples log (sample_rows)
         self.invalid_rewards += int((~valid).sum())
@@ -89,7 +94,8 @@ class ExperienceMixin:
             scores = self.reward_norm.normalize(scores)
             self.calibrate_critic_once()  # critic.init_from=reward: onto this scale, once
         if self.critic is not None:
-            exp.values = self.critic.values(exp)
+            with timed("time/score/values_s"):
+                exp.values = self.critic.values(exp)
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
         # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
         kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
@@ -132,6 +138,7 @@ class ExperienceMixin:
             "async/staleness_mean": float(staleness.float().mean()),
             "async/refused": float((~fresh).sum()),
             **is_stats,
+            **timed,
         }
         if algo.overlong.buffer:
             stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0

@@ -32,7 +32,7 @@ import torch
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
-from engine.metrics import MetricsLogger, drop_rows_after
+from engine.metrics import MetricsLogger, PhaseTimes, drop_rows_after
 from engine.rl.experience_maker import ExperienceMixin
 from engine.rl.generation import GenerateMixin
 
@@ -279,6 +279,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         sums: dict[str, float] = {}
         n = 0
         deferred = exp.old_logprobs is None
+        timed = PhaseTimes()
         for _ in range(p.ppo_epochs):
             perm = torch.randperm(exp.batch_size, generator=self._gen)
             for i in range(0, exp.batch_size, self.mini_per_rank):
@@ -286,7 +287,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 micro = self.batching.split(mb)  # consecutive: `kept` below stays in perm's order
                 kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
                 tis = self.cfg.async_.tis_cap if deferred else 0.0
-                a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
+                with timed("time/train/actor_s"):
+                    a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
                 if kept is not None:  # one mini-batch: perm covers the batch
                     idx = perm[i : i + self.mini_per_rank]
                     shape, dev = exp.action_mask.shape, exp.action_mask.device
@@ -294,13 +296,17 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                     entropy = torch.empty(shape, dtype=torch.float32, device=dev)
                     exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
                     entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
-                c = self.critic.train_minibatch(micro) if self.critic is not None else {}
+                c = {}
+                if self.critic is not None:
+                    with timed("time/train/critic_s"):
+                        c = self.critic.train_minibatch(micro)
                 for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
                     (f"critic/{k}", v) for k, v in c.items()
                 ]:
                     sums[k] = sums.get(k, 0.0) + float(v)
                 n += 1
         stats = {k: v / max(n, 1) for k, v in sums.items()}
+        stats.update(timed)  # time/train/actor_s, time/train/critic_s
         if deferred:
             stats.update(self.logprob_stats(exp, entropy))
             if self.cfg.async_.tis_cap > 0:

@@ -99,7 +99,9 @@ def _check_no_critic(rows: list[dict], summary: dict) -> None:
     assert summary["algo/critic"] is False and summary["algo/advantage"] == "grpo"
     assert summary["algo/loss_agg"] == "seq_mean_token_mean"
     for row in rows:
-        assert not [k for k in row if k.startswith("critic/") or k in ("loss/value", "values/mean")], row
+        no_critic = ("loss/value", "values/mean", "time/score/values_s", "time/train/critic_s")
+        assert not [k for k in row if k.startswith("critic/") or k in no_critic], row
+        assert row["time/train/actor_s"] > 0
         assert math.isfinite(row["actor/kl_loss"]) and math.isfinite(row["loss/policy"])
 
 

@@ -269,3 +269,14 @@ def test_ppo_two_ranks_packed_with_a_token_budget_trains_as_padded(tmp_path) -> 
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])
     assert runs["packed"][1]["kl/mean"] > 0.01  # the update moved the policy
+    # Each pass of the step is timed on its own (PPO here: every pass runs).
+    passes = (
+        "score/old_logprobs",
+        "score/ref",
+        "score/reward",
+        "score/values",
+        "train/actor",
+        "train/critic",
+    )
+    for row in runs["packed"]:
+        assert all(0 < row[f"time/{k}_s"] <= row["time/step_s"] for k in passes), row
