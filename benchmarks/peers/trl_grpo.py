@@ -15,6 +15,8 @@ import re
 import sys
 import time
 
+from _result import write_result  # beside this script
+
 
 def toy_reward(prompts, completions, **_):
     """The engine's ``engine.tasks:toy_reward``, restated (this process cannot import the engine):
@@ -30,8 +32,6 @@ def toy_reward(prompts, completions, **_):
 
 def main(spec_path: str, out_path: str) -> None:
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -85,19 +85,13 @@ def main(spec_path: str, out_path: str) -> None:
     )
     trainer.train()
     logs = [r for r in trainer.state.log_history if "reward" in r]
-    result = {
-        "step_s": times,
-        "reward": [r["reward"] for r in logs],
-        "completion_len": [r.get("completions/mean_length") for r in logs],
-        "kl": [r.get("kl") for r in logs],
-        "versions": {
-            "trl": trl.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-        },
-        "threads": torch.get_num_threads(),
-    }
-    open(out_path, "w").write(json.dumps(result, indent=1))
+    write_result(
+        out_path,
+        step_s=times,
+        reward=[r["reward"] for r in logs],
+        completion_len=[r.get("completions/mean_length") for r in logs],
+        kl=[r.get("kl") for r in logs],
+    )
 
 
 if __name__ == "__main__":

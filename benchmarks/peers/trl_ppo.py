@@ -26,11 +26,11 @@ import json
 import sys
 import time
 
+from _result import write_result  # beside this script
+
 
 def main(spec_path: str, out_path: str) -> None:
     import torch
-    import transformers
-    import trl
     from datasets import Dataset
     from transformers import (
         AutoModelForCausalLM,
@@ -108,18 +108,12 @@ def main(spec_path: str, out_path: str) -> None:
     )
     trainer.train()
     logs = [r for r in trainer.state.log_history if "objective/scores" in r]
-    result = {
-        "step_s": [b - a for a, b in zip(ends, ends[1:])],
-        "reward": [r["objective/scores"] for r in logs],
-        "kl": [r.get("objective/kl") for r in logs],
-        "versions": {
-            "trl": trl.__version__,
-            "transformers": transformers.__version__,
-            "torch": torch.__version__,
-        },
-        "threads": torch.get_num_threads(),
-    }
-    open(out_path, "w").write(json.dumps(result, indent=1))
+    write_result(
+        out_path,
+        step_s=[b - a for a, b in zip(ends, ends[1:])],
+        reward=[r["objective/scores"] for r in logs],
+        kl=[r.get("objective/kl") for r in logs],
+    )
 
 
 if __name__ == "__main__":
