@@ -204,6 +204,10 @@ class PPOAlgoConfig:
     # true: actor, critic, reference and reward forwards run on packed rows (no padding; engine.rl.packing)
     packing: bool = False
     micro_batch_tokens: int = 0  # > 0: micro-batches of at most this many real tokens (needs packing)
+    # When a step makes one update (one epoch, one mini-batch): take the old log-probs, and with one
+    # micro-batch per rank the values too, from the update's own forwards instead of scoring passes
+    # (the same update: the advantages are formed between the forwards and the backwards).
+    reuse_update_forward: bool = True
     ppo_epochs: int = 1
     clip_low: float = 0.2
     clip_high: float | None = None

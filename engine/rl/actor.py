@@ -503,9 +503,14 @@ class ActorWorker:
         kl_coef: float = 0.0,
         keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         tis_cap: float = 0.0,
+        advantages_from: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (as many as gradient_accumulation_steps; any
         number with a token budget).
+
+        ``advantages_from`` (one micro-batch, with ``keep``): called with this forward's detached
+        ``(logp, entropy)`` before the loss, it returns the advantages (the trainer forms the
+        rewards, with a KL that reads these old log-probs, between the forward and the backward).
 
         Each micro-batch needs ``advantages`` (and ``ref_logprobs`` with a KL term), and
         ``old_logprobs`` unless ``keep`` is given: then this forward's own log-probs are the old
@@ -520,8 +525,10 @@ class ActorWorker:
         (0/1, agreed on all ranks).
         """
         spec = self.loss
+        if advantages_from is not None and (keep is None or len(micro_batches) != 1):
+            raise ValueError("advantages_from needs keep and exactly one micro-batch")
         need = (
-            ("advantages",)
+            (("advantages",) if advantages_from is None else ())
             + (("old_logprobs",) if keep is None else ())
             + (("ref_logprobs",) if spec.kl_kind else ())
         )
@@ -544,7 +551,8 @@ class ActorWorker:
             if keep is not None:
                 keep.append((logp.detach(), entropy.detach()))
             old = mb.old_logprobs if keep is None else logp.detach()
-            adv = mb.advantages
+            adv = mb.advantages if advantages_from is None else advantages_from(old, entropy.detach())
+            adv = adv.to(self.device)
             if keep is not None and tis_cap > 0:
                 adv = adv * truncated_is_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), tis_cap)[0]
             kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None

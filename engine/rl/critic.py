@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -218,14 +218,25 @@ class CriticWorker:
         values = torch.cat(outs).to(batch.sequences.device)
         return torch.where(batch.action_mask.bool(), values, torch.zeros_like(values))
 
-    def train_minibatch(self, micro_batches: Sequence[Experience]) -> dict[str, float]:
+    def train_minibatch(
+        self,
+        micro_batches: Sequence[Experience],
+        returns_from: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> dict[str, float]:
         """One optimizer step on ``vf_coef * ppo_value_loss`` (needs ``values`` and ``returns``).
+
+        ``returns_from`` (one micro-batch): called with this forward's detached values before the
+        loss, it returns ``(old values, returns)`` (the trainer forms the advantages from them,
+        and may run the actor's update meanwhile).
 
         Returns this rank's means of value_loss, values, the kernel's stats (``vf_``-prefixed), plus
         grad_norm, lr, skipped.
         """
         tokens = self.batching.micro_batch_tokens > 0
-        check_micro_batches(micro_batches, None if tokens else self.train.grad_accum, "values", "returns")
+        if returns_from is not None and len(micro_batches) != 1:
+            raise ValueError("returns_from needs exactly one micro-batch")
+        need = ("values", "returns") if returns_from is None else ()
+        check_micro_batches(micro_batches, None if tokens else self.train.grad_accum, *need)
         if tokens:
             self.train.begin(len(micro_batches))
         self.engine.train()
@@ -233,10 +244,11 @@ class CriticWorker:
         for mb, w in zip(micro_batches, token_weights(micro_batches)):
             mb = mb.to(self.device)
             values = self._response_values(mb)
+            old, returns = (mb.values, mb.returns) if returns_from is None else returns_from(values.detach())
             vloss, st = kernels.ppo_value_loss(
                 values,
-                mb.values,
-                mb.returns,
+                old.to(self.device),
+                returns.to(self.device),
                 mb.action_mask,
                 clip=self.algo.value_clip,
                 reduction="token_mean",

@@ -1,12 +1,17 @@
-"""Scoring one rollout into an ``Experience``: ``PPOTrainer.make_experience``.
+"""Scoring one rollout into an ``Experience`` and updating on it: ``PPOTrainer.make_experience``
+and ``PPOTrainer.train``.
 
 Old and reference log-probs, values (GAE only), rewards with the truncation and overlong terms,
 reward normalisation, the KL to the reference in the reward (``ppo.kl.placement=reward``), the
-advantages of the chosen estimator, staleness refusal and truncated importance weights. A mixin
-of ``PPOTrainer`` (``engine/rl/trainer.py``), which owns the roles it reads.
+advantages of the chosen estimator, staleness refusal and truncated importance weights; then the
+actor (and critic) updates over mini-batches, or the one fused update (``train_fused``) whose
+forwards supply the old log-probs and values. A mixin of ``PPOTrainer``
+(``engine/rl/trainer.py``), which owns the roles it reads.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -17,7 +22,8 @@ from engine.rl.experience import RolloutBatch
 
 
 class ExperienceMixin:
-    """``make_experience``, ``logprob_stats`` and ``sample_rows`` for ``PPOTrainer``."""
+    """``make_experience``, ``advantages_for``, ``train`` / ``train_fused``, ``logprob_stats`` and
+    ``sample_rows`` for ``PPOTrainer``."""
 
     @torch.no_grad()
     def make_experience(self, rb: RolloutBatch):
@@ -29,20 +35,8 @@ class ExperienceMixin:
         behaviour policy (the rollout engine's processed log-probs, which include temperature,
         top-k/top-p truncation and banned text, so those are corrected rather than ignored).
         """
-        from engine.rl.advantages import (
-            group_ids_for,
-            overlong_penalty,
-            sequence_advantages,
-            token_advantages,
-        )
-        from engine.rl.experience import (
-            Experience,
-            compute_advantages,
-            compute_rewards,
-            masked_mean,
-            truncated_is_weights,
-            truncation_terms,
-        )
+        from engine.rl.advantages import overlong_penalty
+        from engine.rl.experience import Experience, truncation_terms
 
         p, algo = self.cfg.ppo, self.cfg.algo
         exp = Experience(
@@ -93,14 +87,54 @@ class ExperienceMixin:
             self.reward_norm.update(dist.all_gather_cat(scores[valid]))
             scores = self.reward_norm.normalize(scores)
             self.calibrate_critic_once()  # critic.init_from=reward: onto this scale, once
-        if self.critic is not None:
+        if self.critic is not None and not self.fused_update:  # else from the critic update's forward
             with timed("time/score/values_s"):
                 exp.values = self.critic.values(exp)
         exp.scores = torch.where(valid, scores, torch.zeros_like(scores))
+        # fused_update: the advantages wait for the update's forwards (train_fused).
+        self.kept_rows = valid & fresh
+        adv_stats = {} if self.fused_update else self.advantages_for(exp, tis=exp.old_logprobs is not None)
+        stats = {
+            "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
+            "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
+            **(self.logprob_stats(exp, entropy) if entropy is not None else {}),
+            "response_len/mean": float(lengths.float().mean()),
+            "rollout/invalid_rewards": float((~valid).sum()),
+            # Cut at max_new_tokens without a stop token (scored with reward.missing_eos_penalty).
+            "rollout/truncated_frac": float(truncated.float().mean()),
+            "rollout/tokens": float(rb.attention_mask.sum()),
+            "rollout/response_tokens": float(rb.action_mask.sum()),
+            "async/staleness_max": float(staleness.max()),
+            "async/staleness_mean": float(staleness.float().mean()),
+            "async/refused": float((~fresh).sum()),
+            **adv_stats,
+            **timed,
+        }
+        if algo.overlong.buffer:
+            stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
+        if self.cfg.reward.missing_eos_penalty:
+            stats["reward/missing_eos_penalty"] = float(eos_penalty[valid].mean()) if valid.any() else 0.0
+        return exp, stats
+
+    @torch.no_grad()
+    def advantages_for(self, exp, tis: bool) -> dict[str, float]:
+        """Rewards (with the KL to the reference when ``ppo.kl.placement=reward``), advantages (and
+        returns, GAE) from ``exp``'s scores, log-probs and values; with ``tis`` (old log-probs scored
+        beforehand) and ``async.tis_cap`` the advantages are scaled by the truncated IS weights
+        here, else the update applies them. Returns their stats."""
+        from engine.rl.advantages import group_ids_for, sequence_advantages, token_advantages
+        from engine.rl.experience import (
+            compute_advantages,
+            compute_rewards,
+            masked_mean,
+            truncated_is_weights,
+        )
+
+        p, algo = self.cfg.ppo, self.cfg.algo
         # The KL to the reference goes into the reward here, or into the loss (ppo.kl.placement).
         kl_in_reward = self.kl_ctl.value if p.kl.placement == "reward" else 0.0
-        # Deferred old log-probs (old_from_update): the KL is 0 x kl in the reward, logged after train().
-        # No reference: the KL is zero here and absent from the stats.
+        # Deferred old log-probs (old_from_update without a KL in the reward): the KL here is 0 x kl,
+        # logged after train(). No reference: the KL is zero here and absent from the stats.
         old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
         exp.rewards, kl = compute_rewards(
             exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
@@ -111,43 +145,135 @@ class ExperienceMixin:
             )
         else:  # group baselines over whole groups, wherever their samples are (across ranks)
             groups = group_ids_for(self.rank * self.samples_per_rank, exp.batch_size, p.samples_per_prompt)
-            seq = sequence_advantages(algo.advantage, exp.scores, groups, valid & fresh, algo.std_eps, True)
+            seq = sequence_advantages(algo.advantage, exp.scores, groups, self.kept_rows, algo.std_eps, True)
             exp.advantages, exp.rewards = token_advantages(
                 seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
             )
-        is_stats = {}
-        if self.cfg.async_.tis_cap > 0 and exp.old_logprobs is not None:  # else in the update
-            w, is_stats = truncated_is_weights(
+        stats = {}
+        if self.cfg.async_.tis_cap > 0 and tis:
+            w, stats = truncated_is_weights(
                 exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
             )
             exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
         m = exp.action_mask
-        stats = {
-            "reward/mean": float(raw[valid].mean()) if valid.any() else float("nan"),
-            "reward/normalized_mean": float(exp.scores[valid].mean()) if valid.any() else float("nan"),
-            **(self.logprob_stats(exp, entropy) if entropy is not None else {}),
-            "response_len/mean": float(lengths.float().mean()),
-            "advantages/mean": float(masked_mean(exp.advantages, m)),
-            "advantages/abs_mean": float(masked_mean(exp.advantages.abs(), m)),
-            "rollout/invalid_rewards": float((~valid).sum()),
-            # Cut at max_new_tokens without a stop token (scored with reward.missing_eos_penalty).
-            "rollout/truncated_frac": float(truncated.float().mean()),
-            "rollout/tokens": float(rb.attention_mask.sum()),
-            "rollout/response_tokens": float(rb.action_mask.sum()),
-            "async/staleness_max": float(staleness.max()),
-            "async/staleness_mean": float(staleness.float().mean()),
-            "async/refused": float((~fresh).sum()),
-            **is_stats,
-            **timed,
-        }
-        if algo.overlong.buffer:
-            stats["reward/overlong_penalty"] = float(penalty[valid].mean()) if valid.any() else 0.0
-        if self.cfg.reward.missing_eos_penalty:
-            stats["reward/missing_eos_penalty"] = float(eos_penalty[valid].mean()) if valid.any() else 0.0
+        stats["advantages/mean"] = float(masked_mean(exp.advantages, m))
+        stats["advantages/abs_mean"] = float(masked_mean(exp.advantages.abs(), m))
         if self.critic is not None:
             stats["values/mean"] = float(masked_mean(exp.values, m))
             stats["returns/mean"] = float(masked_mean(exp.returns, m))
-        return exp, stats
+        return stats
+
+    def train(self, exp) -> dict[str, float]:
+        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each.
+
+        With deferred old log-probs (``old_from_update``) the one update's forward supplies them:
+        they are written into ``exp`` and their stats (KL, entropy, log-prob gap) returned here.
+        """
+        if self.fused_update:
+            return self.train_fused(exp)
+        p = self.cfg.ppo
+        kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
+        sums: dict[str, float] = {}
+        n = 0
+        deferred = exp.old_logprobs is None
+        timed = PhaseTimes()
+        for _ in range(p.ppo_epochs):
+            perm = torch.randperm(exp.batch_size, generator=self._gen)
+            for i in range(0, exp.batch_size, self.mini_per_rank):
+                mb = exp.select(perm[i : i + self.mini_per_rank])
+                micro = self.batching.split(mb)  # consecutive: `kept` below stays in perm's order
+                kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
+                tis = self.cfg.async_.tis_cap if deferred else 0.0
+                with timed("time/train/actor_s"):
+                    a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
+                if kept is not None:  # one mini-batch: perm covers the batch
+                    idx = perm[i : i + self.mini_per_rank]
+                    shape, dev = exp.action_mask.shape, exp.action_mask.device
+                    exp.old_logprobs = torch.empty(shape, dtype=torch.float32, device=dev)
+                    entropy = torch.empty(shape, dtype=torch.float32, device=dev)
+                    exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
+                    entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
+                c = {}
+                if self.critic is not None:
+                    with timed("time/train/critic_s"):
+                        c = self.critic.train_minibatch(micro)
+                for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
+                    (f"critic/{k}", v) for k, v in c.items()
+                ]:
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                n += 1
+        stats = {k: v / max(n, 1) for k, v in sums.items()}
+        stats.update(timed)  # time/train/actor_s, time/train/critic_s
+        if deferred:
+            stats.update(self.logprob_stats(exp, entropy))
+            if self.cfg.async_.tis_cap > 0:
+                from engine.rl.experience import truncated_is_weights
+
+                cap = self.cfg.async_.tis_cap
+                stats.update(
+                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, cap)[1]
+                )
+        return stats
+
+    def train_fused(self, exp) -> dict[str, float]:
+        """The one update of a step whose passes come from its own forwards (``fused_update``: one
+        epoch, one mini-batch, one micro-batch per rank).
+
+        The critic's forward gives the values and the actor's the old log-probs (ratio exactly 1,
+        as after a scoring pass under the same weights); between the actor's forward and its
+        backward the rewards (with a KL that reads those old log-probs) and advantages are formed,
+        then the actor steps, then the critic with the returns. The same update as scoring passes
+        followed by ``train`` (tested), with the actor and critic forwards of the scoring passes
+        saved. Samples are taken in the order of the same ``randperm`` ``train`` draws.
+        """
+        p = self.cfg.ppo
+        kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
+        tis = self.cfg.async_.tis_cap
+        perm = torch.randperm(exp.batch_size, generator=self._gen)
+        mb = exp.select(perm)
+        shape, dev = exp.action_mask.shape, exp.action_mask.device
+        stats: dict[str, float] = {}
+        timed = PhaseTimes()
+        out: dict[str, dict[str, float]] = {}
+
+        def in_order(rows: torch.Tensor) -> torch.Tensor:  # mb's rows back into exp's order
+            full = torch.zeros(shape, dtype=torch.float32, device=dev)
+            full[perm] = rows.to(full)
+            return full
+
+        def advantages_from(logp: torch.Tensor, entropy: torch.Tensor) -> torch.Tensor:
+            exp.old_logprobs = in_order(logp)
+            stats.update(self.advantages_for(exp, tis=False))  # the actor applies the IS weights
+            stats.update(self.logprob_stats(exp, in_order(entropy)))
+            if tis > 0:
+                from engine.rl.experience import truncated_is_weights
+
+                stats.update(
+                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, tis)[1]
+                )
+            return exp.advantages[perm]
+
+        def actor_update() -> None:
+            with timed("time/train/actor_s"):
+                out["actor"] = self.actor.train_minibatch(
+                    [mb], kl_in_loss, keep=[], tis_cap=tis, advantages_from=advantages_from
+                )
+
+        def returns_from(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            exp.values = torch.where(exp.action_mask.bool(), in_order(values), 0.0)
+            actor_update()
+            return exp.values[perm], exp.returns[perm]
+
+        if self.critic is None:
+            actor_update()
+        else:
+            t0 = time.perf_counter()
+            out["critic"] = self.critic.train_minibatch([mb], returns_from=returns_from)
+            timed["time/train/critic_s"] = time.perf_counter() - t0 - timed["time/train/actor_s"]
+        for role, st in out.items():
+            stats.update({f"{role}/{k}": float(v) for k, v in st.items()})
+        stats.update(timed)
+        return stats
 
     def logprob_stats(self, exp, entropy: torch.Tensor) -> dict[str, float]:
         """KL to the reference, entropy and the rollout/trainer log-prob gap, from ``exp.old_logprobs``.

@@ -32,7 +32,7 @@ import torch
 from engine import distributed as dist
 from engine.checkpoint import writable_dir
 from engine.config import PPOConfig, save_config, to_dict
-from engine.metrics import MetricsLogger, PhaseTimes, drop_rows_after
+from engine.metrics import MetricsLogger, drop_rows_after
 from engine.rl.experience_maker import ExperienceMixin
 from engine.rl.generation import GenerateMixin
 
@@ -146,17 +146,24 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         )
         self.samples_per_rank = p.rollout_batch_size * p.samples_per_prompt // self.world
         self.mini_per_rank = p.mini_batch_size // self.world
-        # The old log-probs are the first update's own when a step makes one update (one epoch, one
-        # mini-batch) and no reward reads them (no KL in the reward): then they come from that
-        # update's forward (ratio exactly 1, truncated IS weights applied there), not a scoring pass.
+        # When a step makes one update (one epoch, one mini-batch; ppo.reuse_update_forward), the old
+        # log-probs are that update's own (ratio exactly 1, truncated IS weights applied there), not
+        # a scoring pass, if no reward reads them first (no KL in the reward) or, with one
+        # micro-batch per rank, if the rewards and advantages are formed between the update's
+        # forwards and backwards (fused_update: train_fused); then the critic's forward gives the
+        # values too.
         kl_in_reward = p.kl.placement == "reward" and (p.kl.coef != 0 or p.kl.adaptive)
-        self.old_from_update = (
-            p.ppo_epochs == 1 and self.mini_per_rank == self.samples_per_rank and not kl_in_reward
+        one_update = (
+            p.reuse_update_forward and p.ppo_epochs == 1 and self.mini_per_rank == self.samples_per_rank
         )
+        one_micro = one_update and p.micro_batch_tokens == 0 and p.micro_batch_size >= self.mini_per_rank
+        self.fused_update = one_micro and (kl_in_reward or cfg.algo.uses_critic)
+        self.old_from_update = one_update and (not kl_in_reward or self.fused_update)
         if self.rank == 0 and self.old_from_update:
+            values = " and the values from the critic's" if self.fused_update and cfg.algo.uses_critic else ""
             print(
-                "[ppo] one update per step and no KL in the reward: the old log-probs come from "
-                "the update's own forward (no separate scoring pass)",
+                f"[ppo] one update per step: the old log-probs come from the update's own forward{values} "
+                "(no separate scoring pass)",
                 flush=True,
             )
         # With ppo.micro_batch_tokens the count varies per mini-batch and the workers drive DeepSpeed's
@@ -266,57 +273,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         )
 
     # ------------------------------------------------------------------ one RL step
-    # (generate: GenerateMixin; make_experience: ExperienceMixin)
-
-    def train(self, exp) -> dict[str, float]:
-        """``ppo_epochs`` passes over shuffled mini-batches; one actor (and critic, GAE) step each.
-
-        With deferred old log-probs (``old_from_update``) the one update's forward supplies them:
-        they are written into ``exp`` and their stats (KL, entropy, log-prob gap) returned here.
-        """
-        p = self.cfg.ppo
-        kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
-        sums: dict[str, float] = {}
-        n = 0
-        deferred = exp.old_logprobs is None
-        timed = PhaseTimes()
-        for _ in range(p.ppo_epochs):
-            perm = torch.randperm(exp.batch_size, generator=self._gen)
-            for i in range(0, exp.batch_size, self.mini_per_rank):
-                mb = exp.select(perm[i : i + self.mini_per_rank])
-                micro = self.batching.split(mb)  # consecutive: `kept` below stays in perm's order
-                kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
-                tis = self.cfg.async_.tis_cap if deferred else 0.0
-                with timed("time/train/actor_s"):
-                    a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
-                if kept is not None:  # one mini-batch: perm covers the batch
-                    idx = perm[i : i + self.mini_per_rank]
-                    shape, dev = exp.action_mask.shape, exp.action_mask.device
-                    exp.old_logprobs = torch.empty(shape, dtype=torch.float32, device=dev)
-                    entropy = torch.empty(shape, dtype=torch.float32, device=dev)
-                    exp.old_logprobs[idx] = torch.cat([lp for lp, _ in kept]).to(exp.old_logprobs)
-                    entropy[idx] = torch.cat([e for _, e in kept]).to(entropy)
-                c = {}
-                if self.critic is not None:
-                    with timed("time/train/critic_s"):
-                        c = self.critic.train_minibatch(micro)
-                for k, v in [(f"actor/{k}", v) for k, v in a.items()] + [
-                    (f"critic/{k}", v) for k, v in c.items()
-                ]:
-                    sums[k] = sums.get(k, 0.0) + float(v)
-                n += 1
-        stats = {k: v / max(n, 1) for k, v in sums.items()}
-        stats.update(timed)  # time/train/actor_s, time/train/critic_s
-        if deferred:
-            stats.update(self.logprob_stats(exp, entropy))
-            if self.cfg.async_.tis_cap > 0:
-                from engine.rl.experience import truncated_is_weights
-
-                cap = self.cfg.async_.tis_cap
-                stats.update(
-                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, cap)[1]
-                )
-        return stats
+    # (generate: GenerateMixin; make_experience and train: ExperienceMixin)
 
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
@@ -476,6 +433,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 "algo/critic": self.critic is not None,
                 # Where the old log-probs came from: the update's own forward, or a scoring pass.
                 "algo/old_logprobs": "update" if self.old_from_update else "scoring",
+                # Where the values came from (GAE): the critic update's forward, or a scoring pass.
+                "algo/values": ("update" if self.fused_update else "scoring") if self.critic else "none",
                 # Whether a reference model was built and scored against ("skipped" at KL coef 0).
                 "algo/reference": self.reference,
             }
