@@ -23,6 +23,7 @@ def test_bench_grpo_runs_ours_and_writes_one_row_per_system(tmp_path: Path) -> N
     spec.loader.exec_module(bench)
     out = tmp_path / "grpo.csv"
     argv = ["--skip-peer", "--steps", "3", "--warmup", "1", "--repeats", "2", "--backends", "hf"]
+    argv += ["--modes", "colocate"]  # async (2 processes) is the split test's in tests/engine/rl
     rows = bench.main([*argv, "--prompts", "4", "--max-new-tokens", "8", "--out", str(out)])
     assert [r["system"] for r in rows] == ["tritonrlhf (hf)"]
     with out.open() as f:
@@ -34,3 +35,4 @@ def test_bench_grpo_runs_ours_and_writes_one_row_per_system(tmp_path: Path) -> N
     assert float(row["samples_per_s"]) == pytest.approx(16 / float(row["step_s_median"]), rel=1e-3)
     assert "actor.zero_stage=0" in row["note"] and "HF generate" in row["note"]
     assert all(float(row[k]) > 0 for k in ("generate_s", "score_s", "train_s"))
+    assert row["passes"].startswith("ref ") and "actor " in row["passes"]  # the reference pass, the update
