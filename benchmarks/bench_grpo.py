@@ -99,17 +99,8 @@ def ours(args: argparse.Namespace, model_dir: Path, work: Path, backend: str, mo
         *args.overrides,
     ]
     out = work / f"ours_{backend}_{mode}"
-    ranks = MODES[mode][1]
-    return measure(
-        ROOT / "configs" / "grpo_tiny.yaml",
-        args.steps,
-        args.warmup,
-        ranks,
-        overrides,
-        out,
-        args.timeout,
-        threads=1 if ranks > 1 else None,  # the 2 cores: one per process
-    )
+    config = ROOT / "configs" / "grpo_tiny.yaml"
+    return measure(config, args.steps, args.warmup, MODES[mode][1], overrides, out, args.timeout)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:

@@ -178,11 +178,11 @@ def measure(
     overrides: list[str],
     out_dir: Path,
     timeout_s: float,
-    threads: int | None = None,
 ) -> dict:
     """One run of the CLI (``run_ppo``) summarized: ``summarize``'s means, plus ``step_s_median``
-    (the median step seconds after ``warmup``), ``rewards`` (every step's mean reward) and ``wall_s``."""
-    wall = run_ppo(config, steps, ranks, overrides, out_dir, timeout_s, threads)
+    (the median step seconds after ``warmup``), ``rewards`` (every step's mean reward) and ``wall_s``.
+    With ``ranks`` > 1 each process gets one thread (the 2-core machine's cores split between them)."""
+    wall = run_ppo(config, steps, ranks, overrides, out_dir, timeout_s, threads=1 if ranks > 1 else None)
     rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line]
     stats = summarize(out_dir, warmup)
     stats["step_s_median"] = statistics.median(r["time/step_s"] for r in rows[warmup:] or rows)
@@ -411,16 +411,7 @@ def peer_compare(args: argparse.Namespace) -> list[dict]:
                 overrides = [*common, *mode, *extra, *args.overrides]
                 out = work / f"rep{rep}_ours{i}"
                 runs.setdefault(label, []).append(
-                    measure(
-                        Path(args.config),
-                        args.steps,
-                        args.warmup,
-                        ranks,
-                        overrides,
-                        out,
-                        args.timeout,
-                        threads=1 if ranks > 1 else None,  # 2 processes: one thread each
-                    )
+                    measure(Path(args.config), args.steps, args.warmup, ranks, overrides, out, args.timeout)
                 )
             trl = run_peer(peer, "trl_ppo.py", spec, work, args.timeout)
             trl["step_s_median"] = statistics.median(trl["step_s"][args.warmup :])

@@ -75,8 +75,7 @@ def run_point(args: argparse.Namespace, work: Path, point: dict, mode: str, mode
     overrides = saved_model_overrides(model_dir, rm_dir, point["prompts"], point["max_new_tokens"], args.seed)
     overrides += [*mode_overrides, "rollout.backend=vllm", *args.overrides]
     out = work / f"{mode}_{point['model']}_{point['prompts']}_{point['max_new_tokens']}"
-    threads = 1 if ranks > 1 else None  # split on 2 cores: one thread per process
-    stats = measure(Path(args.config), args.steps, args.warmup, ranks, overrides, out, args.timeout, threads)
+    stats = measure(Path(args.config), args.steps, args.warmup, ranks, overrides, out, args.timeout)
     return {
         **env_columns(),
         "mode": mode,
@@ -89,7 +88,7 @@ def run_point(args: argparse.Namespace, work: Path, point: dict, mode: str, mode
             k: f"{stats[k]:.4g}"
             for k in ("samples_per_s", "tokens_per_s", "step_s", "generate_s", "score_s", "train_s", "sync_s")
         },
-        "threads": str(threads or os.environ.get("OMP_NUM_THREADS", os.cpu_count())),
+        "threads": "1" if ranks > 1 else os.environ.get("OMP_NUM_THREADS", str(os.cpu_count())),
         "overrides": " ".join(args.overrides),
     }
 
