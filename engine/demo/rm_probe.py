@@ -59,14 +59,14 @@ def probe(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the probe; returns (summary, sample rows).
 
-    Sampling is ``engine.rl.rollout.HFRollout`` (the trainer's transformers backend) and the batch
+    Sampling is ``engine.rl.hf_rollout.HFRollout`` (the trainer's transformers backend) and the batch
     layout ``collate_samples``'s, so the RM scores each sample exactly as PPO's scorer would.
     """
     from engine.config import RolloutConfig
     from engine.data import read_jsonl
     from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
     from engine.rl.experience import collate_samples
-    from engine.rl.rollout import HFRollout
+    from engine.rl.hf_rollout import HFRollout
     from engine.stages.evaluate import _load_gold, _load_rm
 
     if samples < 2:

@@ -23,7 +23,7 @@ def open_rollout(
 ) -> Any:
     """A rollout engine on the checkpoint at ``path``, in ``dtype``: vLLM in-process
     (:class:`~engine.rl.rollout.VLLMRollout`), or HF ``generate`` on its own copy of the model
-    (:class:`~engine.rl.rollout.HFRollout`), as ``rollout_cfg.backend`` says.
+    (:class:`~engine.rl.hf_rollout.HFRollout`), as ``rollout_cfg.backend`` says.
 
     ``bans``: whether requests may carry banned text (vLLM registers its ban processor only then);
     None: whether ``rollout_cfg`` bans anything. A caller that swaps the engine's config between
@@ -36,7 +36,7 @@ def open_rollout(
         vdtype = str(dtype).removeprefix("torch.")
         return VLLMRollout(str(path), rollout_cfg, seed, max_model_len, vdtype, bans=bans)
     from engine.models import load_causal_lm
-    from engine.rl.rollout import HFRollout
+    from engine.rl.hf_rollout import HFRollout
 
     if device is None:
         device = (

@@ -5,7 +5,8 @@ Two backends share one small interface, :class:`RolloutEngine`:
 * :class:`VLLMRollout` -- a vLLM ``LLM`` kept **in-process** (``VLLM_ENABLE_V1_MULTIPROCESSING=0``)
   beside the trainer. Weights arrive from the trainer through :meth:`load_weights` (one call per
   bucket) and :meth:`finish_sync`; the engine is never restarted and nothing touches disk.
-* :class:`HFRollout` -- transformers ``generate`` on an HF model, the fallback and the reference.
+* :class:`~engine.rl.hf_rollout.HFRollout` -- transformers ``generate`` on an HF model, the
+  fallback and the reference (its own module).
 
 Coexisting with DeepSpeed (``colocate`` placement)
 --------------------------------------------------
@@ -159,7 +160,7 @@ def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
 
-def _sample_seeds(base: int | None, fallback: torch.Generator, count: int) -> list[int]:
+def sample_seeds(base: int | None, fallback: torch.Generator, count: int) -> list[int]:
     """One seed per request so results do not depend on how vLLM batches them."""
     if base is None:
         base = int(torch.randint(0, 2**31 - 1, (1,), generator=fallback))
@@ -290,7 +291,7 @@ class VLLMRollout:
         from engine.rl.vllm_logits import pop_kept_logmass
 
         self.wake()
-        seeds = _sample_seeds(seed, self._rng, len(prompt_ids) * n)
+        seeds = sample_seeds(seed, self._rng, len(prompt_ids) * n)
         requests = [{"prompt_token_ids": list(p)} for p in prompt_ids for _ in range(n)]
         params = [self._params(s) for s in seeds]
         outs = self.llm.generate(requests, params, use_tqdm=False) if requests else []
@@ -457,157 +458,3 @@ def _refresh_tied_lm_head(model: torch.nn.Module) -> None:
     method = getattr(head, "quant_method", None)
     if tied and method is not None:
         method.process_weights_after_loading(head)
-
-
-# --------------------------------------------------------------------------- HF fallback
-def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """The ids vLLM stops on: the tokenizer's EOS, then the ``eos_token_id`` (an int or a list) of
-    the checkpoint's generation config (vLLM's ``update_from_generation_config``), in that order."""
-    ids: list[int] = []
-    extra = getattr(generation_config, "eos_token_id", None)
-    for tid in [tokenizer.eos_token_id, *(extra if isinstance(extra, (list, tuple)) else [extra])]:
-        if tid is not None and int(tid) not in ids:
-            ids.append(int(tid))
-    return ids
-
-
-class HFRollout:
-    """transformers ``generate`` with the same :class:`Sample` output (no vLLM needed).
-
-    ``model`` may be the trainer's own module (then ``load_weights`` copies onto itself, which is
-    harmless). Sampling is exactly ``softmax(logits / T)`` with ``rollout.top_k`` / ``top_p``, as in
-    vLLM: whatever the checkpoint's ``generation_config`` carries (repetition_penalty,
-    no_repeat_ngram_size, bad_words_ids, min_length, its own temperature/top-k/top-p, beams, ...)
-    is not applied, because ``generate`` runs against a blank generation config. It stops on the
-    same ids as vLLM (:func:`stop_token_ids`: the tokenizer's EOS and the generation config's
-    ``eos_token_id`` list). Log-probs are those of the scores ``generate`` actually sampled from.
-    Banned text (``rollout.banned_*``) is masked by an :class:`~engine.rl.constraints.HFBanProcessor`.
-    """
-
-    def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
-        self.policy_version = 0
-        self._rng = torch.Generator().manual_seed(0)
-        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
-        self.eos_id = tokenizer.eos_token_id
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
-        self._bans: dict[tuple, Any] = {}
-
-    def _ban(self) -> Any:
-        """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
-        from engine.rl.constraints import BannedText
-
-        key = (tuple(self.cfg.banned_strings), tuple(self.cfg.banned_patterns))
-        if not any(key):
-            return None
-        if key not in self._bans:
-            self._bans[key] = BannedText(self.tokenizer, *key)
-        return self._bans[key]
-
-    def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
-
-    def _generation_config(self) -> Any:
-        from transformers import GenerationConfig
-
-        c = self.cfg
-        return GenerationConfig(
-            do_sample=True,
-            num_beams=1,
-            temperature=c.temperature,
-            top_k=c.top_k if c.top_k > 0 else 0,  # 0, not None: None would mean transformers' 50
-            top_p=c.top_p,
-            max_new_tokens=c.max_new_tokens,
-            eos_token_id=self.stop_ids or None,
-            pad_token_id=self.pad_id,
-            output_scores=True,
-            return_dict_in_generate=True,
-        )
-
-    @torch.no_grad()
-    def generate(
-        self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
-    ) -> list[list[Sample]]:
-        seed = _sample_seeds(seed, self._rng, 1)[0]
-        flat = [list(p) for p in prompt_ids for _ in range(n)]
-        if not flat:
-            return [[] for _ in prompt_ids]
-        width = max(map(len, flat))
-        dev = self._device()
-        ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in flat], device=dev)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in flat], device=dev)
-        was_training = self.model.training
-        self.model.eval()
-        # generate() fills every field left None from model.generation_config (the checkpoint's
-        # defaults): blank it for the call, so only what _generation_config() sets applies.
-        from transformers import GenerationConfig, LogitsProcessorList
-
-        from engine.rl.constraints import HFBanProcessor
-
-        saved = getattr(self.model, "generation_config", None)
-        self.model.generation_config = GenerationConfig()
-        ban = self._ban()
-        procs = [HFBanProcessor(ban, width, self.stop_ids, self.cfg.temperature)] if ban is not None else []
-        try:
-            with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-                torch.manual_seed(seed)
-                out = self.model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    generation_config=self._generation_config(),
-                    logits_processor=LogitsProcessorList(procs),
-                )
-        finally:
-            self.model.generation_config = saved
-            self.model.train(was_training)
-        new = out.sequences[:, width:]
-        # Scores are the logits after the processors generate sampled with (ban, T, top-k, top-p).
-        scores = torch.stack(out.scores, dim=1)  # [B, T, V]
-        lps = processed_logprobs(scores, new)
-        kept = torch.stack(procs[0].kept, dim=1) if procs else None  # [B, T]
-        stops = set(self.stop_ids)
-        samples = []
-        for i, p in enumerate(flat):
-            resp = new[i].tolist()
-            end = next((k for k, t in enumerate(resp) if t in stops), None)
-            length = len(resp) if end is None else end + 1
-            samples.append(
-                Sample(
-                    p,
-                    resp[:length],
-                    lps[i, :length].tolist(),
-                    "length" if end is None else "stop",
-                    self.policy_version,
-                    kept_logmass=kept[i, :length].tolist() if kept is not None else None,
-                )
-            )
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
-
-    @torch.no_grad()
-    def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:
-        c = self.cfg
-        ids = torch.tensor([list(prompt_ids) + list(response_ids)], device=self._device())
-        logits = self.model(input_ids=ids).logits[0, len(prompt_ids) - 1 : -1]
-        ban = self._ban()
-        banned = ban.banned_masks(response_ids, logits.shape[-1]) if ban is not None else None
-        lps = processed_logprobs(logits, ids[0, len(prompt_ids) :], c.temperature, c.top_k, c.top_p, banned)
-        return lps.tolist()
-
-    @torch.no_grad()
-    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        params = dict(self.model.named_parameters())
-        for name, t in named_tensors:
-            if params[name].data_ptr() != t.data_ptr():
-                params[name].copy_(t)
-
-    def finish_sync(self, version: int) -> None:
-        self.policy_version = version
-
-    def sleep(self) -> None:
-        pass
-
-    def wake(self) -> None:
-        pass
-
-    def close(self) -> None:
-        self.model = None

@@ -54,7 +54,7 @@ class PolicySampler:
         if self.rollout is not None and self._loaded and same_path(self._loaded, path):
             return
         if self.rcfg.backend != "vllm":
-            from engine.rl.rollout import HFRollout
+            from engine.rl.hf_rollout import HFRollout
 
             if self.rollout is None:
                 self.rollout = HFRollout(model, self.tok, self.rcfg)

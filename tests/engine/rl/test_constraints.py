@@ -21,7 +21,8 @@ import torch
 
 from engine.config import ConfigError, PPOConfig, RolloutConfig, load_config
 from engine.rl.constraints import BannedText, kept_logmass
-from engine.rl.rollout import HFRollout, processed_logprobs
+from engine.rl.hf_rollout import HFRollout
+from engine.rl.rollout import processed_logprobs
 from tests.engine.rl import test_rollout
 from tests.engine.rl.test_rollout import PROMPT, T
 

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from engine.config import RolloutConfig
-from engine.rl.rollout import HFRollout, RolloutEngine, Sample, processed_logprobs
+from engine.rl.hf_rollout import HFRollout
+from engine.rl.rollout import RolloutEngine, Sample, processed_logprobs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from rollout_tiny import build_tokenizer, save_tiny_llama  # noqa: E402
