@@ -178,12 +178,19 @@ class Batching:
         """From a ``PPOAlgoConfig``."""
         return cls(ppo.micro_batch_size, ppo.micro_batch_tokens, ppo.packing)
 
+    def groups(self, attention_mask: torch.Tensor, agree: bool = True) -> list[list[int]]:
+        """The micro-batches of rows ``[B, T]`` as consecutive index lists, in sample order; with a
+        token budget, ``agree`` (collective) matches their count across ranks."""
+        n = attention_mask.shape[0]
+        if self.micro_batch_tokens <= 0:
+            step = self.micro_batch_size
+            return [list(range(i, min(i + step, n))) for i in range(0, n, step)]
+        if agree:
+            return agreed_token_groups(attention_mask, self.micro_batch_tokens)
+        return token_budget_groups(attention_mask.sum(1).tolist(), self.micro_batch_tokens)
+
     def split(self, exp: Experience, agree: bool = True) -> list[Experience]:
-        """``exp`` as micro-batches in sample order; ``agree`` (collective) matches the count across ranks."""
+        """``exp`` as micro-batches (``groups``)."""
         if self.micro_batch_tokens <= 0:
             return exp.split(self.micro_batch_size)
-        if agree:
-            groups = agreed_token_groups(exp.attention_mask, self.micro_batch_tokens)
-        else:
-            groups = token_budget_groups(exp.attention_mask.sum(1).tolist(), self.micro_batch_tokens)
-        return [exp.select(g) for g in groups]
+        return [exp.select(g) for g in self.groups(exp.attention_mask, agree)]

@@ -25,11 +25,9 @@ from engine.rl.critic import reward_head_of
 from engine.rl.experience import Experience
 from engine.rl.packing import (
     Batching,
-    agreed_token_groups,
     check_packable,
     pack,
     packed_hidden,
-    token_budget_groups,
 )
 from engine.rl.reward_route import RewardRoute, TextRoute
 
@@ -240,17 +238,9 @@ class RewardScorer:
         Packed (``batching.packing``): NaN (invalid) for a row with no real token.
         """
         b = self.batching
-        if b.micro_batch_tokens > 0:
-            lengths, budget = attention_mask.sum(1).tolist(), b.micro_batch_tokens
-            groups = (
-                agreed_token_groups(attention_mask, budget)  # ZeRO-3 gathers: as many forwards per rank
-                if self.partition
-                else token_budget_groups(lengths, budget)
-            )
-            chunks = [(sequences[g], attention_mask[g]) for g in groups]
-        else:
-            n = b.micro_batch_size
-            chunks = [(sequences[i : i + n], attention_mask[i : i + n]) for i in range(0, len(sequences), n)]
+        # ZeRO-3 (partition) gathers in each forward: as many forwards on every rank.
+        groups = b.groups(attention_mask, agree=self.partition)
+        chunks = [(sequences[g], attention_mask[g]) for g in groups]
         outs = []
         for ids, am in chunks:
             ids, am = ids.to(self.device), am.to(self.device)
