@@ -25,7 +25,7 @@ import kernels
 from engine import distributed as D
 from engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
 from engine.rl.experience import Experience, masked_mean, truncated_is_weights
-from engine.rl.packing import Batching, check_packable, pack, packed_hidden, response_sources, unflatten
+from engine.rl.packing import Batching, check_packable, response_hidden, unflatten
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -93,9 +93,7 @@ class PolicyLogprobs(nn.Module):
         weight = self.lm.get_output_embeddings().weight
         T = temperature / self.logit_mult
         if packed:
-            pk = pack(sequences, attention_mask)
-            index, valid = response_sources(pk, attention_mask, response_len)
-            hidden = packed_hidden(base_model_of(self.lm), pk)[index]
+            hidden, valid = response_hidden(base_model_of(self.lm), sequences, attention_mask, response_len)
             targets = sequences[:, P:][valid]
             logp, ent = kernels.linear_logprobs(hidden, weight, targets, temperature=T, return_entropy=True)
             return unflatten(logp, valid), unflatten(ent, valid)

@@ -27,7 +27,7 @@ from engine.rl.actor import (
     token_weights,
 )
 from engine.rl.experience import Experience, masked_mean
-from engine.rl.packing import Batching, check_packable, pack, packed_hidden, response_sources, unflatten
+from engine.rl.packing import Batching, check_packable, response_hidden, unflatten
 
 
 class ValueModel(nn.Module):
@@ -52,9 +52,7 @@ class ValueModel(nn.Module):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int | None = None
     ) -> torch.Tensor:
         if response_len is not None:
-            pk = pack(input_ids, attention_mask)
-            index, valid = response_sources(pk, attention_mask, response_len)
-            hidden = packed_hidden(self.backbone, pk)[index]
+            hidden, valid = response_hidden(self.backbone, input_ids, attention_mask, response_len)
             return unflatten(self.value_head(hidden).squeeze(-1).float(), valid)
         out = self.backbone(
             input_ids=input_ids,

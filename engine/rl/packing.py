@@ -102,6 +102,16 @@ def response_sources(packed: Packed, attention_mask: torch.Tensor, response_len:
     return packed.slot[:, P - 1 : T - 1][valid], valid
 
 
+def response_hidden(
+    body: nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor, response_len: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One packed forward of ``body`` over ``sequences`` [B, T]: ``(hidden [M, H], valid [B, R])``,
+    the hidden states predicting the response tokens (``response_sources``) for ``unflatten``."""
+    pk = pack(sequences, attention_mask)
+    index, valid = response_sources(pk, attention_mask, response_len)
+    return packed_hidden(body, pk)[index], valid
+
+
 def unflatten(flat: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """[M] values -> [B, R] (``valid``'s shape) with zeros elsewhere; differentiable w.r.t. ``flat``."""
     return torch.zeros(valid.shape, dtype=flat.dtype, device=flat.device).masked_scatter(valid, flat)
