@@ -85,12 +85,10 @@ def build_engine(
     (``"float32"`` / ``"bfloat16"`` / ``"float16"``). With ``rollout.backend=hf`` sampling takes one
     seed per ``generate`` call rather than vLLM's one per request, so its samples depend on how a
     batch is cut between rollout ranks."""
-    import torch
-
-    from engine.models import load_tokenizer
+    from engine.models import load_tokenizer, resolve_dtype
     from engine.rl.engines import open_rollout
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args["dtype"]]
+    dtype = resolve_dtype(args["dtype"], device)
     if cfg.rollout.backend == "hf" and tokenizer is None:
         tokenizer = load_tokenizer(cfg.model.tokenizer or policy_dir)
     return open_rollout(
@@ -111,14 +109,12 @@ class _Scorer:
     def __init__(self, cfg: Any, hello: dict[str, Any]) -> None:
         import torch
 
-        from engine.models import load_tokenizer
+        from engine.models import load_tokenizer, resolve_dtype
         from engine.rl.scoring import build_scoring
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or hello["policy_dir"])
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[
-            hello["dtype"]
-        ]
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        dtype = resolve_dtype(hello["dtype"], device)
         route = None
         if cfg.reward.kind == "model":  # the trainer ranks checked it and logged the route
             from engine.rl.reward_route import resolve_reward_route
