@@ -121,6 +121,9 @@ class RolloutConfig:
     gpu_memory_utilization: float = 0.4
     enforce_eager: bool = True
     sleep_during_train: bool = True  # GPU: release vLLM memory while training
+    # backend=hf: auto = the static-cache decode loop for Llama-family models (engine.rl.static_decode),
+    # generate elsewhere; static = that loop or an error; generate = transformers' generate.
+    hf_decode: str = "auto"
     # Hard constraints (engine.rl.constraints): the decoded response never contains one of
     # banned_strings (literal substrings) nor matches one of banned_patterns (Python regexes).
     banned_strings: list[str] = field(default_factory=list)
@@ -129,6 +132,7 @@ class RolloutConfig:
     def validate(self, prefix: str = "rollout") -> None:
         """The checks every stage makes on its sampling section: backend, lengths, bans."""
         check_choice(f"{prefix}.backend", self.backend, ("vllm", "hf"))
+        check_choice(f"{prefix}.hf_decode", self.hf_decode, ("auto", "static", "generate"))
         check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
         check_positive(f"{prefix}.temperature", self.temperature)
         check_banned(f"{prefix}.banned_strings", self.banned_strings)

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from engine.config import RolloutConfig
-from engine.rl.rollout import Sample, processed_logprobs, sample_seeds
+from engine.rl.rollout import Sample, processed_logits, processed_logprobs, sample_seeds
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
@@ -35,16 +35,61 @@ class HFRollout:
     same ids as vLLM (:func:`stop_token_ids`: the tokenizer's EOS and the generation config's
     ``eos_token_id`` list). Log-probs are those of the scores ``generate`` actually sampled from.
     Banned text (``rollout.banned_*``) is masked by an :class:`~engine.rl.constraints.HFBanProcessor`.
+
+    ``rollout.hf_decode``: ``auto`` decodes Llama-family models with the static-cache loop of
+    :mod:`engine.rl.static_decode` (the same sampling from the same distribution, checked against
+    the model's forward at construction) and any other model with ``generate``; ``static``
+    refuses a model the loop can't run; ``generate`` always uses ``generate``. One line says
+    which at construction.
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any, cfg: RolloutConfig):
-        self.model, self.tokenizer, self.cfg = model, tokenizer, cfg
+        self.tokenizer, self.cfg = tokenizer, cfg
+        self.model = model  # builds the decoder (see the setter)
         self.policy_version = 0
         self._rng = torch.Generator().manual_seed(0)
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         self.eos_id = tokenizer.eos_token_id
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
         self._bans: dict[tuple, Any] = {}
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    @model.setter
+    def model(self, model: Any) -> None:
+        """Point the engine at another model (the eval stage swaps policy and baseline): the
+        static-cache decoder is rebuilt (and re-checked) for it."""
+        self._model = model
+        self.decoder = None if model is None else self._static_decoder(getattr(self.cfg, "hf_decode", "auto"))
+
+    def _static_decoder(self, mode: str) -> Any:
+        """The :class:`~engine.rl.static_decode.StaticDecoder` for ``rollout.hf_decode`` (None: generate)."""
+        from engine.rl.static_decode import StaticDecoder, unsupported
+
+        name = type(self.model).__name__
+        if mode == "generate":
+            print(
+                f"[rollout] HF backend: {name} decodes with transformers generate (rollout.hf_decode=generate)"
+            )
+            return None
+        why = unsupported(self.model)
+        decoder = None
+        if why is None:
+            try:
+                decoder = StaticDecoder(self.model)
+            except ValueError as e:
+                why = str(e)
+        if decoder is None:
+            if mode == "static":
+                raise ValueError(
+                    f"rollout.hf_decode=static: the static-cache decoder can't run {name}: {why}"
+                )
+            print(f"[rollout] HF backend: {name} decodes with transformers generate ({why})", flush=True)
+            return None
+        print(f"[rollout] HF backend: {name} decodes with the static-cache loop", flush=True)
+        return decoder
 
     def _ban(self) -> Any:
         """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
@@ -91,12 +136,26 @@ class HFRollout:
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in flat], device=dev)
         was_training = self.model.training
         self.model.eval()
-        # generate() fills every field left None from model.generation_config (the checkpoint's
-        # defaults): blank it for the call, so only what _generation_config() sets applies.
+        try:
+            if self.decoder is not None and self.decoder.fits(width + self.cfg.max_new_tokens):
+                new, lps, kept = self._static_generate(ids, mask, seed)
+            else:
+                new, lps, kept = self._hf_generate(ids, mask, seed)
+        finally:
+            self.model.train(was_training)
+        return self._samples(flat, n, new, lps, kept)
+
+    def _hf_generate(
+        self, ids: torch.Tensor, mask: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """transformers ``generate``: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         from engine.rl.constraints import HFBanProcessor
 
+        dev, width = ids.device, ids.shape[1]
+        # generate() fills every field left None from model.generation_config (the checkpoint's
+        # defaults): blank it for the call, so only what _generation_config() sets applies.
         saved = getattr(self.model, "generation_config", None)
         self.model.generation_config = GenerationConfig()
         ban = self._ban()
@@ -112,12 +171,55 @@ class HFRollout:
                 )
         finally:
             self.model.generation_config = saved
-            self.model.train(was_training)
         new = out.sequences[:, width:]
         # Scores are the logits after the processors generate sampled with (ban, T, top-k, top-p).
         scores = torch.stack(out.scores, dim=1)  # [B, T, V]
         lps = processed_logprobs(scores, new)
         kept = torch.stack(procs[0].kept, dim=1) if procs else None  # [B, T]
+        return new, lps, kept
+
+    def _static_generate(
+        self, ids: torch.Tensor, mask: torch.Tensor, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The static-cache loop: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
+        from engine.rl.constraints import HFBanProcessor
+
+        c, width = self.cfg, ids.shape[1]
+        gen = torch.Generator(device=ids.device).manual_seed(seed)
+        ban = self._ban()
+        proc = HFBanProcessor(ban, width, self.stop_ids, c.temperature) if ban is not None else None
+        kept = torch.zeros(ids.shape[0], c.max_new_tokens) if proc is not None else None
+        so_far: list[torch.Tensor] = []  # each step's tokens, [B] (pad where the row had stopped)
+
+        def choose(logits: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+            if proc is not None:  # the ban reads the live rows' text so far
+                seq = torch.cat([ids[rows], *(s[rows, None] for s in so_far)], dim=1)
+                logits = proc(seq, logits)
+                kept[rows.cpu(), t] = proc.kept[-1]
+            lp = processed_logits(logits, c.temperature, c.top_k, c.top_p).log_softmax(-1)
+            # The exponential race (argmax p / E, E ~ Exp(1)) on noise drawn for every row of the
+            # batch each step: a row's draws depend on the seed, its index and the step only, not
+            # on which other rows have stopped and left the batch.
+            noise = torch.empty((ids.shape[0], lp.shape[-1]), device=lp.device).exponential_(generator=gen)
+            tok = (lp.exp() / noise[rows]).argmax(-1)
+            step = torch.full((ids.shape[0],), self.pad_id, dtype=torch.long, device=ids.device)
+            step[rows] = tok
+            so_far.append(step)
+            return tok, lp.gather(-1, tok[:, None])[:, 0]
+
+        new, lps = self.decoder.generate(ids, mask, c.max_new_tokens, choose, self.stop_ids, self.pad_id)
+        return new, lps, kept[:, : new.shape[1]] if kept is not None else None
+
+    def _samples(
+        self,
+        flat: list[list[int]],
+        n: int,
+        new: torch.Tensor,
+        lps: torch.Tensor,
+        kept: torch.Tensor | None,
+    ) -> list[list[Sample]]:
+        """Per prompt, its ``n`` samples from the generated ``new`` tokens [B, T], their log-probs
+        and kept log-mass (each cut after the row's first stop token)."""
         stops = set(self.stop_ids)
         samples = []
         for i, p in enumerate(flat):
@@ -134,7 +236,7 @@ class HFRollout:
                     kept_logmass=kept[i, :length].tolist() if kept is not None else None,
                 )
             )
-        return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
+        return [samples[i * n : (i + 1) * n] for i in range(len(flat) // n)]
 
     @torch.no_grad()
     def sequence_logprobs(self, prompt_ids: list[int], response_ids: list[int]) -> list[float]:

@@ -138,9 +138,22 @@ def processed_logprobs(
 
     logits: ``[L, V]`` (any float dtype, computed in fp32); token_ids: ``[L]``; banned: optional
     bool ``[L, V]``, the tokens banned at each step (``BannedText.banned_masks``); returns ``[L]``
-    fp32. Masking follows vLLM's sampler order (ban, temperature, top-k, top-p); masked tokens get
-    ``-inf``. Accepts log-probs as ``logits`` too (log_softmax is shift-invariant).
+    fp32. Masking is :func:`processed_logits`'. Accepts log-probs as ``logits`` too (log_softmax
+    is shift-invariant).
     """
+    x = processed_logits(logits, temperature, top_k, top_p, banned)
+    return x.log_softmax(-1).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+
+
+def processed_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    banned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``logits / T`` in fp32 with the banned, top-k and top-p tokens set to ``-inf``, in vLLM's
+    sampler order (ban, temperature, top-k, top-p): what the sampler draws from, ``[..., V]``."""
     x = logits.float() / temperature
     if banned is not None:
         x = x.masked_fill(banned.to(x.device), float("-inf"))
@@ -153,7 +166,7 @@ def processed_logprobs(
         drop = cum <= 1.0 - top_p
         drop[..., -1] = False  # keep at least the most likely token
         x = x.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return x.log_softmax(-1).gather(-1, token_ids.long().unsqueeze(-1)).squeeze(-1)
+    return x
 
 
 def _on_gpu() -> bool:

@@ -218,8 +218,11 @@ def test_vllm_engine_without_the_ban_processor_refuses_bans():
     assert engine._params(seed=0).extra_args is None
 
 
-def test_hf_constrained_sampling(hf_model, tok):
-    engine = HFRollout(hf_model, tok, RolloutConfig(backend="hf", temperature=T, max_new_tokens=12))
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_hf_constrained_sampling(hf_model, tok, decode):
+    cfg = RolloutConfig(backend="hf", temperature=T, max_new_tokens=12, hf_decode=decode)
+    engine = HFRollout(hf_model, tok, cfg)
+    assert (engine.decoder is not None) == (decode == "static")
     r = _check_constrained(engine, hf_model, tok, [PROMPT, PROMPT[:3]], seed=1)
     _assert_constrained(r)
 

@@ -6,6 +6,7 @@ process-global parallel state).
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
@@ -126,10 +127,12 @@ def test_vllm_sequence_logprobs_match_hf_forward(vllm_rollout, hf_model):
 
 
 # --------------------------------------------------------------------------- HF fallback
-def test_hf_rollout_matches_forward_and_stops_at_eos(hf_model):
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_hf_rollout_matches_forward_and_stops_at_eos(hf_model, decode):
     tok = build_tokenizer()
-    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, max_new_tokens=10)
+    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, max_new_tokens=10, hf_decode=decode)
     r = HFRollout(hf_model, tok, cfg)
+    assert (r.decoder is not None) == (decode == "static")
     out = r.generate([PROMPT, PROMPT[:2]], n=2, seed=3)
     again = r.generate([PROMPT, PROMPT[:2]], n=2, seed=3)
     assert [s.response_ids for g in out for s in g] == [s.response_ids for g in again for s in g]
@@ -144,7 +147,10 @@ def test_hf_rollout_matches_forward_and_stops_at_eos(hf_model):
     assert (seq - torch.tensor(out[0][0].logprobs)).abs().max() < 1e-4
 
 
-def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its_eos_list(hf_model, tmp_path):
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its_eos_list(
+    hf_model, tmp_path, decode
+):
     """A checkpoint whose generation_config carries repetition_penalty=1.5, no_repeat_ngram_size
     and its own temperature/top-k, plus an extra EOS id in a list (as Llama 3 and Qwen2 ship).
     The HF rollout must sample from softmax(logits / T) with the configured top-k only -- its
@@ -153,7 +159,7 @@ def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its
     from transformers import AutoModelForCausalLM
 
     tok = build_tokenizer()
-    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, max_new_tokens=16)
+    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, max_new_tokens=16, hf_decode=decode)
     prompts = [PROMPT, PROMPT[:3]]
     plain = HFRollout(hf_model, tok, cfg).generate(prompts, n=3, seed=5)
     emitted = [t for g in plain for s in g for t in s.response_ids[1:]]
@@ -163,7 +169,7 @@ def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its
     assert counts[extra] >= 2
 
     hf_model.save_pretrained(tmp_path)
-    gen = hf_model.generation_config
+    gen = copy.deepcopy(hf_model.generation_config)  # the fixture model stays as it was
     gen.eos_token_id = [tok.eos_token_id, extra]
     gen.repetition_penalty, gen.no_repeat_ngram_size, gen.temperature, gen.top_k = 1.5, 2, 1.3, 5
     gen.do_sample = True

@@ -71,8 +71,11 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
     tok = build_tokenizer()
     root = tmp_path_factory.mktemp("ckpts")
     out = {}
+    sft = build_tiny_model(tok, TINY, seed=0)
+    with torch.no_grad():  # peaked, unlike the near-uniform random policy: the two sample apart
+        sft.get_output_embeddings().weight.mul_(8.0)
     for name, model in (
-        ("sft", build_tiny_model(tok, TINY, seed=0)),
+        ("sft", sft),
         ("policy", build_tiny_model(tok, TINY, seed=1)),
         ("rm", build_tiny_reward_model(tok, TINY, seed=2)),
     ):
