@@ -1,6 +1,6 @@
 """Launch ``ppo_run.py`` (the CLI plus parameter fingerprints) on 1 or 2 ranks and read back what it wrote.
 
-Shared by ``tests/engine/rl/test_ppo_e2e.py`` and ``tests/engine/rl/test_ppo_inputs.py``. One rank is a
+Shared by the end-to-end PPO tests in ``tests/engine/rl/`` (and its ``conftest.py``). One rank is a
 plain ``python`` process; two ranks go through ``deepspeed --num_gpus 2``. ``launch.run`` starts it
 in its own session with a free master port, and removes only this launch's ``/dev/shm`` buffers.
 """
@@ -18,6 +18,22 @@ from tests.engine._scripts.launch import REPO, deepspeed_cmd, free_port, run
 
 SCRIPTS = Path(__file__).resolve().parent
 TINY_CONFIG = REPO / "configs" / "ppo_tiny.yaml"
+
+# The overrides of the two runs that tests/engine/rl/conftest.py launches once per session, each
+# read by tests in two files: ``ppo_two_ranks_zero2`` (2 ranks, ZeRO-2, the tiny config as it is)
+# and ``ppo_one_update_zero3`` (1 rank, ZeRO-3, one update of one micro-batch per step, so the
+# values and old log-probs come from the update: ``PPOTrainer.fused_update``). A test that compares
+# a variant against one of them launches the variant with the same overrides plus its own.
+TWO_RANKS_ZERO2 = ["total_steps=3", "actor.zero_stage=2", "critic.zero_stage=2", "logging.tensorboard=false"]
+ONE_UPDATE_ZERO3 = [
+    "total_steps=3",
+    "actor.zero_stage=3",
+    "critic.zero_stage=3",
+    "ppo.rollout_batch_size=8",
+    "ppo.mini_batch_size=8",
+    "ppo.micro_batch_size=8",
+    "logging.tensorboard=false",
+]
 
 # Every run's metrics.jsonl row must carry these (the issue's list).
 REQUIRED_KEYS = (

@@ -243,28 +243,28 @@ def test_config_keys_are_validated() -> None:
 
 
 @pytest.mark.slow
-def test_ppo_two_ranks_packed_with_a_token_budget_trains_as_padded(tmp_path) -> None:
+def test_ppo_two_ranks_packed_with_a_token_budget_trains_as_padded(tmp_path, ppo_two_ranks_zero2) -> None:
     """The whole PPO loop (real vLLM and DeepSpeed ZeRO-2, ``deepspeed --num_gpus 2``, actor and
     critic), padded against ``ppo.packing=true ppo.micro_batch_tokens=48``: the budget cuts each
     rank's 4-sample mini-batch into a varying number of micro-batches, which the ranks agree on
-    (the most of any rank) before DeepSpeed's collectives. Step 1 is one update from the same
-    samples, step 2 samples from its result: losses, grad norms, KL and rewards agree at fp32
-    noise (measured: 1e-7 relative, 2-core AMD EPYC), far inside the 1e-4 asserted."""
+    (the most of any rank) before DeepSpeed's collectives. Step 1 trains on the same samples, steps
+    2 and 3 sample from its result: losses, grad norms, KL and rewards agree at fp32 noise
+    (measured: 1e-7 relative, 2-core AMD EPYC), far inside the 1e-4 asserted. The padded run is the
+    session's ``ppo_two_ranks_zero2`` (``tests/engine/rl/conftest.py``), which ``test_ppo_e2e``
+    reads too."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
-    from ppo_launch import launch, require
+    from ppo_launch import TWO_RANKS_ZERO2, launch, require
 
     require("vllm", "deepspeed")
-    common = ["total_steps=2", "logging.tensorboard=false"]
-    runs = {}
-    for name, extra in [("padded", []), ("packed", ["ppo.packing=true", "ppo.micro_batch_tokens=48"])]:
-        run = launch(tmp_path / name, [*common, *extra], ranks=2, timeout_s=480)
-        run.check()
-        runs[name] = run.metrics
+    budget = ["ppo.packing=true", "ppo.micro_batch_tokens=48"]
+    packed = launch(tmp_path / "packed", [*TWO_RANKS_ZERO2, *budget], ranks=2, timeout_s=480)
+    packed.check()
+    runs = {"padded": ppo_two_ranks_zero2.metrics, "packed": packed.metrics}
     keys = ["reward/mean", "loss/policy", "loss/value", "kl/mean", "actor/grad_norm", "critic/grad_norm"]
-    assert [r["step"] for r in runs["packed"]] == [1, 2]
+    assert [r["step"] for r in runs["packed"]] == [1, 2, 3]
     for a, b in zip(runs["padded"], runs["packed"], strict=True):
         for k in keys:
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5), (a["step"], k, a[k], b[k])

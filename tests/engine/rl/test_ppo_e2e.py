@@ -217,19 +217,16 @@ def test_two_ranks_kl_rises_and_adaptive_coef_rises_with_tiny_target(two_ranks):
 
 
 # --------------------------------------------------------------------------- the rest of the matrix
-@pytest.mark.parametrize("ranks,stage", [(1, 3), (2, 2)])
-def test_other_rank_and_zero_combinations(tmp_path, ranks, stage):
+@pytest.mark.parametrize(
+    "ranks,stage,shared", [(1, 3, "ppo_one_update_zero3"), (2, 2, "ppo_two_ranks_zero2")]
+)
+def test_other_rank_and_zero_combinations(ranks, stage, shared, request):
     """1 rank with ZeRO-3 and 2 ranks with ZeRO-2 (the fixtures above cover 1/ZeRO-2 and 2/ZeRO-3):
-    both roles train, the ranks agree, and vLLM follows every swap."""
-    require("vllm", "deepspeed")
+    both roles train, the ranks agree, and vLLM follows every swap. Both runs are the session's
+    (``tests/engine/rl/conftest.py``): the 1-rank one makes one update per step (``test_fused_update``
+    compares it with separate scoring passes), the 2-rank one is ``test_packing``'s padded run."""
+    run = request.getfixturevalue(shared)
     steps = 3
-    run = launch(
-        tmp_path / "run",
-        [f"total_steps={steps}", f"actor.zero_stage={stage}", f"critic.zero_stage={stage}"],
-        ranks=ranks,
-        timeout_s=480,
-    )
-    run.check()
     assert [r["rank"] for r in run.ranks] == list(range(ranks))
     for r in run.ranks:
         assert (
