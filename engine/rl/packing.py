@@ -1,18 +1,22 @@
 """Packed sequences and token-budget micro-batches for the training-side passes.
 
-A packed micro-batch is its samples' real tokens (``attention_mask`` 1) concatenated into one row
-``[1, N]`` with ``position_ids`` restarting at 0 for each sample, and no padding; with
-``attention_mask=None``, ``use_cache=False`` and restarting positions, transformers' masking
-utilities (``find_packed_sequence_indices``; flash-attention's varlen path for
-``flash_attention_2``) build a block-diagonal causal mask, so every token sees exactly what it
-sees in the padded ``[B, T]`` forward with ``position_ids_from_mask``. ``Packed.slot`` maps each
-padded position to its place in the row, so per-token outputs go back into the padded layout the
-rest of the code expects (``unflatten``), zeros where the padded forward computed padding.
+A packed micro-batch is its samples' real tokens (``attention_mask`` 1) concatenated into rows with
+``position_ids`` restarting at 0 for each sample; with ``attention_mask=None``, ``use_cache=False``
+and restarting positions, transformers' masking utilities (``find_packed_sequence_indices``;
+flash-attention's varlen path for ``flash_attention_2``) build a block-diagonal causal mask, so
+every token sees exactly what it sees in the padded ``[B, T]`` forward with
+``position_ids_from_mask``. ``Packed.slot`` maps each padded position to its place in the rows, so
+per-token outputs go back into the padded layout the rest of the code expects (``unflatten``),
+zeros where the padded forward computed padding.
+
+The rows: with flash-attention, one row ``[1, N]`` (its varlen kernel attends within each sample).
+With eager/sdpa attention the mask is dense over a row, so a row of N tokens costs N^2 in
+attention: there the samples are placed first-fit decreasing into rows as long as the longest
+sample (``[R, T]``, R <= B), each row's unused tail a block of its own. The matmuls then run on
+about the real tokens and attention costs no more than the padded batch's (``row_capacity``).
 
 Token-budget micro-batches (``ppo.micro_batch_tokens``) group consecutive samples of a mini-batch
-greedily under a budget of real tokens; a longer sample goes alone. With eager/sdpa attention the
-packed mask is dense over the row ([N, N]), so attention costs N^2 rather than the samples'
-sum of squares (flash-attention's varlen path): keep the budget to a few of the longest samples.
+greedily under a budget of real tokens; a longer sample goes alone.
 """
 
 from __future__ import annotations
@@ -51,11 +55,13 @@ def check_packable(model: nn.Module, role: str) -> None:
 
 @dataclass(frozen=True)
 class Packed:
-    """A micro-batch's real tokens in one row.
+    """A micro-batch's real tokens in rows.
 
-    - ``input_ids``    [1, N] long: the real tokens of rows 0..B-1, in order
-    - ``position_ids`` [1, N] long: 0, 1, ... within each sample (``position_ids_from_mask``'s values)
-    - ``slot``         [B, T] long: where each padded position sits in the row; -1 on padding
+    - ``input_ids``    [R, C] long: the real tokens of rows 0..B-1, each sample contiguous in one
+      row; a row's unused tail holds token 0 at positions 0, 1, ... (a block of its own)
+    - ``position_ids`` [R, C] long: 0, 1, ... within each sample (``position_ids_from_mask``'s values)
+    - ``slot``         [B, T] long: where each padded position sits in the flattened rows (``r * C +
+      c``); -1 on padding
     """
 
     input_ids: torch.Tensor
@@ -64,20 +70,53 @@ class Packed:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.input_ids.shape[1])
+        """The real tokens (the rows' tails not counted)."""
+        return int((self.slot >= 0).sum())
 
 
-def pack(sequences: torch.Tensor, attention_mask: torch.Tensor) -> Packed:
-    """``sequences``/``attention_mask`` [B, T] (any padding side) -> ``Packed`` on their device."""
+def row_capacity(body: nn.Module, attention_mask: torch.Tensor) -> int | None:
+    """The packed row length for ``body``: None (one row) under flash-attention's varlen path,
+    else the padded width (dense per-row masks; see the module doc)."""
+    attn = getattr(getattr(body, "config", None), "_attn_implementation", None)
+    return None if attn == "flash_attention_2" else int(attention_mask.shape[1])
+
+
+def pack(sequences: torch.Tensor, attention_mask: torch.Tensor, row_len: int | None = None) -> Packed:
+    """``sequences``/``attention_mask`` [B, T] (any padding side) -> ``Packed`` on their device: one
+    row with ``row_len`` None, else rows of ``max(row_len, longest sample)`` tokens filled first-fit
+    in decreasing sample length."""
     real = attention_mask.bool()
     positions = real.long().cumsum(-1) - 1  # per-row rank of each real token
-    slot = torch.full_like(positions, -1)
-    slot[real] = torch.arange(int(real.sum()), device=real.device)
-    return Packed(sequences[real][None], positions[real][None], slot)
+    if row_len is None:
+        slot = torch.full_like(positions, -1)
+        slot[real] = torch.arange(int(real.sum()), device=real.device)
+        return Packed(sequences[real][None], positions[real][None], slot)
+    lengths = real.sum(1).tolist()
+    cap = max([row_len, *lengths])
+    used: list[int] = []  # tokens placed in each row so far
+    first = [0] * len(lengths)  # each sample's first flat position
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if lengths[i] == 0:
+            continue
+        r = next((r for r, u in enumerate(used) if u + lengths[i] <= cap), len(used))
+        if r == len(used):
+            used.append(0)
+        first[i] = r * cap + used[r]
+        used[r] += lengths[i]
+    rows = max(len(used), 1)
+    dev = real.device
+    slot = torch.where(real, torch.tensor(first, device=dev)[:, None] + positions, -1)
+    tail_start = torch.tensor(used or [0], device=dev)[:, None]
+    flat_pos = (torch.arange(cap, device=dev)[None] - tail_start).clamp_min(0).reshape(-1)
+    flat_ids = torch.zeros(rows * cap, dtype=sequences.dtype, device=dev)
+    flat_ids[slot[real]] = sequences[real]
+    flat_pos[slot[real]] = positions[real]
+    return Packed(flat_ids.view(rows, cap), flat_pos.view(rows, cap), slot)
 
 
 def packed_hidden(body: nn.Module, packed: Packed) -> torch.Tensor:
-    """[N, H] final hidden states of an HF base model over the packed row (block-diagonal attention)."""
+    """[R * C, H] final hidden states of an HF base model over the packed rows (block-diagonal
+    attention), indexed by ``packed.slot``."""
     out = body(
         input_ids=packed.input_ids,
         attention_mask=None,  # None + restarting position_ids: transformers builds the packed mask
@@ -85,15 +124,15 @@ def packed_hidden(body: nn.Module, packed: Packed) -> torch.Tensor:
         use_cache=False,  # with a cache the packed-sequence detection is skipped
     )
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return hidden[0]
+    return hidden.reshape(-1, hidden.shape[-1])
 
 
 def response_sources(packed: Packed, attention_mask: torch.Tensor, response_len: int):
-    """Where the hidden states predicting the response tokens sit in the packed row.
+    """Where the hidden states predicting the response tokens sit in the packed rows.
 
     Returns ``(index [M] long, valid [B, R] bool)``: ``valid`` marks response positions j whose token
     and predicting position P-1+j are both real; ``index`` lists, in ``valid``'s row-major order,
-    the packed position of P-1+j.
+    the flat packed position of P-1+j.
     """
     T = attention_mask.shape[1]
     P = T - response_len
@@ -107,7 +146,7 @@ def response_hidden(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One packed forward of ``body`` over ``sequences`` [B, T]: ``(hidden [M, H], valid [B, R])``,
     the hidden states predicting the response tokens (``response_sources``) for ``unflatten``."""
-    pk = pack(sequences, attention_mask)
+    pk = pack(sequences, attention_mask, row_capacity(body, attention_mask))
     index, valid = response_sources(pk, attention_mask, response_len)
     return packed_hidden(body, pk)[index], valid
 

@@ -28,6 +28,7 @@ from engine.rl.packing import (
     check_packable,
     pack,
     packed_hidden,
+    row_capacity,
 )
 from engine.rl.reward_route import RewardRoute, TextRoute
 
@@ -259,8 +260,8 @@ class RewardScorer:
 
     def _packed_scores(self, ids: torch.Tensor, am: torch.Tensor) -> torch.Tensor:
         """[B] scores at each row's last real token from one packed forward (NaN for an empty row)."""
-        pk = pack(ids, am)
-        last = pk.slot.max(1).values  # slots rise along a row's real tokens; -1 on padding
+        pk = pack(ids, am, row_capacity(self.body, am))
+        last = pk.slot.max(1).values  # slots rise along a sample's real tokens; -1 on padding
         has = last >= 0
         h = packed_hidden(self.body, pk)[last[has]]
         out = torch.full((ids.shape[0],), float("nan"))

@@ -11,8 +11,9 @@ same weights through a loop that does only the model's arithmetic:
 - rows that stopped leave the batch (their cache rows are dropped), so a batch of mixed lengths
   costs what its live rows cost.
 
-It computes what the model's own forward computes (the same RMSNorm modules, rotary embedding
-module, activation, attention scaling and position ids from the attention mask, sdpa attention),
+It computes what the model's own forward computes (RMSNorm with the model's weights and epsilon,
+the model's rotary embedding module and activation, its attention scaling, position ids from the
+attention mask, sdpa attention),
 for the families whose decoder layer it knows: ``llama``, ``mistral``, ``qwen2`` (q/k/v biases)
 and ``qwen3`` (per-head q/k norms). :func:`unsupported` says why any other model, or a model it
 can't read, is left to ``generate``; and at construction the loop is checked against the model's
@@ -53,6 +54,15 @@ def unsupported(model: nn.Module) -> str | None:
         return "it is quantized"
     if any(p.numel() == 0 for p in model.parameters()):
         return "its parameters are partitioned (ZeRO-3)"
+    rope = getattr(inner.rotary_emb, "rope_type", None)
+    if not isinstance(rope, str) or "dynamic" in rope or "longrope" in rope:
+        # cos/sin are computed once per decode, so they must not depend on the sequence length
+        return f"its rotary embedding ({rope!r}) rescales with the sequence length"
+    norms = [inner.norm] + [
+        m for layer in inner.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)
+    ]
+    if not all(type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms):
+        return "its norms are not RMSNorm(weight, variance_epsilon)"
     for i, layer in enumerate(inner.layers):
         attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
         mods = [getattr(attn, n, None) for n in _PROJ] + [getattr(mlp, n, None) for n in _MLP]
@@ -68,6 +78,11 @@ def unsupported(model: nn.Module) -> str | None:
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rms_norm(norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The transformers RMSNorm ``weight * x / rms(x)`` as torch's fused op (one call, not seven)."""
+    return F.rms_norm(x, norm.weight.shape, norm.weight, norm.variance_epsilon)
 
 
 class StaticDecoder:
@@ -136,33 +151,34 @@ class StaticDecoder:
             ~attn_mask, float("-inf")
         )
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        cos, sin = self.inner.rotary_emb(x, positions)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        cos, sin = self._cos[positions][:, :, None], self._sin[positions][:, :, None]  # [b, n, 1, hd]
         end = start + n
         for layer, (qkv_w, qkv_b, o_w, o_b, gate_up, down), (kc, vc) in zip(
             self.inner.layers, weights, caches
         ):
-            h = layer.input_layernorm(x)
+            h = _rms_norm(layer.input_layernorm, x)
             qkv = h @ qkv_w if qkv_b is None else torch.addmm(qkv_b, h.view(b * n, -1), qkv_w).view(b, n, -1)
-            q, k, v = qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1)
-            q, k, v = q.view(b, n, nh, hd), k.view(b, n, nkv, hd), v.view(b, n, nkv, hd)
+            qk, v = qkv.split([(nh + nkv) * hd, nkv * hd], dim=-1)
+            qk, v = qk.view(b, n, nh + nkv, hd), v.view(b, n, nkv, hd)
             if self.qk_norm:
-                q, k = layer.self_attn.q_norm(q), layer.self_attn.k_norm(k)
-            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+                a = layer.self_attn
+                qk = torch.cat(
+                    [_rms_norm(a.q_norm, qk[:, :, :nh]), _rms_norm(a.k_norm, qk[:, :, nh:])], dim=2
+                )
+            qk = qk * cos + _rotate_half(qk) * sin  # q and k rotate together
+            q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
             kc[:, :, start:end] = k
-            vc[:, :, start:end] = v
+            vc[:, :, start:end] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask, scale=self.scaling,
                 enable_gqa=nkv != nh,
             )  # fmt: skip
             o = o.transpose(1, 2).reshape(b, n, nh * hd) @ o_w
             x = x + (o if o_b is None else o + o_b)
-            h = layer.post_attention_layernorm(x)
+            h = _rms_norm(layer.post_attention_layernorm, x)
             gate, up = (h @ gate_up).chunk(2, dim=-1)
             x = x + (layer.mlp.act_fn(gate) * up) @ down
-        return self.inner.norm(x)
+        return _rms_norm(self.inner.norm, x)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.get_output_embeddings()(hidden).float()
@@ -187,6 +203,10 @@ class StaticDecoder:
         if not self.fits(total):
             raise ValueError(f"{total} tokens exceed the model's sliding window ({self.window})")
         weights = self._weights()
+        # cos/sin of every position once (the rotary module's own values; its type is static)
+        probe = torch.empty(0, dtype=dt, device=dev)
+        cos, sin = self.inner.rotary_emb(probe, torch.arange(total, device=dev)[None])
+        self._cos, self._sin = cos[0], sin[0]
         shape = (B, self.n_kv, total, self.head_dim)
         caches = [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
                   for _ in weights]  # fmt: skip

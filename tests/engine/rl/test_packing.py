@@ -89,6 +89,26 @@ def test_pack_keeps_real_tokens_positions_and_slots() -> None:
     assert torch.equal(back, batch.sequences) and (pk.slot[~real] == -1).all()
 
 
+def test_pack_into_rows_first_fit_decreasing() -> None:
+    """Rows as long as the padded width: samples of 16, 5, 10, 2, 14, 5 tokens fill 4 rows of 16
+    (16 | 14 + 2 | 10 + 5 | 5), each sample contiguous in one row, each tail a block of its own."""
+    batch = varied_batch()
+    T = batch.sequences.shape[1]
+    pk = pack(batch.sequences, batch.attention_mask, T)
+    real = batch.attention_mask.bool()
+    assert pk.input_ids.shape == (4, T) and pk.num_tokens == int(real.sum())
+    back = torch.zeros_like(batch.sequences)
+    back[real] = pk.input_ids.reshape(-1)[pk.slot[real]]
+    assert torch.equal(back, batch.sequences) and (pk.slot[~real] == -1).all()
+    positions = pk.position_ids.reshape(-1)
+    assert torch.equal(positions[pk.slot[real]], position_ids_from_mask(batch.attention_mask)[real])
+    for b in range(len(PROMPT_LENS)):
+        s = pk.slot[b][real[b]]
+        assert (s.diff() == 1).all() and s[0] // T == s[-1] // T
+    assert pk.position_ids[3].tolist() == list(range(5)) + list(range(T - 5))  # a 5-token sample, its tail
+    assert pack(batch.sequences, batch.attention_mask, 4).input_ids.shape[1] == 16  # no row shorter than a sample
+
+
 def test_token_budget_groups_are_consecutive_and_within_budget() -> None:
     lengths = [16, 5, 7, 2, 14, 5]
     groups = token_budget_groups(lengths, 12)

@@ -133,6 +133,8 @@ def test_models_it_cannot_run_fall_back_to_generate_or_are_refused(capsys):
     assert len(r.generate([PROMPTS[0]], n=2, seed=0)[0]) == 2
     with pytest.raises(ValueError, match="hf_decode=static: .*model_type 'bloom'"):
         HFRollout(bloom, tok, RolloutConfig(backend="hf", hf_decode="static"))
+    dynamic = tiny_lm("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4})
+    assert "rescales with the sequence length" in unsupported(dynamic)
     with pytest.raises(ConfigError, match="rollout.hf_decode"):
         RolloutConfig(backend="hf", hf_decode="fast").validate()
 
