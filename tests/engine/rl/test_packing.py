@@ -106,7 +106,9 @@ def test_pack_into_rows_first_fit_decreasing() -> None:
         s = pk.slot[b][real[b]]
         assert (s.diff() == 1).all() and s[0] // T == s[-1] // T
     assert pk.position_ids[3].tolist() == list(range(5)) + list(range(T - 5))  # a 5-token sample, its tail
-    assert pack(batch.sequences, batch.attention_mask, 4).input_ids.shape[1] == 16  # no row shorter than a sample
+    assert (
+        pack(batch.sequences, batch.attention_mask, 4).input_ids.shape[1] == 16
+    )  # no row shorter than a sample
 
 
 def test_token_budget_groups_are_consecutive_and_within_budget() -> None:
