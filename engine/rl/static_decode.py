@@ -13,9 +13,8 @@ same weights through a loop that does only the model's arithmetic:
 
 It computes what the model's own forward computes (RMSNorm with the model's weights and epsilon,
 the model's rotary embedding module and activation, its attention scaling, position ids from the
-attention mask, sdpa attention),
-for the families whose decoder layer it knows: ``llama``, ``mistral``, ``qwen2`` (q/k/v biases)
-and ``qwen3`` (per-head q/k norms). :func:`unsupported` says why any other model, or a model it
+attention mask, sdpa attention) for the families whose decoder layer it knows: ``llama``,
+``mistral``, ``qwen2`` (q/k/v biases) and ``qwen3`` (per-head q/k norms). :func:`unsupported` says why any other model, or a model it
 can't read, is left to ``generate``; and at construction the loop is checked against the model's
 own forward on a small batch (:meth:`StaticDecoder.self_check`), so a variant it does not know
 about is refused rather than decoded wrongly. Sampling is the caller's: ``generate`` hands each
