@@ -60,7 +60,10 @@ class HFRollout:
     @model.setter
     def model(self, model: Any) -> None:
         """Point the engine at another model (the eval stage swaps policy and baseline): the
-        static-cache decoder is rebuilt (and re-checked) for it."""
+        static-cache decoder is rebuilt (and re-checked) for it; the same model keeps its decoder
+        (which reads the weights at each call)."""
+        if model is not None and model is getattr(self, "_model", None):
+            return
         self._model = model
         self.decoder = None if model is None else self._static_decoder(getattr(self.cfg, "hf_decode", "auto"))
 
@@ -189,12 +192,12 @@ class HFRollout:
         ban = self._ban()
         proc = HFBanProcessor(ban, width, self.stop_ids, c.temperature) if ban is not None else None
         kept = torch.zeros(ids.shape[0], c.max_new_tokens) if proc is not None else None
-        so_far: list[torch.Tensor] = []  # each step's tokens, [B] (pad where the row had stopped)
 
-        def choose(logits: torch.Tensor, rows: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def choose(
+            logits: torch.Tensor, rows: torch.Tensor, t: int, tokens: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
             if proc is not None:  # the ban reads the live rows' text so far
-                seq = torch.cat([ids[rows], *(s[rows, None] for s in so_far)], dim=1)
-                logits = proc(seq, logits)
+                logits = proc(torch.cat([ids[rows], tokens[rows, :t]], dim=1), logits)
                 kept[rows.cpu(), t] = proc.kept[-1]
             lp = processed_logits(logits, c.temperature, c.top_k, c.top_p).log_softmax(-1)
             # The exponential race (argmax p / E, E ~ Exp(1)) on noise drawn for every row of the
@@ -202,9 +205,6 @@ class HFRollout:
             # on which other rows have stopped and left the batch.
             noise = torch.empty((ids.shape[0], lp.shape[-1]), device=lp.device).exponential_(generator=gen)
             tok = (lp.exp() / noise[rows]).argmax(-1)
-            step = torch.full((ids.shape[0],), self.pad_id, dtype=torch.long, device=ids.device)
-            step[rows] = tok
-            so_far.append(step)
             return tok, lp.gather(-1, tok[:, None])[:, 0]
 
         new, lps = self.decoder.generate(ids, mask, c.max_new_tokens, choose, self.stop_ids, self.pad_id)

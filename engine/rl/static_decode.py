@@ -33,8 +33,9 @@ FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 _PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
-# choose(logits[b, V] float32, rows[b] (indices into the batch), step) -> (tokens[b], logprobs[b])
-Chooser = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+# choose(logits[b, V] float32, rows[b] (indices into the batch), step t, tokens[B, T] (columns < t
+# filled; pad after a row's stop)) -> (tokens[b], logprobs[b])
+Chooser = Callable[[torch.Tensor, torch.Tensor, int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -140,17 +141,19 @@ class StaticDecoder:
         start: int,
         attn_mask: torch.Tensor,
         weights: list[tuple],
+        rope: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         """``x`` [b, n, H] at ``positions`` [b, n] through every layer, writing keys/values into
         ``caches`` at ``start .. start+n`` and attending to ``0 .. start+n`` under ``attn_mask``
-        (bool, broadcastable to [b, heads, n, start+n]). Returns the final-normed hidden states."""
+        (bool, broadcastable to [b, heads, n, start+n]); ``rope``: cos and sin of every position,
+        [total, head_dim] each. Returns the final-normed hidden states."""
         b, n, _ = x.shape
         # One additive mask for every layer (sdpa would convert a bool mask in each call).
         attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
             ~attn_mask, float("-inf")
         )
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
-        cos, sin = self._cos[positions][:, :, None], self._sin[positions][:, :, None]  # [b, n, 1, hd]
+        cos, sin = rope[0][positions][:, :, None], rope[1][positions][:, :, None]  # [b, n, 1, hd]
         end = start + n
         for layer, (qkv_w, qkv_b, o_w, o_b, gate_up, down), (kc, vc) in zip(
             self.inner.layers, weights, caches
@@ -205,7 +208,7 @@ class StaticDecoder:
         # cos/sin of every position once (the rotary module's own values; its type is static)
         probe = torch.empty(0, dtype=dt, device=dev)
         cos, sin = self.inner.rotary_emb(probe, torch.arange(total, device=dev)[None])
-        self._cos, self._sin = cos[0], sin[0]
+        rope = (cos[0], sin[0])
         shape = (B, self.n_kv, total, self.head_dim)
         caches = [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
                   for _ in weights]  # fmt: skip
@@ -217,7 +220,7 @@ class StaticDecoder:
         causal = torch.ones(W, W, dtype=torch.bool, device=dev).tril()
         mask = (causal & real[:, None, :]) | torch.eye(W, dtype=torch.bool, device=dev)
         x = self.inner.embed_tokens(ids)
-        logits = self._logits(self._layers(x, positions, caches, 0, mask[:, None], weights)[:, -1])
+        logits = self._logits(self._layers(x, positions, caches, 0, mask[:, None], weights, rope)[:, -1])
         tokens = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=dev)
         logps = torch.zeros(B, max_new_tokens, dtype=torch.float32, device=dev)
         rows = torch.arange(B, device=dev)
@@ -225,7 +228,7 @@ class StaticDecoder:
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
         steps = 0
         for t in range(max_new_tokens):
-            tok, lp = choose(logits, rows, t)
+            tok, lp = choose(logits, rows, t, tokens)
             tokens[rows, t], logps[rows, t] = tok, lp
             steps = t + 1
             done = torch.isin(tok, stops)
@@ -240,7 +243,9 @@ class StaticDecoder:
             valid[:, W + t] = True
             x = self.inner.embed_tokens(tok[:, None])
             key_mask = valid[:, None, None, : W + t + 1]
-            logits = self._logits(self._layers(x, pos[:, None], caches, W + t, key_mask, weights)[:, -1])
+            logits = self._logits(
+                self._layers(x, pos[:, None], caches, W + t, key_mask, weights, rope)[:, -1]
+            )
             pos = pos + 1
         return tokens[:, :steps], logps[:, :steps]
 
@@ -261,7 +266,7 @@ class StaticDecoder:
         mask = torch.ones_like(ids)
         mask[1, :2] = 0
 
-        def greedy(logits, rows, t):
+        def greedy(logits, rows, t, tokens):
             lp = logits.log_softmax(-1)
             tok = lp.argmax(-1)
             return tok, lp.gather(-1, tok[:, None])[:, 0]

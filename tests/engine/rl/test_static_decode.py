@@ -51,7 +51,7 @@ def test_decoded_logprobs_equal_the_forward_as_rows_stop(family, extra):
     gen = torch.Generator().manual_seed(3)
     stops = [1, 2, 3, 4, 5, 6]  # 6 of 96 tokens: rows stop at different steps
 
-    def sample(logits, rows, t):
+    def sample(logits, rows, t, tokens):
         lp = logits.log_softmax(-1)
         tok = torch.multinomial(lp.exp(), 1, generator=gen)[:, 0]
         return tok, lp.gather(-1, tok[:, None])[:, 0]
@@ -158,7 +158,7 @@ def test_a_sliding_window_shorter_than_the_sequence_goes_to_generate():
     assert dec.fits(8) and not dec.fits(9)
     ids, mask = left_padded(PROMPTS)
     with pytest.raises(ValueError, match="sliding window"):
-        dec.generate(ids, mask, 4, lambda lg, rows, t: (lg.argmax(-1), lg[:, 0]), [], 0)
+        dec.generate(ids, mask, 4, lambda lg, rows, t, tokens: (lg.argmax(-1), lg[:, 0]), [], 0)
     tok = build_tokenizer()
     r = HFRollout(model, tok, RolloutConfig(backend="hf", temperature=1.0, max_new_tokens=6))
     assert r.decoder is not None
