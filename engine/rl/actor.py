@@ -251,6 +251,12 @@ class TrainEngine:
             # which then counts in the bias correction (the first real update came out at 0.73x the
             # lr of ZeRO-1/2/3). Drop that state; AdamW rebuilds it on the first real step.
             self.optimizer.state.clear()
+        if self.engine.dp_world_size == 1 and self.engine.zero_optimization_stage() == 0:
+            # One data-parallel rank at ZeRO-0 has nothing to average, yet DeepSpeed's backward
+            # still flattens every gradient into a bucket, "all-reduces" it alone and copies it
+            # back: two passes over the gradients, ~13 ms per update of 3.2M parameters on one CPU
+            # thread. The gradients are the same without it (tested).
+            self.engine.enable_backward_allreduce = False
         self.device = self.engine.device
         self.steps = 0
         self.skipped = 0

@@ -288,6 +288,29 @@ def test_nonfinite_loss_skips_step_and_leaves_parameters_unchanged() -> None:
     assert all(torch.equal(a, b) for a, b in zip(c0, critic.module.parameters()))
 
 
+def test_one_rank_zero0_skips_deepspeeds_lone_allreduce_with_the_same_update() -> None:
+    """One data-parallel rank at ZeRO-0: DeepSpeed's bucketed all-reduce (flatten, reduce alone,
+    copy back) is switched off, and two accumulated micro-batches update the weights exactly as
+    they do with it on."""
+    batch = tiny_batch()
+    after = {}
+    for allreduce in (False, True):
+        actor = ActorWorker(tiny_lm(), optim(1e-2), PPOAlgoConfig(), 2, 2)
+        assert actor.engine.dp_world_size == 1 and actor.engine.enable_backward_allreduce is False
+        actor.engine.enable_backward_allreduce = allreduce
+        batch.old_logprobs, _ = actor.logprobs(batch)
+        batch.advantages = torch.linspace(-1, 1, batch.action_mask.numel()).view_as(batch.action_mask)
+        p0 = params_of(actor.module)
+        stats = actor.train_minibatch(batch.split(2))
+        assert stats["skipped"] == 0
+        after[allreduce] = params_of(actor.module)
+        assert not all(torch.equal(a, b) for a, b in zip(p0, after[allreduce]))
+    assert all(torch.equal(a, b) for a, b in zip(after[False], after[True]))
+    # ZeRO-2 reduces through its own optimizer hooks: left as DeepSpeed sets it.
+    zero2 = ActorWorker(tiny_lm(), optim(1e-2, stage=2), PPOAlgoConfig(), 2, 2)
+    assert zero2.engine.enable_backward_allreduce
+
+
 def test_stop_on_consecutive_skips() -> None:
     stop_on_consecutive_skips(2, 3, step=7)  # below the limit
     stop_on_consecutive_skips(50, 0, step=7)  # 0: never stop
