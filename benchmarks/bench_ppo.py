@@ -369,10 +369,10 @@ def saved_model_overrides(
     ]
 
 
-def save_models(work: Path, seed: int, size: str) -> tuple[Path, Path, int]:
-    """The random Llama of ``MODELS[size]`` and its reward model saved under ``work``: (policy dir,
-    reward dir, parameter count)."""
-    params = build_model(work / f"policy_{size}", seed, size)
+def save_models(work: Path, seed: int, size: str, vocab: int = 64) -> tuple[Path, Path, int]:
+    """The random Llama of ``MODELS[size]`` (``vocab`` embedding rows) and its reward model saved
+    under ``work``: (policy dir, reward dir, parameter count)."""
+    params = build_model(work / f"policy_{size}", seed, size, vocab)
     build_reward_model(work / f"policy_{size}", work / f"rm_{size}", seed)
     return work / f"policy_{size}", work / f"rm_{size}", params
 
@@ -390,7 +390,7 @@ def peer_compare(args: argparse.Namespace) -> list[dict]:
     runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_ppo_peer_") as tmp:
         work = Path(tmp)
-        model_dir, rm_dir, params = save_models(work, args.seed, args.model)
+        model_dir, rm_dir, params = save_models(work, args.seed, args.model, args.vocab)
         common = saved_model_overrides(model_dir, rm_dir, args.prompts, args.max_new_tokens, args.seed)
         spec = {
             "model_dir": str(model_dir),
@@ -430,7 +430,7 @@ def peer_rows(args: argparse.Namespace, runs: dict[str, list[dict]], params: int
         "timestamp": datetime.datetime.now().isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "device": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-        "model": args.model,
+        "model": args.model if args.vocab == 64 else f"{args.model} vocab {args.vocab}",
         "model_params": params,
         "prompts": args.prompts,
         "max_new_tokens": args.max_new_tokens,
@@ -481,7 +481,7 @@ def peer_rows(args: argparse.Namespace, runs: dict[str, list[dict]], params: int
 
 def print_peer_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     print(
-        f"{rows[0]['device']}: {args.prompts} prompts x {args.max_new_tokens} new tokens, {args.model} "
+        f"{rows[0]['device']}: {args.prompts} prompts x {args.max_new_tokens} new tokens, {rows[0]['model']} "
         f"({rows[0]['model_params']} params); median over {args.repeats} run(s) of each run's median "
         f"step {args.warmup + 1}-{args.steps}"
     )
@@ -518,6 +518,13 @@ def main(argv: list[str] | None = None) -> dict[str, str]:
     peer.add_argument("--peer", choices=("trl",), help="run the peer comparison")
     peer.add_argument("--trl-version", default="1.12.0", help="TRL's last release with PPOTrainer")
     peer.add_argument("--model", default="small", choices=list(MODELS), help="the random Llama both train")
+    peer.add_argument(
+        "--vocab",
+        type=int,
+        default=64,
+        help="the model's vocabulary: 64 (the toy tokenizer) or a larger multiple of 64 (the toy "
+        "tokenizer plus two-letter merges; 512 gives issue #16's 3.4M model)",
+    )
     peer.add_argument("--prompts", type=int, default=16, help="prompts per step")
     peer.add_argument("--max-new-tokens", type=int, default=64)
     peer.add_argument("--repeats", type=int, default=3, help="runs of each system, interleaved")

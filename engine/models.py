@@ -60,7 +60,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def build_tokenizer(merges: int = 0) -> PreTrainedTokenizerFast:
     """The offline character-level toy tokenizer: 64 ids, identical on every call.
 
     Ids 0-3 are <pad>, <bos>, <eos>, <unk>; 4-6 the chat role markers; the rest
@@ -69,14 +69,23 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
     for lowercase text in the alphabet. Pads on the left (generation layout).
     As with Llama's tokenizers, the chat template also starts with <bos>: encode
     rendered chat text with ``add_special_tokens=False`` (``PromptDataset`` does).
+
+    ``merges`` > 0 adds that many BPE merges of two letters (``aa``, ``ab``, ... in alphabet
+    order, at most 26 x 26) as ids 64 on: a larger vocabulary whose every id still decodes to text
+    (the PPO benchmark's ``--vocab 512``, the size of issue #16's model).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
 
     vocab = {tok: i for i, tok in enumerate((*SPECIAL_TOKENS, *ROLE_TOKENS, *ALPHABET))}
     assert len(vocab) == TOY_VOCAB_SIZE == 64, len(vocab)
+    letters = [c for c in ALPHABET if c.isalpha()]
+    if not 0 <= merges <= len(letters) ** 2:
+        raise ValueError(f"merges must be in 0..{len(letters) ** 2}, got {merges}")
+    pairs = [(a, b) for a in letters for b in letters][:merges]
+    vocab.update({a + b: TOY_VOCAB_SIZE + i for i, (a, b) in enumerate(pairs)})
     # BPE with no merges is a character-level model with an <unk> fallback.
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>"))
     tok.add_special_tokens(list(SPECIAL_TOKENS) + list(ROLE_TOKENS))
     tok.normalizer = normalizers.Lowercase()
     tok.decoder = decoders.Fuse()

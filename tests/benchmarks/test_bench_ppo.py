@@ -81,3 +81,19 @@ def test_plot_timelines_draws_each_mode(tmp_path: Path) -> None:
     out = tmp_path / "timeline.png"
     plot_timelines(timelines, out, "test device", warmup=1)
     assert out.stat().st_size > 5000 and out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_models_with_a_larger_vocabulary(tmp_path: Path) -> None:
+    """``--vocab 512``: policy and reward model with 512 embedding rows and a tokenizer of 512 ids
+    (issue #16's 3.4M model at ``--model small``); the default stays the toy tokenizer's 64."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    bench = _load_bench()
+    policy, rm, params = bench.save_models(tmp_path / "v512", 0, "tiny", vocab=512)
+    _, _, params64 = bench.save_models(tmp_path / "v64", 0, "tiny")
+    assert AutoConfig.from_pretrained(policy).vocab_size == AutoConfig.from_pretrained(rm).vocab_size == 512
+    assert len(AutoTokenizer.from_pretrained(policy)) == 512
+    hidden = bench.MODELS["tiny"]["hidden_size"]
+    assert params - params64 == 2 * (512 - 64) * hidden  # embedding and untied LM head rows
+    with pytest.raises(ValueError, match="multiple of 64"):
+        bench.save_models(tmp_path / "bad", 0, "tiny", vocab=100)

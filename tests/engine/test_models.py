@@ -77,6 +77,21 @@ def test_tokenizer_is_deterministic(tok):
     assert other(text)["input_ids"] == tok(text)["input_ids"]
 
 
+def test_tokenizer_with_merges_keeps_the_toy_ids_and_decodes_every_id(tok):
+    big = build_tokenizer(merges=448)
+    assert len(big) == 512
+    vocab = big.get_vocab()
+    assert {t: i for t, i in vocab.items() if i < 64} == tok.get_vocab()  # ids 0-63 as before
+    assert vocab["aa"] == 64 and vocab["ab"] == 65 and max(vocab.values()) == 511
+    text = "say a: 3 + 4 = 7, (ok)!\nnext line?"
+    ids = big(text)["input_ids"]
+    assert any(i >= 64 for i in ids) and len(ids) < len(text) + 1  # letter pairs merged
+    assert big.decode(ids, skip_special_tokens=True) == text
+    assert all(big.decode([i]) for i in range(7, 512))  # every non-special id is text
+    with pytest.raises(ValueError, match="merges must be in 0..676"):
+        build_tokenizer(merges=677)
+
+
 def test_left_padding(tok):
     batch = tok(["ab", "abcd"], padding=True, return_tensors="pt")
     assert batch["input_ids"][0, :2].tolist() == [tok.pad_token_id] * 2
