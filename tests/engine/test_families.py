@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import GAP_TOL_FP32
 from tests.engine._scripts.launch import free_port, run
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ SCRIPT = Path(__file__).parent / "_scripts" / "family_run.py"
 sys.path.insert(0, str(SCRIPT.parent))
 from family_run import PPO_STEPS  # noqa: E402
 
-GAP_TOL = 1e-3  # as tests/engine/rl/test_ppo_e2e.py: fp32 vLLM vs trainer log-probs of the samples
+GAP_TOL = GAP_TOL_FP32  # fp32 vLLM vs trainer log-probs of the samples
 GQA = "hidden_size=128,num_heads=4,num_kv_heads=2"
 # name -> (model.tiny overrides, model_type, tied, a tensor only that family has)
 FAMILIES = {

@@ -1,10 +1,11 @@
-"""One PPO actor step and one critic step under ZeRO-2 and ZeRO-3 on 2 ranks; digests to JSON.
+"""One PPO actor step and one critic step under ZeRO-0, 1, 2 and 3 on 2 ranks; digests to JSON.
 
 Run: ``deepspeed --num_gpus 2 tests/engine/_scripts/train_zero_stages.py --out DIR``.
 Each rank writes ``DIR/rank<r>.json``: per stage, per role, the gathered
 parameters' digests before and after the step, the step's stats, and (actor)
-the max error of the ZeRO log-probs against a plain HF forward on full weights.
-Used by ``tests/engine/rl/test_actor_critic.py::test_zero2_zero3_two_ranks_update_and_agree``.
+the max error of the ZeRO log-probs against a plain HF forward on full weights, and whether
+DeepSpeed's backward all-reduce stayed on (the actor skips it on one ZeRO-0 rank only).
+Used by ``tests/engine/rl/test_actor_critic.py::test_zero_stages_two_ranks_update_and_agree``.
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def run_stage(stage: int, rank: int) -> dict:
     head0 = lm_head_weight(actor)
     before = digest(actor.module)
     stats = actor.train_minibatch([batch])
+    out["backward_allreduce"] = bool(actor.engine.enable_backward_allreduce)
     out["actor"] = {
         "before": before,
         "after": digest(actor.module),
@@ -118,7 +120,7 @@ def main() -> None:
     D.init_distributed()
     rank = D.rank()
     results: dict = {}
-    for stage in (2, 3):
+    for stage in (0, 1, 2, 3):
         t0 = time.time()
         results[str(stage)] = run_stage(stage, rank)
         results[str(stage)]["seconds"] = time.time() - t0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -276,3 +277,70 @@ def test_kl_mean_averages_over_training_rows_only() -> None:
     # Every row dropped: no KL to report (NaN, which the adaptive controller skips).
     exp.action_mask = torch.zeros_like(trained)
     assert math.isnan(ExperienceMixin.logprob_stats(trainer, exp, torch.zeros(B, R))["kl/mean"])
+
+
+def test_too_stale_rows_are_refused_masked_and_left_out_of_their_groups() -> None:
+    """``async.max_staleness=1``, trainer at version 3: the two rows of version 1 (staleness 2) are
+    refused. ``make_experience`` masks them (no loss token), counts them in ``async/refused`` and
+    forms each GRPO group's baseline and scale from its fresh rows only (the refused rows' extreme
+    scores would move both). No launch: the mixin runs on a stub trainer and the real config."""
+    from types import SimpleNamespace
+
+    from engine.config import PPOConfig, load_config
+    from engine.rl.experience import RolloutBatch
+    from engine.rl.experience_maker import ExperienceMixin
+
+    cfg = load_config(
+        PPOConfig,
+        Path(__file__).resolve().parents[3] / "configs" / "grpo_tiny.yaml",
+        ["ppo.rollout_batch_size=2", "ppo.samples_per_prompt=4", "async.max_staleness=1"],
+    )
+    g = torch.Generator().manual_seed(0)
+    B, P, R = 8, 3, 5
+    mask = _action_mask([5, 3, 4, 5, 2, 5, 4, 1], R)
+    rollout_lp = torch.where(mask, -torch.rand(B, R, generator=g) * 3, torch.zeros(B, R))
+    versions = torch.tensor([3, 2, 1, 3, 2, 3, 1, 2])  # staleness 0 1 2 0 | 1 0 2 1
+    scores = torch.tensor([0.2, 0.6, 9.0, 0.1, 0.5, 0.3, -7.0, 0.9])  # refused rows: 9 and -7
+    seq = torch.randint(3, 50, (B, P + R), generator=g)
+    rb = RolloutBatch(
+        seq,
+        torch.cat([torch.ones(B, P, dtype=torch.long), mask.long()], 1),
+        mask,
+        rollout_lp,
+        [""] * B,
+        [""] * B,
+        versions,
+        ref_logprobs=rollout_lp - 0.05,  # scored beside the rollout: no reference model here
+        scores=scores.clone(),
+        score_valid=torch.ones(B, dtype=torch.bool),
+    )
+
+    class Trainer(ExperienceMixin):
+        pass
+
+    t = Trainer()
+    t.cfg, t.version, t.rank, t.samples_per_rank = cfg, 3, 0, B
+    t.loss_agg, t.whiten, t.norm_rewards = cfg.resolved()
+    t.old_from_update = t.fused_update = False
+    t.critic, t.invalid_rewards = None, 0
+    t.kl_ctl = FixedKLController(cfg.ppo.kl.coef)
+    # The trainer's old log-probs equal the rollout's: the truncated IS weights are exactly 1.
+    t.actor = SimpleNamespace(logprobs=lambda exp: (rollout_lp.clone(), torch.ones(B, R)))
+    assert (cfg.algo.advantage, cfg.ppo.kl.placement, t.norm_rewards) == ("grpo", "loss", False)
+
+    exp, stats = t.make_experience(rb)
+
+    refused = torch.tensor([False, False, True, False, False, False, True, False])
+    assert stats["async/refused"] == 2 and stats["async/staleness_max"] == 2
+    assert torch.equal(exp.action_mask, mask & ~refused[:, None])  # masked: no loss from them
+    assert not exp.advantages[refused].any()
+    # GRPO over each group's fresh rows: (r - mean) / (std + eps), Bessel's std, on every token.
+    fresh_adv, with_refused = torch.zeros(B, dtype=torch.float64), torch.zeros(B, dtype=torch.float64)
+    for grp in (slice(0, 4), slice(4, 8)):
+        s, keep = scores[grp].double(), ~refused[grp]
+        for out, rows in ((fresh_adv, keep), (with_refused, torch.ones_like(keep))):
+            mean, std = s[rows].mean(), s[rows].std()
+            out[grp] = torch.where(keep, (s - mean) / (std + cfg.algo.std_eps), 0.0)
+    got = torch.where(exp.action_mask, exp.advantages, torch.nan).nanmean(1).double()
+    torch.testing.assert_close(got[~refused], fresh_adv[~refused], atol=1e-5, rtol=1e-5)
+    assert (fresh_adv - with_refused)[~refused].abs().min() > 0.1  # the test can tell the two apart
