@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from engine.config import ConfigError, PPOConfig, load_config
@@ -70,7 +71,8 @@ STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.cli", description=__doc__.splitlines()[0])
+    prog = "tritonrlhf" if Path(sys.argv[0]).name == "tritonrlhf" else "python -m tritonrlhf.engine.cli"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

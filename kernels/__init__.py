@@ -5,30 +5,35 @@ Triton kernels; CPU tensors run the PyTorch reference, or the Triton kernels
 through the interpreter when ``TRITON_INTERPRET=1``.
 """
 
-from kernels.gae import gae, gae_reference
-from kernels.kl import kl_penalty, kl_penalty_reference
-from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
-from kernels.logprobs import logprobs_from_logits, logprobs_from_logits_reference
-from kernels.ppo_loss import (
-    KLLossTerm,
-    ppo_policy_loss,
-    ppo_policy_loss_reference,
-    ppo_value_loss,
-    ppo_value_loss_reference,
-)
+if __name__ == "kernels":  # this folder reached by its bare name from a checkout's root: not ours to take
+    from tritonrlhf import _yield_bare_name
 
-__all__ = [
-    "KLLossTerm",
-    "gae",
-    "gae_reference",
-    "kl_penalty",
-    "kl_penalty_reference",
-    "linear_logprobs",
-    "linear_logprobs_reference",
-    "logprobs_from_logits",
-    "logprobs_from_logits_reference",
-    "ppo_policy_loss",
-    "ppo_policy_loss_reference",
-    "ppo_value_loss",
-    "ppo_value_loss_reference",
-]
+    _yield_bare_name(__name__)
+else:
+    from kernels.gae import gae, gae_reference
+    from kernels.kl import kl_penalty, kl_penalty_reference
+    from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+    from kernels.logprobs import logprobs_from_logits, logprobs_from_logits_reference
+    from kernels.ppo_loss import (
+        KLLossTerm,
+        ppo_policy_loss,
+        ppo_policy_loss_reference,
+        ppo_value_loss,
+        ppo_value_loss_reference,
+    )
+
+    __all__ = [
+        "KLLossTerm",
+        "gae",
+        "gae_reference",
+        "kl_penalty",
+        "kl_penalty_reference",
+        "linear_logprobs",
+        "linear_logprobs_reference",
+        "logprobs_from_logits",
+        "logprobs_from_logits_reference",
+        "ppo_policy_loss",
+        "ppo_policy_loss_reference",
+        "ppo_value_loss",
+        "ppo_value_loss_reference",
+    ]

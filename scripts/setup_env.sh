@@ -7,9 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-STAMP="$VENV/.rlhf-stack-v1"
+STAMP="$VENV/.rlhf-stack-v2"
 
-if [[ -f "$STAMP" ]] && "$PY" -c "import torch, triton, transformers, vllm, deepspeed, kernels, engine" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$PY" -c "import torch, triton, transformers, vllm, deepspeed, tritonrlhf.kernels, tritonrlhf.engine.cli" 2>/dev/null; then
   echo "[setup] .venv is ready ($(cat "$STAMP"))"
   exit 0
 fi
