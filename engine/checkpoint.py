@@ -52,6 +52,7 @@ from torch import nn
 
 from tritonrlhf.engine import distributed as D
 from tritonrlhf.engine.config import ConfigError
+from tritonrlhf.engine.models import save_tokenizer
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -151,7 +152,7 @@ def hf_exporter(
             if (_rank() if rank is None else rank) == 0:
                 model.save_pretrained(path, safe_serialization=True)
                 if tokenizer is not None:
-                    tokenizer.save_pretrained(path)
+                    save_tokenizer(tokenizer, path)
 
     return export
 
@@ -191,7 +192,7 @@ def save_hf_checkpoint(
     if D.is_main():
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out, state_dict=state, safe_serialization=True)
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
     D.barrier()
     return out
 

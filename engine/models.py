@@ -32,7 +32,6 @@ if TYPE_CHECKING:  # transformers is imported lazily: `import engine` stays chea
         PretrainedConfig,
         PreTrainedModel,
         PreTrainedTokenizerBase,
-        PreTrainedTokenizerFast,
     )
 
 # --------------------------------------------------------------------------- tokenizer
@@ -60,7 +59,7 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tokenizer(merges: int = 0) -> PreTrainedTokenizerFast:
+def build_tokenizer(merges: int = 0, family: str = "llama") -> PreTrainedTokenizerBase:
     """The offline character-level toy tokenizer: 64 ids, identical on every call.
 
     Ids 0-3 are <pad>, <bos>, <eos>, <unk>; 4-6 the chat role markers; the rest
@@ -73,6 +72,13 @@ def build_tokenizer(merges: int = 0) -> PreTrainedTokenizerFast:
     ``merges`` > 0 adds that many BPE merges of two letters (``aa``, ``ab``, ... in alphabet
     order, at most 26 x 26) as ids 64 on: a larger vocabulary whose every id still decodes to text
     (the PPO benchmark's ``--vocab 512``, the size of issue #16's model).
+
+    ``family`` is the tiny model's (``model.tiny.family``). Where transformers' ``AutoTokenizer``
+    rebuilds a family's tokenizer from the saved vocabulary with its own pipeline (Qwen2: a byte-level
+    BPE with Qwen's split pattern, whatever ``tokenizer.json`` says), the toy vocabulary is built as
+    that class, so the ids this tokenizer gives are the ids every loader of the saved checkpoint gets
+    (``save_tokenizer`` checks it). Such a toy keeps case and drops characters outside the alphabet,
+    as that family's tokenizer does with unknown bytes, and encoding adds no <bos>.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -84,6 +90,10 @@ def build_tokenizer(merges: int = 0) -> PreTrainedTokenizerFast:
         raise ValueError(f"merges must be in 0..{len(letters) ** 2}, got {merges}")
     pairs = [(a, b) for a in letters for b in letters][:merges]
     vocab.update({a + b: TOY_VOCAB_SIZE + i for i, (a, b) in enumerate(pairs)})
+    if family in _BYTE_LEVEL_FAMILIES:
+        return _byte_level_toy(_BYTE_LEVEL_FAMILIES[family], vocab, pairs)
+    if family not in _FAMILY_CONFIGS:
+        raise ValueError(f"unknown model family {family!r}; one of {sorted(_FAMILY_CONFIGS)}")
     # BPE with no merges is a character-level model with an <unk> fallback.
     tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, unk_token="<unk>"))
     tok.add_special_tokens(list(SPECIAL_TOKENS) + list(ROLE_TOKENS))
@@ -104,6 +114,72 @@ def build_tokenizer(merges: int = 0) -> PreTrainedTokenizerFast:
         chat_template=CHAT_TEMPLATE,
         model_max_length=4096,
     )
+
+
+# Families whose AutoTokenizer class (transformers >= 5) ignores tokenizer.json's pipeline and
+# rebuilds its own byte-level BPE from the saved vocabulary and merges.
+_BYTE_LEVEL_FAMILIES = {"qwen2": "Qwen2Tokenizer"}
+
+
+def _byte_level_toy(
+    class_name: str, vocab: dict[str, int], pairs: list[tuple[str, str]]
+) -> PreTrainedTokenizerBase:
+    """The toy vocabulary (same ids) as ``transformers.<class_name>``: each character under its
+    byte-level spelling (space -> ``Ġ``, newline -> ``Ċ``), the special tokens as they are."""
+    import transformers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    spell = bytes_to_unicode()
+
+    def byte_level(s: str) -> str:
+        return s if s in SPECIAL_TOKENS or s in ROLE_TOKENS else "".join(spell[b] for b in s.encode())
+
+    return getattr(transformers, class_name)(
+        vocab={byte_level(k): i for k, i in vocab.items()},
+        merges=[(byte_level(a), byte_level(b)) for a, b in pairs],
+        unk_token="<unk>",
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        additional_special_tokens=list(ROLE_TOKENS),
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        chat_template=CHAT_TEMPLATE,
+        model_max_length=4096,
+    )
+
+
+# A probe for save_tokenizer: spaces, digits, punctuation, case, non-ASCII text and special tokens.
+_ROUND_TRIP_PROBE = 'Reverse 459: ok!  x=1/3; "quoted" (ünïcødé ✓ 漢字)\n<|user|>hi<eos><pad> <bos>'
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerBase, out_dir: str | os.PathLike) -> None:
+    """``tokenizer.save_pretrained(out_dir)``, then check that what every consumer loads from it
+    (``AutoTokenizer.from_pretrained``: transformers, vLLM, TRL) gives the same ids.
+
+    Call after the model's ``config.json`` is written: ``AutoTokenizer`` picks the class by model
+    family. Raises ``ValueError`` naming both classes and the first difference when it does not round
+    trip (for example a custom tokenizer saved under a family whose tokenizer class rebuilds its own
+    pipeline), instead of a checkpoint that trains on other ids than it serves.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer.save_pretrained(out_dir)
+    loaded = AutoTokenizer.from_pretrained(out_dir)
+    for special in (True, False):
+        ours = tokenizer(_ROUND_TRIP_PROBE, add_special_tokens=special)["input_ids"]
+        theirs = loaded(_ROUND_TRIP_PROBE, add_special_tokens=special)["input_ids"]
+        if ours != theirs:
+            raise ValueError(
+                f"the tokenizer saved to {out_dir} does not round-trip: AutoTokenizer loads it as "
+                f"{type(loaded).__name__}, which encodes {_ROUND_TRIP_PROBE!r} as {theirs}, but the "
+                f"{type(tokenizer).__name__} that trained gives {ours}; save the checkpoint with a "
+                f"tokenizer of the class its model family loads (config.json's model_type)"
+            )
+    if tokenizer.decode(ours) != loaded.decode(ours):
+        raise ValueError(f"the tokenizer saved to {out_dir} decodes differently once loaded by AutoTokenizer")
+    if getattr(tokenizer, "chat_template", None) != getattr(loaded, "chat_template", None):
+        raise ValueError(f"the tokenizer saved to {out_dir} loses its chat template through AutoTokenizer")
 
 
 # --------------------------------------------------------------------------- tiny models
@@ -291,7 +367,7 @@ def prepare_policy(cfg: ModelConfig, work_dir: Path, seed: int) -> tuple[Path, P
     Call on one rank per node, then barrier; the write is atomic (rename).
     """
     if not cfg.path:
-        tokenizer = build_tokenizer()
+        tokenizer = build_tokenizer(family=cfg.tiny.family)
         out = Path(work_dir) / INIT_POLICY_DIR
         spec = _tiny_spec(cfg.tiny, seed, tokenizer)
         spec_file = out / _SPEC_FILE
@@ -301,7 +377,7 @@ def prepare_policy(cfg: ModelConfig, work_dir: Path, seed: int) -> tuple[Path, P
         tmp = Path(tempfile.mkdtemp(prefix=f".{INIT_POLICY_DIR}.", dir=out.parent))
         try:
             build_tiny_model(tokenizer, cfg.tiny, seed).save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
             (tmp / _SPEC_FILE).write_text(json.dumps(spec, indent=1))
             if out.exists():
                 shutil.rmtree(out)

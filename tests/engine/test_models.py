@@ -19,6 +19,7 @@ from tritonrlhf.engine.models import (
     prepare_policy,
     resolve_attn_implementation,
     resolve_dtype,
+    save_tokenizer,
 )
 
 TINY = TinyModelConfig(hidden_size=64, num_layers=1, num_heads=2, num_kv_heads=1, intermediate_size=64)
@@ -244,6 +245,79 @@ def test_prepare_policy_tiny_is_loadable(policy_dir, tok):
     )
     expected = build_tiny_model(tok, TINY, seed=0)
     assert torch.equal(model.lm_head.weight, expected.lm_head.weight)
+
+
+PROBE = "Reverse 459: ok! x=1/3 (ünï ✓)\n<|user|>hi<eos>"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral"])
+def test_every_family_init_policy_round_trips_through_autotokenizer(tmp_path, family, tied):
+    """What every consumer loads from a tiny checkpoint (AutoTokenizer: transformers, vLLM, TRL)
+    encodes and decodes as the tokenizer the engine trains with, spaces included. (transformers
+    loads a qwen2 directory as Qwen2Tokenizer, which rebuilds a byte-level pipeline from the
+    vocabulary: before build_tokenizer(family=...), 'reverse 459: ok!' lost its spaces.)"""
+    from transformers import AutoTokenizer
+
+    tiny = TinyModelConfig(family=family, tie_word_embeddings=tied, hidden_size=64, num_layers=1)
+    path, trained = prepare_policy(ModelConfig(tiny=tiny), tmp_path, seed=0)
+    loaded = AutoTokenizer.from_pretrained(path)
+    assert loaded("reverse 459: ok!")["input_ids"] == trained("reverse 459: ok!")["input_ids"]
+    assert (
+        loaded.decode(loaded("reverse 459: ok!")["input_ids"], skip_special_tokens=True) == "reverse 459: ok!"
+    )
+    for special in (True, False):
+        assert (
+            loaded(PROBE, add_special_tokens=special)["input_ids"]
+            == trained(PROBE, add_special_tokens=special)["input_ids"]
+        )
+    chat = [{"role": "user", "content": "say b:"}]
+    assert loaded.apply_chat_template(chat, tokenize=False) == trained.apply_chat_template(
+        chat, tokenize=False
+    )
+    # The engine's own loader of that directory (model.path) agrees as well.
+    _, reloaded = prepare_policy(ModelConfig(path=str(path)), tmp_path / "unused", seed=0)
+    assert reloaded(PROBE)["input_ids"] == trained(PROBE)["input_ids"]
+
+
+def test_save_tokenizer_refuses_a_tokenizer_that_does_not_round_trip(tmp_path, tok):
+    """The character toy saved under a Qwen2 config loads as Qwen2Tokenizer, which drops spaces:
+    writing that checkpoint fails loudly, naming both classes."""
+    build_tiny_model(
+        tok, TinyModelConfig(family="qwen2", hidden_size=64, num_layers=1), seed=0
+    ).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"does not round-trip: AutoTokenizer loads it as Qwen2Tokenizer"):
+        save_tokenizer(tok, tmp_path)
+    out = tmp_path / "llama"
+    build_tiny_model(tok, TINY, seed=0).save_pretrained(out)
+    save_tokenizer(tok, out)  # the same tokenizer under its own family is fine
+
+
+def test_checkpoint_exports_round_trip(tmp_path):
+    """The HF exports (CheckpointManager's hf/, each stage's final/) check the tokenizer they write."""
+    from transformers import AutoTokenizer
+    from tritonrlhf.engine.checkpoint import hf_exporter
+
+    tiny = TinyModelConfig(family="qwen2", tie_word_embeddings=True, hidden_size=64, num_layers=1)
+    trained = build_tokenizer(family="qwen2")
+    model = build_tiny_model(trained, tiny, seed=0)
+    hf_exporter(model, trained, rank=0)(tmp_path / "hf")
+    assert AutoTokenizer.from_pretrained(tmp_path / "hf")(PROBE)["input_ids"] == trained(PROBE)["input_ids"]
+    with pytest.raises(ValueError, match="does not round-trip"):
+        hf_exporter(model, build_tokenizer(), rank=0)(tmp_path / "bad")
+
+
+def test_user_checkpoint_tokenizer_is_loaded_as_transformers_loads_it(tmp_path, tok):
+    """A user's Qwen2 directory carrying a custom tokenizer: the engine trains on the ids
+    AutoTokenizer (and so vLLM, TRL, the user's script) gives, whatever tokenizer.json says."""
+    from transformers import AutoTokenizer
+
+    build_tiny_model(
+        tok, TinyModelConfig(family="qwen2", hidden_size=64, num_layers=1), seed=0
+    ).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)  # written by hand, as a user would: not round-trip safe
+    _, engine_tok = prepare_policy(ModelConfig(path=str(tmp_path)), tmp_path / "unused", seed=0)
+    assert engine_tok(PROBE)["input_ids"] == AutoTokenizer.from_pretrained(tmp_path)(PROBE)["input_ids"]
 
 
 def test_prepare_policy_reuses_and_rebuilds(tmp_path):
