@@ -26,11 +26,11 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from engine.config import ConfigError, OptimConfig, PPOAlgoConfig, PPOConfig
-from engine.rl.actor import ActorWorker, PolicyLogprobs, position_ids_from_mask
-from engine.rl.critic import CriticWorker, ValueModel
-from engine.rl.experience import Experience
-from engine.rl.packing import (
+from tritonrlhf.engine.config import ConfigError, OptimConfig, PPOAlgoConfig, PPOConfig
+from tritonrlhf.engine.rl.actor import ActorWorker, PolicyLogprobs, position_ids_from_mask
+from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
+from tritonrlhf.engine.rl.experience import Experience
+from tritonrlhf.engine.rl.packing import (
     Batching,
     check_packable,
     pack,
@@ -38,7 +38,7 @@ from engine.rl.packing import (
     token_budget_groups,
     unflatten,
 )
-from engine.rl.scoring import ReferenceModel, RewardScorer
+from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer
 
 VOCAB, P, R = 96, 7, 9
 PROMPT_LENS = [7, 3, 5, 1, 6, 2]

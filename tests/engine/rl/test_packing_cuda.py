@@ -25,7 +25,7 @@ import copy
 import pytest
 import torch
 
-from engine.rl.packing import PACKABLE_MODEL_TYPES
+from tritonrlhf.engine.rl.packing import PACKABLE_MODEL_TYPES
 
 pytestmark = [
     pytest.mark.cuda,
@@ -37,7 +37,14 @@ def response_logprobs(lm, sequences, attention_mask, response_len: int, packed: 
     """[B, R] log-probs of the response tokens (zeros where a token or its predicting position is
     padding): the body's hidden states (packed with the engine's code, or padded with positions
     counting real tokens), then the LM head in fp32."""
-    from engine.rl.packing import Packed, pack, packed_hidden, response_sources, row_capacity, unflatten
+    from tritonrlhf.engine.rl.packing import (
+        Packed,
+        pack,
+        packed_hidden,
+        response_sources,
+        row_capacity,
+        unflatten,
+    )
 
     body, P = lm.model, sequences.shape[1] - response_len
     pk = pack(sequences, attention_mask, row_capacity(body, attention_mask))
@@ -65,8 +72,8 @@ def response_logprobs(lm, sequences, attention_mask, response_len: int, packed: 
 def test_flash_attention_packed_forward_equals_padded(family: str) -> None:
     pytest.importorskip("flash_attn", reason="needs flash-attn (attn_implementation=flash_attention_2)")
     pytest.importorskip("transformers", reason="needs transformers (the tiny models)")
-    from engine.rl.packing import check_packable, row_capacity
     from tests.engine.rl.test_packing import R, tiny_lm, varied_batch
+    from tritonrlhf.engine.rl.packing import check_packable, row_capacity
 
     lm = tiny_lm(family, "sdpa", initializer_range=0.1).cuda().to(torch.bfloat16)
     exact = copy.deepcopy(lm).float()  # the same bf16-rounded weights, fp32 sdpa
