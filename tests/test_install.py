@@ -20,9 +20,9 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from tritonrlhf.engine.distributed import DIST_ENV_VARS
 
 from tests.engine._scripts.launch import free_port
+from tritonrlhf.engine.distributed import DIST_ENV_VARS
 
 pytestmark = pytest.mark.slow
 

@@ -298,7 +298,11 @@ def load_sft_model(cfg: SFTConfig) -> tuple[Any, PreTrainedTokenizerBase]:
 
     dtype = resolve_dtype(cfg.model.dtype)
     if not cfg.model.path:
-        tokenizer = load_tokenizer(cfg.model.tokenizer) if cfg.model.tokenizer else build_tokenizer(family=cfg.model.tiny.family)
+        tokenizer = (
+            load_tokenizer(cfg.model.tokenizer)
+            if cfg.model.tokenizer
+            else build_tokenizer(family=cfg.model.tiny.family)
+        )
         model = build_tiny_model(tokenizer, cfg.model.tiny, cfg.seed).to(dtype)
     else:
         # load_causal_lm says so when model.path is a reward (sequence-classification) checkpoint.

@@ -296,6 +296,7 @@ def test_save_tokenizer_refuses_a_tokenizer_that_does_not_round_trip(tmp_path, t
 def test_checkpoint_exports_round_trip(tmp_path):
     """The HF exports (CheckpointManager's hf/, each stage's final/) check the tokenizer they write."""
     from transformers import AutoTokenizer
+
     from tritonrlhf.engine.checkpoint import hf_exporter
 
     tiny = TinyModelConfig(family="qwen2", tie_word_embeddings=True, hidden_size=64, num_layers=1)
