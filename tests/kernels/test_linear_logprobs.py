@@ -191,6 +191,30 @@ def test_ignore_index(monkeypatch, dtype):
     assert_close_fp64(w.grad, gw64, eager=eager.get("w"), name="grad_weight")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_ignored_rows_are_never_read(monkeypatch, poison, dtype):
+    """NaN/inf hidden states at positions ignore_index skips (e.g. a fully masked attention row)
+    change nothing: logp, entropy, grad_hidden and grad_weight stay finite and equal the
+    clean-input result."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 3 * 401 * 4)
+    hidden, weight, targets = make_inputs((2, 5), 32, 401, dtype)
+    targets[0, 3:] = -100
+    targets[1, 0] = -100
+    poisoned = hidden.clone()
+    poisoned[targets == -100] = poison
+    g_logp, g_ent = torch.randn(2, 5), torch.randn(2, 5)
+    results = []
+    for source in (hidden, poisoned):
+        h, w = source.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = linear_logprobs(h, w, targets, 0.7, return_entropy=True)
+        torch.autograd.backward([logp, entropy], [g_logp, g_ent])
+        results.append((logp.detach(), entropy.detach(), h.grad, w.grad))
+    for name, clean, dirty in zip(("logp", "entropy", "grad_hidden", "grad_weight"), *results):
+        assert torch.isfinite(dirty).all(), f"{name}: non-finite values leaked from ignored rows"
+        assert torch.equal(dirty, clean), f"{name} differs from the clean-input result"
+
+
 def test_ignore_index_custom_and_out_of_range():
     """A custom ignore_index (a pad id inside [0, V)) is skipped; other bad targets keep their behaviour."""
     hidden, weight, targets = make_inputs((4,), 16, 50, torch.float32)

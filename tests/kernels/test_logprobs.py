@@ -284,3 +284,30 @@ def test_out_of_range_targets():
 def test_bad_inputs(logits, targets, kwargs, error, match):
     with pytest.raises(error, match=match):
         logprobs_from_logits(logits, targets, **kwargs)
+
+
+POISONS = [float("nan"), float("inf"), float("-inf")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", POISONS, ids=["nan", "inf", "-inf"])
+def test_ignored_rows_are_never_read(poison, dtype):
+    """NaN/inf logits in the rows ignore_index skips change nothing: logp, entropy and the
+    gradient stay finite and equal the clean-input result (the README: those rows are not read)."""
+    logits = make_logits((3, 4, 401), dtype)
+    targets = torch.randint(0, 401, (3, 4))
+    targets[0, 2:] = -100
+    targets[2, 0] = -100
+    ignored = targets == -100
+    poisoned = logits.clone()
+    poisoned[ignored] = poison
+    g_logp, g_ent = torch.randn(3, 4), torch.randn(3, 4)
+    results = []
+    for source in (logits, poisoned):
+        x = source.clone().requires_grad_()
+        logp, entropy = logprobs_from_logits(x, targets, 0.7, return_entropy=True)
+        torch.autograd.backward([logp, entropy], [g_logp, g_ent])
+        results.append((logp.detach(), entropy.detach(), x.grad))
+    for name, clean, dirty in zip(("logp", "entropy", "grad_logits"), *results):
+        assert torch.isfinite(dirty).all(), f"{name}: non-finite values leaked from ignored rows"
+        assert torch.equal(dirty, clean), f"{name} differs from the clean-input result"
