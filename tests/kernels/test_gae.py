@@ -109,6 +109,22 @@ def test_gae_strided_inputs_and_mask() -> None:
     assert_close_fp64(ret, want_ret, name="returns")
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_gae_masked_positions_are_never_read(poison) -> None:
+    """NaN/inf rewards and values at masked positions (holes, padding, a fully masked row) change
+    nothing: advantages and returns stay finite and equal the clean-input result."""
+    shape = (4, 37)
+    rewards, values = torch.randn(shape), torch.randn(shape)
+    mask = _mask(shape)
+    clean = gae(rewards, values, mask, gamma=0.97, lam=0.9)
+    dirty = gae(
+        torch.where(mask, rewards, poison), torch.where(mask, values, poison), mask, gamma=0.97, lam=0.9
+    )
+    for name, want, got in zip(("advantages", "returns"), clean, dirty):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values leaked from masked positions"
+        assert torch.equal(got, want), f"{name} differs from the clean-input result"
+
+
 def test_gae_not_differentiable() -> None:
     values = torch.randn(2, 5, requires_grad=True)
     adv, ret = gae(torch.randn(2, 5), values, torch.ones(2, 5))

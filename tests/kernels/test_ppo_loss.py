@@ -174,6 +174,41 @@ def test_all_masked_gives_zero_without_nan(reduction) -> None:
     assert (logp.grad == 0).all() and (values.grad == 0).all()
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_masked_positions_are_never_read(poison) -> None:
+    """NaN/inf at masked positions of every input (logp, old_logp, advantages, ref_logp, values,
+    old_values, returns) changes nothing: losses, stats and gradients stay finite and equal the
+    clean-input result, for every reduction."""
+    shape = (3, 17)
+    mask = _mask(shape)
+    clean = [torch.randn(shape) - 1.0 for _ in range(7)]
+    dirty = [torch.where(mask, t, poison) for t in clean]
+    for reduction in REDUCTIONS:
+        results = []
+        for logp, old, adv, ref, values, old_values, returns in (clean, dirty):
+            x, v = logp.clone().requires_grad_(), values.clone().requires_grad_()
+            loss, stats = ppo_policy_loss(
+                x, old, adv, mask, dual_clip=3.0, reduction=reduction, kl=KLLossTerm(ref, 0.1, "k3")
+            )
+            vloss, vstats = ppo_value_loss(v, old_values, returns, mask, reduction=reduction)
+            (loss + vloss).backward()
+            out = {
+                "loss": loss,
+                "value loss": vloss,
+                **stats,
+                **vstats,
+                "grad logp": x.grad,
+                "grad values": v.grad,
+            }
+            results.append({k: t.detach() for k, t in out.items()})
+        for name, want in results[0].items():
+            got = results[1][name]
+            assert torch.isfinite(got).all(), (
+                f"{reduction} {name}: non-finite values leaked from masked positions"
+            )
+            assert torch.equal(got, want), f"{reduction} {name} differs from the clean-input result"
+
+
 def test_dual_clip_caps_negative_advantages() -> None:
     logp = torch.tensor([[2.0, 2.0, 0.0, -2.0]])  # ratio e^2 ~ 7.4 on the first two tokens
     old = torch.zeros(1, 4)
