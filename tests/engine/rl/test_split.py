@@ -182,7 +182,7 @@ def test_killed_rollout_fails_the_trainer_with_a_clear_error(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "engine.cli",
+        "tritonrlhf.engine.cli",
         "ppo",
         "--config",
         str(TINY_CONFIG),
@@ -227,7 +227,7 @@ def test_killed_rollout_fails_the_trainer_with_a_clear_error(tmp_path):
     assert rc != 0
     assert elapsed < timeout_s + 60, text[-3000:]
     assert "RolloutLinkError" in text and "rollout engine" in text, text[-3000:]
-    from engine.checkpoint import CheckpointManager
+    from tritonrlhf.engine.checkpoint import CheckpointManager
 
     latest = CheckpointManager(out, keep_last=3, rank=0, world_size=1).resolve("auto")
     assert latest is not None, "no complete checkpoint survived"
