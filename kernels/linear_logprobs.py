@@ -292,6 +292,10 @@ class _LinearLogprobsFunction(torch.autograd.Function):
         if (grad_logp is None and grad_entropy is None) or not any(need):
             return None, None, None, None, None
         grads = tuple(None if g is None else g.float().contiguous() for g in (grad_logp, grad_entropy))
+        if need[1]:
+            # grad_weight = dlogits^T @ hidden: the zero dlogits rows of ignored positions would
+            # still turn NaN/inf hidden states there (padding) into NaN. One [N, H] copy.
+            hidden = hidden.masked_fill((targets == ctx.opts.ignore_index).unsqueeze(-1), 0)
         if ctx.use_kernel:
             stats = RowStats(row_max, log_s, entropy)
             grad_hidden, grad_weight = _backward_vocab_blocks(

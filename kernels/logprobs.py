@@ -59,7 +59,8 @@ def logprobs_from_logits_reference(
     Returns ``logp`` [...] float32, or ``(logp, entropy)``
     with ``entropy = -sum_v p_v log p_v``. Differentiable w.r.t. ``logits``; the
     gradient comes back in the logits dtype. Positions whose target equals
-    ``ignore_index`` get logp 0, entropy 0 and a zero gradient.
+    ``ignore_index`` get logp 0, entropy 0 and a zero gradient, whatever their logits
+    hold (NaN/inf padding there does not leak).
 
     Memory traffic: reads the N*V logits, then materializes and re-reads several
     fp32 [N, V] temporaries (upcast, log_softmax, and for entropy p and p*logp);
@@ -73,7 +74,10 @@ def logprobs_from_logits_reference(
     """
     check_target_range(targets, logits.shape[-1], ignore_index)
     ignored = targets == ignore_index
-    logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+    # Zero the ignored rows (in place on the fresh fp32 temporary) so NaN/inf padding there
+    # reaches neither the outputs nor, through log_softmax's backward, the gradient.
+    z = (logits.float() / temperature).masked_fill_(ignored.unsqueeze(-1), 0.0)
+    logp_all = torch.log_softmax(z, dim=-1)
     safe = targets.masked_fill(ignored, 0).long()
     logp = torch.where(ignored, 0.0, logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1))
     if not return_entropy:

@@ -61,8 +61,8 @@ def test_gae_matches_fp64(shape, dtype, gamma, lam) -> None:
     check_launched(before, ("gae",), count=1)
     assert adv.dtype == ret.dtype == torch.float32 and adv.shape == ret.shape == shape
     want_adv, want_ret = _gae64(rewards, values, mask, gamma, lam)
-    assert_close_fp64(adv, want_adv, dtype, name="advantages")
-    assert_close_fp64(ret, want_ret, dtype, name="returns")
+    assert_close_fp64(adv, want_adv, name="advantages")  # fp32 outputs: the fp32 row
+    assert_close_fp64(ret, want_ret, name="returns")
     assert (adv[~mask] == 0).all() and (ret[~mask] == 0).all()
 
 
@@ -73,9 +73,9 @@ def test_gae_float_mask_and_reference() -> None:
     ref_adv, ref_ret = gae_reference(rewards, values, mask, gamma=0.97, lam=0.9)
     want_adv, want_ret = _gae64(rewards, values, mask, 0.97, 0.9)
     for out in (adv, ref_adv):
-        assert_close_fp64(out, want_adv, torch.float32, name="advantages")
+        assert_close_fp64(out, want_adv, name="advantages")
     for out in (ret, ref_ret):
-        assert_close_fp64(out, want_ret, torch.float32, name="returns")
+        assert_close_fp64(out, want_ret, name="returns")
 
 
 def test_gae_long_rows() -> None:
@@ -91,8 +91,8 @@ def test_gae_long_rows() -> None:
     adv, ret = gae(rewards, values, mask, gamma=0.999, lam=0.95)
     check_launched(before, ("gae",), count=1)
     want_adv, want_ret = _gae64(rewards, values, mask, 0.999, 0.95)
-    assert_close_fp64(adv, want_adv, torch.float32, name="advantages")
-    assert_close_fp64(ret, want_ret, torch.float32, name="returns")
+    assert_close_fp64(adv, want_adv, name="advantages")
+    assert_close_fp64(ret, want_ret, name="returns")
 
 
 def test_gae_strided_inputs_and_mask() -> None:
@@ -105,8 +105,24 @@ def test_gae_strided_inputs_and_mask() -> None:
     adv, ret = gae(rewards, values, mask, gamma=0.97, lam=0.9)
     check_launched(before, ("gae",), count=1)
     want_adv, want_ret = _gae64(rewards, values, mask, 0.97, 0.9)
-    assert_close_fp64(adv, want_adv, torch.float32, name="advantages")
-    assert_close_fp64(ret, want_ret, torch.float32, name="returns")
+    assert_close_fp64(adv, want_adv, name="advantages")
+    assert_close_fp64(ret, want_ret, name="returns")
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_gae_masked_positions_are_never_read(poison) -> None:
+    """NaN/inf rewards and values at masked positions (holes, padding, a fully masked row) change
+    nothing: advantages and returns stay finite and equal the clean-input result."""
+    shape = (4, 37)
+    rewards, values = torch.randn(shape), torch.randn(shape)
+    mask = _mask(shape)
+    clean = gae(rewards, values, mask, gamma=0.97, lam=0.9)
+    dirty = gae(
+        torch.where(mask, rewards, poison), torch.where(mask, values, poison), mask, gamma=0.97, lam=0.9
+    )
+    for name, want, got in zip(("advantages", "returns"), clean, dirty):
+        assert torch.isfinite(got).all(), f"{name}: non-finite values leaked from masked positions"
+        assert torch.equal(got, want), f"{name} differs from the clean-input result"
 
 
 def test_gae_not_differentiable() -> None:

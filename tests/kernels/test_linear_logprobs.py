@@ -37,6 +37,17 @@ def fp64_linear_logprobs(hidden, weight, targets, temperature):
     return h, w, logp, entropy
 
 
+def eager_linear(hidden, weight, targets, temperature, grads, upstream) -> dict[str, torch.Tensor]:
+    """Eager PyTorch at the inputs' precision on the full (unchunked) logits: logp, entropy and
+    the gradients of hidden ("h") and weight ("w")."""
+    he, we = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    outs = dict(
+        zip(("logp", "entropy"), logprobs_from_logits_reference(he @ we.T, targets, temperature, True))
+    )
+    torch.autograd.backward([outs[k] for k in grads], [upstream[k] for k in grads])
+    return {**{k: v.detach() for k, v in outs.items()}, "h": he.grad, "w": we.grad}
+
+
 def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entropy"), fn=linear_logprobs):
     dtype = hidden.dtype
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
@@ -61,19 +72,12 @@ def run_and_check(hidden, weight, targets, temperature=1.0, grads=("logp", "entr
         [outs64[k] for k in grads], (h64, w64), [upstream[k].double() for k in grads]
     )
 
-    eager = {}
-    if dtype != torch.float32:
-        # Eager PyTorch at the same precision, full (unchunked) logits.
-        he, we = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        outs_e = logprobs_from_logits_reference(he @ we.T, targets, temperature, return_entropy=True)
-        torch.autograd.backward(
-            [dict(zip(("logp", "entropy"), outs_e))[k] for k in grads], [upstream[k] for k in grads]
-        )
-        eager = {"logp": outs_e[0].detach(), "entropy": outs_e[1].detach(), "h": he.grad, "w": we.grad}
+    eager = eager_linear(hidden, weight, targets, temperature, grads, upstream) if triton_runs() else {}
+    # logp and entropy are fp32, but computed from logits the GEMM rounded to the inputs' dtype.
     assert_close_fp64(logp, logp64.detach(), dtype, eager=eager.get("logp"), name="logp")
     assert_close_fp64(entropy, entropy64.detach(), dtype, eager=eager.get("entropy"), name="entropy")
-    assert_close_fp64(h.grad, gh64, dtype, eager=eager.get("h"), name="grad_hidden")
-    assert_close_fp64(w.grad, gw64, dtype, eager=eager.get("w"), name="grad_weight")
+    assert_close_fp64(h.grad, gh64, eager=eager.get("h"), name="grad_hidden")
+    assert_close_fp64(w.grad, gw64, eager=eager.get("w"), name="grad_weight")
 
 
 def make_inputs(lead, hidden_size, vocab, dtype):
@@ -182,15 +186,38 @@ def test_ignore_index(monkeypatch, dtype):
         [logp64, entropy64], (h64, w64), [g_logp[keep].double(), g_ent[keep].double()]
     )
     eager = {}
-    if dtype != torch.float32:
-        he, we = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        outs = logprobs_from_logits_reference(he @ we.T, targets, 0.7, True)
-        torch.autograd.backward(list(outs), [g_logp, g_ent])
-        eager = {"logp": outs[0][keep].detach(), "h": he.grad[keep], "w": we.grad}
+    if triton_runs():
+        up = {"logp": g_logp, "entropy": g_ent}
+        eager = eager_linear(hidden, weight, targets, 0.7, ("logp", "entropy"), up)
+        eager = {k: v if k == "w" else v[keep] for k, v in eager.items()}
     assert_close_fp64(logp[keep], logp64.detach(), dtype, eager=eager.get("logp"), name="logp")
-    assert_close_fp64(entropy[keep], entropy64.detach(), dtype, name="entropy")
-    assert_close_fp64(h.grad[keep], gh64, dtype, eager=eager.get("h"), name="grad_hidden")
-    assert_close_fp64(w.grad, gw64, dtype, eager=eager.get("w"), name="grad_weight")
+    assert_close_fp64(entropy[keep], entropy64.detach(), dtype, eager=eager.get("entropy"), name="entropy")
+    assert_close_fp64(h.grad[keep], gh64, eager=eager.get("h"), name="grad_hidden")
+    assert_close_fp64(w.grad, gw64, eager=eager.get("w"), name="grad_weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_ignored_rows_are_never_read(monkeypatch, poison, dtype):
+    """NaN/inf hidden states at positions ignore_index skips (e.g. a fully masked attention row)
+    change nothing: logp, entropy, grad_hidden and grad_weight stay finite and equal the
+    clean-input result."""
+    monkeypatch.setattr(linear_module, "CHUNK_BYTES", 3 * 401 * 4)
+    hidden, weight, targets = make_inputs((2, 5), 32, 401, dtype)
+    targets[0, 3:] = -100
+    targets[1, 0] = -100
+    poisoned = hidden.clone()
+    poisoned[targets == -100] = poison
+    g_logp, g_ent = torch.randn(2, 5), torch.randn(2, 5)
+    results = []
+    for source in (hidden, poisoned):
+        h, w = source.clone().requires_grad_(), weight.clone().requires_grad_()
+        logp, entropy = linear_logprobs(h, w, targets, 0.7, return_entropy=True)
+        torch.autograd.backward([logp, entropy], [g_logp, g_ent])
+        results.append((logp.detach(), entropy.detach(), h.grad, w.grad))
+    for name, clean, dirty in zip(("logp", "entropy", "grad_hidden", "grad_weight"), *results):
+        assert torch.isfinite(dirty).all(), f"{name}: non-finite values leaked from ignored rows"
+        assert torch.equal(dirty, clean), f"{name} differs from the clean-input result"
 
 
 def test_ignore_index_custom_and_out_of_range():
@@ -220,8 +247,8 @@ def test_logp_only_skips_entropy():
     logp.backward(g)
     h64, _, logp64, _ = fp64_linear_logprobs(hidden, weight, targets, 1.3)
     (gh64,) = torch.autograd.grad(logp64, h64, g.double())
-    assert_close_fp64(logp, logp64.detach(), torch.float32, name="logp")
-    assert_close_fp64(h.grad, gh64, torch.float32, name="grad_hidden")
+    assert_close_fp64(logp, logp64.detach(), name="logp")
+    assert_close_fp64(h.grad, gh64, name="grad_hidden")
 
 
 @pytest.mark.parametrize(

@@ -92,14 +92,15 @@ def _mask(shape: tuple[int, ...], kind: str = "bool") -> torch.Tensor:
     return m.float() if kind == "float" else m
 
 
-def _check_stats(stats: dict[str, torch.Tensor], want: dict[str, float], count: float, dtype) -> None:
+def _check_stats(stats: dict[str, torch.Tensor], want: dict[str, float], count: float) -> None:
+    """Each stat is an fp32 scalar, held to the fp32 row whatever the inputs' dtype."""
     for key, value in want.items():
         got = stats[key]
         assert got.dim() == 0 and got.dtype == torch.float32, key
         if "frac" in key:  # one token sitting on a clip boundary may flip between fp32 and fp64
             assert abs(float(got) - value) <= 1.01 / max(count, 1.0) + 1e-6, (key, float(got), value)
         else:
-            assert_close_fp64(got.reshape(1), torch.tensor([value], dtype=torch.float64), dtype, name=key)
+            assert_close_fp64(got.reshape(1), torch.tensor([value], dtype=torch.float64), name=key)
 
 
 @pytest.mark.parametrize("config", POLICY_CONFIGS, ids=["sym", "asym", "dual"])
@@ -123,14 +124,13 @@ def test_policy_loss_matches_fp64(config, reduction, shape, dtype) -> None:
     (loss64 * scale.double()).backward()
     assert loss.dim() == 0 and loss.dtype == torch.float32
     eager_loss, _ = ppo_policy_loss_reference(logp, old, adv, mask, reduction=reduction, **config)
-    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), dtype, name="loss")
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), name="loss")
     assert x.grad.dtype == dtype
     xe = logp.clone().requires_grad_()
     (ppo_policy_loss_reference(xe, old, adv, mask, reduction=reduction, **config)[0] * scale).backward()
-    eager = xe.grad.float() if dtype != torch.float32 else None
-    assert_close_fp64(x.grad.float(), x64.grad, dtype, eager=eager, name="grad logp")
-    _check_stats(stats, stats64, float(mask.sum()), dtype)
-    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), dtype, name="reference loss")
+    assert_close_fp64(x.grad, x64.grad, eager=xe.grad, name="grad logp")
+    _check_stats(stats, stats64, float(mask.sum()))
+    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), name="reference loss")
 
 
 @pytest.mark.parametrize("clip", [0.2, None], ids=["clip", "noclip"])
@@ -152,13 +152,12 @@ def test_value_loss_matches_fp64(clip, reduction, shape, dtype) -> None:
 
     x64, loss64, stats64 = _value64(values, old, returns, mask.double(), clip=clip, reduction=reduction)
     (loss64 * scale.double()).backward()
-    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), dtype, name="loss")
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), name="loss")
     xe = values.clone().requires_grad_()
     (ppo_value_loss_reference(xe, old, returns, mask, clip=clip, reduction=reduction)[0] * scale).backward()
-    eager = xe.grad.float() if dtype != torch.float32 else None
     assert x.grad.dtype == dtype
-    assert_close_fp64(x.grad.float(), x64.grad, dtype, eager=eager, name="grad values")
-    _check_stats(stats, stats64, float(mask.sum()), dtype)
+    assert_close_fp64(x.grad, x64.grad, eager=xe.grad, name="grad values")
+    _check_stats(stats, stats64, float(mask.sum()))
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -173,6 +172,41 @@ def test_all_masked_gives_zero_without_nan(reduction) -> None:
     for t in (loss, vloss, *stats.values(), *vstats.values()):
         assert float(t.detach()) == 0.0
     assert (logp.grad == 0).all() and (values.grad == 0).all()
+
+
+@pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+def test_masked_positions_are_never_read(poison) -> None:
+    """NaN/inf at masked positions of every input (logp, old_logp, advantages, ref_logp, values,
+    old_values, returns) changes nothing: losses, stats and gradients stay finite and equal the
+    clean-input result, for every reduction."""
+    shape = (3, 17)
+    mask = _mask(shape)
+    clean = [torch.randn(shape) - 1.0 for _ in range(7)]
+    dirty = [torch.where(mask, t, poison) for t in clean]
+    for reduction in REDUCTIONS:
+        results = []
+        for logp, old, adv, ref, values, old_values, returns in (clean, dirty):
+            x, v = logp.clone().requires_grad_(), values.clone().requires_grad_()
+            loss, stats = ppo_policy_loss(
+                x, old, adv, mask, dual_clip=3.0, reduction=reduction, kl=KLLossTerm(ref, 0.1, "k3")
+            )
+            vloss, vstats = ppo_value_loss(v, old_values, returns, mask, reduction=reduction)
+            (loss + vloss).backward()
+            out = {
+                "loss": loss,
+                "value loss": vloss,
+                **stats,
+                **vstats,
+                "grad logp": x.grad,
+                "grad values": v.grad,
+            }
+            results.append({k: t.detach() for k, t in out.items()})
+        for name, want in results[0].items():
+            got = results[1][name]
+            assert torch.isfinite(got).all(), (
+                f"{reduction} {name}: non-finite values leaked from masked positions"
+            )
+            assert torch.equal(got, want), f"{reduction} {name} differs from the clean-input result"
 
 
 def test_dual_clip_caps_negative_advantages() -> None:
@@ -200,7 +234,7 @@ def test_int_mask_and_mixed_dtypes() -> None:
     mask = (torch.rand(2, 9) > 0.5).long()
     loss, _ = ppo_policy_loss(logp, old, adv, mask)
     _, want, _ = _policy64(logp, old, adv, mask.double())
-    assert_close_fp64(loss.reshape(1), want.detach().reshape(1), torch.bfloat16)
+    assert_close_fp64(loss.reshape(1), want.detach().reshape(1), name="loss")
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "expanded"])
@@ -223,16 +257,16 @@ def test_strided_inputs_and_mask(layout) -> None:
         loss.backward()
         x64, loss64, stats64 = _policy64(logp, old, adv, mask.double(), clip_high=0.28, reduction=reduction)
         loss64.backward()
-        assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), torch.float32, name="loss")
-        assert_close_fp64(x.grad, x64.grad, torch.float32, name="grad logp")
-        _check_stats(stats, stats64, float(mask.sum()), torch.float32)
+        assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), name="loss")
+        assert_close_fp64(x.grad, x64.grad, name="grad logp")
+        _check_stats(stats, stats64, float(mask.sum()))
         values = logp.detach().requires_grad_()
         vloss, _ = ppo_value_loss(values, old, adv, mask, reduction=reduction)
         vloss.backward()
         v64, vloss64, _ = _value64(logp, old, adv, mask.double(), reduction=reduction)
         vloss64.backward()
-        assert_close_fp64(vloss.reshape(1), vloss64.detach().reshape(1), torch.float32, name="value loss")
-        assert_close_fp64(values.grad, v64.grad, torch.float32, name="grad values")
+        assert_close_fp64(vloss.reshape(1), vloss64.detach().reshape(1), name="value loss")
+        assert_close_fp64(values.grad, v64.grad, name="grad values")
 
 
 def test_bad_inputs() -> None:
@@ -306,19 +340,18 @@ def test_policy_loss_with_kl_term_matches_fp64(kind, reduction, shape, dtype) ->
     kl64 = _kl64(x64, ref, kind)
     loss64 = _reduce64(surr + coef * kl64, m, reduction)
     (loss64 * scale.double()).backward()
-    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), dtype, name="loss")
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), name="loss")
     xe = logp.clone().requires_grad_()
     eager_loss, eager_stats = ppo_policy_loss_reference(
         xe, old, adv, mask, reduction=reduction, kl=KLLossTerm(ref, coef, kind), **config
     )
     (eager_loss * scale).backward()
-    eager = xe.grad.float() if dtype != torch.float32 else None
-    assert_close_fp64(x.grad.float(), x64.grad, dtype, eager=eager, name="grad logp")
+    assert_close_fp64(x.grad, x64.grad, eager=xe.grad, name="grad logp")
     want_kl = _mmean64(kl64.detach(), m)
     for got in (stats["kl_loss"], eager_stats["kl_loss"]):
         assert got.dim() == 0 and got.dtype == torch.float32
-        assert_close_fp64(got.reshape(1), torch.tensor([want_kl], dtype=torch.float64), dtype, name="kl_loss")
-    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), dtype, name="reference loss")
+        assert_close_fp64(got.reshape(1), torch.tensor([want_kl], dtype=torch.float64), name="kl_loss")
+    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), name="reference loss")
 
 
 def test_kl_term_equals_the_unfused_pair_and_zero_coef_changes_nothing() -> None:
