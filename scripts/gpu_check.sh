@@ -67,7 +67,7 @@ else
   fi
   [[ -n "$OUT" ]] || OUT="$ROOT/benchmarks/results/kernels.csv"
   TEST_S="${GPU_CHECK_TEST_S:-200}" BENCH_S="${GPU_CHECK_BENCH_S:-160}" COMPILE_S="${GPU_CHECK_COMPILE_S:-90}"
-  TESTS=(tests/kernels)
+  TESTS=(tests/kernels tests/engine/rl/test_packing_cuda.py)  # + flash-attention packing (needs flash-attn)
   # Files in parallel (one file's tests stay in one process): Triton compiles are the slow part.
   "$PYTHON" -c "import xdist" 2>/dev/null && TESTS+=(-n 4 --dist loadfile)
   BENCH=(--size default --device cuda)
