@@ -8,12 +8,13 @@ Three runs of the tiny config, each shared by several tests (module-scoped fixtu
 * ``split_async``: ``async.max_staleness=1`` (one-step-off), scoring on the trainer.
 
 All probe the weight pipe after every sync (``placement.probe_every=1``): vLLM's log-probs of a
-fixed sequence against the trainer's. A fourth test launches trainer and rollout by hand (a
-launcher would kill the trainer too) and SIGKILLs the rollout process mid-run.
+fixed sequence against the trainer's. Two more tests launch trainer and rollout by hand (a
+launcher would kill the trainer too) and SIGKILL, or SIGSTOP, the rollout process mid-run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REPO, TINY_CONFIG, PPORun, _free_port, launch, require  # noqa: E402
+
+from tests.engine._scripts.launch import cleanup_shm  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -196,10 +199,15 @@ def test_split_sync_equals_colocate(colocate, split_sync):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), (a["step"], key, a[key], b[key])
 
 
-def test_killed_rollout_fails_the_trainer_with_a_clear_error(tmp_path):
-    """SIGKILL the rollout rank mid-run: the trainer must exit non-zero, naming the rollout engine,
-    within the configured timeout -- not hang; the last checkpoint stays complete."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "hung"])
+def test_lost_rollout_fails_the_trainer_with_a_clear_error(sig, tmp_path):
+    """SIGKILL the rollout rank mid-run (a dead peer), or SIGSTOP it (a hung one, its sockets
+    open): the trainer must exit non-zero within about ``placement.timeout_s``, naming the rollout
+    engine and that bound -- not hang; the newest checkpoint verifies and holds the last logged
+    step (``save_every=1``: the failed step is neither logged nor saved)."""
     require("vllm", "deepspeed")
+    from engine.checkpoint import CheckpointManager, step_of, verify_checkpoint
+
     timeout_s = 15
     out = tmp_path / "run"
     port = _free_port()
@@ -245,22 +253,28 @@ def test_killed_rollout_fails_the_trainer_with_a_clear_error(tmp_path):
             assert time.monotonic() < deadline, (tmp_path / "rank0.log").read_text()[-3000:]
             assert procs[0].poll() is None, (tmp_path / "rank0.log").read_text()[-3000:]
             time.sleep(0.5)
-        os.killpg(procs[1].pid, signal.SIGKILL)
-        killed_at = time.monotonic()
+        os.killpg(procs[1].pid, sig)
+        signalled_at = time.monotonic()
         rc = procs[0].wait(timeout=timeout_s + 90)
-        elapsed = time.monotonic() - killed_at
+        elapsed = time.monotonic() - signalled_at
     finally:
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):  # a stopped group: let it run to die
+                    os.killpg(p.pid, signal.SIGCONT)
+                p.wait()
         for f in logs:
             f.close()
+        cleanup_shm(port)
     text = (tmp_path / "rank0.log").read_text()
+    tail = text[-3000:]
     print(f"trainer exited {rc} after {elapsed:.1f}s")
-    assert rc != 0
-    assert elapsed < timeout_s + 60, text[-3000:]
-    assert "RolloutLinkError" in text and "rollout engine" in text, text[-3000:]
-    from engine.checkpoint import CheckpointManager
-
+    assert rc != 0 and elapsed < timeout_s + 60, tail
+    assert "RolloutLinkError" in text and "rollout engine" in text, tail
+    # The bound that ended the wait, by its config key (a message, or a collective, timed out).
+    assert f"placement.timeout_s={timeout_s}" in text or f"timed out after {timeout_s}s" in text, tail
+    logged = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
     latest = CheckpointManager(out, keep_last=3, rank=0, world_size=1).resolve("auto")
     assert latest is not None, "no complete checkpoint survived"
+    assert verify_checkpoint(latest) is None and step_of(latest) == logged[-1] >= 2, (latest, logged)
