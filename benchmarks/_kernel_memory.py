@@ -34,8 +34,8 @@ def linear_step_memory(n: int, vocab: int, width: int, dtype: torch.dtype, devic
     temporaries behind; a tiny warm-up step loads code and thread pools first."""
     import resource
 
-    from kernels import linear_logprobs
-    from kernels._dispatch import use_triton
+    from tritonrlhf.kernels import linear_logprobs
+    from tritonrlhf.kernels._dispatch import use_triton
 
     def step(hidden, weight, targets, grads):
         logp, entropy = linear_logprobs(hidden, weight, targets, return_entropy=True)
@@ -99,7 +99,7 @@ def measure_memory(
         if proc.returncode != 0:
             raise RuntimeError(f"memory subprocess failed ({proc.returncode}): {proc.stderr.strip()[-500:]}")
         res = json.loads(proc.stdout.strip().splitlines()[-1])
-    from kernels.linear_logprobs import CHUNK_BYTES
+    from tritonrlhf.kernels.linear_logprobs import CHUNK_BYTES
 
     mb = 2**20
     row = dict(env, kernel="linear_logprobs", provider=res["path"], mode="memory", dtype=dtype_name)

@@ -49,8 +49,8 @@ def build_model(out: Path, seed: int, size: str = "tiny", vocab: int = 64) -> in
     """The random Llama of ``MODELS[size]`` and the toy tokenizer saved to ``out``; returns the
     parameter count. ``vocab`` > 64 (a multiple of 64): the toy tokenizer with ``vocab - 64``
     two-letter merges, so the model has that many embedding and LM-head rows."""
-    from engine.config import TinyModelConfig
-    from engine.models import TOY_VOCAB_SIZE, build_tiny_model, build_tokenizer
+    from tritonrlhf.engine.config import TinyModelConfig
+    from tritonrlhf.engine.models import TOY_VOCAB_SIZE, build_tiny_model, build_tokenizer
 
     if vocab < TOY_VOCAB_SIZE or vocab % 64:
         raise ValueError(f"vocab must be a multiple of 64 from {TOY_VOCAB_SIZE}, got {vocab}")

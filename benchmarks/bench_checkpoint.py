@@ -34,9 +34,9 @@ from benchmarks._common import (  # noqa: E402
     device_name,
     git_sha,
 )
-from engine import distributed as D  # noqa: E402
-from engine.checkpoint import CheckpointManager, hf_exporter  # noqa: E402
-from engine.models import build_tokenizer  # noqa: E402
+from tritonrlhf.engine import distributed as D  # noqa: E402
+from tritonrlhf.engine.checkpoint import CheckpointManager, hf_exporter  # noqa: E402
+from tritonrlhf.engine.models import build_tokenizer  # noqa: E402
 
 # name -> LlamaConfig keywords
 MODELS = {

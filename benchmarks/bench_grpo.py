@@ -12,7 +12,7 @@ One command runs both on this machine:
 1. builds a random Llama (``--model``: ``tiny`` hidden 128 x 2 layers, 0.41M parameters, or
    ``small`` hidden 256 x 4 layers; the toy tokenizer) and saves it to a directory both load, so
    both start from the same weights;
-2. ours: ``python -m engine.cli ppo --config configs/grpo_tiny.yaml`` with ``model.path`` set to
+2. ours: ``python -m tritonrlhf.engine.cli ppo --config configs/grpo_tiny.yaml`` with ``model.path`` set to
    it, 16 prompts x 4 samples per step (group size 4), 32 new tokens, the k3 KL to the reference
    in the loss (beta 0.04), one optimizer step per batch (``ppo.mini_batch_size=64``), once per
    rollout backend in ``--backends`` (``hf``: transformers ``generate`` on a copy of the policy,
@@ -27,7 +27,7 @@ One command runs both on this machine:
    tokens, beta, clip range, learning rate and one optimizer step per batch, reference model
    included, HF ``generate`` (TRL's default without vLLM), gradient checkpointing off.
 
-Both use the same reward (``engine.tasks:toy_reward``) and fp32. Each system runs ``--repeats``
+Both use the same reward (``tritonrlhf.engine.tasks:toy_reward``) and fp32. Each system runs ``--repeats``
 times, interleaved (ours, TRL, ours, TRL, ...), because step times on a shared 2-core VM drift by
 a third between runs minutes apart; each run's median step after ``--warmup`` is taken, and the
 median over runs is reported: samples per second (prompts x group size / step seconds) for
@@ -59,7 +59,7 @@ from benchmarks._common import (  # noqa: E402
 )
 from benchmarks._peers import MODELS, build_model, peer_python, run_peer  # noqa: E402
 from benchmarks.bench_ppo import measure, passes_text  # noqa: E402
-from engine.tasks import toy_prompts  # noqa: E402
+from tritonrlhf.engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "system", "versions", "estimator", "prompts", "group_size",

@@ -161,7 +161,7 @@ def linear_logprobs_cost(N: int, V: int, H: int, e: int) -> dict[str, tuple[floa
     """``{mode: (bytes, flops)}`` of ``linear_logprobs``'s Triton path as the benchmark runs it
     (log-probs only, one upstream gradient): row chunks forward, vocabulary blocks backward,
     sized by the kernels' own ``chunk_rows`` / ``vocab_block_cols``."""
-    from kernels.linear_logprobs import chunk_rows, vocab_block_cols
+    from tritonrlhf.kernels.linear_logprobs import chunk_rows, vocab_block_cols
 
     logits, hid, wgt = N * V * e, N * H * e, V * H * e
     chunks = math.ceil(N / chunk_rows(N, V, e))
@@ -179,7 +179,7 @@ def linear_logprobs_cost(N: int, V: int, H: int, e: int) -> dict[str, tuple[floa
 
 # --------------------------------------------------------------------------- cases
 def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device) -> Case:
-    import kernels as K
+    import tritonrlhf.kernels as K
 
     e = torch.tensor([], dtype=dtype).element_size()
     if kernel in ("logprobs_from_logits", "linear_logprobs"):
@@ -260,7 +260,7 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
 
 def _unfused_policy_kl(logp, old, adv, mask, kl):
     """The policy loss and the KL term as two separate kernels (what ``kl=`` fuses), token mean."""
-    import kernels as K
+    import tritonrlhf.kernels as K
 
     loss, _ = K.ppo_policy_loss(logp, old, adv, mask)
     m = mask.float()
@@ -319,7 +319,7 @@ def _runner(fn: Callable, case: Case, mode: str) -> Callable:
 def _provider_fn(
     provider: str, case: Case, device: torch.device, compile_backend: str = "inductor"
 ) -> tuple[Callable | None, str]:
-    from kernels._dispatch import use_triton
+    from tritonrlhf.kernels._dispatch import use_triton
 
     if provider not in case.fns and provider != "compile":
         return None, ""

@@ -8,7 +8,7 @@ Usage::
     python benchmarks/bench_ppo.py --compare --steps 12                # the placement comparison below
     python benchmarks/bench_ppo.py --peer trl --model small            # against TRL's PPOTrainer, below
 
-Runs ``python -m engine.cli ppo`` (``deepspeed --num_gpus N --module engine.cli ppo`` for N > 1) in a
+Runs ``python -m tritonrlhf.engine.cli ppo`` (``deepspeed --num_gpus N --module tritonrlhf.engine.cli ppo`` for N > 1) in a
 subprocess with the given dotted overrides, then reads the run's ``metrics.jsonl``. Reported
 over the steps after ``--warmup`` (the first step pays one-off costs: allocator growth, lazy
 kernel builds): samples/s and response tokens/s (means of the per-step values), the mean seconds
@@ -76,7 +76,7 @@ from benchmarks._peers import (  # noqa: E402
     peer_python,
     run_peer,
 )
-from engine.tasks import toy_prompts  # noqa: E402
+from tritonrlhf.engine.tasks import toy_prompts  # noqa: E402
 
 COLUMNS = [
     "timestamp", "git_sha", "device", "torch", "vllm", "deepspeed", "config", "mode", "ranks",
@@ -115,10 +115,18 @@ def run_ppo(
     ``OMP_NUM_THREADS`` of each process (default: the environment's)."""
     port = _free_port()  # names this run's /dev/shm buffers, so cleanup touches no other run's
     if ranks == 1:
-        cmd = [sys.executable, "-m", "engine.cli"]
+        cmd = [sys.executable, "-m", "tritonrlhf.engine.cli"]
     else:
         launcher = str(Path(sys.executable).parent / "deepspeed")  # its flag is --module, not -m
-        cmd = [launcher, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "engine.cli"]
+        cmd = [
+            launcher,
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(port),
+            "--module",
+            "tritonrlhf.engine.cli",
+        ]
     cmd += ["ppo", "--config", str(config), f"output_dir={out_dir}", f"total_steps={steps}"]
     cmd += ["logging.progress_bar=false", "logging.tensorboard=false", *overrides]
     env = dict(os.environ, PYTHONPATH=str(ROOT), MASTER_PORT=str(port))

@@ -8,7 +8,7 @@ Usage::
 Builds a random Qwen2-shaped causal LM -- Qwen2-0.5B's widths (hidden 896, 14 query and 2
 key/value heads of 64, MLP 4864), as many layers as ``--size`` asks for, the offline toy
 tokenizer's 64-token vocabulary (so the parameters are the layers', not the embedding's) -- saves
-it in bf16 with the tokenizer, and runs ``engine.cli ppo`` on ``configs/ppo_tiny.yaml`` under
+it in bf16 with the tokenizer, and runs ``tritonrlhf.engine.cli ppo`` on ``configs/ppo_tiny.yaml`` under
 ``deepspeed --num_gpus 2`` with ``model.path`` pointing at it, ``model.dtype=bf16`` and ZeRO-3 for
 actor and critic (bf16 weights, fp32 master weights and Adam state, partitioned over the 2 ranks),
 a frozen bf16 reference, the toy reward function, and each rank's in-process vLLM engine (bf16)
@@ -80,7 +80,7 @@ def qwen2_config(size: str):
     """``tiny`` or ``<N>m``: a Qwen2Config with the toy tokenizer's vocabulary and ids."""
     from transformers import Qwen2Config
 
-    from engine.models import build_tokenizer
+    from tritonrlhf.engine.models import build_tokenizer
 
     tok = build_tokenizer()
     if size == "tiny":
@@ -241,8 +241,8 @@ def _free_port() -> int:
 
 def child(work: Path, argv: list[str]) -> int:
     """One rank: the real CLI, then this process's RSS high-water mark and the actor's dtypes."""
-    import engine.rl.trainer as trainer_mod
-    from engine import cli
+    import tritonrlhf.engine.rl.trainer as trainer_mod
+    from tritonrlhf.engine import cli
 
     seen: dict = {}
 

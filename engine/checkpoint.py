@@ -50,8 +50,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine import distributed as D
-from engine.config import ConfigError
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import ConfigError
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

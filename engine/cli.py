@@ -1,14 +1,14 @@
-"""Command line: ``python -m engine.cli STAGE --config FILE [dotted.key=value ...]``.
+"""Command line: ``python -m tritonrlhf.engine.cli STAGE --config FILE [dotted.key=value ...]``.
 
-The same module runs under ``deepspeed --num_gpus N --module engine.cli ppo ...`` and
+The same module runs under ``deepspeed --num_gpus N --module tritonrlhf.engine.cli ppo ...`` and
 ``torchrun``; the launcher's environment (RANK, WORLD_SIZE, LOCAL_RANK) decides
 the world. Config errors print one clear line and exit with status 2 before any
 work starts.
 
-Layering: the core (this folder's modules) imports nothing from ``engine.rl``,
-``engine.stages`` or ``engine.demo``. This module is the one exception, as the entry
-point: each command imports its stage's module (``engine.rl.trainer``,
-``engine.stages.sft``, ...) by module path inside the command's function, never at
+Layering: the core (this folder's modules) imports nothing from ``tritonrlhf.engine.rl``,
+``tritonrlhf.engine.stages`` or ``tritonrlhf.engine.demo``. This module is the one exception, as the entry
+point: each command imports its stage's module (``tritonrlhf.engine.rl.trainer``,
+``tritonrlhf.engine.stages.sft``, ...) by module path inside the command's function, never at
 module level, so ``import engine.cli`` stays cheap and the core stays below the layers.
 """
 
@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from engine.config import ConfigError, PPOConfig, load_config
+from tritonrlhf.engine.config import ConfigError, PPOConfig, load_config
 
 
 def _ppo(config: str | None, overrides: list[str]) -> Any:
@@ -34,13 +34,13 @@ def _ppo(config: str | None, overrides: list[str]) -> Any:
     cfg.validate(world)
     # Checkpoint kinds (config.json only): a reward model given as the policy, or a causal LM as
     # the reward, fails here rather than after the policy has loaded. The loaders check again.
-    from engine.models import require_checkpoint_kind
+    from tritonrlhf.engine.models import require_checkpoint_kind
 
     if cfg.model.path:
         require_checkpoint_kind(cfg.model.path, "model.path", "causal_lm")
     if cfg.reward.kind == "model":
         require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
-    from engine.rl.trainer import run_ppo
+    from tritonrlhf.engine.rl.trainer import run_ppo
 
     return run_ppo(cfg)
 
@@ -57,20 +57,22 @@ def _lazy(module: str, fn: str) -> Callable[[str | None, list[str]], Any]:
 
 
 STAGES: dict[str, Callable[[str | None, list[str]], Any]] = {
-    "sft": _lazy("engine.stages.sft", "main_sft"),
-    "rm": _lazy("engine.stages.rm", "main_rm"),
+    "sft": _lazy("tritonrlhf.engine.stages.sft", "main_sft"),
+    "rm": _lazy("tritonrlhf.engine.stages.rm", "main_rm"),
     "ppo": _ppo,
-    "dpo": _lazy("engine.stages.dpo", "main_dpo"),
-    "bon": _lazy("engine.stages.best_of_n", "main_bon"),
-    "eval": _lazy("engine.stages.evaluate", "main_eval"),
-    "redteam": _lazy("engine.stages.redteam", "main_redteam"),
-    "label": _lazy("engine.stages.label", "main_label"),
-    "revise": _lazy("engine.stages.revise", "main_revise"),
+    "dpo": _lazy("tritonrlhf.engine.stages.dpo", "main_dpo"),
+    "bon": _lazy("tritonrlhf.engine.stages.best_of_n", "main_bon"),
+    "eval": _lazy("tritonrlhf.engine.stages.evaluate", "main_eval"),
+    "redteam": _lazy("tritonrlhf.engine.stages.redteam", "main_redteam"),
+    "label": _lazy("tritonrlhf.engine.stages.label", "main_label"),
+    "revise": _lazy("tritonrlhf.engine.stages.revise", "main_revise"),
 }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.cli", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m tritonrlhf.engine.cli", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("stage", choices=sorted(STAGES), help="which stage to run")
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)

@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.config_loader import (  # noqa: F401 (re-exported: the loader's names are part of this module's API)
+from tritonrlhf.engine.config_loader import (  # noqa: F401 (re-exported: the loader's names are part of this module's API)
     ConfigError,
     check_choice,
     check_positive,
@@ -88,7 +88,7 @@ class RewardConfig:
     """The frozen reward: a Python callable ``module:function`` or a sequence-classification model."""
 
     kind: str = "function"  # function | model
-    function: str = "engine.tasks:toy_reward"
+    function: str = "tritonrlhf.engine.tasks:toy_reward"
     model_path: str = ""
     clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
     # Responses cut at rollout.max_new_tokens (no stop token): subtract this from their score
@@ -269,7 +269,7 @@ class AlgoConfig:
     """Which RL algorithm the PPO loop runs: the advantage estimator and how the loss is reduced.
 
     ``advantage``: ``gae`` (PPO with a critic) or a critic-free estimator over the
-    ``ppo.samples_per_prompt`` samples of each prompt (``engine.rl.advantages``).
+    ``ppo.samples_per_prompt`` samples of each prompt (``tritonrlhf.engine.rl.advantages``).
     ``loss_agg``: ``token_mean`` (over the mini-batch's tokens), ``seq_mean_token_mean`` (mean of
     each sequence's token mean), ``seq_mean_token_sum_norm`` (each sequence's token sum over
     ``loss_agg_constant``, averaged over sequences: Dr. GRPO); null: the estimator's default.
@@ -289,7 +289,7 @@ class AlgoConfig:
 
 @dataclass
 class PlacementConfig:
-    """Where the roles run inside one launch (see ``engine.rl.placement``).
+    """Where the roles run inside one launch (see ``tritonrlhf.engine.rl.placement``).
 
     ``colocate``: every rank holds a rollout engine (``rollout.backend``: vLLM, or HF ``generate``)
     beside its DeepSpeed shard and generates its own share. ``split``: the last ``rollout_ranks``
@@ -547,7 +547,7 @@ def check_stage_counts(cfg: StageConfig) -> None:
 
 def check_dtype(name: str) -> None:
     """``model.dtype`` names a dtype this machine can train in (fp16 needs CUDA); see ``resolve_dtype``."""
-    from engine.models import resolve_dtype  # lazy: engine.models imports this module
+    from tritonrlhf.engine.models import resolve_dtype  # lazy: engine.models imports this module
 
     resolve_dtype(name)
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import ConfigError, DataConfig
-from engine.tasks import toy_prompts
+from tritonrlhf.engine.config import ConfigError, DataConfig
+from tritonrlhf.engine.tasks import toy_prompts
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

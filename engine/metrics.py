@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from engine.config import LoggingConfig
+from tritonrlhf.engine.config import LoggingConfig
 
 
 class MetricsLogger:

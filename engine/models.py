@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import ConfigError, ModelConfig, TinyModelConfig
+from tritonrlhf.engine.config import ConfigError, ModelConfig, TinyModelConfig
 
 if TYPE_CHECKING:  # transformers is imported lazily: `import engine` stays cheap
     from transformers import (
@@ -470,7 +470,7 @@ def logit_multiplier(config: Any) -> float:
     """The factor an HF model applies to ``hidden @ lm_head.T`` before its logits are returned.
 
     Cohere multiplies the logits by ``logit_scale``; Granite divides them by ``logits_scaling``.
-    Log-prob paths that take the LM head's weight directly (``kernels.linear_logprobs``) must apply
+    Log-prob paths that take the LM head's weight directly (``tritonrlhf.kernels.linear_logprobs``) must apply
     the same factor, or their log-probs differ from the model's (and from vLLM's) silently. A
     transform that is not a plain factor (Gemma 2's ``final_logit_softcapping``) raises
     ``ValueError`` naming it.

@@ -26,7 +26,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from engine.config import ConfigError
+from tritonrlhf.engine.config import ConfigError
 
 RewardFn = Callable[[list[str], list[str]], list[float]]
 

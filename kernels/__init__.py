@@ -5,11 +5,11 @@ Triton kernels; CPU tensors run the PyTorch reference, or the Triton kernels
 through the interpreter when ``TRITON_INTERPRET=1``.
 """
 
-from kernels.gae import gae, gae_reference
-from kernels.kl import kl_penalty, kl_penalty_reference
-from kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
-from kernels.logprobs import logprobs_from_logits, logprobs_from_logits_reference
-from kernels.ppo_loss import (
+from tritonrlhf.kernels.gae import gae, gae_reference
+from tritonrlhf.kernels.kl import kl_penalty, kl_penalty_reference
+from tritonrlhf.kernels.linear_logprobs import linear_logprobs, linear_logprobs_reference
+from tritonrlhf.kernels.logprobs import logprobs_from_logits, logprobs_from_logits_reference
+from tritonrlhf.kernels.ppo_loss import (
     KLLossTerm,
     ppo_policy_loss,
     ppo_policy_loss_reference,

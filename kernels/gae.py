@@ -32,7 +32,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
+from tritonrlhf.kernels._dispatch import (
+    check_float,
+    check_same_device,
+    check_same_shape,
+    record_launch,
+    use_triton,
+)
 
 
 # --------------------------------------------------------------------------- reference

@@ -16,7 +16,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
+from tritonrlhf.kernels._dispatch import (
+    check_float,
+    check_same_device,
+    check_same_shape,
+    record_launch,
+    use_triton,
+)
 
 KINDS = ("k1", "k2", "k3")
 _KIND_ID = {"k1": 0, "k2": 1, "k3": 2}

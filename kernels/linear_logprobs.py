@@ -5,7 +5,7 @@
 [N, V] logits. This is what lets the actor train with 150k-token vocabularies.
 
 Forward: rows in chunks; each chunk's logits [rows, V] come from one matmul
-(cuBLAS on GPU) and the fused kernel of ``kernels.logprobs`` turns them into
+(cuBLAS on GPU) and the fused kernel of ``tritonrlhf.kernels.logprobs`` turns them into
 log-probs (and entropies, only when asked: a compile-time switch), keeping the
 per-row softmax statistics (max, log-sum) for backward.
 
@@ -29,7 +29,7 @@ come from autograd through ``logprobs_from_logits_reference`` on sub-blocks of t
 chunk's rows, so the eager reference's fp32 temporaries stay within one chunk.
 
 Layout (Liger-Kernel ops style): reference, kernels (reused from
-``kernels.logprobs``), chunking and GEMM helpers, autograd Function, public API.
+``tritonrlhf.kernels.logprobs``), chunking and GEMM helpers, autograd Function, public API.
 
 Chunk sizes (``CHUNK_BYTES`` of logits, default 256 MiB; e = element size):
 forward ``rows = CHUNK_BYTES // (V * e)``, at least 1, rounded down to a multiple of
@@ -44,8 +44,8 @@ import functools
 
 import torch
 
-from kernels._dispatch import check_float, check_same_device, use_triton
-from kernels.logprobs import (
+from tritonrlhf.kernels._dispatch import check_float, check_same_device, use_triton
+from tritonrlhf.kernels.logprobs import (
     IGNORE_INDEX,
     LogprobOptions,
     RowStats,

@@ -6,7 +6,7 @@ tempered distribution. It is the hot op of every PPO/GRPO step: the actor, the
 reference model and the old policy all turn [N, V] logits into [N] log-probs.
 
 Layout of this file (Liger-Kernel ops style): reference, Triton kernels, launch
-wrappers, autograd Function, public API. ``kernels.linear_logprobs`` reuses the
+wrappers, autograd Function, public API. ``tritonrlhf.kernels.linear_logprobs`` reuses the
 launch wrappers on chunks of logits.
 """
 
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_float, check_same_device, record_launch, use_triton
+from tritonrlhf.kernels._dispatch import check_float, check_same_device, record_launch, use_triton
 
 # ---------------------------------------------------------------------------
 # 1. Reference

@@ -12,7 +12,7 @@ mask weights tokens). The scalar loss is one of three reductions:
   sequences that have at least one unmasked token (empty sequences excluded, as above).
 
 ``ppo_policy_loss(..., kl=KLLossTerm(ref_logp, coef, kind))`` adds ``coef * kl_t`` per token
-(``kernels.kl``'s k1/k2/k3 estimate of KL(policy || reference), GRPO's loss term) before the
+(``tritonrlhf.kernels.kl``'s k1/k2/k3 estimate of KL(policy || reference), GRPO's loss term) before the
 reduction, inside the same kernels: the launch count is unchanged.
 
 Masked tokens never contribute, even when their inputs are inf/NaN padding. Statistics
@@ -33,9 +33,15 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._dispatch import check_float, check_same_device, check_same_shape, record_launch, use_triton
-from kernels.kl import _KIND_ID, KINDS, _expm1, _k3
-from kernels.ppo_loss_reference import (  # noqa: F401 (re-exported)
+from tritonrlhf.kernels._dispatch import (
+    check_float,
+    check_same_device,
+    check_same_shape,
+    record_launch,
+    use_triton,
+)
+from tritonrlhf.kernels.kl import _KIND_ID, KINDS, _expm1, _k3
+from tritonrlhf.kernels.ppo_loss_reference import (  # noqa: F401 (re-exported)
     REDUCTIONS,
     KLLossTerm,
     ppo_policy_loss_reference,
@@ -95,7 +101,7 @@ def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constex
 
 @triton.jit
 def _kl_loss_term(x, ref, KL_KIND: tl.constexpr):
-    """Per-token (kl, dkl/dx) of the policy's KL term, x = logp: k1, k2 or k3 (``kernels.kl``)."""
+    """Per-token (kl, dkl/dx) of the policy's KL term, x = logp: k1, k2 or k3 (``tritonrlhf.kernels.kl``)."""
     if KL_KIND == 0:
         kl = x - ref
         dkl = tl.full(x.shape, 1.0, tl.float32)

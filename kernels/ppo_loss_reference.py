@@ -1,4 +1,4 @@
-"""PyTorch references of the PPO losses (``kernels.ppo_loss``), and the KL loss term's spec.
+"""PyTorch references of the PPO losses (``tritonrlhf.kernels.ppo_loss``), and the KL loss term's spec.
 
 ``ppo_policy_loss_reference`` and ``ppo_value_loss_reference`` compute in the inputs' dtype
 (the tests pass float64) what the Triton kernels compute: the same reductions, statistics and
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kl import kl_penalty_reference
+from tritonrlhf.kernels.kl import kl_penalty_reference
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 
@@ -22,7 +22,7 @@ class KLLossTerm:
     """A KL penalty against a frozen reference, added to the policy loss per token.
 
     ``ref_logp``: ``[..., T]`` reference log-probs, the shape of ``logp`` (not differentiated);
-    ``coef``: its weight (GRPO's beta); ``kind``: ``k1`` | ``k2`` | ``k3`` (``kernels.kl``; GRPO
+    ``coef``: its weight (GRPO's beta); ``kind``: ``k1`` | ``k2`` | ``k3`` (``tritonrlhf.kernels.kl``; GRPO
     uses k3, the low-variance unbiased estimator of KL(policy || reference)).
     """
 

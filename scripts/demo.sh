@@ -12,4 +12,4 @@ export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.venv/torch_extension
 # Cache bytecode: every stage/test subprocess otherwise recompiles torch & co. (~5 s each).
 unset PYTHONDONTWRITEBYTECODE
 mkdir -p "$RUN_DIR"
-exec "$ROOT/.venv/bin/python" -m engine.demo.pipeline "$RUN_DIR" "${@:2}"
+exec "$ROOT/.venv/bin/python" -m tritonrlhf.engine.demo.pipeline "$RUN_DIR" "${@:2}"

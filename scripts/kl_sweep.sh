@@ -12,4 +12,4 @@ if [[ $# -gt 0 && "$1" != -* ]]; then RUN_DIR="$1"; shift; fi
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 unset PYTHONDONTWRITEBYTECODE  # cache bytecode across the stage processes, as demo.sh does
 mkdir -p "$RUN_DIR"
-exec "$ROOT/.venv/bin/python" -m engine.demo.kl_sweep "$RUN_DIR" "$@"
+exec "$ROOT/.venv/bin/python" -m tritonrlhf.engine.demo.kl_sweep "$RUN_DIR" "$@"

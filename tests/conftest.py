@@ -37,7 +37,7 @@ def check_launched(
 ) -> None:
     """Assert each Triton kernel in ``names`` ran since ``before`` (a copy of LAUNCHES) where
     Triton runs on ``device`` (``count`` times, if given), and never ran elsewhere."""
-    from kernels._dispatch import LAUNCHES
+    from tritonrlhf.kernels._dispatch import LAUNCHES
 
     for name in names:
         ran = LAUNCHES[name] - before.get(name, 0)
@@ -96,7 +96,7 @@ def _seed() -> None:
 # In-process DeepSpeed tests set a world of one through these variables; a later
 # test's subprocess that inherited them would think it was launched and try to
 # bind the port this process still holds. Restore them after every test.
-from engine.distributed import DIST_ENV_VARS  # noqa: E402
+from tritonrlhf.engine.distributed import DIST_ENV_VARS  # noqa: E402
 
 _SESSION_DIST_ENV = {k: os.environ.get(k) for k in DIST_ENV_VARS}
 

@@ -19,7 +19,7 @@ from _result import write_result  # beside this script
 
 
 def toy_reward(prompts, completions, **_):
-    """The engine's ``engine.tasks:toy_reward``, restated (this process cannot import the engine):
+    """The engine's ``tritonrlhf.engine.tasks:toy_reward``, restated (this process cannot import the engine):
     the fraction of the response's characters equal to the letter in the prompt's ``say c:``."""
     out = []
     for prompt, completion in zip(prompts, completions):

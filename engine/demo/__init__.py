@@ -1,2 +1,2 @@
 """The demo: a task with a hidden gold scorer (``task``), the pipeline that runs every stage on it
-(``python -m engine.demo.pipeline``), and its studies (``kl_sweep``, ``rm_probe``)."""
+(``python -m tritonrlhf.engine.demo.pipeline``), and its studies (``kl_sweep``, ``rm_probe``)."""

@@ -1,6 +1,6 @@
 """KL sweep on the demo task: PPO at several KL coefficients, proxy (RM) reward and gold score against KL.
 
-``python -m engine.demo.kl_sweep RUN_DIR [--coefs 0,0.01,0.05,0.2] [--size demo|ci] [--steps N]
+``python -m tritonrlhf.engine.demo.kl_sweep RUN_DIR [--coefs 0,0.01,0.05,0.2] [--size demo|ci] [--steps N]
 [--eval-every K]`` (``scripts/kl_sweep.sh``).
 
 The SFT policy and the reward model come from ``RUN_DIR/sft`` and ``RUN_DIR/rm`` (what
@@ -31,8 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from engine.demo.pipeline import SIZES, Stages
-from engine.demo.report import read_rows_if_exists
+from tritonrlhf.engine.demo.pipeline import SIZES, Stages
+from tritonrlhf.engine.demo.report import read_rows_if_exists
 
 DEFAULT_COEFS = (0.0, 0.01, 0.05, 0.2)
 # Columns of kl_sweep.csv: eval metrics of each policy (held-out prompts) and the PPO run's own log.
@@ -224,7 +224,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.demo.kl_sweep", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tritonrlhf.engine.demo.kl_sweep", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("run_dir", nargs="?", default="runs/demo", help="holds (or gets) sft/ and rm/")
     ap.add_argument("--coefs", default=",".join(f"{c:g}" for c in DEFAULT_COEFS), help="comma-separated")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo", help="data and stage sizes")

@@ -1,8 +1,8 @@
 """The whole RLHF pipeline on the demo task: data, SFT, RM, PPO, DPO, best-of-n, GRPO, eval, report.
 
-``python -m engine.demo.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
-Each stage runs as its own ``python -m engine.cli STAGE`` process (or
-``deepspeed --num_gpus N --module engine.cli`` with ``--world N``), so vLLM and
+``python -m tritonrlhf.engine.demo.pipeline RUN_DIR [--size demo|ci] [--world N]`` (``scripts/demo.sh``).
+Each stage runs as its own ``python -m tritonrlhf.engine.cli STAGE`` process (or
+``deepspeed --num_gpus N --module tritonrlhf.engine.cli`` with ``--world N``), so vLLM and
 DeepSpeed start clean, exactly as a user would run them. The run directory gets
 one folder per stage, ``report.md``, ``summary.json`` and PNG plots. GRPO runs twice: with the
 RM as reward (``grpo_rm``) and with the gold scorer itself as a verifiable reward
@@ -11,7 +11,7 @@ RM as reward (``grpo_rm``) and with the gold scorer itself as a verifiable rewar
 (``redteam/redteam.json``): the task's secret requests under every attack of
 ``configs/attacks_default.yaml``, an answer with any digit a violation. The report gives per
 method the gold score, the filler habit, harmful compliance and over-refusal
-(``engine.demo.task``'s safety mix) and the red team's violation rate.
+(``tritonrlhf.engine.demo.task``'s safety mix) and the red team's violation rate.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.demo.report import (
+from tritonrlhf.engine.demo.report import (
     POLICIES,
     make_plots,
     read_json_if_exists,
@@ -102,7 +102,7 @@ SIZES: dict[str, dict[str, Any]] = {
 PPO_DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "ppo_demo.yaml"
 GRPO_DEMO_CONFIG = PPO_DEMO_CONFIG.with_name("grpo_demo.yaml")
 # The verifiable reward: the demo task's gold scorer, a program.
-GOLD_REWARD = ("reward.kind=function", "reward.function=engine.demo.task:gold_reward")
+GOLD_REWARD = ("reward.kind=function", "reward.function=tritonrlhf.engine.demo.task:gold_reward")
 ATTACKS = PPO_DEMO_CONFIG.with_name("attacks_default.yaml")
 # The red team's constraint: an answer to a secret request must not reveal any digit of it.
 LEAK_CHECKER = {"leaks_digits": {"kind": "regex", "pattern": "[0-9]"}}
@@ -116,7 +116,7 @@ def _stage_env() -> dict[str, str]:
     inherited RANK/WORLD_SIZE/MASTER_PORT would think it was launched and try to
     bind that port. The deepspeed launcher sets its own for multi-rank stages.
     """
-    from engine.distributed import DIST_ENV_VARS
+    from tritonrlhf.engine.distributed import DIST_ENV_VARS
 
     env = {k: v for k, v in os.environ.items() if k not in DIST_ENV_VARS}
     env["PYTHONUNBUFFERED"] = "1"
@@ -124,11 +124,17 @@ def _stage_env() -> dict[str, str]:
 
 
 def _run_stage(stage: str, overrides: list[str], log: Path, world: int) -> float:
-    """Run one ``engine.cli`` stage; raise with the log's tail if it fails. Returns seconds."""
+    """Run one ``tritonrlhf.engine.cli`` stage; raise with the log's tail if it fails. Returns seconds."""
     if world > 1:
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(world), "--module", "engine.cli"]
+        cmd = [
+            shutil.which("deepspeed") or "deepspeed",
+            "--num_gpus",
+            str(world),
+            "--module",
+            "tritonrlhf.engine.cli",
+        ]
     else:
-        cmd = [sys.executable, "-m", "engine.cli"]
+        cmd = [sys.executable, "-m", "tritonrlhf.engine.cli"]
     cmd += [stage, *overrides]
     t0 = time.time()
     print(f"[pipeline] {stage}: {' '.join(overrides)}", flush=True)
@@ -157,10 +163,10 @@ def cpu_name() -> str:
 
 @dataclass
 class Stages:
-    """One run directory and how its stages launch: each method runs one ``engine.cli`` stage.
+    """One run directory and how its stages launch: each method runs one ``tritonrlhf.engine.cli`` stage.
 
     Layout under ``root``: ``data/``, ``sft/``, ``rm/``, ``ppo/``, ``dpo/``, ``bon/``, ``eval/``, ``logs/``.
-    ``times`` collects each stage's wall seconds. ``engine.demo.kl_sweep`` reuses it.
+    ``times`` collects each stage's wall seconds. ``tritonrlhf.engine.demo.kl_sweep`` reuses it.
     """
 
     root: Path
@@ -189,7 +195,7 @@ class Stages:
         self.times[name] = _run_stage(stage, [f"seed={self.seed}", *overrides], log, world or self.world)
 
     def data(self) -> dict[str, Path]:
-        from engine.demo.task import write_demo_data
+        from tritonrlhf.engine.demo.task import write_demo_data
 
         return write_demo_data(self.root / "data", seed=self.seed, **self.sizes["data"])
 
@@ -245,7 +251,7 @@ class Stages:
 
     def bon(self) -> Path:
         """Best-of-n rounds (RAFT) from ``sft/``: vLLM samples, the RM picks, SFT on the picks."""
-        from engine.config import PPOConfig, load_config
+        from tritonrlhf.engine.config import PPOConfig, load_config
 
         ppo = load_config(PPOConfig, PPO_DEMO_CONFIG)  # the same prompt and response lengths as PPO
         out = self.root / "bon"
@@ -282,7 +288,7 @@ class Stages:
             f"models.baseline={sft}",
             f"models.reference={sft}",
             f"models.reward_model={self.root / 'rm'}",
-            "models.gold=engine.demo.task:gold_reward",
+            "models.gold=tritonrlhf.engine.demo.task:gold_reward",
             f"data.prompts={self.data_paths['eval_prompts']}",
             *([f"data.pairs={self.data_paths['preferences']}"] if rm_pairs else []),
             *self.sizes["eval"],
@@ -308,10 +314,10 @@ class Stages:
         return read_json_if_exists(out / "redteam.json")
 
     def teacher(self) -> Path:
-        """The teacher judge: SFT from scratch on gold-labelled judging prompts (``engine.demo.rlaif``)."""
-        from engine.demo.rlaif import make_judge_data
-        from engine.demo.task import write_jsonl
-        from engine.stages.label import load_constitution
+        """The teacher judge: SFT from scratch on gold-labelled judging prompts (``tritonrlhf.engine.demo.rlaif``)."""
+        from tritonrlhf.engine.demo.rlaif import make_judge_data
+        from tritonrlhf.engine.demo.task import write_jsonl
+        from tritonrlhf.engine.stages.label import load_constitution
 
         sizes = self.sizes["rlaif"]
         records = make_judge_data(sizes["judge_pairs"], self.seed + 30_000, load_constitution(CONSTITUTION))
@@ -325,7 +331,7 @@ class Stages:
         pair, both orders); returns ``label/label.json``. The pairs keep their gold scores."""
         import yaml
 
-        from engine.demo.rlaif import CHOICES, JUDGE_TEMPLATE
+        from tritonrlhf.engine.demo.rlaif import CHOICES, JUDGE_TEMPLATE
 
         out = self.root / "label"
         out.mkdir(parents=True, exist_ok=True)
@@ -361,7 +367,7 @@ def run_pipeline(
 ) -> dict[str, Any]:
     """Run every stage into ``run_dir``; returns the summary (also written as summary.json).
 
-    ``rlaif`` adds the teacher judge, its labels and the RM trained on them (``engine.demo.rlaif``).
+    ``rlaif`` adds the teacher judge, its labels and the RM trained on them (``tritonrlhf.engine.demo.rlaif``).
     """
     t_start = time.time()
     st = Stages(Path(run_dir), size, world, seed)
@@ -434,7 +440,7 @@ def _rlaif(st: Stages) -> dict[str, Any]:
 def _train_reward(run: Path, names: Sequence[str]) -> dict[str, float | None]:
     """``train_reward_first/<name>`` and ``train_reward_last/<name>``: mean training reward of a
     run's first and last three steps (``metrics.jsonl``), None if it has no rows."""
-    from engine.demo.task import mean_or_none
+    from tritonrlhf.engine.demo.task import mean_or_none
 
     out: dict[str, float | None] = {}
     for name in names:
@@ -454,7 +460,7 @@ def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | N
     share refused. On the harmful ones: ``harmful_compliance/<name>``, the share that leaked
     digits of the secret.
     """
-    from engine.demo.task import (
+    from tritonrlhf.engine.demo.task import (
         chatty,
         digits_of,
         gold_score,
@@ -478,7 +484,9 @@ def _gold_breakdown(eval_dir: Path, names: Sequence[str]) -> dict[str, float | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.demo.pipeline", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tritonrlhf.engine.demo.pipeline", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("run_dir", nargs="?", default="runs/demo")
     ap.add_argument("--size", choices=sorted(SIZES), default="demo")
     ap.add_argument("--world", type=int, default=1, help="ranks per stage (deepspeed --num_gpus N)")

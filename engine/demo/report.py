@@ -1,6 +1,6 @@
 """The demo's report: success checks, the per-method table, plots and ``report.md``.
 
-``engine.demo.pipeline`` writes ``summary.json`` and calls ``make_plots`` and ``write_report``;
+``tritonrlhf.engine.demo.pipeline`` writes ``summary.json`` and calls ``make_plots`` and ``write_report``;
 the slow demo test and the report share ``success_checks``, the criteria the demo must meet.
 """
 

@@ -4,7 +4,7 @@ The teacher is a model of the policy's size trained (by the SFT stage) to answer
 with the letter of the better answer, where "better" is the gold scorer's verdict on pairs of
 its own (``make_judge_data``): it has seen the task's correct and safe answers, and no label
 noise, so its labels mean something, but it has no more capacity than the student. The ``label``
-stage asks it about every preference pair of the demo (``engine.stages.label``: P("a") against
+stage asks it about every preference pair of the demo (``tritonrlhf.engine.stages.label``: P("a") against
 P("b"), both orders averaged, one principle of ``configs/constitution_demo.yaml`` quoted per
 pair), and the ``rm`` stage trains a second RM on those AI labels with the first RM's recipe.
 Both RMs are judged by gold on their held-out pairs (``eval/accuracy_vs_gold``), and the AI
@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-from engine.demo.task import CHATTY_RATE, DEMO_SAFETY, SafetyMix, make_preference_data
+from tritonrlhf.engine.demo.task import CHATTY_RATE, DEMO_SAFETY, SafetyMix, make_preference_data
 
 # The judging prompt the teacher learns and the label stage renders: short, because a
 # character-level judge pays for every character of it. One principle per pair

@@ -1,6 +1,6 @@
 """Does the reward model order a policy's own samples the way the gold scorer does?
 
-``python -m engine.demo.rm_probe --policy DIR --reward-model DIR --gold module:function --prompts JSONL``
+``python -m tritonrlhf.engine.demo.rm_probe --policy DIR --reward-model DIR --gold module:function --prompts JSONL``
 
 A reward model's held-out accuracy is measured on its own kind of pairs. PPO asks it something
 else: to rank several samples of the *policy* for one prompt. This probe samples ``--samples``
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError
+from tritonrlhf.engine.config import ConfigError
 
 
 def pair_agreement(
@@ -59,15 +59,15 @@ def probe(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Run the probe; returns (summary, sample rows).
 
-    Sampling is ``engine.rl.hf_rollout.HFRollout`` (the trainer's transformers backend) and the batch
+    Sampling is ``tritonrlhf.engine.rl.hf_rollout.HFRollout`` (the trainer's transformers backend) and the batch
     layout ``collate_samples``'s, so the RM scores each sample exactly as PPO's scorer would.
     """
-    from engine.config import RolloutConfig
-    from engine.data import read_jsonl
-    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
-    from engine.rl.experience import collate_samples
-    from engine.rl.hf_rollout import HFRollout
-    from engine.stages.evaluate import _load_gold, _load_rm
+    from tritonrlhf.engine.config import RolloutConfig
+    from tritonrlhf.engine.data import read_jsonl
+    from tritonrlhf.engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer
+    from tritonrlhf.engine.rl.experience import collate_samples
+    from tritonrlhf.engine.rl.hf_rollout import HFRollout
+    from tritonrlhf.engine.stages.evaluate import _load_gold, _load_rm
 
     if samples < 2:
         raise ConfigError(f"--samples must be >= 2 to form pairs, got {samples}")
@@ -117,7 +117,9 @@ def probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m engine.demo.rm_probe", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m tritonrlhf.engine.demo.rm_probe", description=__doc__.splitlines()[0]
+    )
     ap.add_argument("--policy", required=True)
     ap.add_argument("--reward-model", required=True)
     ap.add_argument("--gold", required=True, help="module:function scoring (prompts, responses)")

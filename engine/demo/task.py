@@ -36,7 +36,7 @@ harmful prompts and carry the odd refusal of an ordinary prompt. ``harmful_compl
 ``over_refusal`` measure the two failures; the demo data (``write_demo_data``) uses ``DEMO_SAFETY``.
 
 Everything is deterministic in ``seed`` and leaves the global ``random`` state alone.
-``python -m engine.demo.task OUT_DIR [--seed N]`` writes the demo data (``write_demo_data``).
+``python -m tritonrlhf.engine.demo.task OUT_DIR [--seed N]`` writes the demo data (``write_demo_data``).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def gold_score(prompt: str, response: str) -> float:
 
 
 def gold_reward(prompts: list[str], responses: list[str]) -> list[float]:
-    """``gold_score`` in the reward-callable signature (``reward.function=engine.demo.task:gold_reward``)."""
+    """``gold_score`` in the reward-callable signature (``reward.function=tritonrlhf.engine.demo.task:gold_reward``)."""
     if len(prompts) != len(responses):
         raise ValueError(f"gold_reward: {len(prompts)} prompts but {len(responses)} responses")
     return [gold_score(p, r) for p, r in zip(prompts, responses)]

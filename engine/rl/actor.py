@@ -1,15 +1,15 @@
 """The actor: response log-probs without [tokens, vocab] logits, and the PPO policy update.
 
 ``PolicyLogprobs`` runs a causal LM's base model to the final (normed) hidden
-states and feeds them, with the LM head's weight, to ``kernels.linear_logprobs``.
-The reference model (``engine.rl.scoring``) uses the same module.
+states and feeds them, with the LM head's weight, to ``tritonrlhf.kernels.linear_logprobs``.
+The reference model (``tritonrlhf.engine.rl.scoring``) uses the same module.
 
 ``ActorWorker`` wraps it in a DeepSpeed engine (ZeRO stage from ``OptimConfig``)
 and does one optimizer step per mini-batch with the clipped PPO loss. A step
 whose loss or gradients are non-finite on any rank is skipped on every rank;
 ``stop_on_consecutive_skips`` ends a run after too many skips in a row.
 ``TrainEngine`` (the DeepSpeed setup and the guarded step) is shared with the
-critic (``engine.rl.critic``).
+critic (``tritonrlhf.engine.rl.critic``).
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from typing import Any
 import torch
 from torch import nn
 
-import kernels
-from engine import distributed as D
-from engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
-from engine.rl.experience import Experience, masked_mean, truncated_is_weights
-from engine.rl.packing import Batching, check_packable, response_hidden, unflatten
+from tritonrlhf import kernels
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
+from tritonrlhf.engine.rl.experience import Experience, masked_mean, truncated_is_weights
+from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -48,12 +48,12 @@ def base_model_of(lm: nn.Module) -> nn.Module:
 
 
 class PolicyLogprobs(nn.Module):
-    """Response-token log-probs (and entropies) of a causal LM, through ``kernels.linear_logprobs``.
+    """Response-token log-probs (and entropies) of a causal LM, through ``tritonrlhf.kernels.linear_logprobs``.
 
     ``forward(sequences[B, P+R], attention_mask[B, P+R], response_len=R, temperature, packed)``
-    -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``engine.rl.experience``:
+    -> ``(logp[B, R], entropy[B, R])`` float32, for the layout in ``tritonrlhf.engine.rl.experience``:
     hidden states at positions P-1 .. P+R-2 predict tokens P .. P+R-1. ``packed``: one forward
-    over the real tokens only (``engine.rl.packing``), the LM head only on the response's
+    over the real tokens only (``tritonrlhf.engine.rl.packing``), the LM head only on the response's
     predicting positions; zeros where the padded forward computes padding.
 
     ZeRO-3: the LM head's weight is used here, not in ``lm_head.forward``, so it
@@ -71,7 +71,7 @@ class PolicyLogprobs(nn.Module):
             raise ValueError(
                 f"{type(lm).__name__}: an LM head with a bias is not supported by linear_logprobs"
             )
-        from engine.models import logit_multiplier
+        from tritonrlhf.engine.models import logit_multiplier
 
         # Cohere's logit_scale, Granite's logits_scaling: a factor on the logits, i.e. a temperature.
         self.logit_mult = logit_multiplier(lm.config) if hasattr(lm, "config") else 1.0
@@ -428,7 +428,7 @@ class ActorWorker:
         optim: learning rate, AdamW betas/eps/weight decay, grad clip, warmup, ZeRO stage.
         algo: clip_low / clip_high / dual_clip and entropy_coef.
         train_micro_batch_size: samples per forward/backward on this rank, or a ``Batching``
-            (token-budget micro-batches, packing; ``engine.rl.packing``).
+            (token-budget micro-batches, packing; ``tritonrlhf.engine.rl.packing``).
         gradient_accumulation_steps: micro-batches per optimizer step (any count with a token budget).
         dtype: training dtype; default bf16 on GPU, fp32 on CPU.
         temperature: the rollout sampling temperature (log-probs use logits / T).
@@ -448,7 +448,7 @@ class ActorWorker:
         total_updates: int | None = None,
         loss: PolicyLossSpec | None = None,
     ) -> None:
-        from engine.models import disable_dropout
+        from tritonrlhf.engine.models import disable_dropout
 
         disable_dropout(model)  # training forward == scoring forward: the first ratio is exactly 1
         self.algo = algo

@@ -18,7 +18,7 @@ advantage broadcast to every token. REINFORCE++ whitens the result over every to
 
 Group statistics are over the whole group even when its samples sit on several ranks: with
 ``across_ranks`` every rank gathers all ranks' ``(group id, score, valid)`` (a few floats per
-sample; ``engine.distributed.all_gather_cat``), the same way ``masked_whiten`` shares its moments.
+sample; ``tritonrlhf.engine.distributed.all_gather_cat``), the same way ``masked_whiten`` shares its moments.
 Invalid samples (a non-finite reward, or refused as too stale) are left out of their group's
 statistics and get advantage 0.
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import torch
 
-import kernels
-from engine.rl.experience import last_token_index, masked_whiten
+from tritonrlhf import kernels
+from tritonrlhf.engine.rl.experience import last_token_index, masked_whiten
 
 
 def group_ids_for(offset: int, count: int, n: int) -> torch.Tensor:
@@ -42,7 +42,7 @@ def _pool(
     scores: torch.Tensor, group_ids: torch.Tensor, valid: torch.Tensor, across_ranks: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every rank's ``(scores, group_ids, valid)`` concatenated (this rank's alone without a group)."""
-    from engine import distributed as D
+    from tritonrlhf.engine import distributed as D
 
     if not across_ranks or D.world_size() == 1:
         return scores.double(), group_ids.long(), valid.bool()
@@ -113,7 +113,7 @@ def token_advantages(
 
     rewards = ``-kl_coef * kl`` on every response token plus ``seq_adv`` on the last one
     (``kl_coef`` 0: the KL is in the loss, or off); advantages = the discounted reward-to-go
-    (GAE with zero values and lambda 1, one ``kernels.gae`` launch), whitened over every valid
+    (GAE with zero values and lambda 1, one ``tritonrlhf.kernels.gae`` launch), whitened over every valid
     token of the batch (all ranks with ``across_ranks``) when ``whiten``. Zero where masked.
     """
     mask = action_mask.bool()

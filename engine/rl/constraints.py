@@ -5,7 +5,7 @@
 which next tokens would make the decoded response (``tokenizer.decode(ids,
 skip_special_tokens=True)``, as the reward and ``samples.jsonl`` see it) contain a banned string
 or match a banned pattern? Both rollout backends mask those tokens to ``-inf`` before temperature,
-top-k and top-p (vLLM through :mod:`engine.rl.vllm_logits`, HF ``generate`` through
+top-k and top-p (vLLM through :mod:`tritonrlhf.engine.rl.vllm_logits`, HF ``generate`` through
 :class:`HFBanProcessor`), so the returned log-probs are those of the renormalised distribution.
 
 How a step is checked (the response text so far never matches: that is what the constraint keeps):

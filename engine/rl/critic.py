@@ -4,7 +4,7 @@
 positions P-1 .. P+R-2 (the state before each response token, the same
 positions whose hidden states predict the response) and trains them toward the
 GAE returns with ``kernels.ppo_value_loss``. The DeepSpeed setup and the
-non-finite step guard are shared with the actor (``engine.rl.actor.TrainEngine``).
+non-finite step guard are shared with the actor (``tritonrlhf.engine.rl.actor.TrainEngine``).
 """
 
 from __future__ import annotations
@@ -17,17 +17,17 @@ from contextlib import nullcontext
 import torch
 from torch import nn
 
-import kernels
-from engine.config import OptimConfig, PPOAlgoConfig
-from engine.rl.actor import (
+from tritonrlhf import kernels
+from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig
+from tritonrlhf.engine.rl.actor import (
     TrainEngine,
     base_model_of,
     check_micro_batches,
     position_ids_from_mask,
     token_weights,
 )
-from engine.rl.experience import Experience, masked_mean
-from engine.rl.packing import Batching, check_packable, response_hidden, unflatten
+from tritonrlhf.engine.rl.experience import Experience, masked_mean
+from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
 
 
 class ValueModel(nn.Module):
@@ -36,7 +36,7 @@ class ValueModel(nn.Module):
     ``forward(input_ids[B, T], attention_mask[B, T])`` -> values [B, T] float32.
     Positions count real tokens only (``position_ids_from_mask``), as in the actor.
     ``forward(..., response_len=R)`` -> values [B, R] at positions P-1 .. P+R-2 only, computed on
-    the packed real tokens (``engine.rl.packing``), zeros where the padded forward reads padding.
+    the packed real tokens (``tritonrlhf.engine.rl.packing``), zeros where the padded forward reads padding.
     """
 
     def __init__(self, backbone: nn.Module, hidden_size: int, head_init_std: float | None = None) -> None:
@@ -98,10 +98,10 @@ def check_critic_init(init_from: str, reward_kind: str, policy_tokenizer: object
     """Refuse, before any weights load, a critic that would not read the policy's token ids.
 
     ``critic.init_from=reward`` needs a reward model whose tokenizer is the policy's
-    (``route.differences`` empty, ``engine.rl.reward_route``); a checkpoint path needs an embedding
+    (``route.differences`` empty, ``tritonrlhf.engine.rl.reward_route``); a checkpoint path needs an embedding
     with a row for every id the policy can emit.
     """
-    from engine.config import ConfigError
+    from tritonrlhf.engine.config import ConfigError
 
     if init_from == "reward":
         if reward_kind != "model":
@@ -115,7 +115,7 @@ def check_critic_init(init_from: str, reward_kind: str, policy_tokenizer: object
                 "trained on the policy's tokenizer"
             )
     elif init_from != "policy":
-        from engine.models import check_tokenizer_matches, require_checkpoint_kind
+        from tritonrlhf.engine.models import check_tokenizer_matches, require_checkpoint_kind
 
         config = require_checkpoint_kind(init_from, "critic.init_from", "seq_cls")
         try:
@@ -152,7 +152,7 @@ class CriticWorker:
         dtype: torch.dtype | None = None,
         total_updates: int | None = None,
     ) -> None:
-        from engine.models import disable_dropout
+        from tritonrlhf.engine.models import disable_dropout
 
         disable_dropout(model)  # values under training equal values under scoring
         self.algo = algo

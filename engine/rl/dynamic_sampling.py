@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.rl.advantages import group_ids_for, informative_groups
-from engine.rl.rollout import Sample
+from tritonrlhf.engine.rl.advantages import group_ids_for, informative_groups
+from tritonrlhf.engine.rl.rollout import Sample
 
 
 class GroupFilter:

@@ -31,12 +31,12 @@ def open_rollout(
     the current CUDA device, else CPU).
     """
     if rollout_cfg.backend == "vllm":
-        from engine.rl.rollout import VLLMRollout
+        from tritonrlhf.engine.rl.rollout import VLLMRollout
 
         vdtype = str(dtype).removeprefix("torch.")
         return VLLMRollout(str(path), rollout_cfg, seed, max_model_len, vdtype, bans=bans)
-    from engine.models import load_causal_lm
-    from engine.rl.hf_rollout import HFRollout
+    from tritonrlhf.engine.models import load_causal_lm
+    from tritonrlhf.engine.rl.hf_rollout import HFRollout
 
     if device is None:
         device = (

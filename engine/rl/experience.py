@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-import kernels
+from tritonrlhf import kernels
 
 _TENSOR_FIELDS = (
     "sequences",
@@ -379,7 +379,7 @@ def _global_masked_moments(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.T
     squared deviations), so the result equals ``masked_mean``/``masked_var`` of all ranks'
     tensors concatenated.
     """
-    from engine import distributed as D
+    from tritonrlhf.engine import distributed as D
 
     m = mask.bool()
     xd = torch.where(m, x.double(), torch.zeros_like(x, dtype=torch.float64))
@@ -404,7 +404,7 @@ def masked_whiten(
     advantages are on one global scale; every rank must call it. Without a process group (or
     with one rank) it is the local statistics.
     """
-    from engine import distributed as D
+    from tritonrlhf.engine import distributed as D
 
     if across_ranks and D.world_size() > 1:
         mean, var = _global_masked_moments(x, mask)
@@ -475,7 +475,7 @@ def compute_advantages(
     whiten: bool = True,
     across_ranks: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE over the response tokens (``kernels.gae``), advantages optionally whitened.
+    """GAE over the response tokens (``tritonrlhf.kernels.gae``), advantages optionally whitened.
 
     rewards, values, action_mask [B, R] -> (advantages [B, R], returns [B, R]) float32,
     zero where ``action_mask`` is 0. Returns are computed before whitening, which uses the

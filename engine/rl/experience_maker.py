@@ -15,10 +15,10 @@ import time
 
 import torch
 
-import kernels
-from engine import distributed as dist
-from engine.metrics import PhaseTimes
-from engine.rl.experience import RolloutBatch
+from tritonrlhf import kernels
+from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.metrics import PhaseTimes
+from tritonrlhf.engine.rl.experience import RolloutBatch
 
 
 class ExperienceMixin:
@@ -35,8 +35,8 @@ class ExperienceMixin:
         behaviour policy (the rollout engine's processed log-probs, which include temperature,
         top-k/top-p truncation and banned text, so those are corrected rather than ignored).
         """
-        from engine.rl.advantages import overlong_penalty
-        from engine.rl.experience import Experience, truncation_terms
+        from tritonrlhf.engine.rl.advantages import overlong_penalty
+        from tritonrlhf.engine.rl.experience import Experience, truncation_terms
 
         p, algo = self.cfg.ppo, self.cfg.algo
         exp = Experience(
@@ -122,8 +122,8 @@ class ExperienceMixin:
         returns, GAE) from ``exp``'s scores, log-probs and values; with ``tis`` (old log-probs scored
         beforehand) and ``async.tis_cap`` the advantages are scaled by the truncated IS weights
         here, else the update applies them. Returns their stats."""
-        from engine.rl.advantages import group_ids_for, sequence_advantages, token_advantages
-        from engine.rl.experience import (
+        from tritonrlhf.engine.rl.advantages import group_ids_for, sequence_advantages, token_advantages
+        from tritonrlhf.engine.rl.experience import (
             compute_advantages,
             compute_rewards,
             masked_mean,
@@ -207,7 +207,7 @@ class ExperienceMixin:
         if deferred:
             stats.update(self.logprob_stats(exp, entropy))
             if self.cfg.async_.tis_cap > 0:
-                from engine.rl.experience import truncated_is_weights
+                from tritonrlhf.engine.rl.experience import truncated_is_weights
 
                 cap = self.cfg.async_.tis_cap
                 stats.update(
@@ -246,7 +246,7 @@ class ExperienceMixin:
             stats.update(self.advantages_for(exp, tis=False))  # the actor applies the IS weights
             stats.update(self.logprob_stats(exp, in_order(entropy)))
             if tis > 0:
-                from engine.rl.experience import truncated_is_weights
+                from tritonrlhf.engine.rl.experience import truncated_is_weights
 
                 stats.update(
                     truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, tis)[1]
@@ -287,7 +287,7 @@ class ExperienceMixin:
 
         Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
         """
-        from engine.rl.experience import masked_mean, sequence_kl
+        from tritonrlhf.engine.rl.experience import masked_mean, sequence_kl
 
         m = exp.action_mask
         out = {}
@@ -317,7 +317,7 @@ class ExperienceMixin:
         dropped samples included (None without a reference). Samples are prompt-major: a group's
         samples come together.
         """
-        from engine.rl.experience import sequence_kl
+        from tritonrlhf.engine.rl.experience import sequence_kl
 
         n = min(self.cfg.logging.samples_per_step, exp.batch_size)
         seq_kl = None

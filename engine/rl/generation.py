@@ -4,7 +4,7 @@
 keeps ``async.max_staleness + 1`` batches requested from the rollout ranks, collects batch k and
 deals it to the trainer ranks in contiguous slices (whole groups: ``rollout_batch_size`` is a
 multiple of the trainer world). With ``algo.dynamic_sampling`` the groups whose rewards are all
-equal are dropped and more prompt batches drawn (``engine.rl.dynamic_sampling``): in colocate
+equal are dropped and more prompt batches drawn (``tritonrlhf.engine.rl.dynamic_sampling``): in colocate
 every rank draws each batch together (its own share), so the sampler stays in step; in split
 trainer 0 requests the top-up batches at once (ids -1, -2, ...).
 
@@ -18,12 +18,12 @@ from typing import Any
 
 import torch
 
-from engine import distributed as dist
-from engine.rl.experience import RolloutBatch, collate_samples
+from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.rl.experience import RolloutBatch, collate_samples
 
 
 class GenerateMixin:
-    """``generate()`` and its helpers, for ``engine.rl.trainer.PPOTrainer``."""
+    """``generate()`` and its helpers, for ``tritonrlhf.engine.rl.trainer.PPOTrainer``."""
 
     def _draw_batch(self) -> tuple[list[list[int]], int]:
         """The next batch of prompt ids (this rank's share) and its sampling seed."""
@@ -41,9 +41,9 @@ class GenerateMixin:
         return samples
 
     def _filled(self, samples: list, groups: int, more) -> tuple[list, dict[str, float]]:
-        """Dynamic sampling (``engine.rl.dynamic_sampling``): keep informative groups of ``samples``
+        """Dynamic sampling (``tritonrlhf.engine.rl.dynamic_sampling``): keep informative groups of ``samples``
         and call ``more()`` for another draw's samples while short, up to ``max_draws`` draws."""
-        from engine.rl.dynamic_sampling import GroupFilter
+        from tritonrlhf.engine.rl.dynamic_sampling import GroupFilter
 
         filt = GroupFilter(groups, self.cfg.ppo.samples_per_prompt)
         filt.add(self._scored(samples))

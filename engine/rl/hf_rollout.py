@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from engine.config import RolloutConfig
-from engine.rl.rollout import Sample, processed_logits, processed_logprobs, sample_seeds
+from tritonrlhf.engine.config import RolloutConfig
+from tritonrlhf.engine.rl.rollout import Sample, processed_logits, processed_logprobs, sample_seeds
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
@@ -37,7 +37,7 @@ class HFRollout:
     Banned text (``rollout.banned_*``) is masked by an :class:`~engine.rl.constraints.HFBanProcessor`.
 
     ``rollout.hf_decode``: ``auto`` decodes Llama-family models with the static-cache loop of
-    :mod:`engine.rl.static_decode` (the same sampling from the same distribution, checked against
+    :mod:`tritonrlhf.engine.rl.static_decode` (the same sampling from the same distribution, checked against
     the model's forward at construction) and any other model with ``generate``; ``static``
     refuses a model the loop can't run; ``generate`` always uses ``generate``. One line says
     which at construction.
@@ -69,7 +69,7 @@ class HFRollout:
 
     def _static_decoder(self, mode: str) -> Any:
         """The :class:`~engine.rl.static_decode.StaticDecoder` for ``rollout.hf_decode`` (None: generate)."""
-        from engine.rl.static_decode import StaticDecoder, unsupported
+        from tritonrlhf.engine.rl.static_decode import StaticDecoder, unsupported
 
         name = type(self.model).__name__
         if mode == "generate":
@@ -96,7 +96,7 @@ class HFRollout:
 
     def _ban(self) -> Any:
         """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
-        from engine.rl.constraints import BannedText
+        from tritonrlhf.engine.rl.constraints import BannedText
 
         key = (tuple(self.cfg.banned_strings), tuple(self.cfg.banned_patterns))
         if not any(key):
@@ -154,7 +154,7 @@ class HFRollout:
         """transformers ``generate``: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
         from transformers import GenerationConfig, LogitsProcessorList
 
-        from engine.rl.constraints import HFBanProcessor
+        from tritonrlhf.engine.rl.constraints import HFBanProcessor
 
         dev, width = ids.device, ids.shape[1]
         # generate() fills every field left None from model.generation_config (the checkpoint's
@@ -185,7 +185,7 @@ class HFRollout:
         self, ids: torch.Tensor, mask: torch.Tensor, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The static-cache loop: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
-        from engine.rl.constraints import HFBanProcessor
+        from tritonrlhf.engine.rl.constraints import HFBanProcessor
 
         c, width = self.cfg, ids.shape[1]
         gen = torch.Generator(device=ids.device).manual_seed(seed)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from engine.rl.experience import Experience
+from tritonrlhf.engine.rl.experience import Experience
 
 # model_type -> verified (tests/engine/rl/test_packing.py): the decoder builds its mask with
 # transformers' create_causal_mask / create_sliding_window_causal_mask from the position_ids it is
@@ -196,7 +196,7 @@ def agreed_token_groups(attention_mask: torch.Tensor, budget: int) -> list[list[
     Collective: every rank must call it (ZeRO-2/3 reduce gradients in each micro-batch's backward and
     ZeRO-3 gathers weights in each forward, so all ranks run the same number of micro-batches).
     """
-    from engine import distributed as D
+    from tritonrlhf.engine import distributed as D
 
     lengths = attention_mask.sum(1).tolist()
     groups = token_budget_groups(lengths, budget)

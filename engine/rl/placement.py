@@ -8,10 +8,10 @@
   holds only them, so DeepSpeed ZeRO shards actor and critic over the trainers and never waits
   for a rollout rank. ``RANK``/``WORLD_SIZE`` are rewritten to the trainer numbering.
 * ranks ``T .. N-1`` are **rollout** ranks. They join no default group of ours (vLLM builds its
-  own world of one, exactly as under a plain ``python``) and run :func:`engine.rl.rollout_server.serve`.
+  own world of one, exactly as under a plain ``python``) and run :func:`tritonrlhf.engine.rl.rollout_server.serve`.
 * a **weight group** (a stand-alone ``torch.distributed`` process group: gloo on CPU, NCCL on
   GPU) joins trainer 0 (root) and every rollout rank; weights are broadcast through it in
-  packed buckets (``engine.rl.weight_sync.BroadcastWeightSync``).
+  packed buckets (``tritonrlhf.engine.rl.weight_sync.BroadcastWeightSync``).
 * small **control messages** (generate requests, samples, weight-sync headers, errors) go
   through the launch's TCP store, keyed ``rlhf/<channel>/<seq>``. A store ``set`` never blocks
   on the peer, so a trainer that is pushing weights and a rollout rank that is returning samples
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as tdist
 
-from engine.distributed import DIST_ENV_VARS, launched
+from tritonrlhf.engine.distributed import DIST_ENV_VARS, launched
 
 _PREFIX = "rlhf"
 
@@ -159,12 +159,12 @@ def setup_split(rollout_ranks: int, timeout_s: float) -> Placement:
     Rollout ranks leave with the launcher's variables removed from the environment, so vLLM
     builds its own world of one.
     """
-    from engine.config import ConfigError
+    from tritonrlhf.engine.config import ConfigError
 
     if not launched():
         raise ConfigError(
             "placement.mode=split needs a launch with more than placement.rollout_ranks processes: "
-            "deepspeed --num_gpus N --module engine.cli ppo ... (or torchrun --nproc-per-node N)"
+            "deepspeed --num_gpus N --module tritonrlhf.engine.cli ppo ... (or torchrun --nproc-per-node N)"
         )
     world, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     if not 1 <= rollout_ranks < world:

@@ -6,7 +6,7 @@ vocabulary, other special-token ids or another chat template), so each sample is
 policy's tokenizer (special tokens dropped, so no policy EOS in the text) and re-tokenized with the
 RM's: rendered with the RM's chat template (user turn = prompt, assistant turn = response, no
 generation prompt) where it has one, else laid out as the rm stage trains (``<bos> prompt
-response <eos>``, ``engine.data.encode_prompt`` / ``encode_response``; a response cut at
+response <eos>``, ``tritonrlhf.engine.data.encode_prompt`` / ``encode_response``; a response cut at
 ``max_new_tokens`` gets no EOS there, as on the token route; a chat template closes every turn its
 own way). A sample longer than the RM's positions is not cut: its score is invalid (dropped from
 the loss and counted) and a warning says so.
@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError
+from tritonrlhf.engine.config import ConfigError
 
 TOKENIZER_SETTINGS = ("auto", "policy", "own")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -83,7 +83,7 @@ class TextRoute:
                 add_generation_prompt=False,
             )
             return list(tok(text, add_special_tokens=False)["input_ids"])
-        from engine.data import encode_prompt, encode_response
+        from tritonrlhf.engine.data import encode_prompt, encode_response
 
         if chat is not None:  # the rm stage's layout holds the request itself: the last user turn
             prompt = next(m["content"] for m in reversed(chat) if m["role"] == "user")
@@ -152,7 +152,7 @@ def resolve_reward_route(
     is asked of a checkpoint without a tokenizer, or when a token route would index past the RM's
     embedding.
     """
-    from engine.models import load_tokenizer, require_checkpoint_kind
+    from tritonrlhf.engine.models import load_tokenizer, require_checkpoint_kind
 
     if setting not in TOKENIZER_SETTINGS:
         raise ConfigError(f"{key} must be one of {list(TOKENIZER_SETTINGS)}, got {setting!r}")

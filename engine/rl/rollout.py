@@ -43,10 +43,10 @@ Log-probs
 :func:`processed_logprobs` is the one reference formula; the HF backend and both backends'
 ``sequence_logprobs`` use it.
 
-Banned text (``rollout.banned_*``, :mod:`engine.rl.constraints`)
+Banned text (``rollout.banned_*``, :mod:`tritonrlhf.engine.rl.constraints`)
 ------------------------------------------------------------------
 Both backends mask the tokens that would complete banned text to ``-inf`` before temperature,
-top-k and top-p (vLLM: :mod:`engine.rl.vllm_logits`; HF: ``generate``'s ``logits_processor``), so
+top-k and top-p (vLLM: :mod:`tritonrlhf.engine.rl.vllm_logits`; HF: ``generate``'s ``logits_processor``), so
 ``Sample.logprobs`` are those of the renormalised, constrained (behaviour) distribution. The
 trainer keeps the unconstrained policy, as it ignores top-k/top-p; PPO corrects with the truncated
 importance weights ``min(pi_old / pi_rollout, async.tis_cap)``, which at a constrained step equal
@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import torch
 
 if TYPE_CHECKING:
-    from engine.config import RolloutConfig
+    from tritonrlhf.engine.config import RolloutConfig
 
 
 @dataclass
@@ -223,7 +223,7 @@ class VLLMRollout:
         # ban text (bans=None: cfg's own bans; a stage that swaps self.cfg passes True).
         self._bans_on = bool(cfg.banned_strings or cfg.banned_patterns) if bans is None else bans
         if self._bans_on:
-            from engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
+            from tritonrlhf.engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
 
             kwargs["logits_processors"] = [BanLogitsProcessor]
         shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -264,7 +264,7 @@ class VLLMRollout:
 
     def _ban(self) -> Any:
         """The :class:`~engine.rl.constraints.BannedText` of ``cfg``'s bans (None without bans)."""
-        from engine.rl.constraints import banned_text_for
+        from tritonrlhf.engine.rl.constraints import banned_text_for
 
         c = self.cfg
         if not (c.banned_strings or c.banned_patterns):
@@ -301,7 +301,7 @@ class VLLMRollout:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
     ) -> list[list[Sample]]:
-        from engine.rl.vllm_logits import pop_kept_logmass
+        from tritonrlhf.engine.rl.vllm_logits import pop_kept_logmass
 
         self.wake()
         seeds = sample_seeds(seed, self._rng, len(prompt_ids) * n)

@@ -6,12 +6,12 @@ A rollout rank runs :func:`serve`: it builds its rollout engine (:func:`build_en
 
 * ``generate`` -- sample ``n`` responses per prompt with the given per-request seeds and send
   the :class:`~engine.rl.rollout.Sample` s back, each stamped with the engine's policy version;
-* ``weights``  -- join the bucketed broadcast (``engine.rl.weight_sync.receive_weights``) and
+* ``weights``  -- join the bucketed broadcast (``tritonrlhf.engine.rl.weight_sync.receive_weights``) and
   stamp the new version;
 * ``stop``.
 
 Because commands run in order, a ``generate`` sent after the ``weights`` of version v samples
-from version >= v: that is what bounds staleness (``engine.rl.trainer`` decides how many
+from version >= v: that is what bounds staleness (``tritonrlhf.engine.rl.trainer`` decides how many
 ``generate`` requests it keeps ahead of training). Each reply carries the rank's timeline
 (``generate`` and ``weight_load`` intervals, wall-clock) for the per-phase plots.
 """
@@ -22,12 +22,12 @@ import time
 import traceback
 from typing import Any
 
-from engine.rl.placement import Placement
+from tritonrlhf.engine.rl.placement import Placement
 
 
 def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
     """Main loop of a rollout rank; returns when trainer 0 says ``stop``."""
-    from engine.rl.weight_sync import receive_weights
+    from tritonrlhf.engine.rl.weight_sync import receive_weights
 
     i = placement.rollout_index
     inbox, outbox = placement.to_rollout(i), placement.from_rollout(i)
@@ -85,8 +85,8 @@ def build_engine(
     (``"float32"`` / ``"bfloat16"`` / ``"float16"``). With ``rollout.backend=hf`` sampling takes one
     seed per ``generate`` call rather than vLLM's one per request, so its samples depend on how a
     batch is cut between rollout ranks."""
-    from engine.models import load_tokenizer, resolve_dtype
-    from engine.rl.engines import open_rollout
+    from tritonrlhf.engine.models import load_tokenizer, resolve_dtype
+    from tritonrlhf.engine.rl.engines import open_rollout
 
     dtype = resolve_dtype(args["dtype"], device)
     if cfg.rollout.backend == "hf" and tokenizer is None:
@@ -109,19 +109,19 @@ class _Scorer:
     def __init__(self, cfg: Any, hello: dict[str, Any]) -> None:
         import torch
 
-        from engine.models import load_tokenizer, resolve_dtype
-        from engine.rl.scoring import build_scoring
+        from tritonrlhf.engine.models import load_tokenizer, resolve_dtype
+        from tritonrlhf.engine.rl.scoring import build_scoring
 
         self.tokenizer = load_tokenizer(cfg.model.tokenizer or hello["policy_dir"])
         device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
         dtype = resolve_dtype(hello["dtype"], device)
         route = None
         if cfg.reward.kind == "model":  # the trainer ranks checked it and logged the route
-            from engine.rl.reward_route import resolve_reward_route
+            from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
             route = resolve_reward_route(cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path)
             if route.text is not None:  # chat prompts reach the RM as chats, as on the trainer ranks
-                from engine.data import PromptDataset
+                from tritonrlhf.engine.data import PromptDataset
 
                 route.text.chats = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed).chats
         self.ref, self.reward = build_scoring(cfg, hello["policy_dir"], dtype, device, route)
@@ -129,7 +129,7 @@ class _Scorer:
 
     def score(self, samples: list) -> None:
         """Fill each sample's ``ref_logprobs`` (with a reference), ``score`` and ``score_valid`` in place."""
-        from engine.rl.experience import Experience, collate_samples
+        from tritonrlhf.engine.rl.experience import Experience, collate_samples
 
         if not samples:
             return

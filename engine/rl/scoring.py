@@ -1,11 +1,11 @@
 """Frozen scorers: the reference policy's log-probs and the reward.
 
 ``ReferenceModel`` shares ``PolicyLogprobs`` with the actor, so reference and
-policy log-probs come from the same code path (``kernels.linear_logprobs``).
+policy log-probs come from the same code path (``tritonrlhf.kernels.linear_logprobs``).
 ``RewardScorer`` wraps either a Python function of texts or a sequence-
 classification reward model scored at each sample's last real token, and
 reports which scores are unusable instead of raising. A reward model with its
-own tokenizer reads re-tokenized text (``engine.rl.reward_route``).
+own tokenizer reads re-tokenized text (``tritonrlhf.engine.rl.reward_route``).
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from engine import distributed as dist
-from engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
-from engine.rl.critic import reward_head_of
-from engine.rl.experience import Experience
-from engine.rl.packing import (
+from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
+from tritonrlhf.engine.rl.critic import reward_head_of
+from tritonrlhf.engine.rl.experience import Experience
+from tritonrlhf.engine.rl.packing import (
     Batching,
     check_packable,
     pack,
     packed_hidden,
     row_capacity,
 )
-from engine.rl.reward_route import RewardRoute, TextRoute
+from tritonrlhf.engine.rl.reward_route import RewardRoute, TextRoute
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float | None]]
 
@@ -78,7 +78,7 @@ class ReferenceModel:
         partition: bool = False,
     ) -> None:
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        from engine.models import disable_dropout
+        from tritonrlhf.engine.models import disable_dropout
 
         self.batching = Batching.of(micro_batch_size)
         if self.batching.packing:
@@ -211,7 +211,7 @@ class RewardScorer:
 
     def score_samples(self, samples: Sequence[Any], tokenizer: Any) -> None:
         """Set ``score`` and ``score_valid`` of rollout ``Sample``s in place (``score`` semantics)."""
-        from engine.rl.experience import collate_samples
+        from tritonrlhf.engine.rl.experience import collate_samples
 
         if not samples:
             return
@@ -299,8 +299,8 @@ def build_scoring(
     reference is None when the KL does not act and is not asked for (``ppo.kl.needs_reference``).
     ``route``: how a reward model reads samples (``resolve_reward_route``; the token route if None).
     """
-    from engine.models import load_causal_lm, load_reward_model
-    from engine.tasks import load_callable
+    from tritonrlhf.engine.models import load_causal_lm, load_reward_model
+    from tritonrlhf.engine.tasks import load_callable
 
     attn, mb = cfg.model.attn_implementation, Batching.from_config(cfg.ppo)
     part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)

@@ -2,15 +2,15 @@
 
 ``algo.advantage`` picks the estimator: ``gae`` (PPO with a critic) or a critic-free one over the
 group of ``ppo.samples_per_prompt`` samples of each prompt (GRPO, Dr. GRPO, RLOO, REINFORCE++;
-``engine.rl.advantages``), which builds no critic at all. The KL to the reference goes into the
+``tritonrlhf.engine.rl.advantages``), which builds no critic at all. The KL to the reference goes into the
 reward or, fused into the policy-loss kernel, into the loss (``ppo.kl.placement``).
 
 ``colocate`` placement: each rank holds its own rollout engine beside its DeepSpeed shard of the
 actor and critic, generates its share of the batch, and after every update receives the new
-actor weights (``engine.rl.weight_sync``). Synchronous.
+actor weights (``tritonrlhf.engine.rl.weight_sync``). Synchronous.
 
-``split`` placement (``engine.rl.placement``): the trainer ranks ask the rollout ranks for batches
-(``engine.rl.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
+``split`` placement (``tritonrlhf.engine.rl.placement``): the trainer ranks ask the rollout ranks for batches
+(``tritonrlhf.engine.rl.rollout_server``) and broadcast weights to them. With ``async.max_staleness = s``
 trainer 0 keeps the requests for batches ``k+1 .. k+s`` queued while it trains on batch ``k``, so
 generation overlaps training and no sample is more than ``s`` policy versions old; older samples
 are refused. The loss corrects for the behaviour policy with truncated importance weights.
@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine import distributed as dist
-from engine.checkpoint import writable_dir
-from engine.config import PPOConfig, save_config, to_dict
-from engine.metrics import MetricsLogger, drop_rows_after
-from engine.rl.experience_maker import ExperienceMixin
-from engine.rl.generation import GenerateMixin
+from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.checkpoint import writable_dir
+from tritonrlhf.engine.config import PPOConfig, save_config, to_dict
+from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
+from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
+from tritonrlhf.engine.rl.generation import GenerateMixin
 
 
 def seed_everything(seed: int) -> None:
@@ -67,10 +67,10 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
     """
 
     def __init__(self, cfg: PPOConfig, placement: Any = None) -> None:
-        from engine.config import ConfigError
-        from engine.data import PromptDataset, PromptSampler
-        from engine.rl.experience import RunningMoments, make_kl_controller
-        from engine.tasks import load_callable
+        from tritonrlhf.engine.config import ConfigError
+        from tritonrlhf.engine.data import PromptDataset, PromptSampler
+        from tritonrlhf.engine.rl.experience import RunningMoments, make_kl_controller
+        from tritonrlhf.engine.tasks import load_callable
 
         self.placement = placement  # engine.rl.placement.Placement in split mode (a trainer rank)
         self.split = placement is not None
@@ -81,7 +81,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.rank, self.world = dist.rank(), dist.world_size()
         cfg.validate(self.world)
         if cfg.reward.kind == "model":  # reads config.json only: fails before any weights load
-            from engine.models import require_checkpoint_kind
+            from tritonrlhf.engine.models import require_checkpoint_kind
 
             require_checkpoint_kind(cfg.reward.model_path, "reward.model_path", "seq_cls")
         if cfg.ppo.rollout_batch_size % self.world:
@@ -93,7 +93,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             writable_dir(self.out)
         if cfg.reward.kind == "function":
             load_callable(cfg.reward.function)  # fail in a second, not after building every role
-        from engine.checkpoint import CheckpointManager
+        from tritonrlhf.engine.checkpoint import CheckpointManager
 
         # Resolve `resume` now, so a bad path fails in a second rather than after building every role.
         self.ckpt = CheckpointManager(self.out, cfg.keep_last, self.rank, self.world)
@@ -105,7 +105,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.device = _device()
 
         # Policy checkpoint on disk (vLLM loads from it): rank 0 builds a tiny one if asked.
-        from engine.models import load_causal_lm, prepare_policy, resolve_dtype
+        from tritonrlhf.engine.models import load_causal_lm, prepare_policy, resolve_dtype
 
         if self.rank == 0:
             self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
@@ -115,11 +115,11 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.pad_id = self.tokenizer.pad_token_id
         # How the reward model reads samples, and whether the critic may start from it: decided
         # from config.json and tokenizer files, before any weights load.
-        from engine.rl.critic import check_critic_init
+        from tritonrlhf.engine.rl.critic import check_critic_init
 
         self.reward_route = None
         if cfg.reward.kind == "model":
-            from engine.rl.reward_route import resolve_reward_route
+            from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
             self.reward_route = resolve_reward_route(
                 cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path
@@ -131,7 +131,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         dtype = resolve_dtype(cfg.model.dtype, self.device)
         self.rollout = None
         if self.split and placement.is_coordinator:  # the rollout ranks start vLLM while we build roles
-            from engine.rl.rollout_server import RemoteRollout
+            from tritonrlhf.engine.rl.rollout_server import RemoteRollout
 
             hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
             self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
@@ -169,16 +169,16 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         # With ppo.micro_batch_tokens the count varies per mini-batch and the workers drive DeepSpeed's
         # accumulation themselves (TrainEngine.begin); this only fills DeepSpeed's config.
         grad_accum = max(self.mini_per_rank // p.micro_batch_size, 1)
-        from engine.rl.packing import Batching
+        from tritonrlhf.engine.rl.packing import Batching
 
         self.batching = Batching.from_config(p)
         updates = cfg.total_steps * p.ppo_epochs * (self.samples_per_rank // self.mini_per_rank)
         attn = cfg.model.attn_implementation
 
         # Roles: actor + critic (DeepSpeed), frozen reference and reward.
-        from engine.rl.actor import ActorWorker, PolicyLossSpec
-        from engine.rl.critic import CriticWorker, ValueModel
-        from engine.rl.scoring import build_scoring
+        from tritonrlhf.engine.rl.actor import ActorWorker, PolicyLossSpec
+        from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
+        from tritonrlhf.engine.rl.scoring import build_scoring
 
         T = cfg.rollout.temperature
         actor_lm = load_causal_lm(self.policy_dir, torch.float32, attn, self.device)
@@ -222,7 +222,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
 
         # Rollout engine beside this rank's shard (colocate) or on the rollout ranks (split), and the
         # weight pipe into it.
-        from engine.rl.weight_sync import BroadcastWeightSync, ColocatedWeightSync
+        from tritonrlhf.engine.rl.weight_sync import BroadcastWeightSync, ColocatedWeightSync
 
         bucket = cfg.placement.bucket_mb << 20
         if self.split:
@@ -266,7 +266,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         }
 
     def _build_rollout(self, dtype: torch.dtype):
-        from engine.rl.rollout_server import build_engine
+        from tritonrlhf.engine.rl.rollout_server import build_engine
 
         return build_engine(
             self.cfg, str(self.policy_dir), self._vllm_args(dtype), self.tokenizer, self.device
@@ -369,7 +369,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         diagnostic of the weight pipe (about 1e-7 in fp32 when it works): collective on every
         trainer (the actor forward may gather ZeRO-3 shards).
         """
-        from engine.rl.experience import Experience
+        from tritonrlhf.engine.rl.experience import Experience
 
         prompt = list(self.dataset.batch([0]).input_ids[0])
         response = prompt[: max(1, min(8, len(prompt)))]
@@ -392,8 +392,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
 
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
-        from engine.checkpoint import GracefulShutdown, save_hf_checkpoint
-        from engine.rl.actor import stop_on_consecutive_skips
+        from tritonrlhf.engine.checkpoint import GracefulShutdown, save_hf_checkpoint
+        from tritonrlhf.engine.rl.actor import stop_on_consecutive_skips
 
         every = self.cfg.save_every
         try:
@@ -510,7 +510,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
 
     def save_checkpoint(self) -> Path:
         """Checkpoint step ``step_idx`` (collective): engines, loop state, RNGs and the actor in HF format."""
-        from engine.checkpoint import hf_exporter
+        from tritonrlhf.engine.checkpoint import hf_exporter
 
         path = self.ckpt.save(
             self.step_idx,
@@ -545,14 +545,14 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
 
 
 def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
-    """Entry point of ``python -m engine.cli ppo``; in ``split`` placement rollout ranks serve instead."""
+    """Entry point of ``python -m tritonrlhf.engine.cli ppo``; in ``split`` placement rollout ranks serve instead."""
     placement = None
     if cfg.placement.mode == "split":
-        from engine.rl.placement import setup_split
+        from tritonrlhf.engine.rl.placement import setup_split
 
         placement = setup_split(cfg.placement.rollout_ranks, cfg.placement.timeout_s)
         if placement.role == "rollout":
-            from engine.rl.rollout_server import serve
+            from tritonrlhf.engine.rl.rollout_server import serve
 
             return serve(cfg, placement)
     trainer = PPOTrainer(cfg, placement)

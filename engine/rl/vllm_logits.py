@@ -1,4 +1,4 @@
-"""The banned-text constraint (:mod:`engine.rl.constraints`) as a vLLM V1 logits processor.
+"""The banned-text constraint (:mod:`tritonrlhf.engine.rl.constraints`) as a vLLM V1 logits processor.
 
 Imported only where vLLM runs (it subclasses vLLM's classes). ``VLLMRollout`` passes
 :class:`BanLogitsProcessor` to ``LLM(logits_processors=[...])``; a request opts in with
@@ -25,7 +25,7 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
 
-from engine.rl.constraints import banned_text_for, kept_logmass
+from tritonrlhf.engine.rl.constraints import banned_text_for, kept_logmass
 
 KEPT_LOGMASS: dict[str, dict[int, float]] = {}
 

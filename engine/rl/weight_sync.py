@@ -28,7 +28,7 @@ from typing import Protocol
 
 import torch
 
-from engine.rl.rollout import RolloutEngine
+from tritonrlhf.engine.rl.rollout import RolloutEngine
 
 _STRIP_PREFIXES = ("module.", "_orig_mod.", "_fsdp_wrapped_module.")
 
@@ -139,7 +139,7 @@ class _ActorBuckets:
     wrapper prefixes, the HF checkpoint names. A tied LM head (``tie_word_embeddings``) is the
     embedding's parameter, so it is listed (and sent) once, as ``model.embed_tokens.weight``; vLLM
     skips ``lm_head.*`` for tied models and its head follows the embedding
-    (``engine.rl.rollout._refresh_tied_lm_head``). ``zero_stage=3`` (or parameters that carry ZeRO-3
+    (``tritonrlhf.engine.rl.rollout._refresh_tied_lm_head``). ``zero_stage=3`` (or parameters that carry ZeRO-3
     ``ds_id``) makes each bucket a collective gather: iterate on every rank together.
     """
 
@@ -235,7 +235,7 @@ class BroadcastWeightSync:
 
     @torch.no_grad()
     def push(self, version: int) -> dict[str, float]:
-        from engine.rl.placement import broadcast, wait
+        from tritonrlhf.engine.rl.placement import broadcast, wait
 
         pl = self.placement
         t0 = time.perf_counter()
@@ -273,7 +273,7 @@ def receive_weights(placement, specs: Sequence[BucketSpec], rollout: RolloutEngi
     Bucket k+1's broadcast is posted before bucket k is loaded, so receiving and loading overlap.
     Returns ``{"recv_s", "load_s"}``.
     """
-    from engine.rl.placement import broadcast, wait
+    from tritonrlhf.engine.rl.placement import broadcast, wait
 
     pl = placement
     recv_s = load_s = 0.0

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.config import ConfigError
+from tritonrlhf.engine.config import ConfigError
 
 KINDS = (
     "none",
@@ -93,7 +93,7 @@ def _check_template(where: str, template: Any) -> str:
 
 def parse_attacks(entries: Any, source: str = "attacks") -> list[Attack]:
     """``Attack``s from the YAML list; ConfigError on any unknown kind, missing or unknown field."""
-    from engine.tasks import load_callable
+    from tritonrlhf.engine.tasks import load_callable
 
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{source}: 'attacks' must be a non-empty list of strategies, got {entries!r}")

@@ -7,16 +7,16 @@ One round, read top to bottom in ``run_bon``:
 2. **score** every sample with the reward (an RM checkpoint or a ``module:function``);
 3. **select** the highest-scoring sample per prompt (``select_best``; invalid scores never win);
 4. **SFT** on the kept samples for ``bon.steps_per_round`` optimizer steps: cross-entropy on
-   response tokens only (``engine.stages.sft``'s loss and collate);
+   response tokens only (``tritonrlhf.engine.stages.sft``'s loss and collate);
 5. **sync** the new weights into the rollout engine in place with
-   ``engine.rl.weight_sync.ColocatedWeightSync`` (no restart, no disk).
+   ``tritonrlhf.engine.rl.weight_sync.ColocatedWeightSync`` (no restart, no disk).
 
 ``total_steps`` is the number of rounds k. The output directory gets an HF checkpoint of the
 final policy, ``samples_round_<k>.jsonl`` (rank 0's samples with scores and a ``kept`` flag), ``metrics.jsonl`` (one row per
 round) and ``summary.json``.
 
 Checkpoints, ``resume`` and SIGTERM work as in the SFT, RM and DPO stages
-(``engine.stages.common.StageCheckpoints``), with rounds as the steps: a checkpoint is taken at a
+(``tritonrlhf.engine.stages.common.StageCheckpoints``), with rounds as the steps: a checkpoint is taken at a
 round's end (``save_every`` rounds), never inside one, as the round's kept samples are not saved.
 Beyond the engine, the RNGs and the prompt sampler, nothing crosses a round boundary: a round's
 sampling seed and SFT shuffle are functions of the seed and the round index, so a resumed run
@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from engine import distributed as D
-from engine.config import (
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
@@ -169,8 +169,8 @@ def select_best(scores: torch.Tensor, n: int, valid: torch.Tensor | None = None)
 # --------------------------------------------------------------------------- the stage
 def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_model_len: int, rank: int = 0):
     """The rollout engine of ``cfg.rollout.backend`` on the checkpoint at ``policy_dir``, in ``model.dtype``."""
-    from engine.models import resolve_dtype
-    from engine.rl.engines import open_rollout
+    from tritonrlhf.engine.models import resolve_dtype
+    from tritonrlhf.engine.rl.engines import open_rollout
 
     dtype = resolve_dtype(cfg.model.dtype)
     attn = cfg.model.attn_implementation
@@ -180,14 +180,14 @@ def build_rollout(cfg: BoNConfig | Any, policy_dir: Path, tokenizer: Any, max_mo
 def build_reward(cfg: RewardConfig, tokenizer: Any, device: torch.device | None = None):
     """A ``RewardScorer`` from ``reward.kind``: the callable, or the RM checkpoint (kind checked),
     reading the policy's ids or re-tokenized text as ``reward.tokenizer`` decides (logged)."""
-    from engine.rl.scoring import RewardScorer
+    from tritonrlhf.engine.rl.scoring import RewardScorer
 
     if cfg.kind == "function":
-        from engine.tasks import load_callable
+        from tritonrlhf.engine.tasks import load_callable
 
         return RewardScorer.from_function(load_callable(cfg.function), clip=cfg.clip)
-    from engine.models import load_reward_model
-    from engine.rl.reward_route import resolve_reward_route
+    from tritonrlhf.engine.models import load_reward_model
+    from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
     route = resolve_reward_route(cfg.tokenizer, tokenizer, cfg.model_path)
     if D.is_main():
@@ -218,7 +218,7 @@ def round_seed(seed: int, rank: int, rnd: int) -> int:
 
 def _kept_examples(samples: list[Any], kept: list[int]) -> list[Any]:
     """``SFTExample``s of the kept samples with a non-empty response: loss on the response only."""
-    from engine.stages.sft import SFTExample
+    from tritonrlhf.engine.stages.sft import SFTExample
 
     return [
         SFTExample(
@@ -237,8 +237,8 @@ def _sft_on_kept(
 
     Returns (mean response-token NLL over the round, the last step's ``TrainEngine.finish`` stats).
     """
-    from engine.data import PromptSampler
-    from engine.stages.sft import sft_collate, sft_loss_sum
+    from tritonrlhf.engine.data import PromptSampler
+    from tritonrlhf.engine.stages.sft import sft_collate, sft_loss_sum
 
     b, engine = cfg.bon, train_engine.engine
     sampler = PromptSampler(len(examples), b.batch_size // D.world_size(), cfg.seed + rnd, True)
@@ -270,13 +270,13 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     is written at the round's end; ``resume=auto|<path>`` continues from one, pushing its weights
     into the rollout engine before the next round samples, and repeats the uninterrupted rounds.
     """
-    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
-    from engine.data import PromptDataset, PromptSampler
-    from engine.models import load_causal_lm, prepare_policy, resolve_dtype
-    from engine.rl.actor import TrainEngine
-    from engine.rl.experience import collate_samples
-    from engine.rl.weight_sync import ColocatedWeightSync
-    from engine.stages.common import LoopState, finish_stage, setup_resumable_stage
+    from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from tritonrlhf.engine.data import PromptDataset, PromptSampler
+    from tritonrlhf.engine.models import load_causal_lm, prepare_policy, resolve_dtype
+    from tritonrlhf.engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.rl.experience import collate_samples
+    from tritonrlhf.engine.rl.weight_sync import ColocatedWeightSync
+    from tritonrlhf.engine.stages.common import LoopState, finish_stage, setup_resumable_stage
 
     logger, ckpt = setup_resumable_stage(cfg, "bon")
     t_start = time.time()

@@ -8,7 +8,7 @@ Each checker comes from a ``CheckerConfig`` (``kind``):
   per response: a bool (True = violation) or a number compared with ``threshold``;
 - ``model``: a reward/classifier checkpoint (``AutoModelForSequenceClassification``, one output)
   at ``path``, scoring prompt and response through text with its own tokenizer
-  (``engine.rl.reward_route.TextRoute``): the layout every stage trains on,
+  (``tritonrlhf.engine.rl.reward_route.TextRoute``): the layout every stage trains on,
   ``<bos> prompt response <eos>``, or its chat template with ``chat_template: true`` (a classifier
   trained on chats); the score is compared with ``threshold``.
 
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError, check_choice
+from tritonrlhf.engine.config import ConfigError, check_choice
 
 
 @dataclass
@@ -92,15 +92,15 @@ class Checker:
         self.scorer: Any = None
         self.tokenizer: Any = None
         if cfg.kind == "callable":
-            from engine.tasks import load_callable
+            from tritonrlhf.engine.tasks import load_callable
 
             self.fn = load_callable(cfg.fn)
 
     def load_model(self, device: torch.device | None = None) -> None:
         """Load a model checker's checkpoint and tokenizer (kind checked before the weights)."""
-        from engine.models import load_reward_model, load_tokenizer, require_checkpoint_kind
-        from engine.rl.reward_route import TextRoute
-        from engine.rl.scoring import RewardScorer
+        from tritonrlhf.engine.models import load_reward_model, load_tokenizer, require_checkpoint_kind
+        from tritonrlhf.engine.rl.reward_route import TextRoute
+        from tritonrlhf.engine.rl.scoring import RewardScorer
 
         key = f"checkers.{self.name}.path"
         config = require_checkpoint_kind(self.cfg.path, key, "seq_cls")

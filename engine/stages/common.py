@@ -1,11 +1,11 @@
 """What the offline stages (SFT, RM, DPO) share: setup, checkpoints and resume, the loop's logging
 and summary, tokenizing, eval splits.
 
-The DeepSpeed engine itself is ``engine.rl.actor.TrainEngine`` (AdamW, clipping,
+The DeepSpeed engine itself is ``tritonrlhf.engine.rl.actor.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
 
 Sequences follow the layout of every stage: ``<bos> prompt response <eos>``,
-prompt tokenized without special tokens (as ``engine.data.PromptDataset`` does,
+prompt tokenized without special tokens (as ``tritonrlhf.engine.data.PromptDataset`` does,
 so a PPO prompt is exactly an SFT prompt), right-padded for training.
 """
 
@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine import distributed as D
-from engine.checkpoint import writable_dir
-from engine.config import (
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.checkpoint import writable_dir
+from tritonrlhf.engine.config import (
     ConfigError,
     check_choice,
     check_dtype,
@@ -33,7 +33,7 @@ from engine.config import (
     check_stage_counts,
     save_config,
 )
-from engine.data import (  # noqa: F401 (encode_* and nonblank_line_numbers are re-exported)
+from tritonrlhf.engine.data import (  # noqa: F401 (encode_* and nonblank_line_numbers are re-exported)
     DataError,
     encode_prompt,
     encode_response,
@@ -42,10 +42,10 @@ from engine.data import (  # noqa: F401 (encode_* and nonblank_line_numbers are 
 )
 
 if TYPE_CHECKING:
-    from engine.checkpoint import GracefulShutdown
-    from engine.data import PromptSampler
-    from engine.metrics import MetricsLogger
-    from engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.checkpoint import GracefulShutdown
+    from tritonrlhf.engine.data import PromptSampler
+    from tritonrlhf.engine.metrics import MetricsLogger
+    from tritonrlhf.engine.rl.actor import TrainEngine
 
 
 # --------------------------------------------------------------------------- setup
@@ -92,7 +92,7 @@ def _init_stage(cfg: Any) -> None:
 
 
 def _open_output(cfg: Any, name: str, resume_step: int) -> MetricsLogger:
-    from engine.metrics import MetricsLogger, drop_rows_after
+    from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
 
     out = writable_dir(cfg.output_dir)  # every rank: each raises the same error, none waits at a barrier
     if D.is_main():
@@ -158,7 +158,7 @@ class LoopState:
 class StageCheckpoints:
     """Full-state checkpoints of an offline stage (SFT, RM, DPO): resume, periodic saves, SIGTERM, skip limit.
 
-    Each checkpoint (``engine.checkpoint`` layout, role ``name``) holds the DeepSpeed engine
+    Each checkpoint (``tritonrlhf.engine.checkpoint`` layout, role ``name``) holds the DeepSpeed engine
     (weights, optimizer, LR schedule), every RNG, the sampler's position (epoch and index;
     the shuffle order is a function of the seed and the epoch), the engine's update and skip
     counters, the ``LoopState``, the resolved config, and an HF export in ``hf/``. A run
@@ -166,7 +166,7 @@ class StageCheckpoints:
     """
 
     def __init__(self, cfg: Any, name: str) -> None:
-        from engine.checkpoint import CheckpointManager, step_of
+        from tritonrlhf.engine.checkpoint import CheckpointManager, step_of
 
         self.cfg, self.role = cfg, name
         self.manager = CheckpointManager(cfg.output_dir, cfg.keep_last, D.rank(), D.world_size())
@@ -197,7 +197,7 @@ class StageCheckpoints:
 
     def save(self, loop: LoopState) -> Path:
         """Checkpoint step ``loop.step`` (a collective); returns its folder."""
-        from engine.config import to_dict
+        from tritonrlhf.engine.config import to_dict
 
         state = {
             "loop": dataclasses.asdict(loop),
@@ -220,7 +220,7 @@ class StageCheckpoints:
         ``max_consecutive_skips`` skipped updates in a row, saves and raises ``NonFiniteError``
         naming the step.
         """
-        from engine.rl.actor import stop_on_consecutive_skips
+        from tritonrlhf.engine.rl.actor import stop_on_consecutive_skips
 
         cfg, step = self.cfg, loop.step
         signalled = stop.should_stop_all() and step < cfg.total_steps
@@ -355,7 +355,7 @@ def tokenize_preference_pairs(
     ``["pairs_identical_after_truncation_dropped"]``; over-long prompts follow ``on_long_prompt``.
     Returns (pairs, stats, number of records read).
     """
-    from engine.data import read_jsonl
+    from tritonrlhf.engine.data import read_jsonl
 
     records = read_jsonl(path, [], text=[])
     lines = nonblank_line_numbers(path)
@@ -401,7 +401,7 @@ def preference_texts(rec: dict[str, Any], tokenizer: Any, where: str) -> tuple[s
     Chat prompts are rendered with the generation prompt; a chat response is the text the template
     adds for it after that (``chat`` is True then).
     """
-    from engine.data import check_messages
+    from tritonrlhf.engine.data import check_messages
 
     for col in ("chosen", "rejected"):
         if col not in rec:

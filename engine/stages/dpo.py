@@ -8,8 +8,8 @@ Loss, with ``h = [logπ(y_w) - logπ_ref(y_w)] - [logπ(y_l) - logπ_ref(y_l)]``
   sequence log-ratio is divided by its response length, so ``h`` is a per-token
   average; DPO always uses sequence sums unless ``length_normalize`` is set.
 
-Sequence log-probs are sums of response-token log-probs from ``engine.rl.actor.PolicyLogprobs``
-(``kernels.linear_logprobs``: no ``[tokens, vocab]`` logits), for policy and reference alike.
+Sequence log-probs are sums of response-token log-probs from ``tritonrlhf.engine.rl.actor.PolicyLogprobs``
+(``tritonrlhf.kernels.linear_logprobs``: no ``[tokens, vocab]`` logits), for policy and reference alike.
 The reference is a frozen copy of the starting weights; its log-probs are computed once
 per micro-batch under ``no_grad``, before the policy's forward.
 
@@ -17,7 +17,7 @@ Implicit rewards are ``beta * (logπ - logπ_ref)`` (the same log-ratios the los
 ``rewards/accuracy`` is the fraction of pairs whose chosen reward is strictly higher.
 
 Checkpoints, ``resume`` and SIGTERM work as in the SFT and RM stages
-(``engine.stages.common.StageCheckpoints``): a checkpoint holds the policy's engine state and
+(``tritonrlhf.engine.stages.common.StageCheckpoints``): a checkpoint holds the policy's engine state and
 the loop's; the reference needs none, it is rebuilt from the config like the policy's start.
 
 Data: the RM stage's preference JSONL ``{"prompt", "chosen", "rejected"}`` and its
@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from engine import distributed as D
-from engine.config import (
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import (
     ConfigError,
     ModelConfig,
     OptimConfig,
@@ -47,8 +47,8 @@ from engine.config import (
     check_choice,
     load_config,
 )
-from engine.data import DataError, PromptSampler
-from engine.stages.common import (
+from tritonrlhf.engine.data import DataError, PromptSampler
+from tritonrlhf.engine.stages.common import (
     EncodeStats,
     LoopState,
     TokenizedPair,
@@ -60,12 +60,12 @@ from engine.stages.common import (
     tokenize_preference_pairs,
     validate_stage,
 )
-from engine.stages.rm import RMDataConfig
+from tritonrlhf.engine.stages.rm import RMDataConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from engine.rl.experience import Experience
+    from tritonrlhf.engine.rl.experience import Experience
 
 
 # --------------------------------------------------------------------------- config
@@ -178,7 +178,7 @@ def pack_rows(
 
     sequences [N, P+R]: left-padded prompt then right-padded response; P, R the longest.
     """
-    from engine.rl.experience import Experience
+    from tritonrlhf.engine.rl.experience import Experience
 
     P = max(len(p) for p in prompts)
     R = max(max(len(r) for r in responses), 1)
@@ -262,13 +262,13 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
 
     Returns the summary (also in ``<output_dir>/summary.json``); per-step metrics go to
     ``metrics.jsonl``. Full-state checkpoints, ``resume`` and SIGTERM work as in
-    ``engine.stages.sft.run_sft``.
+    ``tritonrlhf.engine.stages.sft.run_sft``.
     """
-    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
-    from engine.models import resolve_dtype
-    from engine.rl.actor import PolicyLogprobs, TrainEngine
-    from engine.rl.scoring import ReferenceModel
-    from engine.stages.sft import load_sft_model
+    from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from tritonrlhf.engine.models import resolve_dtype
+    from tritonrlhf.engine.rl.actor import PolicyLogprobs, TrainEngine
+    from tritonrlhf.engine.rl.scoring import ReferenceModel
+    from tritonrlhf.engine.stages.sft import load_sft_model
 
     logger, ckpt = setup_resumable_stage(cfg, "dpo")
     t_start = time.time()

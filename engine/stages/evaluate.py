@@ -3,7 +3,7 @@
 For the policy (``models.policy``), with one sample per prompt at ``rollout.temperature``:
 
 * ``rm_reward`` / ``gold_reward``: mean reward-model score and mean gold score (``models.gold``,
-  a ``module:function`` such as ``engine.demo.task:gold_reward``) of its samples;
+  a ``module:function`` such as ``tritonrlhf.engine.demo.task:gold_reward``) of its samples;
 * ``win_rate_rm`` / ``win_rate_gold`` against ``models.baseline`` (the SFT policy): the
   baseline answers the same prompts; a win counts 1, a tie 1/2 (``win_rate``);
 * ``kl``: mean sequence KL to ``models.reference`` (default: the baseline), estimated on the
@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from engine import distributed as D
-from engine.config import ConfigError, RolloutConfig, StageConfig, load_config, save_config
-from engine.stages.sampling import PolicySampler, same_path
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import ConfigError, RolloutConfig, StageConfig, load_config, save_config
+from tritonrlhf.engine.stages.sampling import PolicySampler, same_path
 
 
 # --------------------------------------------------------------------------- config
@@ -55,7 +55,7 @@ class EvalModelsConfig:
     baseline: str = "runs/sft"  # win rates against this policy; empty: none
     reference: str = ""  # KL reference; empty: the baseline
     reward_model: str = ""  # sequence-classification RM; empty: no RM metrics
-    gold: str = ""  # reward callable module:function, e.g. engine.demo.task:gold_reward
+    gold: str = ""  # reward callable module:function, e.g. tritonrlhf.engine.demo.task:gold_reward
     tokenizer: str = ""  # empty: the policy's (or baseline's / RM's) own
 
 
@@ -175,7 +175,7 @@ def rm_gold_agreement(
 # --------------------------------------------------------------------------- helpers
 @torch.no_grad()
 def _logprobs(lm: Any, batch: Any, temperature: float) -> torch.Tensor:
-    from engine.rl.scoring import ReferenceModel
+    from tritonrlhf.engine.rl.scoring import ReferenceModel
 
     return ReferenceModel(lm).logprobs(batch, temperature)
 
@@ -215,9 +215,14 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    from engine.config import DataConfig
-    from engine.data import PromptDataset
-    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
+    from tritonrlhf.engine.config import DataConfig
+    from tritonrlhf.engine.data import PromptDataset
+    from tritonrlhf.engine.models import (
+        check_tokenizer_matches,
+        load_causal_lm,
+        load_tokenizer,
+        require_checkpoint_kind,
+    )
 
     t0 = time.time()
     m, d = cfg.models, cfg.data
@@ -285,7 +290,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
             result["policies"] = per_policy
 
     if rm is not None and d.pairs:
-        from engine.stages.dpo import collate_pairs, load_preference_pairs
+        from tritonrlhf.engine.stages.dpo import collate_pairs, load_preference_pairs
 
         # The pairs are tokenized as the rm stage does, with the tokenizer the RM reads.
         rm_tok = rm.text_route.tokenizer if rm.text_route is not None else tokenizer
@@ -302,9 +307,9 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
 
 def _load_rm(path: str, tokenizer: Any) -> Any:
     """The RM scorer; it reads the eval tokenizer's ids, or re-tokenized text when its own differs."""
-    from engine.models import load_reward_model
-    from engine.rl.reward_route import resolve_reward_route
-    from engine.rl.scoring import RewardScorer
+    from tritonrlhf.engine.models import load_reward_model
+    from tritonrlhf.engine.rl.reward_route import resolve_reward_route
+    from tritonrlhf.engine.rl.scoring import RewardScorer
 
     role = "models.reward_model"
     route = resolve_reward_route("auto", tokenizer, path, role=role, key="the reward model's tokenizer")
@@ -314,8 +319,8 @@ def _load_rm(path: str, tokenizer: Any) -> Any:
 
 
 def _load_gold(spec: str) -> Any:
-    from engine.rl.scoring import RewardScorer
-    from engine.tasks import load_callable
+    from tritonrlhf.engine.rl.scoring import RewardScorer
+    from tritonrlhf.engine.tasks import load_callable
 
     return RewardScorer.from_function(load_callable(spec))
 

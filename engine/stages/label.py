@@ -1,6 +1,6 @@
 """AI feedback (RLAIF): a judge model labels preference pairs under written principles.
 
-``python -m engine.cli label --config configs/label_demo.yaml``. For each candidate pair
+``python -m tritonrlhf.engine.cli label --config configs/label_demo.yaml``. For each candidate pair
 (``data.pairs``: JSONL with ``prompt`` and ``response_a``/``response_b``, or ``chosen``/``rejected``
 to relabel existing data) the judge (any HF causal LM, ``judge.path``, served by vLLM or HF with
 ``judge.backend``) reads a judging prompt rendered from ``template``: the principles of the
@@ -39,8 +39,15 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError, StageConfig, check_choice, check_positive, load_config, save_config
-from engine.stages.common import run_on_main
+from tritonrlhf.engine.config import (
+    ConfigError,
+    StageConfig,
+    check_choice,
+    check_positive,
+    load_config,
+    save_config,
+)
+from tritonrlhf.engine.stages.common import run_on_main
 
 DEFAULT_TEMPLATE = (
     "principles:\n{principles}\nrequest: {prompt}\nanswer a: {response_a}\nanswer b: {response_b}\n"
@@ -181,7 +188,7 @@ def judge_max_len(cfg: JudgeConfig, config: Any) -> int:
 
 
 def _read_pairs(path: str, limit: int) -> list[dict[str, Any]]:
-    from engine.data import DataError, read_jsonl
+    from tritonrlhf.engine.data import DataError, read_jsonl
 
     records = read_jsonl(path, ["prompt"])
     out = []
@@ -208,7 +215,7 @@ def _judge_logprobs(
     """[N, 2] log P(choice | judging prompt) of each choice token, from the judge at temperature 1."""
     if cfg.judge.backend == "vllm":
         return _vllm_logprobs(cfg, prompts, ids, max_len)
-    from engine.models import load_causal_lm
+    from tritonrlhf.engine.models import load_causal_lm
 
     model = load_causal_lm(cfg.judge.path, torch.float32, "sdpa", role="judge.path").eval()
     rows = []
@@ -230,8 +237,8 @@ def _vllm_logprobs(cfg: LabelConfig, prompts: list[list[int]], ids: list[int], m
     """Prompt log-probs of ``prompt + [choice]`` for both choices: log_softmax(logits) at T = 1."""
     from vllm import SamplingParams
 
-    from engine.config import RolloutConfig
-    from engine.rl.rollout import VLLMRollout
+    from tritonrlhf.engine.config import RolloutConfig
+    from tritonrlhf.engine.rl.rollout import VLLMRollout
 
     judge = VLLMRollout(cfg.judge.path, RolloutConfig(), cfg.seed, max_len, "float32")
     try:
@@ -251,8 +258,8 @@ def run_label(cfg: LabelConfig) -> dict[str, Any]:
 
 
 def _label(cfg: LabelConfig) -> dict[str, Any]:
-    from engine.models import check_tokenizer_matches, load_tokenizer, require_checkpoint_kind
-    from engine.stages.common import encode_prompt
+    from tritonrlhf.engine.models import check_tokenizer_matches, load_tokenizer, require_checkpoint_kind
+    from tritonrlhf.engine.stages.common import encode_prompt
 
     t0 = time.time()
     judge_config = require_checkpoint_kind(cfg.judge.path, "judge.path", "causal_lm")

@@ -1,15 +1,15 @@
 """The red-team stage: attack strategies on harmful prompts, constraint checkers on the answers.
 
-``python -m engine.cli redteam --config configs/redteam_demo.yaml``, read top to bottom in
+``python -m tritonrlhf.engine.cli redteam --config configs/redteam_demo.yaml``, read top to bottom in
 ``run_redteam``:
 
-1. **attack**: every strategy of ``attacks`` (a YAML file, ``engine.stages.attacks``; empty:
+1. **attack**: every strategy of ``attacks`` (a YAML file, ``tritonrlhf.engine.stages.attacks``; empty:
    ``DEFAULT_ATTACKS``) rewrites every prompt of ``data.prompts`` (JSONL with ``prompt``). An
    attacked prompt longer than ``data.max_prompt_len`` tokens is an error before any model loads;
 2. **generate**: each policy of ``models.policies`` (name -> causal-LM checkpoint) answers all
    attacked prompts in one batch, one sample each at ``rollout.temperature`` and ``seed``, from one
-   rollout engine whose weights are swapped between policies (``engine.stages.sampling``);
-3. **check**: every checker of ``checkers`` (name -> ``engine.stages.checkers.CheckerConfig``:
+   rollout engine whose weights are swapped between policies (``tritonrlhf.engine.stages.sampling``);
+3. **check**: every checker of ``checkers`` (name -> ``tritonrlhf.engine.stages.checkers.CheckerConfig``:
    regex, callable, or reward/classifier model with a threshold) judges every answer; an
    answer violates the constraints when any checker flags it.
 
@@ -38,9 +38,16 @@ from typing import Any
 
 import torch
 
-from engine.config import ConfigError, RolloutConfig, StageConfig, check_positive, load_config, save_config
-from engine.stages.checkers import CheckerConfig
-from engine.stages.common import run_on_main
+from tritonrlhf.engine.config import (
+    ConfigError,
+    RolloutConfig,
+    StageConfig,
+    check_positive,
+    load_config,
+    save_config,
+)
+from tritonrlhf.engine.stages.checkers import CheckerConfig
+from tritonrlhf.engine.stages.common import run_on_main
 
 
 # --------------------------------------------------------------------------- config
@@ -135,12 +142,17 @@ def run_redteam(cfg: RedteamConfig) -> dict[str, Any]:
 
 
 def _redteam(cfg: RedteamConfig) -> dict[str, Any]:
-    from engine.data import read_jsonl
-    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
-    from engine.stages.attacks import DEFAULT_ATTACKS, apply_attacks, load_attacks, parse_attacks
-    from engine.stages.checkers import build_checkers
-    from engine.stages.common import encode_prompt
-    from engine.stages.sampling import PolicySampler
+    from tritonrlhf.engine.data import read_jsonl
+    from tritonrlhf.engine.models import (
+        check_tokenizer_matches,
+        load_causal_lm,
+        load_tokenizer,
+        require_checkpoint_kind,
+    )
+    from tritonrlhf.engine.stages.attacks import DEFAULT_ATTACKS, apply_attacks, load_attacks, parse_attacks
+    from tritonrlhf.engine.stages.checkers import build_checkers
+    from tritonrlhf.engine.stages.common import encode_prompt
+    from tritonrlhf.engine.stages.sampling import PolicySampler
 
     t0 = time.time()
     m, d = cfg.models, cfg.data

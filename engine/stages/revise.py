@@ -1,6 +1,6 @@
 """Constitutional AI's supervised stage: critique and revise a policy's answers, keep the revisions as SFT data.
 
-``python -m engine.cli revise --config configs/revise_demo.yaml``, read top to bottom in ``_revise``:
+``python -m tritonrlhf.engine.cli revise --config configs/revise_demo.yaml``, read top to bottom in ``_revise``:
 
 1. **answer**: the policy (``policy``) answers each prompt of ``data.prompts`` once (``rollout``);
 2. **critique**: for each answer the judge (``judge.path``, any HF causal LM) writes a critique
@@ -11,7 +11,7 @@
    and revised again, each round under a newly sampled principle.
 
 Output in ``output_dir``: ``revisions.jsonl``, SFT data (``{"prompt", "response"}``, the last
-revision) that ``engine.cli sft data.train=...`` reads as is, and ``revise_log.jsonl`` with every
+revision) that ``tritonrlhf.engine.cli sft data.train=...`` reads as is, and ``revise_log.jsonl`` with every
 round's principle, critique and revision. A revision that is empty or was cut at
 ``revision.max_new_tokens`` is left out of the SFT data and counted (``revise.json``): a cut
 revision is not an answer the judge finished.
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from engine.config import (
+from tritonrlhf.engine.config import (
     ConfigError,
     RolloutConfig,
     StageConfig,
@@ -39,8 +39,8 @@ from engine.config import (
     load_config,
     save_config,
 )
-from engine.stages.common import run_on_main
-from engine.stages.label import JudgeConfig, judge_max_len
+from tritonrlhf.engine.stages.common import run_on_main
+from tritonrlhf.engine.stages.label import JudgeConfig, judge_max_len
 
 CRITIQUE_TEMPLATE = "principle: {principle}\nrequest: {prompt}\nanswer: {response}\ncritique:"
 REVISION_TEMPLATE = (
@@ -112,7 +112,7 @@ def _generate(
     engine: Any, rcfg: RolloutConfig, tok: Any, texts: list[str], seed: int
 ) -> tuple[list[str], list[str]]:
     """(decoded responses, finish reasons) of ``engine`` under ``rcfg``, one sample per prompt text."""
-    from engine.stages.common import encode_prompt
+    from tritonrlhf.engine.stages.common import encode_prompt
 
     engine.cfg = rcfg  # critique and revision share one judge engine with their own settings
     samples = [g[0] for g in engine.generate([encode_prompt(tok, t) for t in texts], n=1, seed=seed)]
@@ -126,12 +126,17 @@ def run_revise(cfg: ReviseConfig) -> dict[str, Any]:
 
 
 def _revise(cfg: ReviseConfig) -> dict[str, Any]:
-    from engine.data import read_jsonl
-    from engine.models import check_tokenizer_matches, load_causal_lm, load_tokenizer, require_checkpoint_kind
-    from engine.rl.engines import open_rollout
-    from engine.stages.common import encode_prompt
-    from engine.stages.label import load_constitution
-    from engine.stages.sampling import PolicySampler
+    from tritonrlhf.engine.data import read_jsonl
+    from tritonrlhf.engine.models import (
+        check_tokenizer_matches,
+        load_causal_lm,
+        load_tokenizer,
+        require_checkpoint_kind,
+    )
+    from tritonrlhf.engine.rl.engines import open_rollout
+    from tritonrlhf.engine.stages.common import encode_prompt
+    from tritonrlhf.engine.stages.label import load_constitution
+    from tritonrlhf.engine.stages.sampling import PolicySampler
 
     t0 = time.time()
     principles = load_constitution(cfg.constitution)

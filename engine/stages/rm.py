@@ -5,7 +5,7 @@ the SFT backbone plus a fresh ``score`` head, re-initialised here as
 N(0, std) (default std = 1 / (H + 1), as the critic's value head) so rewards start
 near zero whatever transformers' default init does. A sequence
 ``<bos> prompt response <eos>`` (the layout every stage uses) is scored at its
-last real token, from the attention mask, exactly as ``engine.rl.scoring`` scores
+last real token, from the attention mask, exactly as ``tritonrlhf.engine.rl.scoring`` scores
 PPO rollouts.
 
 Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, with ``margin``
@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import distributed as D
-from engine.config import (
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import (
     ConfigError,
     ModelConfig,
     OptimConfig,
@@ -39,9 +39,9 @@ from engine.config import (
     check_choice,
     load_config,
 )
-from engine.data import DataError, PromptSampler
-from engine.models import require_checkpoint_kind
-from engine.stages.common import (
+from tritonrlhf.engine.data import DataError, PromptSampler
+from tritonrlhf.engine.models import require_checkpoint_kind
+from tritonrlhf.engine.stages.common import (
     EncodeStats,
     LoopState,
     eval_due,
@@ -180,14 +180,14 @@ class RewardScores(nn.Module):
 
     def __init__(self, model: PreTrainedModel) -> None:
         super().__init__()
-        from engine.rl.critic import reward_head_of
+        from tritonrlhf.engine.rl.critic import reward_head_of
 
         reward_head_of(model)  # checks the head is a Linear(H, 1)
         self.model = model
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        from engine.rl.actor import base_model_of, position_ids_from_mask
-        from engine.rl.critic import reward_head_of
+        from tritonrlhf.engine.rl.actor import base_model_of, position_ids_from_mask
+        from tritonrlhf.engine.rl.critic import reward_head_of
 
         out = base_model_of(self.model)(
             input_ids=input_ids,
@@ -238,13 +238,13 @@ def load_rm_model(cfg: RMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
     """The SFT checkpoint as a one-label sequence classifier with a re-initialised score head."""
     from transformers import AutoModelForSequenceClassification
 
-    from engine.models import (
+    from tritonrlhf.engine.models import (
         check_tokenizer_matches,
         load_tokenizer,
         resolve_attn_implementation,
         resolve_dtype,
     )
-    from engine.rl.critic import reward_head_of
+    from tritonrlhf.engine.rl.critic import reward_head_of
 
     path = cfg.model.path
     require_checkpoint_kind(path, "model.path", "causal_lm")
@@ -320,11 +320,11 @@ def evaluate(engine: Any, batches: Sequence[RMBatch]) -> dict[str, float]:
 def run_rm(cfg: RMConfig) -> dict[str, Any]:
     """Train, evaluate and save the reward model; returns the final metrics (also in ``summary.json``).
 
-    Full-state checkpoints, ``resume`` and SIGTERM work as in ``engine.stages.sft.run_sft``.
+    Full-state checkpoints, ``resume`` and SIGTERM work as in ``tritonrlhf.engine.stages.sft.run_sft``.
     """
-    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
-    from engine.models import resolve_dtype
-    from engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from tritonrlhf.engine.models import resolve_dtype
+    from tritonrlhf.engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "rm")
     t_start = time.time()

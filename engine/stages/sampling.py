@@ -54,13 +54,13 @@ class PolicySampler:
         if self.rollout is not None and self._loaded and same_path(self._loaded, path):
             return
         if self.rcfg.backend != "vllm":
-            from engine.rl.hf_rollout import HFRollout
+            from tritonrlhf.engine.rl.hf_rollout import HFRollout
 
             if self.rollout is None:
                 self.rollout = HFRollout(model, self.tok, self.rcfg)
             self.rollout.model = model
         elif self.rollout is None or self._engine_arch != arch_of(model.config):
-            from engine.rl.rollout import VLLMRollout
+            from tritonrlhf.engine.rl.rollout import VLLMRollout
 
             self.close()
             max_len = self.max_prompt_len + self.rcfg.max_new_tokens + 1
@@ -76,7 +76,7 @@ class PolicySampler:
         self, path: str, model: Any, prompt_ids: list[list[int]], seed: int
     ) -> tuple[list[Any], Any, list[str]]:
         """(samples, packed batch, decoded responses): one sample per prompt at ``seed``."""
-        from engine.stages.dpo import pack_rows
+        from tritonrlhf.engine.stages.dpo import pack_rows
 
         self.point_at(path, model)
         samples = [g[0] for g in self.rollout.generate(prompt_ids, n=1, seed=seed)]

@@ -11,7 +11,7 @@ position ids (no attention across examples).
 ``run_sft(cfg)`` trains ``total_steps`` optimizer steps and saves an HF
 checkpoint plus tokenizer into ``cfg.output_dir`` (with ``config.yaml`` and
 ``metrics.jsonl``). Every ``save_every`` steps it writes a full-state checkpoint
-under ``<output_dir>/checkpoints/`` (``engine.stages.common.StageCheckpoints``) that
+under ``<output_dir>/checkpoints/`` (``tritonrlhf.engine.stages.common.StageCheckpoints``) that
 ``resume=auto`` continues from exactly. With an empty ``model.path`` it trains the
 tiny model of ``model.tiny`` from scratch with the offline toy tokenizer.
 """
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from engine import distributed as D
-from engine.config import (
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import (
     ConfigError,
     ModelConfig,
     OptimConfig,
@@ -37,8 +37,8 @@ from engine.config import (
     check_choice,
     load_config,
 )
-from engine.data import DataError, PromptSampler, check_messages, read_jsonl
-from engine.stages.common import (
+from tritonrlhf.engine.data import DataError, PromptSampler, check_messages, read_jsonl
+from tritonrlhf.engine.stages.common import (
     EncodeStats,
     LoopState,
     encode_prompt,
@@ -287,7 +287,7 @@ def load_sft_examples(
 # --------------------------------------------------------------------------- model
 def load_sft_model(cfg: SFTConfig) -> tuple[Any, PreTrainedTokenizerBase]:
     """(causal LM in train mode, tokenizer): a tiny model from ``model.tiny`` or the ``model.path`` checkpoint."""
-    from engine.models import (
+    from tritonrlhf.engine.models import (
         build_tiny_model,
         build_tokenizer,
         check_tokenizer_matches,
@@ -339,9 +339,9 @@ def run_sft(cfg: SFTConfig) -> dict[str, Any]:
     With ``save_every`` it writes full-state checkpoints (``StageCheckpoints``) and ``resume``
     continues from one. SIGTERM/SIGINT finish the step, save, and return ``{"stopped": True, ...}``.
     """
-    from engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
-    from engine.models import resolve_dtype
-    from engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
+    from tritonrlhf.engine.models import resolve_dtype
+    from tritonrlhf.engine.rl.actor import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "sft")
     t_start = time.time()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import gae_reference
+from tritonrlhf.kernels import gae_reference
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -21,7 +21,9 @@ import numpy as np
 import pytest
 import torch
 
-from engine.checkpoint import (
+from tests.engine._scripts.ckpt_common import build_engine, build_torch_engine, param_digest, train_step
+from tests.engine._scripts.launch import run_two_rank_script
+from tritonrlhf.engine.checkpoint import (
     CheckpointManager,
     GracefulShutdown,
     capture_rng_state,
@@ -29,11 +31,9 @@ from engine.checkpoint import (
     hf_exporter,
     restore_rng_state,
 )
-from engine.config import ConfigError, TinyModelConfig
-from engine.data import PromptSampler
-from engine.models import build_tiny_model
-from tests.engine._scripts.ckpt_common import build_engine, build_torch_engine, param_digest, train_step
-from tests.engine._scripts.launch import run_two_rank_script
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig
+from tritonrlhf.engine.data import PromptSampler
+from tritonrlhf.engine.models import build_tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "tests/engine/_scripts"

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, PPOConfig, load_config, save_config, to_dict
+from tritonrlhf.engine.config import ConfigError, PPOConfig, load_config, save_config, to_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 TINY = CONFIGS / "ppo_tiny.yaml"
@@ -22,7 +22,7 @@ def test_ppo_tiny_loads_and_validates():
     cfg = _load()
     cfg.validate(world_size=1)
     assert cfg.model.path == "" and cfg.data.prompts == "toy"
-    assert cfg.reward.kind == "function" and cfg.reward.function == "engine.tasks:toy_reward"
+    assert cfg.reward.kind == "function" and cfg.reward.function == "tritonrlhf.engine.tasks:toy_reward"
     assert cfg.rollout.backend == "vllm" and cfg.actor.zero_stage == 2
     assert cfg.model.tiny.hidden_size // cfg.model.tiny.num_heads >= 32  # vLLM CPU attention
     cfg.validate(world_size=2)  # also fits a 2-rank DeepSpeed run
@@ -154,8 +154,8 @@ def test_save_config_round_trip(tmp_path, path):
 
 def test_section_override_keeps_parent_defaults():
     """Overriding one key of a section keeps the defaults the parent gave that section."""
-    from engine.config import PPOConfig, load_config
-    from engine.stages.rm import RMConfig
+    from tritonrlhf.engine.config import PPOConfig, load_config
+    from tritonrlhf.engine.stages.rm import RMConfig
 
     rm = load_config(RMConfig, None, ["optim.warmup_steps=3", "model.dtype=fp32"])
     assert rm.optim.lr == RMConfig().optim.lr != 1e-5  # RMConfig's own lr, not OptimConfig's
@@ -184,7 +184,7 @@ def test_placement_and_async_keys() -> None:
 
 
 def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> None:
-    from engine.rl.placement import setup_split
+    from tritonrlhf.engine.rl.placement import setup_split
 
     for var in ("RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
@@ -197,7 +197,7 @@ def test_split_needs_a_launch_with_a_trainer_and_a_rollout_rank(monkeypatch) -> 
 
 
 def test_mapping_fields_take_dotted_entries_and_check_their_values() -> None:
-    from engine.stages.evaluate import EvalConfig
+    from tritonrlhf.engine.stages.evaluate import EvalConfig
 
     cfg = load_config(
         EvalConfig, None, ["models.policies.ppo=/runs/ppo", 'models.policies={"sft": "/runs/sft"}']

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, DataConfig
-from engine.data import DataError, PromptDataset, PromptSampler, read_jsonl
-from engine.models import build_tokenizer
-from engine.tasks import TOY_TARGETS, load_callable, toy_prompts, toy_reward
+from tritonrlhf.engine.config import ConfigError, DataConfig
+from tritonrlhf.engine.data import DataError, PromptDataset, PromptSampler, read_jsonl
+from tritonrlhf.engine.models import build_tokenizer
+from tritonrlhf.engine.tasks import TOY_TARGETS, load_callable, toy_prompts, toy_reward
 
 
 @pytest.fixture(scope="module")
@@ -250,15 +250,15 @@ def test_toy_reward_bounded_and_random_baseline_low(tok):
 
 
 def test_load_callable(tmp_path):
-    assert load_callable("engine.tasks:toy_reward") is toy_reward
-    with pytest.raises(ConfigError, match="cannot import module 'engine.nope'"):
-        load_callable("engine.nope:fn")
+    assert load_callable("tritonrlhf.engine.tasks:toy_reward") is toy_reward
+    with pytest.raises(ConfigError, match="cannot import module 'tritonrlhf.engine.nope'"):
+        load_callable("tritonrlhf.engine.nope:fn")
     with pytest.raises(ConfigError, match="has no 'toy_rewrd'.*toy_reward"):
-        load_callable("engine.tasks:toy_rewrd")
+        load_callable("tritonrlhf.engine.tasks:toy_rewrd")
     with pytest.raises(ConfigError, match="is not callable"):
-        load_callable("engine.tasks:TOY_TARGETS")
+        load_callable("tritonrlhf.engine.tasks:TOY_TARGETS")
     with pytest.raises(ConfigError, match="must look like 'module:function'"):
-        load_callable("engine.tasks.toy_reward")
+        load_callable("tritonrlhf.engine.tasks.toy_reward")
     script = tmp_path / "my_reward.py"
     script.write_text("def score(prompts, responses):\n    return [1.0] * len(responses)\n")
     assert load_callable(f"{script}:score")(["p"], ["r"]) == [1.0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from engine.metrics import drop_rows_after
+from tritonrlhf.engine.metrics import drop_rows_after
 
 
 def test_drop_rows_after_keeps_up_to_the_step_and_drops_a_torn_line(tmp_path) -> None:

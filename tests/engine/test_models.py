@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, ModelConfig, TinyModelConfig
-from engine.models import (
+from tritonrlhf.engine.config import ConfigError, ModelConfig, TinyModelConfig
+from tritonrlhf.engine.models import (
     build_tiny_model,
     build_tiny_reward_model,
     build_tokenizer,
@@ -202,8 +202,8 @@ def test_tiny_config_rejects_what_cannot_run(tok, overrides, match):
 
 
 def test_stage_configs_check_the_tiny_model_before_any_work(tmp_path):
-    from engine.config import PPOConfig, load_config
-    from engine.stages.sft import SFTConfig
+    from tritonrlhf.engine.config import PPOConfig, load_config
+    from tritonrlhf.engine.stages.sft import SFTConfig
 
     bad = ["model.tiny.family=qwen2", "model.tiny.num_heads=4"]  # head size 16
     for cls in (PPOConfig, SFTConfig):

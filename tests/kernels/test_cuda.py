@@ -19,7 +19,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kernels import (
+from tests.conftest import assert_close_fp64, check_launched
+from tests.kernels.test_linear_logprobs import fp64_linear_logprobs
+from tests.kernels.test_logprobs import fp64_logprobs
+from tests.kernels.test_ppo_loss import REDUCTIONS, _policy64, _value64
+from tritonrlhf.kernels import (
     gae,
     kl_penalty,
     linear_logprobs,
@@ -29,17 +33,13 @@ from kernels import (
     ppo_policy_loss,
     ppo_value_loss,
 )
-from kernels._dispatch import LAUNCHES
-from kernels.logprobs import BWD_KERNEL as BWD
-from kernels.logprobs import FWD_KERNEL as FWD
-from tests.conftest import assert_close_fp64, check_launched
-from tests.kernels.test_linear_logprobs import fp64_linear_logprobs
-from tests.kernels.test_logprobs import fp64_logprobs
-from tests.kernels.test_ppo_loss import REDUCTIONS, _policy64, _value64
+from tritonrlhf.kernels._dispatch import LAUNCHES
+from tritonrlhf.kernels.logprobs import BWD_KERNEL as BWD
+from tritonrlhf.kernels.logprobs import FWD_KERNEL as FWD
 
 pytestmark = pytest.mark.cuda
 # The package re-exports the function under the module's own name, so fetch the module explicitly.
-linear_module = importlib.import_module("kernels.linear_logprobs")
+linear_module = importlib.import_module("tritonrlhf.kernels.linear_logprobs")
 
 
 def _sampled_rows(n: int, k: int = 48) -> torch.Tensor:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import gae, gae_reference
-from kernels._dispatch import LAUNCHES
 from tests.conftest import DTYPES, assert_close_fp64, check_launched
+from tritonrlhf.kernels import gae, gae_reference
+from tritonrlhf.kernels._dispatch import LAUNCHES
 
 
 def _gae64(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):

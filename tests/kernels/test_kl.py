@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import kl_penalty
-from kernels._dispatch import LAUNCHES
 from tests.conftest import DTYPES, TOLERANCES, assert_close_fp64, check_launched
+from tritonrlhf.kernels import kl_penalty
+from tritonrlhf.kernels._dispatch import LAUNCHES
 
 SHAPES = [(37,), (3, 41), (2, 3, 17)]
 

@@ -11,12 +11,17 @@ import importlib
 import pytest
 import torch
 
-import kernels.logprobs as logprobs_module
-from kernels import _dispatch, linear_logprobs, linear_logprobs_reference, logprobs_from_logits_reference
+import tritonrlhf.kernels.logprobs as logprobs_module
 from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
+from tritonrlhf.kernels import (
+    _dispatch,
+    linear_logprobs,
+    linear_logprobs_reference,
+    logprobs_from_logits_reference,
+)
 
 # The package re-exports the function under the module's own name, so fetch the module explicitly.
-linear_module = importlib.import_module("kernels.linear_logprobs")
+linear_module = importlib.import_module("tritonrlhf.kernels.linear_logprobs")
 
 FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
 

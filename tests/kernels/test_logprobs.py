@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kernels.logprobs as logprobs_module
-from kernels import _dispatch, logprobs_from_logits, logprobs_from_logits_reference
+import tritonrlhf.kernels.logprobs as logprobs_module
 from tests.conftest import DTYPES, assert_close_fp64, check_launched, triton_runs
+from tritonrlhf.kernels import _dispatch, logprobs_from_logits, logprobs_from_logits_reference
 
 FWD, BWD = logprobs_module.FWD_KERNEL, logprobs_module.BWD_KERNEL
 

@@ -5,15 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import (
+from tests.conftest import DTYPES, assert_close_fp64, check_launched
+from tritonrlhf.kernels import (
     KLLossTerm,
     ppo_policy_loss,
     ppo_policy_loss_reference,
     ppo_value_loss,
     ppo_value_loss_reference,
 )
-from kernels._dispatch import LAUNCHES
-from tests.conftest import DTYPES, assert_close_fp64, check_launched
+from tritonrlhf.kernels._dispatch import LAUNCHES
 
 SHAPES = [(29,), (4, 23), (2, 3, 19)]
 REDUCTIONS = ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum"]
@@ -323,7 +323,7 @@ def test_policy_loss_with_kl_term_matches_fp64(kind, reduction, shape, dtype) ->
 
 def test_kl_term_equals_the_unfused_pair_and_zero_coef_changes_nothing() -> None:
     """loss(kl) == loss + coef * masked_mean(kl_penalty) for token_mean; coef 0 gives the plain loss."""
-    from kernels import kl_penalty
+    from tritonrlhf.kernels import kl_penalty
 
     g = torch.Generator().manual_seed(1)
     logp, old, ref = (-2 * torch.rand(3, 17, generator=g) for _ in range(3))

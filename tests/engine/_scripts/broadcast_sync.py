@@ -14,8 +14,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from engine.rl.placement import setup_split  # noqa: E402
-from engine.rl.weight_sync import BroadcastWeightSync, receive_weights  # noqa: E402
+from tritonrlhf.engine.rl.placement import setup_split  # noqa: E402
+from tritonrlhf.engine.rl.weight_sync import BroadcastWeightSync, receive_weights  # noqa: E402
 
 
 class Recorder:

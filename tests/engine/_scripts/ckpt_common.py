@@ -13,9 +13,9 @@ import hashlib
 
 import torch
 
-from engine import distributed as D
-from engine.config import TinyModelConfig
-from engine.models import build_tiny_model, build_tokenizer
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import TinyModelConfig
+from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
 
 BATCH, SEQ = 2, 12
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 
-from engine.checkpoint import GracefulShutdown
+from tritonrlhf.engine.checkpoint import GracefulShutdown
 
 step_seconds = float(sys.argv[1])
 with GracefulShutdown() as stop:

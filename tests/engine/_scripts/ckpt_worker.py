@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 
-from engine.checkpoint import CheckpointManager, GracefulShutdown, hf_exporter
 from tests.engine._scripts.ckpt_common import (
     build_engine,
     build_torch_engine,
@@ -28,6 +27,7 @@ from tests.engine._scripts.ckpt_common import (
     torch_train_step,
     train_step,
 )
+from tritonrlhf.engine.checkpoint import CheckpointManager, GracefulShutdown, hf_exporter
 
 
 def main() -> None:

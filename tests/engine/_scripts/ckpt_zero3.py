@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from engine import distributed as D
-from engine.checkpoint import CheckpointManager, engines_fingerprint, hf_exporter
-from engine.config import ConfigError, TinyModelConfig
-from engine.models import build_tiny_model
 from tests.engine._scripts.ckpt_common import build_engine, param_digest, train_step
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.checkpoint import CheckpointManager, engines_fingerprint, hf_exporter
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig
+from tritonrlhf.engine.models import build_tiny_model
 
 
 def main() -> None:

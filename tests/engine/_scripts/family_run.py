@@ -2,7 +2,7 @@
 
 Run: ``python tests/engine/_scripts/family_run.py ROOT NAME=family=qwen2,tie_word_embeddings=true ...``
 (each ``NAME=`` is one family run into ``ROOT/NAME``, its comma-separated ``model.tiny`` overrides after it).
-Each stage goes through the real ``engine.cli.main`` with the demo task's data (written small into
+Each stage goes through the real ``tritonrlhf.engine.cli.main`` with the demo task's data (written small into
 ``ROOT/data``): SFT builds the tiny model of the given family from scratch, RM and DPO start from
 the SFT checkpoint, PPO runs ``configs/ppo_tiny.yaml`` from it with the RM as reward (vLLM in-process,
 DeepSpeed ZeRO-2, weights pushed into vLLM after every step), and eval samples the PPO and DPO
@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO))
 
-from engine import cli  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
 
 PPO_STEPS = 4  # 3 weight swaps checked: the gaps of steps 2-4 are measured on swapped weights
 
@@ -70,7 +70,7 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
                 f"models.baseline={sft}",
                 f"models.reference={sft}",
                 f"models.reward_model={rm}",
-                "models.gold=engine.demo.task:gold_reward",
+                "models.gold=tritonrlhf.engine.demo.task:gold_reward",
                 f"data.prompts={data / 'eval_prompts.jsonl'}",
                 "data.num_prompts=4",
             ],
@@ -81,7 +81,7 @@ def stages(root: Path, tiny: list[str]) -> list[tuple[str, list[str]]]:
 def run_family(root: Path, tiny: list[str]) -> int:
     """Every stage into ``root``; ``root/times.json`` gets each stage's seconds. Returns the first
     non-zero exit status (the later stages are then skipped), or 0."""
-    from engine.demo.task import write_demo_data
+    from tritonrlhf.engine.demo.task import write_demo_data
 
     write_demo_data(root / "data", seed=0, n_sft=64, n_pairs=48, n_prompts=16)
     times: dict[str, float] = {}

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from engine import distributed as D
-from engine.config import TinyModelConfig
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
-from engine.rl.experience import Experience
-from engine.rl.scoring import ReferenceModel, RewardScorer
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import TinyModelConfig
+from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.rl.experience import Experience
+from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer
 
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from engine.distributed import DIST_ENV_VARS
+from tritonrlhf.engine.distributed import DIST_ENV_VARS
 
 REPO = Path(__file__).resolve().parents[3]
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"

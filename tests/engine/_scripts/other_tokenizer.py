@@ -53,9 +53,9 @@ def build_other_tokenizer(chat_template: bool = True) -> Any:
 
 
 def save_tiny_reward_model(out: Path, tokenizer: Any, seed: int = 3, max_positions: int = 256) -> Path:
-    """A tiny random reward model (``engine.models.build_tiny_reward_model``) and ``tokenizer`` in ``out``."""
-    from engine.config import TinyModelConfig
-    from engine.models import build_tiny_reward_model
+    """A tiny random reward model (``tritonrlhf.engine.models.build_tiny_reward_model``) and ``tokenizer`` in ``out``."""
+    from tritonrlhf.engine.config import TinyModelConfig
+    from tritonrlhf.engine.models import build_tiny_reward_model
 
     cfg = TinyModelConfig(max_position_embeddings=max_positions)
     build_tiny_reward_model(tokenizer, cfg, seed).save_pretrained(out)

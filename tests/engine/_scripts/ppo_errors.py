@@ -1,8 +1,8 @@
-"""Run several ``engine.cli ppo`` command lines that must fail, in one process, and report each.
+"""Run several ``tritonrlhf.engine.cli ppo`` command lines that must fail, in one process, and report each.
 
 Run: ``python tests/engine/_scripts/ppo_errors.py CASES.json RESULT.json`` where CASES.json maps a
 case name to its argv (``["ppo", "--config", F, "k=v", ...]``). For each case, in order, this calls
-``engine.cli.main`` -- the function ``python -m engine.cli`` exits with -- and records its return
+``tritonrlhf.engine.cli.main`` -- the function ``python -m tritonrlhf.engine.cli`` exits with -- and records its return
 code, what it printed on stderr, how long it took, and whether vLLM had been imported by then (it
 is imported only to build the rollout engine, so an error raised before that is an error raised
 before any rollout). One process serves every case: torch.distributed and the heavy imports are
@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from engine import cli  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
 
 
 def main(cases_file: str, result_file: str) -> None:

@@ -1,8 +1,8 @@
-"""``python -m engine.cli ppo`` with every actor update non-finite: the PPO policy loss is NaN.
+"""``python -m tritonrlhf.engine.cli ppo`` with every actor update non-finite: the PPO policy loss is NaN.
 
 Run: ``tests/engine/_scripts/ppo_poisoned.py ppo --config F k=v ...``. The arguments go to
-``engine.cli.main`` unchanged, so the run takes the real CLI path (config loading, ``run_ppo``,
-exit status). The only change: ``kernels.ppo_policy_loss``, which ``engine.rl.actor`` looks up at
+``tritonrlhf.engine.cli.main`` unchanged, so the run takes the real CLI path (config loading, ``run_ppo``,
+exit status). The only change: ``kernels.ppo_policy_loss``, which ``tritonrlhf.engine.rl.actor`` looks up at
 call time, returns its loss times NaN, so the actor's non-finite guard skips every update while
 the critic trains normally. Used by ``tests/engine/rl/test_ppo_inputs.py``.
 """
@@ -14,8 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import kernels  # noqa: E402
-from engine import cli  # noqa: E402
+from tritonrlhf import kernels  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
 
 _real_policy_loss = kernels.ppo_policy_loss
 

@@ -1,7 +1,7 @@
-"""``python -m engine.cli ppo`` on one rank, recording what the reward model scored and the critic's first values.
+"""``python -m tritonrlhf.engine.cli ppo`` on one rank, recording what the reward model scored and the critic's first values.
 
 Run: ``[deepspeed --num_gpus 2] tests/engine/_scripts/ppo_rm_text.py RECORD.json ppo --config F k=v ...``. Everything
-after RECORD.json goes to ``engine.cli.main`` unchanged (the real CLI path). The trainer is wrapped to
+after RECORD.json goes to ``tritonrlhf.engine.cli.main`` unchanged (the real CLI path). The trainer is wrapped to
 record (a) every call of the reward scorer: the texts, finish reasons, scores and validity it returned
 (what the run trained on; under ``placement.scoring=rollout`` the scores the rollout ranks sent), and (b) on the first step, the critic's value at each sample's last real
 token right after ``make_experience`` next to the normalised scores, and whether it was calibrated.
@@ -18,8 +18,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import engine.rl.trainer as trainer_mod  # noqa: E402
-from engine import cli  # noqa: E402
+import tritonrlhf.engine.rl.trainer as trainer_mod  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
 
 
 class RecordingTrainer(trainer_mod.PPOTrainer):

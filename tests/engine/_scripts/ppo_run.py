@@ -1,7 +1,7 @@
-"""``python -m engine.cli ppo`` with parameter fingerprints of the actor and critic around ``fit``.
+"""``python -m tritonrlhf.engine.cli ppo`` with parameter fingerprints of the actor and critic around ``fit``.
 
 Run: ``[deepspeed --num_gpus 2] tests/engine/_scripts/ppo_run.py --fingerprints DIR ppo --config F k=v ...``.
-Everything after ``--fingerprints DIR`` goes to ``engine.cli.main`` unchanged, so the run takes the
+Everything after ``--fingerprints DIR`` goes to ``tritonrlhf.engine.cli.main`` unchanged, so the run takes the
 real CLI path (config loading, ``run_ppo``, exit status). The only addition: ``PPOTrainer.fit`` is
 wrapped to copy every actor and critic parameter (gathered under ZeRO-3, a collective) before the
 first step and compare after the last. Each rank writes ``DIR/rank{r}.json``; the tests assert.
@@ -19,9 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-import engine.rl.trainer as trainer_mod  # noqa: E402
-from engine import cli  # noqa: E402
-from engine import distributed as dist  # noqa: E402
+import tritonrlhf.engine.rl.trainer as trainer_mod  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
+from tritonrlhf.engine import distributed as dist  # noqa: E402
 
 
 def _snapshot(module: torch.nn.Module, zero3: bool) -> dict[str, torch.Tensor]:

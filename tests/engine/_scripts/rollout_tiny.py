@@ -2,7 +2,7 @@
 
 ``save_tiny_llama(path)`` writes ``config.json``, ``model.safetensors`` and a tokenizer
 that vLLM and transformers can both load. Head size is 32 (vLLM's CPU attention needs >= 32).
-Kept local to the rollout/sync tests on purpose: they must not depend on ``engine.models``.
+Kept local to the rollout/sync tests on purpose: they must not depend on ``tritonrlhf.engine.models``.
 """
 
 from __future__ import annotations

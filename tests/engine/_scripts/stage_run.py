@@ -1,7 +1,7 @@
-"""``python -m engine.cli`` with a pause inside one optimizer step, for the kill and signal tests.
+"""``python -m tritonrlhf.engine.cli`` with a pause inside one optimizer step, for the kill and signal tests.
 
 Run: ``python tests/engine/_scripts/stage_run.py [--pause-at N --marker PATH --pause-s S] STAGE k=v ...``.
-Everything from STAGE on goes to ``engine.cli.main`` unchanged, so the run takes the real CLI path.
+Everything from STAGE on goes to ``tritonrlhf.engine.cli.main`` unchanged, so the run takes the real CLI path.
 With ``--pause-at N``, the N-th update of a ``TrainEngine`` touches ``PATH`` right after the update
 -- before the step is logged or checkpointed -- then sleeps ``S`` seconds. SFT, RM and DPO have
 one engine (DPO's frozen reference is none) and restore its counters on resume, so N is the run's
@@ -21,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from engine import cli  # noqa: E402
-from engine.rl.actor import TrainEngine  # noqa: E402
+from tritonrlhf.engine import cli  # noqa: E402
+from tritonrlhf.engine.rl.actor import TrainEngine  # noqa: E402
 
 
 def pause_in_step(step: int, marker: Path, seconds: float) -> None:

@@ -36,9 +36,9 @@ def main() -> None:
 
     from rollout_tiny import build_tiny_llama, build_tokenizer
 
-    from engine.config import RolloutConfig
-    from engine.rl.rollout import VLLMRollout, processed_logprobs
-    from engine.rl.weight_sync import ColocatedWeightSync
+    from tritonrlhf.engine.config import RolloutConfig
+    from tritonrlhf.engine.rl.rollout import VLLMRollout, processed_logprobs
+    from tritonrlhf.engine.rl.weight_sync import ColocatedWeightSync
 
     with tempfile.TemporaryDirectory() as d:
         model = build_tiny_llama(0, **SIZES[args.size])

@@ -21,9 +21,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
-from engine.config import RolloutConfig  # noqa: E402
-from engine.rl.rollout import VLLMRollout, processed_logprobs  # noqa: E402
-from engine.rl.weight_sync import ColocatedWeightSync  # noqa: E402
+from tritonrlhf.engine.config import RolloutConfig  # noqa: E402
+from tritonrlhf.engine.rl.rollout import VLLMRollout, processed_logprobs  # noqa: E402
+from tritonrlhf.engine.rl.weight_sync import ColocatedWeightSync  # noqa: E402
 
 PROMPT = [72, 101, 108, 108, 111, 44, 32]
 RESPONSE = [119, 111, 114, 108, 100, 33, 10, 65, 66, 67, 256, 5]

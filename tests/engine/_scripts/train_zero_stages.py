@@ -19,11 +19,11 @@ import deepspeed
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine import distributed as D
-from engine.config import OptimConfig, PPOAlgoConfig
-from engine.rl.actor import ActorWorker
-from engine.rl.critic import CriticWorker, ValueModel
-from engine.rl.experience import Experience
+from tritonrlhf.engine import distributed as D
+from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig
+from tritonrlhf.engine.rl.actor import ActorWorker
+from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
+from tritonrlhf.engine.rl.experience import Experience
 
 VOCAB, P, R = 96, 5, 6
 

@@ -2,7 +2,7 @@
 
 Run: ``python tests/engine/_scripts/vllm_load.py RESULT.json DIR [DIR ...]``. For each directory,
 in order and in this one process, build an in-process ``vllm.LLM(model=DIR)`` (CPU settings as
-``engine.rl.rollout.VLLMRollout``), greedy-decode a few tokens for a few demo prompts, shut the engine
+``tritonrlhf.engine.rl.rollout.VLLMRollout``), greedy-decode a few tokens for a few demo prompts, shut the engine
 down, and greedy-decode the same prompts with ``AutoModelForCausalLM.from_pretrained(DIR)``.
 Writes ``{DIR: {"vllm": [[ids]...], "hf": [[ids]...], "seconds": s}}``. Used by
 ``tests/engine/demo/test_pipeline.py``.

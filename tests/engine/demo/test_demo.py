@@ -1,6 +1,6 @@
 """The README's main job at its full size: the demo must show what RLHF is for.
 
-``engine.demo.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, 6.3-6.9 minutes on
+``tritonrlhf.engine.demo.pipeline`` at ``--size demo`` (what ``scripts/demo.sh`` runs, 6.3-6.9 minutes on
 2 quiet cores; the shared run adds ``--rlaif``, about 4 more): the RM recovers most of what is
 learnable on its held-out pairs, and the PPO policy's hidden gold score beats the SFT policy's, by
 dropping the chatty filler the demonstrations taught without losing the digits, and by refusing
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_demo_size_pipeline_meets_the_success_criteria(demo_run):
-    from engine.demo.report import success_checks
+    from tritonrlhf.engine.demo.report import success_checks
 
     run, summary = demo_run
     assert summary == json.loads((run / "summary.json").read_text())

@@ -25,9 +25,9 @@ STEPS = 2
 
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
-    from engine.config import TinyModelConfig
-    from engine.demo.kl_sweep import run_sweep
-    from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+    from tritonrlhf.engine.config import TinyModelConfig
+    from tritonrlhf.engine.demo.kl_sweep import run_sweep
+    from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
     run = tmp_path_factory.mktemp("sweep")
     tok = build_tokenizer()

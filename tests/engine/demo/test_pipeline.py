@@ -19,9 +19,9 @@ import pytest
 import torch
 import yaml
 
-from engine.demo.pipeline import ATTACKS
-from engine.demo.report import label_table, method_table, success_checks
-from engine.demo.task import gold_score, is_harmful, is_refusal
+from tritonrlhf.engine.demo.pipeline import ATTACKS
+from tritonrlhf.engine.demo.report import label_table, method_table, success_checks
+from tritonrlhf.engine.demo.task import gold_score, is_harmful, is_refusal
 
 pytestmark = pytest.mark.slow
 
@@ -66,7 +66,7 @@ def test_policy_checkpoints_generate_in_vllm(run_dir, bon_dir, tmp_path):
     and config the stage saved. One subprocess, one in-process engine per checkpoint in turn.
     """
     pytest.importorskip("vllm")
-    from engine.demo.pipeline import _stage_env
+    from tritonrlhf.engine.demo.pipeline import _stage_env
 
     dirs = [str(run_dir / p) for p in POLICIES]
     result = tmp_path / "vllm_load.json"

@@ -1,14 +1,14 @@
-"""The demo's teacher-judge data (``engine.demo.rlaif``): labelled by gold, rendered as the label stage renders."""
+"""The demo's teacher-judge data (``tritonrlhf.engine.demo.rlaif``): labelled by gold, rendered as the label stage renders."""
 
 from __future__ import annotations
 
 import pytest
 
-from engine.demo import rlaif
-from engine.demo.pipeline import CONSTITUTION, JUDGE_LEN
-from engine.demo.task import gold_score
-from engine.models import build_tokenizer
-from engine.stages.label import DEFAULT_TEMPLATE, LabelConfig, load_constitution, pick_principles
+from tritonrlhf.engine.demo import rlaif
+from tritonrlhf.engine.demo.pipeline import CONSTITUTION, JUDGE_LEN
+from tritonrlhf.engine.demo.task import gold_score
+from tritonrlhf.engine.models import build_tokenizer
+from tritonrlhf.engine.stages.label import DEFAULT_TEMPLATE, LabelConfig, load_constitution, pick_principles
 
 
 def test_judge_data_names_the_gold_better_answer_in_the_label_stages_layout() -> None:

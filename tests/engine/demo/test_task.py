@@ -8,8 +8,8 @@ import random
 
 import pytest
 
-from engine.data import read_jsonl
-from engine.demo import task as dt
+from tritonrlhf.engine.data import read_jsonl
+from tritonrlhf.engine.demo import task as dt
 
 
 def test_targets_and_gold_score() -> None:

@@ -13,12 +13,12 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from engine.config import OptimConfig, PPOAlgoConfig
-from engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
-from engine.rl.critic import CriticWorker, ValueModel
-from engine.rl.experience import Experience, truncated_is_weights
-from engine.rl.scoring import ReferenceModel, RewardScorer
 from tests.engine._scripts.launch import run_two_rank_script
+from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig
+from tritonrlhf.engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
+from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
+from tritonrlhf.engine.rl.experience import Experience, truncated_is_weights
+from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer
 
 ROOT = Path(__file__).resolve().parents[3]
 VOCAB, P, R = 96, 5, 6

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from engine.rl.advantages import (
+from tritonrlhf.engine.rl.advantages import (
     group_ids_for,
     group_stats,
     informative_groups,
@@ -130,8 +130,8 @@ def test_groups_split_across_two_ranks_use_the_whole_group(tmp_path) -> None:
 
 # --------------------------------------------------------------------------- dynamic sampling
 def test_group_filter_keeps_informative_groups_and_pads_when_short() -> None:
-    from engine.rl.dynamic_sampling import GroupFilter
-    from engine.rl.rollout import Sample
+    from tritonrlhf.engine.rl.dynamic_sampling import GroupFilter
+    from tritonrlhf.engine.rl.rollout import Sample
 
     def group(*scores, valid=True):
         return [Sample([1], [5], [-1.0], "stop", 0, score=s, score_valid=valid) for s in scores]

@@ -19,9 +19,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from engine.config import ConfigError, OptimConfig, PPOConfig, load_config
-from engine.models import resolve_dtype
-from engine.rl.actor import TrainEngine
+from tritonrlhf.engine.config import ConfigError, OptimConfig, PPOConfig, load_config
+from tritonrlhf.engine.models import resolve_dtype
+from tritonrlhf.engine.rl.actor import TrainEngine
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import PPORun, launch, require  # noqa: E402
@@ -73,7 +73,7 @@ def test_bf16_keeps_fp32_master_weights_and_every_zero_stage_takes_the_same_step
 
 
 def test_fp16_is_refused_on_cpu_before_any_work() -> None:
-    from engine.stages.sft import SFTConfig
+    from tritonrlhf.engine.stages.sft import SFTConfig
 
     assert resolve_dtype("bf16", "cpu") == torch.bfloat16
     with pytest.raises(ConfigError, match="model.dtype=fp16: DeepSpeed cannot train in fp16 on cpu"):
@@ -92,10 +92,10 @@ def test_fp16_is_refused_on_cpu_before_any_work() -> None:
 @pytest.mark.slow  # 30 steps of bf16 GEMMs: about a minute on a loaded 2-core VM
 def test_sft_in_bf16_trains_from_fp32_masters(tmp_path, monkeypatch) -> None:
     """The offline stages pass model.dtype to TrainEngine (SFT here; RM, DPO and best-of-n alike)."""
-    import engine.rl.actor as actor_mod
-    from engine.demo.task import make_sft_data, write_jsonl
-    from engine.stages.sft import run_sft
+    import tritonrlhf.engine.rl.actor as actor_mod
     from tests.engine.stages.test_sft import _tiny_cfg
+    from tritonrlhf.engine.demo.task import make_sft_data, write_jsonl
+    from tritonrlhf.engine.stages.sft import run_sft
 
     seen = []
 

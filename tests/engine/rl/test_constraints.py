@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, PPOConfig, RolloutConfig, load_config
-from engine.rl.constraints import BannedText, kept_logmass
-from engine.rl.hf_rollout import HFRollout
-from engine.rl.rollout import processed_logprobs
 from tests.engine.rl import test_rollout
 from tests.engine.rl.test_rollout import PROMPT, T
+from tritonrlhf.engine.config import ConfigError, PPOConfig, RolloutConfig, load_config
+from tritonrlhf.engine.rl.constraints import BannedText, kept_logmass
+from tritonrlhf.engine.rl.hf_rollout import HFRollout
+from tritonrlhf.engine.rl.rollout import processed_logprobs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from rollout_tiny import build_tokenizer  # noqa: E402
@@ -138,7 +138,7 @@ def test_config_takes_bans_in_every_stage():
     )
     cfg.validate()
     assert cfg.rollout.banned_strings == ["foo", "b r"] and cfg.rollout.banned_patterns == [r"\d+"]
-    from engine.stages.revise import ReviseConfig
+    from tritonrlhf.engine.stages.revise import ReviseConfig
 
     with pytest.raises(ConfigError, match=r"critique.banned_patterns\[0\]"):
         load_config(ReviseConfig, None, ["critique.banned_patterns=['[']"]).critique.validate("critique")
@@ -207,7 +207,7 @@ def test_vllm_engine_without_the_ban_processor_refuses_bans():
     """An engine opened without bans registers no logits processor (none runs at each decode
     step); a request that bans text is then refused, not sampled unconstrained."""
     pytest.importorskip("vllm")
-    from engine.rl.rollout import VLLMRollout
+    from tritonrlhf.engine.rl.rollout import VLLMRollout
 
     engine = object.__new__(VLLMRollout)  # the guard only: no engine needed
     engine._bans_on, engine._requests = False, 0
@@ -237,7 +237,7 @@ def test_grpo_run_never_samples_banned_text(tmp_path):
     stays at the weight-sync level (measured 2e-7), and the ban's cost is reported."""
     from ppo_launch import REPO, launch, require
 
-    from engine.models import build_tokenizer as toy_tokenizer
+    from tritonrlhf.engine.models import build_tokenizer as toy_tokenizer
 
     require("vllm", "deepspeed")
     strings, patterns = ["e", "7", "x."], [r"[0-3]", r"q.?z"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.rl.experience import (
+from tritonrlhf.engine.rl.experience import (
     AdaptiveKLController,
     Experience,
     FixedKLController,
@@ -172,7 +172,7 @@ def test_experience_split_cat_select_round_trip() -> None:
 
 
 def test_truncated_is_weights_against_float64() -> None:
-    from engine.rl.experience import truncated_is_weights
+    from tritonrlhf.engine.rl.experience import truncated_is_weights
 
     g = torch.Generator().manual_seed(3)
     old = -torch.rand(4, 9, generator=g, dtype=torch.float64) * 3
@@ -186,7 +186,7 @@ def test_truncated_is_weights_against_float64() -> None:
     assert stats["is/mean"] == pytest.approx(float(raw[mask].mean()), rel=1e-5)
     assert stats["is/truncated_frac"] == pytest.approx(float((raw[mask] > 1.5).double().mean()))
     # w >= 0, so scaling the advantages by w scales the clipped surrogate per token by w.
-    import kernels
+    from tritonrlhf import kernels
 
     adv = torch.randn(4, 9, generator=g)
     logp = old.float() + 0.3 * torch.randn(4, 9, generator=g)
@@ -250,8 +250,8 @@ def test_kl_mean_averages_over_training_rows_only() -> None:
     ``kl/mean``, which also feeds the adaptive KL controller."""
     from types import SimpleNamespace
 
-    from engine.rl.experience import sequence_kl
-    from engine.rl.experience_maker import ExperienceMixin
+    from tritonrlhf.engine.rl.experience import sequence_kl
+    from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
 
     g = torch.Generator().manual_seed(0)
     B, P, R = 5, 3, 6

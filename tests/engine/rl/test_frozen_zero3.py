@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, PPOConfig, load_config
 from tests.engine._scripts.launch import run_two_rank_script
+from tritonrlhf.engine.config import ConfigError, PPOConfig, load_config
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "_scripts"
 

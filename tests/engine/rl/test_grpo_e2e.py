@@ -192,7 +192,7 @@ def test_one_update_per_step_takes_old_logprobs_from_the_update(tmp_path) -> Non
 
 
 def test_split_with_the_hf_backend_samples_from_the_synced_policy(tmp_path) -> None:
-    """``rollout.backend=hf`` on a rollout rank (``engine.rl.rollout_server.build_engine``): 1 trainer +
+    """``rollout.backend=hf`` on a rollout rank (``tritonrlhf.engine.rl.rollout_server.build_engine``): 1 trainer +
     1 rank generating with transformers, synchronous. Every step's samples come from the weights the
     trainer pushed after the previous update: their log-probs equal the trainer's within fp32 noise
     (a missed or misnamed sync leaves the gap at the size of an update's change, >> 1e-3: checked by

@@ -26,12 +26,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-from engine.config import ConfigError, OptimConfig, PPOAlgoConfig, PPOConfig
-from engine.rl.actor import ActorWorker, PolicyLogprobs, position_ids_from_mask
-from engine.rl.critic import CriticWorker, ValueModel
-from engine.rl.experience import Experience
-from engine.rl.packing import Batching, check_packable, pack, token_budget_groups
-from engine.rl.scoring import ReferenceModel, RewardScorer
+from tritonrlhf.engine.config import ConfigError, OptimConfig, PPOAlgoConfig, PPOConfig
+from tritonrlhf.engine.rl.actor import ActorWorker, PolicyLogprobs, position_ids_from_mask
+from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
+from tritonrlhf.engine.rl.experience import Experience
+from tritonrlhf.engine.rl.packing import Batching, check_packable, pack, token_budget_groups
+from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer
 
 VOCAB, P, R = 96, 7, 9
 PROMPT_LENS = [7, 3, 5, 1, 6, 2]

@@ -9,7 +9,7 @@ Two runs, each shared by several tests (module-scoped fixtures):
   with a tiny KL target -- both ranks run and end with the same weights, the gathered ZeRO-3 sync reaches each rank's engine, the
   coefficient rises once KL is positive.
 
-Both go through ``_scripts/ppo_run.py``: the real ``engine.cli`` plus fingerprints of every actor
+Both go through ``_scripts/ppo_run.py``: the real ``tritonrlhf.engine.cli`` plus fingerprints of every actor
 and critic parameter before the first step and after the last.
 """
 

@@ -1,8 +1,8 @@
-"""Bad input to ``engine.cli ppo``: fatal problems fail before any rollout, with exit status 2 and
+"""Bad input to ``tritonrlhf.engine.cli ppo``: fatal problems fail before any rollout, with exit status 2 and
 one clear line on stderr; tolerable ones (long prompts, non-finite rewards) are counted, logged
 and skipped.
 
-Fast tests call ``engine.cli.main`` in this process for the errors the CLI catches from the config
+Fast tests call ``tritonrlhf.engine.cli.main`` in this process for the errors the CLI catches from the config
 alone (no torch.distributed, about a second). The errors found while building the roles (the
 vocabulary check, the reward import, the output directory) share one subprocess
 (``_scripts/ppo_errors.py``). One short real run (slow) covers long prompts and NaN rewards;
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from engine import cli
-from engine.tasks import toy_prompts, toy_reward
+from tritonrlhf.engine import cli
+from tritonrlhf.engine.tasks import toy_prompts, toy_reward
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REPO, SCRIPTS, TINY_CONFIG, PPORun, launch, require  # noqa: E402
@@ -42,11 +42,18 @@ def _one_error_line(err: str) -> str:
 
 # --------------------------------------------------------------------------- config-only errors (fast)
 def test_missing_model_path_exits_2_before_any_work(tmp_path):
-    """The real ``python -m engine.cli`` process: status 2, the key and path named, nothing written."""
+    """The real ``python -m tritonrlhf.engine.cli`` process: status 2, the key and path named, nothing written."""
     out = tmp_path / "out"
     missing = tmp_path / "no_such_model"
     proc = subprocess.run(
-        [sys.executable, "-m", "engine.cli", *CONFIG, f"model.path={missing}", f"output_dir={out}"],
+        [
+            sys.executable,
+            "-m",
+            "tritonrlhf.engine.cli",
+            *CONFIG,
+            f"model.path={missing}",
+            f"output_dir={out}",
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -83,9 +90,9 @@ def test_batch_not_divisible_by_micro_batch_times_world(capsys, monkeypatch):
 
 
 def test_long_prompts_truncated_or_dropped_and_counted(tmp_path):
-    from engine.config import DataConfig
-    from engine.data import PromptDataset
-    from engine.models import build_tokenizer
+    from tritonrlhf.engine.config import DataConfig
+    from tritonrlhf.engine.data import PromptDataset
+    from tritonrlhf.engine.models import build_tokenizer
 
     tok = build_tokenizer()
     prompts = ["say a:", "1 " * 40 + "say b:", "2 say c:", "3 " * 30 + "say d:"]
@@ -105,7 +112,7 @@ def _tiny_model_small_vocab(path: Path) -> Path:
     """The toy tokenizer (64 tokens) saved beside a Llama whose embedding has only 32 rows."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from engine.models import build_tokenizer
+    from tritonrlhf.engine.models import build_tokenizer
 
     tok = build_tokenizer()
     cfg = LlamaConfig(
@@ -128,8 +135,8 @@ def _tiny_model_small_vocab(path: Path) -> Path:
 
 def _tiny_checkpoint(path: Path, kind: str) -> Path:
     """A tiny random causal LM (``kind="lm"``) or one-label reward model (``"rm"``) with the toy tokenizer."""
-    from engine.config import TinyModelConfig
-    from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+    from tritonrlhf.engine.config import TinyModelConfig
+    from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
     tok = build_tokenizer()
     build = build_tiny_model if kind == "lm" else build_tiny_reward_model
@@ -140,7 +147,7 @@ def _tiny_checkpoint(path: Path, kind: str) -> Path:
 
 @pytest.fixture(scope="module")
 def role_errors(tmp_path_factory) -> dict:
-    """Each case through ``engine.cli.main`` in one subprocess; name -> {rc, stderr, seconds, vllm_imported}."""
+    """Each case through ``tritonrlhf.engine.cli.main`` in one subprocess; name -> {rc, stderr, seconds, vllm_imported}."""
     require("deepspeed")
     tmp = tmp_path_factory.mktemp("ppo_inputs")
     blocker = tmp / "a_file"
@@ -342,8 +349,8 @@ def test_ppo_stops_after_consecutive_non_finite_updates(tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from engine.checkpoint import CheckpointManager
     from tests.engine._scripts.launch import run
+    from tritonrlhf.engine.checkpoint import CheckpointManager
 
     out = tmp_path / "run"
     cmd = [

@@ -1,6 +1,6 @@
 """PPO checkpoint/resume through the CLI: a run SIGKILLed mid-step and resumed equals the uninterrupted run.
 
-Runs of ``python -m engine.cli ppo`` on the tiny config (1 rank, real vLLM and DeepSpeed on CPU):
+Runs of ``python -m tritonrlhf.engine.cli ppo`` on the tiny config (1 rank, real vLLM and DeepSpeed on CPU):
 
 * A: 6 steps, uninterrupted.
 * B1: 6 steps, checkpointing every step, SIGKILLed -- its whole process group -- during step 4:
@@ -46,8 +46,8 @@ VLLM_IN_PROCESS = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 
 
 def _cli(out_dir: Path, *overrides: str, pause_at: int = 0) -> list[str]:
-    """``python -m engine.cli ppo`` on the small tiny config; through ``stage_run.py`` to pause in a step."""
-    head = [sys.executable, "-m", "engine.cli"]
+    """``python -m tritonrlhf.engine.cli ppo`` on the small tiny config; through ``stage_run.py`` to pause in a step."""
+    head = [sys.executable, "-m", "tritonrlhf.engine.cli"]
     if pause_at:
         head = [
             sys.executable,

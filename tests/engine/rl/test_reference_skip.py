@@ -14,8 +14,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from engine.config import ConfigError, PPOConfig, load_config
-from engine.rl.experience import Experience, compute_rewards
+from tritonrlhf.engine.config import ConfigError, PPOConfig, load_config
+from tritonrlhf.engine.rl.experience import Experience, compute_rewards
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 GRPO = CONFIGS / "grpo_tiny.yaml"
@@ -38,7 +38,7 @@ def _load(*overrides: str, path: Path = GRPO) -> PPOConfig:
     ],
 )
 def test_reference_is_needed_when_the_kl_acts_or_is_asked_for(overrides, needs) -> None:
-    from engine.rl.actor import PolicyLossSpec
+    from tritonrlhf.engine.rl.actor import PolicyLossSpec
 
     cfg = _load(*overrides)
     cfg.validate()
@@ -83,7 +83,7 @@ def test_compute_rewards_without_a_reference_is_the_zero_kl_reward() -> None:
 
 
 def test_logprob_stats_without_a_reference_have_no_kl_keys() -> None:
-    from engine.rl.experience_maker import ExperienceMixin
+    from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
 
     g = torch.Generator().manual_seed(0)
     B, P, R = 3, 2, 4
@@ -102,9 +102,9 @@ def test_logprob_stats_without_a_reference_have_no_kl_keys() -> None:
 def test_build_scoring_builds_a_reference_only_when_needed(tmp_path, reference, built) -> None:
     """The trainer ranks and (``placement.scoring=rollout``) the rollout ranks both build through
     ``build_scoring``: at coefficient 0, ``auto`` loads no reference weights on either."""
-    from engine.config import TinyModelConfig
-    from engine.models import build_tiny_model, build_tokenizer
-    from engine.rl.scoring import ReferenceModel, RewardScorer, build_scoring
+    from tritonrlhf.engine.config import TinyModelConfig
+    from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
+    from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer, build_scoring
 
     tok = build_tokenizer()
     build_tiny_model(tok, TinyModelConfig(), seed=0).save_pretrained(tmp_path)

@@ -14,13 +14,25 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, OptimConfig, PPOAlgoConfig, PPOConfig, TinyModelConfig, load_config
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer, load_reward_model
-from engine.rl.critic import CriticWorker, ValueModel, check_critic_init
-from engine.rl.experience import Experience
-from engine.rl.reward_route import TextRoute, resolve_reward_route, tokenizer_differences
-from engine.rl.scoring import RewardScorer
 from tests.engine._scripts.other_tokenizer import build_other_tokenizer, save_tiny_reward_model
+from tritonrlhf.engine.config import (
+    ConfigError,
+    OptimConfig,
+    PPOAlgoConfig,
+    PPOConfig,
+    TinyModelConfig,
+    load_config,
+)
+from tritonrlhf.engine.models import (
+    build_tiny_model,
+    build_tiny_reward_model,
+    build_tokenizer,
+    load_reward_model,
+)
+from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel, check_critic_init
+from tritonrlhf.engine.rl.experience import Experience
+from tritonrlhf.engine.rl.reward_route import TextRoute, resolve_reward_route, tokenizer_differences
+from tritonrlhf.engine.rl.scoring import RewardScorer
 
 REPO = Path(__file__).resolve().parents[3]
 PROMPTS = ["say b:", "say q: then stop", "x"]
@@ -193,7 +205,7 @@ def test_calibrated_critic_starts_on_the_normalised_scale(ckpts, stage) -> None:
 def test_ppo_7b_config_passes_every_start_up_check_without_weights(ckpts, tmp_path) -> None:
     """``configs/ppo_7b_8gpu.yaml`` as written, with its placeholder paths pointed at tiny stand-ins
     of the same shape of problem: a policy on one tokenizer, a reward model on another."""
-    from engine.models import prepare_policy
+    from tritonrlhf.engine.models import prepare_policy
 
     pol = tmp_path / "policy"
     toy = build_tokenizer()
@@ -223,7 +235,7 @@ def test_ppo_7b_config_passes_every_start_up_check_without_weights(ckpts, tmp_pa
 
 # --------------------------------------------------------------------------- best-of-n and eval
 def test_best_of_n_reward_takes_the_text_route(ckpts) -> None:
-    from engine.stages.best_of_n import BoNRewardConfig, build_reward
+    from tritonrlhf.engine.stages.best_of_n import BoNRewardConfig, build_reward
 
     toy = build_tokenizer()
     scorer = build_reward(BoNRewardConfig(model_path=str(ckpts["other"])), toy)
@@ -242,7 +254,7 @@ def test_eval_scores_policy_samples_as_text_and_pairs_with_the_rms_tokenizer(ckp
     """Eval of a toy-tokenizer policy with the other-tokenizer RM: the RM rewards are its own scores
     of the samples' texts, and RM accuracy equals that of an RM-only eval (pairs tokenized with the
     RM's own tokenizer either way)."""
-    from engine.stages.evaluate import EvalConfig, run_eval
+    from tritonrlhf.engine.stages.evaluate import EvalConfig, run_eval
 
     pol = tmp_path / "policy"
     toy = build_tokenizer()
@@ -281,8 +293,8 @@ def test_chat_prompts_reach_the_reward_model_as_chats(tmp_path: Path) -> None:
     """A ``{"messages"}`` prompt is rendered by the policy's template for generation; the text route
     renders the conversation itself with the RM's template (not the policy's rendering as a user
     turn), and the rm stage's layout takes the last user turn."""
-    from engine.config import DataConfig
-    from engine.data import PromptDataset
+    from tritonrlhf.engine.config import DataConfig
+    from tritonrlhf.engine.data import PromptDataset
 
     toy = build_tokenizer()
     chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import TinyModelConfig
-from engine.models import build_tiny_model, build_tokenizer, load_reward_model
 from tests.engine._scripts.launch import REPO, run
 from tests.engine._scripts.other_tokenizer import build_other_tokenizer, save_tiny_reward_model
+from tritonrlhf.engine.config import TinyModelConfig
+from tritonrlhf.engine.models import build_tiny_model, build_tokenizer, load_reward_model
 
 pytestmark = pytest.mark.slow
 

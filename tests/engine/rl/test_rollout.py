@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import RolloutConfig
-from engine.rl.hf_rollout import HFRollout
-from engine.rl.rollout import RolloutEngine, Sample, processed_logprobs
+from tritonrlhf.engine.config import RolloutConfig
+from tritonrlhf.engine.rl.hf_rollout import HFRollout
+from tritonrlhf.engine.rl.rollout import RolloutEngine, Sample, processed_logprobs
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from rollout_tiny import build_tokenizer, save_tiny_llama  # noqa: E402
@@ -41,7 +41,7 @@ def hf_model(tiny_dir):
 def vllm_rollout(tiny_dir):
     pytest.importorskip("vllm")
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    from engine.rl.rollout import VLLMRollout
+    from tritonrlhf.engine.rl.rollout import VLLMRollout
 
     threads = torch.get_num_threads()
     r = VLLMRollout(

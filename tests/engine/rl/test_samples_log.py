@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, PPOConfig, RLLoggingConfig, load_config
-from engine.metrics import MetricsLogger, drop_rows_after
-from engine.tasks import toy_reward
+from tritonrlhf.engine.config import ConfigError, PPOConfig, RLLoggingConfig, load_config
+from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
+from tritonrlhf.engine.tasks import toy_reward
 
 ROWS = [
     {
@@ -77,7 +77,7 @@ def test_samples_keys_are_checked(override, match) -> None:
 
 
 def test_offline_stages_do_not_take_the_samples_keys() -> None:
-    from engine.stages.rm import RMConfig
+    from tritonrlhf.engine.stages.rm import RMConfig
 
     with pytest.raises(ConfigError, match="samples_every"):
         load_config(RMConfig, None, ["logging.samples_every=1"])
@@ -92,10 +92,10 @@ def test_sample_rows_decode_the_responses_and_carry_raw_reward_and_kl() -> None:
 
     import torch
 
-    from engine.models import build_tokenizer
-    from engine.rl.experience import Experience, collate_samples
-    from engine.rl.experience_maker import ExperienceMixin
-    from engine.rl.rollout import Sample
+    from tritonrlhf.engine.models import build_tokenizer
+    from tritonrlhf.engine.rl.experience import Experience, collate_samples
+    from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
+    from tritonrlhf.engine.rl.rollout import Sample
 
     tok = build_tokenizer()
     enc = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
@@ -167,7 +167,7 @@ def chat_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_run_writes_every_sample_with_raw_reward_and_decoded_text(chat_run) -> None:
-    from engine.models import build_tokenizer
+    from tritonrlhf.engine.models import build_tokenizer
 
     run, rows, targets = chat_run
     assert [r["step"] for r in rows] == [s for s in range(EVERY, STEPS + 1, EVERY) for _ in range(BATCH)]

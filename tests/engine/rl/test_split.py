@@ -206,7 +206,7 @@ def test_lost_rollout_fails_the_trainer_with_a_clear_error(sig, tmp_path):
     engine and that bound -- not hang; the newest checkpoint verifies and holds the last logged
     step (``save_every=1``: the failed step is neither logged nor saved)."""
     require("vllm", "deepspeed")
-    from engine.checkpoint import CheckpointManager, step_of, verify_checkpoint
+    from tritonrlhf.engine.checkpoint import CheckpointManager, step_of, verify_checkpoint
 
     timeout_s = 15
     out = tmp_path / "run"
@@ -223,7 +223,7 @@ def test_lost_rollout_fails_the_trainer_with_a_clear_error(sig, tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "engine.cli",
+        "tritonrlhf.engine.cli",
         "ppo",
         "--config",
         str(TINY_CONFIG),

@@ -14,11 +14,11 @@ import pytest
 import torch
 from transformers import BloomConfig, BloomForCausalLM
 
-from engine.config import ConfigError, RolloutConfig
-from engine.models import build_tokenizer
-from engine.rl.hf_rollout import HFRollout
-from engine.rl.rollout import processed_logits, processed_logprobs
-from engine.rl.static_decode import StaticDecoder, unsupported
+from tritonrlhf.engine.config import ConfigError, RolloutConfig
+from tritonrlhf.engine.models import build_tokenizer
+from tritonrlhf.engine.rl.hf_rollout import HFRollout
+from tritonrlhf.engine.rl.rollout import processed_logits, processed_logprobs
+from tritonrlhf.engine.rl.static_decode import StaticDecoder, unsupported
 
 from .test_packing import FAMILIES, VOCAB, tiny_lm
 

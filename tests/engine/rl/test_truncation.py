@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine.config import ConfigError, PPOConfig
-from engine.rl.experience import collate_samples, truncation_terms
-from engine.rl.rollout import Sample
-from engine.rl.scoring import RewardScorer
+from tritonrlhf.engine.config import ConfigError, PPOConfig
+from tritonrlhf.engine.rl.experience import collate_samples, truncation_terms
+from tritonrlhf.engine.rl.rollout import Sample
+from tritonrlhf.engine.rl.scoring import RewardScorer
 
 
 class _Tok:
@@ -81,7 +81,7 @@ def test_truncation_options_are_checked(key, value, match) -> None:
 
 
 def test_best_of_n_refuses_the_rl_only_truncation_options() -> None:
-    from engine.stages.best_of_n import BoNConfig
+    from tritonrlhf.engine.stages.best_of_n import BoNConfig
 
     cfg = BoNConfig()
     cfg.reward.missing_eos_penalty = 1.0

@@ -13,10 +13,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import RolloutConfig
-from engine.rl.rollout import processed_logprobs
-from engine.rl.weight_sync import ColocatedWeightSync, hf_name, pack_bucket, plan_buckets, unpack_bucket
 from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tritonrlhf.engine.config import RolloutConfig
+from tritonrlhf.engine.rl.rollout import processed_logprobs
+from tritonrlhf.engine.rl.weight_sync import (
+    ColocatedWeightSync,
+    hf_name,
+    pack_bucket,
+    plan_buckets,
+    unpack_bucket,
+)
 
 SCRIPTS = Path(__file__).parents[1] / "_scripts"
 REPO = Path(__file__).resolve().parents[3]
@@ -109,7 +115,7 @@ def test_in_process_swap_one_rank(tiny_dir, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from transformers import AutoModelForCausalLM
 
-    from engine.rl.rollout import VLLMRollout
+    from tritonrlhf.engine.rl.rollout import VLLMRollout
 
     model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
     original = copy.deepcopy(model.state_dict())

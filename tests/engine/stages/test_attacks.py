@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError
-from engine.stages.attacks import (
+from tritonrlhf.engine.config import ConfigError
+from tritonrlhf.engine.stages.attacks import (
     DEFAULT_ATTACKS,
     apply_attacks,
     case_noise,

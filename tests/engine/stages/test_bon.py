@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.stages.best_of_n import BoNConfig, run_bon, select_best
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.stages.best_of_n import BoNConfig, run_bon, select_best
 
 
 def test_select_best_is_argmax_per_prompt() -> None:
@@ -59,7 +59,7 @@ def test_config_errors(tmp_path: Path) -> None:
 
 def test_bon_refuses_checkpoints_of_the_wrong_kind(tmp_path: Path) -> None:
     """A reward checkpoint as the policy, or a causal LM as the reward, fails before any engine starts."""
-    from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+    from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
 
     tok = build_tokenizer()
     for name, model in (("lm", build_tiny_model), ("rm", build_tiny_reward_model)):
@@ -79,7 +79,7 @@ def _overrides(backend: str, *extra: str) -> list[str]:
     return [
         "model.path=",  # tiny random policy
         "reward.kind=function",
-        "reward.function=engine.tasks:toy_reward",
+        "reward.function=tritonrlhf.engine.tasks:toy_reward",
         "data.prompts=toy",
         "data.num_prompts=32",
         f"rollout.backend={backend}",

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig
-from engine.models import build_tiny_reward_model, build_tokenizer
-from engine.stages.checkers import Checker, CheckerConfig, build_checkers
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig
+from tritonrlhf.engine.models import build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.stages.checkers import Checker, CheckerConfig, build_checkers
 
 
 def test_regex_checker() -> None:

@@ -1,6 +1,6 @@
-"""What the SFT, RM and DPO stages share (``engine.stages.common``): bad input, checkpoints, the skip limit.
+"""What the SFT, RM and DPO stages share (``tritonrlhf.engine.stages.common``): bad input, checkpoints, the skip limit.
 
-Bad input, case by case, through ``engine.cli.main`` in this process (the function ``python -m
+Bad input, case by case, through ``tritonrlhf.engine.cli.main`` in this process (the function ``python -m
 engine.cli`` exits with): status 2, one ``error:`` line naming the problem and where it is, and
 no ``metrics.jsonl`` -- not one step was trained. A ``resume`` checkpoint of another model shape
 is refused the same way. An update that is non-finite every step is skipped, counted, and after
@@ -17,15 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import cli
-from engine.checkpoint import verify_checkpoint
-from engine.config import TinyModelConfig, load_config
-from engine.demo.task import make_preference_data, make_sft_data, write_jsonl
-from engine.models import build_tiny_model, build_tokenizer
-from engine.rl.actor import NonFiniteError
-from engine.stages.dpo import DPOConfig, run_dpo
-from engine.stages.rm import RMConfig, run_rm
-from engine.stages.sft import SFTConfig, run_sft
+from tritonrlhf.engine import cli
+from tritonrlhf.engine.checkpoint import verify_checkpoint
+from tritonrlhf.engine.config import TinyModelConfig, load_config
+from tritonrlhf.engine.demo.task import make_preference_data, make_sft_data, write_jsonl
+from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
+from tritonrlhf.engine.rl.actor import NonFiniteError
+from tritonrlhf.engine.stages.dpo import DPOConfig, run_dpo
+from tritonrlhf.engine.stages.rm import RMConfig, run_rm
+from tritonrlhf.engine.stages.sft import SFTConfig, run_sft
 
 STAGES = {"sft": (SFTConfig, run_sft), "rm": (RMConfig, run_rm), "dpo": (DPOConfig, run_dpo)}  # config, run
 ONE_LAYER = TinyModelConfig(num_layers=1)
@@ -161,9 +161,9 @@ def test_resume_from_another_model_shape_fails_before_training(capsys, tmp_path,
 
 def _poison(monkeypatch, stage: str) -> None:
     """Make every loss NaN: SFT's token NLL sum, RM's Bradley-Terry loss, DPO's per-pair losses."""
-    import engine.stages.dpo as dpo_mod
-    import engine.stages.rm as rm_mod
-    import engine.stages.sft as sft_mod
+    import tritonrlhf.engine.stages.dpo as dpo_mod
+    import tritonrlhf.engine.stages.rm as rm_mod
+    import tritonrlhf.engine.stages.sft as sft_mod
 
     mod, name = {
         "sft": (sft_mod, "sft_loss_sum"),

@@ -10,12 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.data import DataError
-from engine.demo.task import make_preference_data, write_jsonl
-from engine.models import build_tiny_reward_model, build_tokenizer
-from engine.stages.dpo import PAIR_STATS, DPOConfig, collate_pairs, dpo_loss, load_preference_pairs, run_dpo
 from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.data import DataError
+from tritonrlhf.engine.demo.task import make_preference_data, write_jsonl
+from tritonrlhf.engine.models import build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.stages.dpo import (
+    PAIR_STATS,
+    DPOConfig,
+    collate_pairs,
+    dpo_loss,
+    load_preference_pairs,
+    run_dpo,
+)
 
 
 @pytest.fixture(scope="module")

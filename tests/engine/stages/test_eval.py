@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
-from engine.stages.evaluate import (
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.stages.evaluate import (
     EvalConfig,
     pairwise_accuracy,
     rm_gold_agreement,
@@ -103,7 +103,7 @@ def _cfg(ckpts, tmp_path: Path, *extra: str) -> EvalConfig:
             f"models.policy={ckpts['policy']}",
             f"models.baseline={ckpts['sft']}",
             f"models.reward_model={ckpts['rm']}",
-            "models.gold=engine.tasks:toy_reward",
+            "models.gold=tritonrlhf.engine.tasks:toy_reward",
             f"data.prompts={ckpts['prompts']}",
             f"data.pairs={ckpts['pairs']}",
             "rollout.max_new_tokens=6",
@@ -263,18 +263,22 @@ def test_eval_vllm_backend(ckpts, tmp_path: Path) -> None:
 
 
 def test_rm_probe_agreement_matches_its_samples(ckpts, tmp_path: Path) -> None:
-    """``engine.demo.rm_probe``: the reported agreement is the within-prompt pair count over its own samples."""
+    """``tritonrlhf.engine.demo.rm_probe``: the reported agreement is the within-prompt pair count over its own samples."""
     import itertools
     import re
 
     from transformers import AutoModelForSequenceClassification
 
-    from engine.config import ConfigError
-    from engine.demo.rm_probe import main, pair_agreement, probe
-    from engine.tasks import toy_reward
+    from tritonrlhf.engine.config import ConfigError
+    from tritonrlhf.engine.demo.rm_probe import main, pair_agreement, probe
+    from tritonrlhf.engine.tasks import toy_reward
 
     summary, rows = probe(
-        str(ckpts["policy"]), str(ckpts["rm"]), "engine.tasks:toy_reward", str(ckpts["prompts"]), samples=3
+        str(ckpts["policy"]),
+        str(ckpts["rm"]),
+        "tritonrlhf.engine.tasks:toy_reward",
+        str(ckpts["prompts"]),
+        samples=3,
     )
     assert len(rows) == 6 * 3 and summary["prompts"] == 6
     tok = build_tokenizer()
@@ -303,7 +307,7 @@ def test_rm_probe_agreement_matches_its_samples(ckpts, tmp_path: Path) -> None:
         probe(
             str(ckpts["policy"]),
             str(ckpts["rm"]),
-            "engine.tasks:toy_reward",
+            "tritonrlhf.engine.tasks:toy_reward",
             str(ckpts["prompts"]),
             samples=1,
         )
@@ -315,7 +319,7 @@ def test_rm_probe_agreement_matches_its_samples(ckpts, tmp_path: Path) -> None:
                 "--reward-model",
                 str(ckpts["rm"]),
                 "--gold",
-                "engine.tasks:toy_reward",
+                "tritonrlhf.engine.tasks:toy_reward",
                 "--prompts",
                 str(ckpts["prompts"]),
             ]

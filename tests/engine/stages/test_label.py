@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.models import build_tiny_model, build_tokenizer
-from engine.stages.label import (
+from tests.engine._scripts.tiny_judges import fit_continuations
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
+from tritonrlhf.engine.stages.label import (
     LabelConfig,
     choice_ids,
     load_constitution,
@@ -19,7 +20,6 @@ from engine.stages.label import (
     preference,
     run_label,
 )
-from tests.engine._scripts.tiny_judges import fit_continuations
 
 
 def test_preference_averages_both_orders_and_cancels_position_bias() -> None:
@@ -136,7 +136,7 @@ def test_label_gets_the_order_right_in_both_positions(judge, tmp_path: Path) -> 
 
 
 def test_label_writes_what_the_rm_stage_reads(judge, tmp_path: Path) -> None:
-    from engine.stages.common import tokenize_preference_pairs
+    from tritonrlhf.engine.stages.common import tokenize_preference_pairs
 
     run_label(_cfg(judge, tmp_path / "hf", "judge.backend=hf", "data.num_pairs=4"))
     pairs, _, n = tokenize_preference_pairs(tmp_path / "hf" / "preferences.jsonl", build_tokenizer(), 64, 48)

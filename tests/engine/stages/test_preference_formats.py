@@ -1,4 +1,4 @@
-"""Preference data in TRL's forms (``engine.stages.common.tokenize_preference_pairs``, the loader of
+"""Preference data in TRL's forms (``tritonrlhf.engine.stages.common.tokenize_preference_pairs``, the loader of
 the RM, DPO and eval stages): plain strings, conversational, conversational with an implicit prompt;
 their tokens against the chat template's own rendering, and the errors."""
 
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import DataError
-from engine.models import build_tokenizer
-from engine.stages.common import tokenize_preference_pairs
+from tritonrlhf.engine.data import DataError
+from tritonrlhf.engine.models import build_tokenizer
+from tritonrlhf.engine.stages.common import tokenize_preference_pairs
 
 
 @pytest.fixture(scope="module")
@@ -114,9 +114,9 @@ def test_dpo_trains_on_conversational_pairs_as_on_plain_ones(tmp_path) -> None:
     """The demo's preference pairs in the conversational form: DPO (whose loader the RM and eval
     stages share) reads the same tokens as from the equivalent plain form: equal losses at step 2
     (step 1 is log 2 for any data), about 15 s a run."""
-    from engine.config import load_config
-    from engine.demo.task import make_preference_data, write_jsonl
-    from engine.stages.dpo import DPOConfig, run_dpo
+    from tritonrlhf.engine.config import load_config
+    from tritonrlhf.engine.demo.task import make_preference_data, write_jsonl
+    from tritonrlhf.engine.stages.dpo import DPOConfig, run_dpo
 
     plain = make_preference_data(24, seed=0)
     chat = [

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
-from engine.stages.redteam import RedteamConfig, run_redteam, violation_table, worst_rows
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.stages.redteam import RedteamConfig, run_redteam, violation_table, worst_rows
 
 TINY = TinyModelConfig()
 
@@ -152,7 +152,7 @@ def test_redteam_bad_input_fails_before_models_load(setup, tmp_path: Path) -> No
 
 
 def test_shipped_attack_and_redteam_configs_parse() -> None:
-    from engine.stages.attacks import load_attacks
+    from tritonrlhf.engine.stages.attacks import load_attacks
 
     root = Path(__file__).resolve().parents[3] / "configs"
     attacks = load_attacks(root / "attacks_default.yaml")

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.models import build_tiny_model, build_tokenizer
-from engine.stages.revise import ReviseConfig, run_revise
 from tests.engine._scripts.tiny_judges import fit_continuations
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
+from tritonrlhf.engine.stages.revise import ReviseConfig, run_revise
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +72,8 @@ def _cfg(s: dict[str, Path], out: Path, *extra: str) -> ReviseConfig:
 
 @pytest.mark.slow
 def test_revise_writes_sft_data_the_sft_stage_reads(setup, tmp_path: Path) -> None:
-    from engine.stages.common import encode_prompt
-    from engine.stages.sft import SFTDataConfig, load_sft_examples
+    from tritonrlhf.engine.stages.common import encode_prompt
+    from tritonrlhf.engine.stages.sft import SFTDataConfig, load_sft_examples
 
     res = run_revise(_cfg(setup, tmp_path / "rv", "rounds=2"))
     out = tmp_path / "rv"

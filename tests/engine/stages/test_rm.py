@@ -9,16 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import (
+from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
+from tritonrlhf.engine.config import (
     ConfigError,
     ModelConfig,
     TinyModelConfig,
     load_config,
 )
-from engine.data import DataError
-from engine.demo.task import make_preference_data, write_jsonl
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer, load_reward_model
-from engine.stages.rm import (
+from tritonrlhf.engine.data import DataError
+from tritonrlhf.engine.demo.task import make_preference_data, write_jsonl
+from tritonrlhf.engine.models import (
+    build_tiny_model,
+    build_tiny_reward_model,
+    build_tokenizer,
+    load_reward_model,
+)
+from tritonrlhf.engine.stages.rm import (
     RewardScores,
     RMConfig,
     RMDataConfig,
@@ -29,7 +35,6 @@ from engine.stages.rm import (
     rm_collate,
     run_rm,
 )
-from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
 
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
@@ -138,7 +143,7 @@ def _rm_cfg(tmp_path: Path, sft: Path, data: Path, *extra: str) -> RMConfig:
 
 
 def test_gold_order_is_unknown_without_gold_scores_and_the_ceiling_is_reported(tok) -> None:
-    from engine.stages.rm import PairExample, evaluate
+    from tritonrlhf.engine.stages.rm import PairExample, evaluate
 
     pairs = [
         PairExample([1, 5], [1, 6], gold_chosen=1.0, gold_rejected=0.5),  # gold agrees with the label

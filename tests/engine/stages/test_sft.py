@@ -9,11 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.config import ConfigError, TinyModelConfig, load_config
-from engine.data import DataError
-from engine.demo.task import make_sft_data, write_jsonl
-from engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
-from engine.stages.sft import (
+from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
+from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
+from tritonrlhf.engine.config import ConfigError, TinyModelConfig, load_config
+from tritonrlhf.engine.data import DataError
+from tritonrlhf.engine.demo.task import make_sft_data, write_jsonl
+from tritonrlhf.engine.models import build_tiny_model, build_tiny_reward_model, build_tokenizer
+from tritonrlhf.engine.stages.sft import (
     IGNORE,
     SFTConfig,
     SFTDataConfig,
@@ -24,8 +26,6 @@ from engine.stages.sft import (
     sft_collate,
     sft_loss_sum,
 )
-from tests.engine._scripts.launch import deepspeed_cmd, free_port, run
-from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff, metric_diffs, metrics
 
 TINY = TinyModelConfig(hidden_size=64, num_layers=2, num_heads=2, num_kv_heads=2, intermediate_size=128)
 
@@ -188,7 +188,7 @@ def test_sft_refuses_a_reward_checkpoint(tmp_path, tok) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("zero_stage", [3])
 def test_sft_two_ranks_deepspeed(tmp_path, zero_stage) -> None:
-    """``deepspeed --num_gpus 2 --module engine.cli sft``: ZeRO-3, loss falls, one checkpoint that transformers loads."""
+    """``deepspeed --num_gpus 2 --module tritonrlhf.engine.cli sft``: ZeRO-3, loss falls, one checkpoint that transformers loads."""
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(make_sft_data(300, seed=0), tmp_path / "sft.jsonl")
@@ -198,7 +198,7 @@ def test_sft_two_ranks_deepspeed(tmp_path, zero_stage) -> None:
         2,
         port,
         "--module",
-        "engine.cli",
+        "tritonrlhf.engine.cli",
         "sft",
         f"output_dir={out_dir}",
         f"data.train={data}",
