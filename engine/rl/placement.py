@@ -70,19 +70,19 @@ class Channel:
         trainers train); only a lost store (its host, trainer 0, died) ends the wait. ``key``: the
         config key the error names as the bound.
         """
-        key = self._key(self._received)
+        slot = self._key(self._received)
         wait = self.timeout_s if timeout_s is None else timeout_s
         t0 = time.monotonic()
         try:
             while True:
                 try:
-                    self.store.wait([key], datetime.timedelta(seconds=wait))
+                    self.store.wait([slot], datetime.timedelta(seconds=wait))
                     break
                 except tdist.DistStoreError:
                     if not patient:
                         raise
-            data = self.store.get(key)
-            self.store.delete_key(key)
+            data = self.store.get(slot)
+            self.store.delete_key(slot)
         except Exception as e:  # DistStoreError (timeout) or DistNetworkError (store host gone)
             waited = time.monotonic() - t0
             raise RolloutLinkError(

@@ -49,7 +49,11 @@ def test_tiny_run_writes_memory_per_rank_and_step_time(tmp_path: Path) -> None:
     assert int(row["model_params"]) == 90816 and row["zero_stage"] == 3 and row["ranks"] == 2
     # Each rank's DeepSpeed engine really ran in bf16 with fp32 master weights and Adam state.
     assert row["actor_dtypes"] == "params bfloat16 / master float32 / adam float32"
+    # Relations, not windows (the sizes depend on the machine's libraries: ~1.7 GB a rank on AMD
+    # EPYC): both ranks run the same engines on an even ZeRO-3 split, so their peaks match within
+    # a wide margin; the whole tree holds at least one rank's peak.
     hwm = [float(x) for x in row["rank_hwm_mb"].split(";")]
-    assert len(hwm) == 2 and all(500 < h < 8000 for h in hwm), hwm  # torch + vLLM + DeepSpeed: ~1.7 GB
+    assert len(hwm) == 2 and min(hwm) > 0 and max(hwm) < 1.5 * min(hwm), hwm
+    assert float(row["rank_hwm_max_mb"]) == pytest.approx(max(hwm), abs=1)
     assert float(row["tree_rss_peak_mb"]) >= max(hwm) * 0.9  # sampled every 0.2 s: may miss a spike
     assert float(row["step_s"]) > 0 and float(row["train_s"]) > 0 and float(row["generate_s"]) > 0

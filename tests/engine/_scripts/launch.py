@@ -1,6 +1,7 @@
 """Start test subprocesses so that concurrent runs never collide: own session, own master port.
 
-Every launch gets a free port, passed as ``--master_port`` to ``deepspeed`` and as ``MASTER_PORT``
+Every launch gets a free port (``free_port``: reserved across processes, outside the kernel's
+ephemeral range), passed as ``--master_port`` to ``deepspeed`` and as ``MASTER_PORT``
 to a single-process run, and leads its own process group, so a timeout or a test's SIGKILL reaches
 every rank. DeepSpeed's CPU all-reduce leaves ``/dev/shm/deepspeed_allreduce_buffer_<uid>_<addr>_
 <port>_<rank>`` behind when a run dies; ``cleanup_shm(port)`` removes this launch's only. (Deleting
@@ -13,6 +14,7 @@ going to a log file (a pipe nobody reads could fill and stall the run).
 
 from __future__ import annotations
 
+import fcntl
 import glob
 import json
 import os
@@ -30,10 +32,56 @@ REPO = Path(__file__).resolve().parents[3]
 SHM_BUFFERS = "/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
 
 
-def free_port() -> int:
+PORT_LOCKS = Path(tempfile.gettempdir()) / "tritonrlhf-ports"
+_held: dict[int, int] = {}  # port -> the fd whose lock reserves it, for this process's lifetime
+
+
+def _port_range() -> range:
+    """Ports outside the kernel's ephemeral range (which ``bind(0)`` and every outgoing connection
+    draw from, so a port found free that way can be taken before the launch binds it)."""
+    try:
+        lo, hi = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        lo, hi = 32768, 60999
+    if lo > 21000:
+        return range(20000, lo)
+    return range(hi + 1, 65536) if hi < 64000 else range(20000, 30000)
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    """A master port no concurrent test process can also get.
+
+    Reserved by an exclusive ``flock`` on ``PORT_LOCKS/<port>.lock``, held until this process
+    exits (the kernel drops it even on SIGKILL, so nothing goes stale), then checked bindable.
+    The search starts at a point keyed on the pid, so parallel sessions seldom even contend.
+    """
+    ports = _port_range()
+    PORT_LOCKS.mkdir(exist_ok=True)
+    start = os.getpid() * 7919 % len(ports)
+    for i in range(len(ports)):
+        port = ports[(start + i) % len(ports)]
+        if port in _held:
+            continue
+        fd = os.open(PORT_LOCKS / f"{port}.lock", os.O_CREAT | os.O_RDWR, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # another process holds it
+            os.close(fd)
+            continue
+        if _bindable(port):
+            _held[port] = fd
+            return port
+        os.close(fd)  # in use outside the tests: release the lock, try the next
+    raise RuntimeError(f"no free port in {ports}")
 
 
 def cleanup_shm(port: int) -> None:

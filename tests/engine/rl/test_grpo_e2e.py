@@ -13,10 +13,12 @@ Two set-ups, each shared by several tests (module-scoped fixtures):
 Why the reward margins hold (``first``/``last``: mean reward of the first and last three steps;
 the random policy scores about 1/64): colocate was measured at seeds 0-4 on a 2-core AMD EPYC VM
 (``COLOCATE_MEASURED``): the smallest rise, 0.109, is 2.7 times the asserted 0.04, and the
-smallest ratio 8 times the asserted 2. Split/async (with dynamic sampling) was measured at seed 0
-only (``SPLIT_MEASURED``: a rise of 0.119, 3 times the margin); its trajectory differs from
-colocate's by the one-step-off staleness, dynamic sampling (which only removes zero-advantage
-groups) and the overlong penalty.
+smallest ratio 8 times the asserted 2. Split/async (with dynamic sampling) was measured at seeds
+0-3 on the same VM (``SPLIT_MEASURED``): the rises spread wider, 0.071-0.258, and the smallest is
+2.8 times the asserted 0.025 (a different CPU samples other trajectories: in effect another seed,
+so the margin is set by the weakest seed, as in ``tests/engine/demo/test_demo.py``); its
+trajectory differs from colocate's by the one-step-off staleness, dynamic sampling (which only
+removes zero-advantage groups) and the overlong penalty.
 """
 
 from __future__ import annotations
@@ -48,8 +50,14 @@ COLOCATE_MEASURED = [
     (3, 0.016, 0.201),
     (4, 0.013, 0.162),
 ]
-# The split_async fixture's run, 1 thread per process, SHA 54ed1e5.
-SPLIT_MEASURED = [(0, 0.029, 0.148)]
+# The split_async fixture's run at seeds 0-3 (seed=N), 1 thread per process, AMD EPYC, loaded
+# 2-core VM, SHA 243c143 (seed 0 repeats SHA 54ed1e5's figures): every rise is at least 0.071.
+SPLIT_MEASURED = [
+    (0, 0.029, 0.148),
+    (1, 0.025, 0.276),
+    (2, 0.029, 0.100),
+    (3, 0.030, 0.288),
+]
 QUIET = ["logging.tensorboard=false", "logging.progress_bar=false"]
 
 
@@ -147,8 +155,8 @@ def test_split_async_reward_rises_without_a_critic(split_async) -> None:
     assert report["actor"]["n_changed"] == report["actor"]["n_tensors"]
     _check_no_critic(rows, split_async.summary)
     first, last = _first_last(rows)
-    # Seed 0 only (SPLIT_MEASURED): its rise is 3 times this margin.
-    assert last > first + 0.04, f"reward did not rise: {first:.3f} -> {last:.3f}"
+    # Seeds 0-3 (SPLIT_MEASURED): the smallest rise, 0.071 (seed 2), is 2.8 times this margin.
+    assert last > first + 0.025, f"reward did not rise: {first:.3f} -> {last:.3f}"
     assert all(r["async/staleness_max"] <= 1 for r in rows) and rows[-1]["async/staleness_max"] == 1
 
 

@@ -110,10 +110,10 @@ def _logprobs(model, response=RESPONSE) -> torch.Tensor:
     return processed_logprobs(logits, ids[0, len(PROMPT) :], T)
 
 
-def test_in_process_swap_one_rank(tiny_dir):
+def test_in_process_swap_one_rank(tiny_dir, monkeypatch):
     """Plain python, one vLLM engine: an optimizer step, a bucketed push, vLLM follows the trainer."""
     pytest.importorskip("vllm")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from transformers import AutoModelForCausalLM
 
     from tritonrlhf.engine.rl.rollout import VLLMRollout
@@ -200,14 +200,8 @@ def test_deepspeed_two_ranks_swap(tiny_dir, tmp_path):
 def test_split_broadcast_many_buckets_arrive_intact(tmp_path) -> None:
     """``split``: trainer 0 broadcasts 5 tensors in ~1 KiB buckets over a gloo weight group; the
     rollout rank loads each bucket as it arrives (two in flight). Twice, with changed weights."""
-    import os
-    import socket
-    import sys
-
     script = Path(__file__).parents[1] / "_scripts" / "broadcast_sync.py"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2")
     procs = [
         subprocess.Popen(
