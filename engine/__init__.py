@@ -4,4 +4,4 @@
 if __name__ == "engine":  # this folder reached by its bare name from a checkout's root: not ours to take
     from tritonrlhf import _yield_bare_name
 
-    _yield_bare_name(__name__)
+    _yield_bare_name(__name__, globals())

@@ -8,7 +8,7 @@ through the interpreter when ``TRITON_INTERPRET=1``.
 if __name__ == "kernels":  # this folder reached by its bare name from a checkout's root: not ours to take
     from tritonrlhf import _yield_bare_name
 
-    _yield_bare_name(__name__)
+    _yield_bare_name(__name__, globals())
 else:
     from tritonrlhf.kernels.gae import gae, gae_reference
     from tritonrlhf.kernels.kl import kl_penalty, kl_penalty_reference

@@ -52,8 +52,8 @@ want = torch.log_softmax(x.double(), -1).gather(-1, t[..., None])[..., 0]
 assert torch.allclose(logprobs_from_logits(x, t).double(), want, atol=1e-5)
 try:
     import engine
-    bare_engine = engine.__file__
-except ImportError as e:
+    bare_engine = repr(engine.cli)
+except (ImportError, AttributeError) as e:
     bare_engine = str(e)
 print(json.dumps({"kernels": kernels.__file__, "tritonrlhf": tritonrlhf.__file__, "engine": bare_engine}))
 """

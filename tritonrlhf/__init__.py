@@ -23,13 +23,16 @@ if not (_HERE / "engine").is_dir() and all(
     __path__.append(str(_CHECKOUT))  # noqa: F821 - a package's own search path
 
 
-def _yield_bare_name(name: str) -> None:
+def _yield_bare_name(name: str, module: dict) -> None:
     """Give the bare name ``name`` (``kernels``, ``engine``) to the installed package that owns it.
 
-    Called when a checkout's ``kernels/`` or ``engine/`` folder is imported by its bare name, which
-    happens when the checkout's root is on ``sys.path`` (``python -m`` or a script run from it). That
-    name belongs to another distribution (``kernels`` is Hugging Face's kernel hub, which transformers
-    imports when it is installed): load that one in its place, or raise ImportError naming ours.
+    Called (with the module's globals) when a checkout's ``kernels/`` or ``engine/`` folder is
+    imported by its bare name, which happens when the checkout's root is on ``sys.path``
+    (``python -m`` or a script run from it, the tests). That name belongs to another distribution
+    (``kernels`` is Hugging Face's kernel hub, which transformers imports when it is installed): load
+    that one in its place. Without one, the module stays empty, with no ``__file__`` (transformers'
+    availability probe then reads it as no installation), and any name read from it raises
+    AttributeError naming ``tritonrlhf.<name>``.
     """
     import importlib.machinery
     import importlib.util
@@ -38,15 +41,20 @@ def _yield_bare_name(name: str) -> None:
     others = [p for p in sys.path if Path(p or ".").resolve() != _CHECKOUT]
     spec = importlib.machinery.PathFinder.find_spec(name, others)
     if spec is None or spec.loader is None:
-        raise ImportError(
-            f"no module named {name!r}: the folder {ours} is this project's 'tritonrlhf.{name}' "
-            f"(import it as 'from tritonrlhf.{name} import ...')",
-            name=name,
+        message = (
+            f"the folder {ours} is this project's 'tritonrlhf.{name}', not a top-level '{name}' "
+            f"(import it as 'from tritonrlhf.{name} import ...')"
         )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
+
+        def __getattr__(attr: str):
+            raise AttributeError(f"module {name!r} has no attribute {attr!r}: {message}")
+
+        module.update(__file__=None, __path__=[], __getattr__=__getattr__)
+        return
+    other = importlib.util.module_from_spec(spec)
+    sys.modules[name] = other
     try:
-        spec.loader.exec_module(module)
+        spec.loader.exec_module(other)
     except BaseException:
         sys.modules.pop(name, None)
         raise
