@@ -84,11 +84,78 @@ class ModelConfig:
 
 
 @dataclass
-class RewardConfig:
-    """The frozen reward: a Python callable ``module:function`` or a sequence-classification model."""
+class RewardFunctionConfig:
+    """One of ``reward.functions``: a ``module:function`` (or ``file.py:function``), its weight in the
+    sum, and the name of its ``reward/<name>`` metric (default: the function's name)."""
 
-    kind: str = "function"  # function | model
+    fn: str = ""
+    weight: float = 1.0
+    name: str = ""
+
+
+@dataclass
+class HttpRewardConfig:
+    """``reward.kind=http``: how batches are posted to ``reward.url``
+    (``tritonrlhf.engine.rewards.http.HttpReward``). ``auth_env`` names an environment variable whose
+    value is sent as ``Authorization: Bearer ...``; the token itself is never written anywhere."""
+
+    timeout_s: float = 30.0
+    retries: int = 3
+    backoff_s: float = 0.5
+    max_concurrency: int = 4
+    batch_size: int = 64
+    auth_env: str = ""
+
+
+@dataclass
+class RewardConfig:
+    """The frozen reward: Python callables ``module:function``, a sequence-classification model, or a
+    service over HTTP (``tritonrlhf.engine.rewards``: the columns of each prompt record reach a
+    function as keyword arguments)."""
+
+    kind: str = "function"  # function | model | http
     function: str = "tritonrlhf.engine.tasks:toy_reward"
+    # Several weighted functions instead of ``function`` (TRL's reward_funcs + reward_weights):
+    # [{fn: module:function, weight: 1.0, name: ...}, ...]; each logged as reward/<name>.
+    functions: list[RewardFunctionConfig] = field(default_factory=list)
+    # Functions run in this many worker processes (0: in the trainer's process), each batch within
+    # timeout_s (pool only); an exception or a timeout makes that batch's rewards invalid, counted.
+    workers: int = 0
+    timeout_s: float = 60.0
+    url: str = ""  # kind=http: where batches are posted
+    http: HttpRewardConfig = field(default_factory=HttpRewardConfig)
+
+    def validate(self, prefix: str = "reward") -> None:
+        """The function / functions / http keys agree; raises ConfigError naming the key."""
+        default_fn = type(self)().function
+        if self.functions and self.function != default_fn:
+            raise ConfigError(f"{prefix}.function and {prefix}.functions are both set: give one")
+        for i, f in enumerate(self.functions):
+            if not f.fn:
+                raise ConfigError(f"{prefix}.functions[{i}].fn is empty (want 'module:function')")
+            if not math.isfinite(f.weight):
+                raise ConfigError(f"{prefix}.functions[{i}].weight must be finite, got {f.weight}")
+        if self.workers < 0:
+            raise ConfigError(f"{prefix}.workers must be >= 0, got {self.workers}")
+        check_positive(f"{prefix}.timeout_s", self.timeout_s)
+        if self.kind == "http":
+            if not self.url.startswith(("http://", "https://")):
+                raise ConfigError(
+                    f"{prefix}.kind=http needs {prefix}.url=http(s)://host:port/..., got {self.url!r}"
+                )
+            h = self.http
+            check_positive(f"{prefix}.http.timeout_s", h.timeout_s)
+            if h.retries < 0 or h.max_concurrency < 1 or h.batch_size < 1 or h.backoff_s < 0:
+                raise ConfigError(
+                    f"{prefix}.http: retries >= 0, backoff_s >= 0, max_concurrency >= 1 and batch_size >= 1, got {h}"
+                )
+
+    def terms(self) -> list[tuple[str, str, float]]:
+        """``(name, "module:function", weight)`` of each function (kind=function)."""
+        if not self.functions:
+            return [(self.function.rsplit(":", 1)[-1], self.function, 1.0)]
+        return [(f.name or f.fn.rsplit(":", 1)[-1], f.fn, f.weight) for f in self.functions]
+
     model_path: str = ""
     clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
     # Responses cut at rollout.max_new_tokens (no stop token): subtract this from their score
@@ -384,7 +451,8 @@ class PPOConfig(StageConfig):
     def validate(self, world_size: int = 1) -> None:
         """Range and consistency checks; raises ConfigError naming the key."""
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
-        check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("reward.kind", self.reward.kind, ("function", "model", "http"))
+        self.reward.validate()
         check_choice("reward.on_truncated", self.reward.on_truncated, ("score", "mask"))
         check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
         if not (math.isfinite(self.reward.missing_eos_penalty) and self.reward.missing_eos_penalty >= 0):

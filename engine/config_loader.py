@@ -76,6 +76,11 @@ def _coerce(path: str, tp: Any, value: Any, base: Any = None) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return _build(tp, value, path, base if dataclasses.is_dataclass(base) else None)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        item = args[0] if args else Any
+        return [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{path} must be a list of {len(args)} values, got {value!r}")

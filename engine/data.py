@@ -14,14 +14,14 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tritonrlhf.engine.config import ConfigError, DataConfig
-from tritonrlhf.engine.tasks import toy_prompts
+from tritonrlhf.engine.tasks import toy_prompts, toy_target
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -141,14 +141,32 @@ def render_chat(
         raise DataError(f"{where}: column {col!r}: the chat template failed: {e}") from None
 
 
+# A prompt record's columns other than the prompt reach reward functions as keyword arguments of
+# these names; the call's own arguments cannot be column names.
+RESERVED_COLUMNS = ("prompt", "messages", "prompts", "responses", "finish_reasons")
+
+
+def record_columns(rec: dict[str, Any], where: str) -> dict[str, Any]:
+    """The record's columns other than ``prompt`` / ``messages`` (``answer``, ``tests``, ...)."""
+    cols = {k: v for k, v in rec.items() if k not in ("prompt", "messages")}
+    bad = [k for k in cols if k in RESERVED_COLUMNS or not k.isidentifier()]
+    if bad:
+        raise DataError(
+            f"{where}: column(s) {bad} cannot reach a reward function as keyword arguments "
+            f"(reserved: {list(RESERVED_COLUMNS)}; names must be Python identifiers): rename them"
+        )
+    return cols
+
+
 def read_prompt_records(
     path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase
-) -> list[tuple[str, list[dict[str, Any]] | None]]:
-    """``(text, messages)`` of each record of a prompt JSONL: ``prompt`` (a string, used as is;
-    messages None) or ``messages`` (a chat, rendered by the tokenizer's chat template with the
-    generation prompt; the chat kept beside its rendering)."""
+) -> list[tuple[str, list[dict[str, Any]] | None, dict[str, Any]]]:
+    """``(text, messages, columns)`` of each record of a prompt JSONL: ``prompt`` (a string, used as
+    is; messages None) or ``messages`` (a chat, rendered by the tokenizer's chat template with the
+    generation prompt; the chat kept beside its rendering), and every other column (``answer``,
+    ``tests``, ...), which reward functions receive (``tritonrlhf.engine.rewards``)."""
     records = read_jsonl(path, [], text=[])
-    out: list[tuple[str, list[dict[str, Any]] | None]] = []
+    out: list[tuple[str, list[dict[str, Any]] | None, dict[str, Any]]] = []
     for rec, line in zip(records, nonblank_line_numbers(path)):
         where = f"{path}:{line}"
         if ("prompt" in rec) == ("messages" in rec):
@@ -156,9 +174,10 @@ def read_prompt_records(
                 f"{where}: a prompt record needs exactly one of 'prompt' (a string) or 'messages' "
                 f"(a chat), has {sorted(rec)}"
             )
+        columns = record_columns(rec, where)
         if "messages" in rec:
             check_messages(rec["messages"], where)
-            out.append((render_chat(tokenizer, rec["messages"], where), rec["messages"]))
+            out.append((render_chat(tokenizer, rec["messages"], where), rec["messages"], columns))
             continue
         value = rec["prompt"]
         if not isinstance(value, str):
@@ -168,13 +187,19 @@ def read_prompt_records(
             )
         if not value.strip():
             raise DataError(f"{where}: column 'prompt' is empty")
-        out.append((value, None))
+        out.append((value, None, columns))
     return out
 
 
 def read_prompts(path: str | os.PathLike, tokenizer: PreTrainedTokenizerBase) -> list[str]:
     """The prompt texts of ``read_prompt_records`` (chats rendered)."""
-    return [text for text, _ in read_prompt_records(path, tokenizer)]
+    return [text for text, _, _ in read_prompt_records(path, tokenizer)]
+
+
+def columns_by_name(records: Sequence[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Per-record column dicts -> name -> [one value per record] (None where a record lacks it)."""
+    names = sorted({k for cols in records for k in cols})
+    return {k: [cols.get(k) for cols in records] for k in names}
 
 
 # --------------------------------------------------------------------------- prompts
@@ -202,11 +227,13 @@ class PromptBatch:
     indices:   [B] dataset indices (for logging and resume checks)
     texts:     [B] original prompt strings (what reward functions see)
     input_ids: [B] token-id lists of varying length <= max_prompt_len, unpadded
+    columns:   [B] each record's other columns (``answer``, ``tests``, ...; ``target`` for toy prompts)
     """
 
     indices: list[int]
     texts: list[str]
     input_ids: list[list[int]]
+    columns: list[dict[str, Any]] = field(default_factory=list)
 
 
 class PromptDataset:
@@ -226,10 +253,12 @@ class PromptDataset:
         if cfg.max_prompt_len < 2:
             raise ConfigError(f"data.max_prompt_len must be >= 2, got {cfg.max_prompt_len}")
         if cfg.prompts == "toy":
-            records, source = [(p, None) for p in toy_prompts(cfg.num_prompts, seed)], "toy prompts"
+            # Each toy prompt's ground truth as a column (tasks.target_reward reads it).
+            toys = toy_prompts(cfg.num_prompts, seed)
+            records, source = [(p, None, {"target": toy_target(p)}) for p in toys], "toy prompts"
         else:
             records, source = read_prompt_records(cfg.prompts, tokenizer), cfg.prompts
-        raw = [text for text, _ in records]
+        raw = [text for text, _, _ in records]
         bos = tokenizer.bos_token_id
         encoded = tokenizer(raw, add_special_tokens=False)["input_ids"]
         self.texts: list[str] = []
@@ -238,9 +267,10 @@ class PromptDataset:
         # model with its own tokenizer and chat template renders the conversation itself
         # (engine.rl.reward_route.TextRoute). Truncated chats are left out (no longer the whole chat).
         self.chats: dict[str, list[dict[str, Any]]] = {}
+        self.columns: list[dict[str, Any]] = []  # each kept record's other columns
         self.num_truncated = self.num_dropped = 0
         limit = cfg.max_prompt_len
-        for (text, messages), ids in zip(records, encoded):
+        for (text, messages, columns), ids in zip(records, encoded):
             ids = list(ids)
             if bos is not None and ids[:1] != [bos]:  # chat-rendered text may already hold bos
                 ids.insert(0, bos)
@@ -254,6 +284,7 @@ class PromptDataset:
                 self.chats[tokenizer.decode(ids, skip_special_tokens=True)] = messages
             self.texts.append(text)
             self.input_ids.append(ids)
+            self.columns.append(columns)
         if not self.input_ids:
             raise DataError(
                 f"{source}: all {len(raw)} prompts are longer than data.max_prompt_len={limit} tokens "
@@ -268,7 +299,16 @@ class PromptDataset:
 
     def batch(self, indices: Sequence[int]) -> PromptBatch:
         idx = [int(i) for i in indices]
-        return PromptBatch(idx, [self.texts[i] for i in idx], [self.input_ids[i] for i in idx])
+        return PromptBatch(
+            idx,
+            [self.texts[i] for i in idx],
+            [self.input_ids[i] for i in idx],
+            [self.columns[i] for i in idx],
+        )
+
+    def column_names(self) -> list[str]:
+        """Every column name some record has (what reward functions may ask for)."""
+        return sorted({k for cols in self.columns for k in cols})
 
 
 # --------------------------------------------------------------------------- sampler

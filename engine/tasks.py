@@ -1,8 +1,9 @@
 """Tasks with verifiable rewards, and the loader for reward callables named in config.
 
-A reward callable has the signature ``fn(prompts: list[str], responses: list[str]) -> list[float]``
-(one score per pair, responses decoded without special tokens) and is named in
-config as ``"module:function"`` (or ``"path/to/file.py:function"``).
+A reward callable has the signature ``fn(prompts: list[str], responses: list[str], **columns) -> list[float]``
+(one score per pair, responses decoded without special tokens; the prompt record's other columns and
+``finish_reasons`` as keyword arguments where it takes them: ``tritonrlhf.engine.rewards``) and is
+named in config as ``"module:function"`` (or ``"path/to/file.py:function"``).
 
 The toy task ("say"): each prompt ends ``say <c>:`` for a target letter ``c`` drawn
 from ``TOY_TARGETS``; the reward is the fraction of response characters equal to
@@ -74,6 +75,27 @@ def toy_reward(prompts: list[str], responses: list[str]) -> list[float]:
         text = response.lower()
         scores.append(text.count(target) / len(text) if text else 0.0)
     return scores
+
+
+def target_reward(prompts: list[str], responses: list[str], target: list[str], **kwargs) -> list[float]:
+    """``toy_reward`` from the ground-truth column instead of the prompt's text: the fraction of each
+    response's characters equal to its record's ``target`` (the toy prompts carry it; a JSONL of
+    ``{"prompt": ..., "target": "b"}`` records does too). The same values as ``toy_reward`` on toy
+    prompts; the way a verifiable task's reward reads its answer column."""
+    if not len(prompts) == len(responses) == len(target):
+        raise ValueError(
+            f"target_reward: {len(prompts)} prompts, {len(responses)} responses, {len(target)} targets"
+        )
+    out = []
+    for response, want in zip(responses, target):
+        text, want = response.lower(), str(want).lower()
+        out.append(text.count(want) / len(text) if text else 0.0)
+    return out
+
+
+def stopped(prompts: list[str], responses: list[str], finish_reasons: list[str]) -> list[float]:
+    """1 for a response that ended with its stop token, 0 for one cut at ``rollout.max_new_tokens``."""
+    return [float(r == "stop") for r in finish_reasons]
 
 
 def load_callable(spec: str) -> RewardFn:

@@ -15,12 +15,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from tritonrlhf import kernels
+from tritonrlhf.engine.data import columns_by_name
 
 _TENSOR_FIELDS = (
     "sequences",
@@ -165,6 +166,10 @@ class RolloutBatch:
     finish_reasons:   B of ``"stop"`` (ended with the stop token) or ``"length"`` (cut at
                       ``max_new_tokens``); ``truncated`` is the latter as [B] bool.
     kept_logmass:     [B, R] float32 with banned text (``Sample.kept_logmass``, 0 on padding), else None.
+    columns:          name -> [B] values of the prompt records' other columns (``answer``, ...; None
+                      where a record lacks one), passed to reward functions; {} without any.
+    reward_parts:     name -> [B] float32 each reward function's score (NaN: none), when scored by
+                      several functions; reward_info: [B] per-sample dicts a function returned (or None).
     """
 
     sequences: torch.Tensor
@@ -179,6 +184,9 @@ class RolloutBatch:
     score_valid: torch.Tensor | None = None
     finish_reasons: list[str] | None = None
     kept_logmass: torch.Tensor | None = None
+    columns: dict[str, list[Any]] = field(default_factory=dict)
+    reward_parts: dict[str, torch.Tensor] | None = None
+    reward_info: list[dict[str, Any] | None] | None = None
 
     @property
     def truncated(self) -> torch.Tensor:
@@ -222,9 +230,20 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
         rb.kept_logmass = torch.zeros((B, R), dtype=torch.float32)
         for i, s in enumerate(samples):
             rb.kept_logmass[i, : len(s.kept_logmass)] = torch.tensor(s.kept_logmass, dtype=torch.float32)
+    rb.columns = columns_by_name([s.columns or {} for s in samples])
     if samples and all(s.score is not None for s in samples):
         rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)
         rb.score_valid = torch.tensor([s.score_valid for s in samples], dtype=torch.bool)
+        parts = sorted({k for s in samples for k in (s.reward_parts or {})})
+        if parts:
+            rb.reward_parts = {
+                k: torch.tensor(
+                    [(s.reward_parts or {}).get(k, math.nan) for s in samples], dtype=torch.float32
+                )
+                for k in parts
+            }
+        if any(s.reward_info for s in samples):
+            rb.reward_info = [s.reward_info for s in samples]
     return rb
 
 

@@ -49,6 +49,12 @@ class ExperienceMixin:
         exp.policy_version = int(rb.versions.min())
         entropy = None
         timed = PhaseTimes()  # each pass this rank runs (time/score/*_s)
+        pending = None
+        if rb.scores is None:  # reward functions in a worker pool score while the forwards below run
+            with timed("time/score/reward_s"):
+                pending = self.reward.submit(
+                    rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons, rb.columns
+                )
         if not self.old_from_update:  # else train() takes them from the update's forward
             with timed("time/score/old_logprobs_s"):
                 exp.old_logprobs, entropy = self.actor.logprobs(exp)
@@ -59,13 +65,19 @@ class ExperienceMixin:
         else:
             with timed("time/score/ref_s"):
                 exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
-        if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
+        reward_stats: dict[str, float] = {}
+        if pending is None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
             with timed("time/score/reward_s"):
-                raw, valid = self.reward.score(
-                    rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
-                )
+                scored = pending.result()
+            raw, valid = scored.scores, scored.valid
+            rb.reward_parts, rb.reward_info = scored.parts, scored.info
+            reward_stats = scored.stats()
+        if rb.reward_parts:
+            for name, v in rb.reward_parts.items():
+                ok = torch.isfinite(v)
+                reward_stats[f"reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
         raw = raw.float()
         rb.scores, rb.score_valid = raw, valid  # the raw scores, for the samples log (sample_rows)
         self.invalid_rewards += int((~valid).sum())
@@ -107,6 +119,7 @@ class ExperienceMixin:
             "async/staleness_max": float(staleness.max()),
             "async/staleness_mean": float(staleness.float().mean()),
             "async/refused": float((~fresh).sum()),
+            **reward_stats,
             **adv_stats,
             **timed,
         }
@@ -334,6 +347,7 @@ class ExperienceMixin:
                 "kl": None if seq_kl is None else float(seq_kl[i]),
                 "response_len": int(lengths[i]),
                 "finish_reason": reasons[i],
+                **({"reward_info": rb.reward_info[i]} if rb.reward_info and rb.reward_info[i] else {}),
             }
             for i in range(n)
         ]

@@ -19,20 +19,34 @@ from typing import Any
 import torch
 
 from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.data import PromptBatch
 from tritonrlhf.engine.rl.experience import RolloutBatch, collate_samples
+
+
+def with_columns(groups: list[list], columns: list[dict[str, Any]]) -> list:
+    """The samples of ``groups`` (one list per prompt), prompt-major, each given its prompt's
+    record columns (``Sample.columns``): a group's samples share them."""
+    out = []
+    for group, cols in zip(groups, columns or [{}] * len(groups)):
+        for smp in group:
+            smp.columns = dict(cols) if cols else None
+            out.append(smp)
+    return out
 
 
 class GenerateMixin:
     """``generate()`` and its helpers, for ``tritonrlhf.engine.rl.trainer.PPOTrainer``."""
 
-    def _draw_batch(self) -> tuple[list[list[int]], int]:
-        """The next batch of prompt ids (this rank's share) and its sampling seed."""
+    def _draw_batch(self) -> tuple[PromptBatch, int]:
+        """The next batch of prompts (this rank's share) and its sampling seed."""
         prompts = self.dataset.batch(self.sampler.next_batch())
-        return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        return prompts, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
 
-    def _sample(self, ids: list[list[int]], n: int, seed: int) -> list:
-        """Colocate: ``n`` samples of each prompt from this rank's engine, prompt-major."""
-        return [smp for g in self.rollout.generate(ids, n=n, seed=seed) for smp in g]
+    def _sample(self, prompts: PromptBatch, n: int, seed: int) -> list:
+        """Colocate: ``n`` samples of each prompt from this rank's engine, prompt-major, each carrying
+        its record's columns (for the reward functions)."""
+        groups = self.rollout.generate(prompts.input_ids, n=n, seed=seed)
+        return with_columns(groups, prompts.columns)
 
     def _scored(self, samples: list) -> list:
         """The samples with rewards set (those scored beside the rollout engine already are)."""
@@ -53,14 +67,14 @@ class GenerateMixin:
 
     def _more_local(self, short: bool) -> list:
         """Colocate: the next prompt batch's samples, scored (drawn but not generated when not ``short``)."""
-        ids, seed = self._draw_batch()
-        return self._scored(self._sample(ids, self.cfg.ppo.samples_per_prompt, seed)) if short else []
+        prompts, seed = self._draw_batch()
+        return self._scored(self._sample(prompts, self.cfg.ppo.samples_per_prompt, seed)) if short else []
 
     def _more_remote(self, events: list[dict[str, Any]]) -> list:
         """Split, trainer 0: one more prompt batch from the rollout ranks, now (negative batch ids)."""
         self.extra_requests -= 1
-        ids, seed = self._draw_batch()
-        self.rollout.request(self.extra_requests, ids, self.cfg.ppo.samples_per_prompt, seed)
+        prompts, seed = self._draw_batch()
+        self.rollout.request(self.extra_requests, prompts, self.cfg.ppo.samples_per_prompt, seed)
         samples, more = self.rollout.collect(self.extra_requests)
         events += more
         return self._scored(samples)
@@ -77,8 +91,8 @@ class GenerateMixin:
         ds: dict[str, float] = {}
         if not self.split:
             t0 = time.time()
-            ids, seed = self._draw_batch()
-            samples = self._sample(ids, n, seed)
+            prompts, seed = self._draw_batch()
+            samples = self._sample(prompts, n, seed)
             if dynamic:  # a full rank keeps drawing its share of each batch (the sampler stays in step)
                 samples, ds = self._filled(samples, self.samples_per_rank // n, self._more_local)
             events = [
@@ -91,8 +105,8 @@ class GenerateMixin:
             # Keep batches k .. k+s requested: the rollout ranks generate them while we train.
             while self.requested <= k + self.cfg.async_.max_staleness:
                 j = self.requested
-                ids, seed = self.pending[j] = self.pending.get(j) or self._draw_batch()
-                self.rollout.request(j, ids, n, seed)
+                prompts, seed = self.pending[j] = self.pending.get(j) or self._draw_batch()
+                self.rollout.request(j, prompts, n, seed)
                 self.requested += 1
             samples, events = self.rollout.collect(k)
             del self.pending[k]

@@ -93,6 +93,12 @@ class Sample:
     # With banned text (rollout.banned_*): log of the probability mass under softmax(logits / T)
     # the ban left at each step (0 where nothing was banned); None without bans.
     kept_logmass: list[float] | None = None
+    # The prompt record's other columns (answer, tests, ...), for reward functions; None: none.
+    columns: dict[str, Any] | None = None
+    # Set with score: each reward function's own score (reward.functions) and the per-sample info
+    # a function returned (tritonrlhf.engine.rewards.RewardBatch), for the metrics and the samples log.
+    reward_parts: dict[str, float] | None = None
+    reward_info: dict[str, Any] | None = None
 
 
 @runtime_checkable

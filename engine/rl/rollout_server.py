@@ -20,9 +20,13 @@ from __future__ import annotations
 
 import time
 import traceback
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from tritonrlhf.engine.rl.generation import with_columns
 from tritonrlhf.engine.rl.placement import Placement
+
+if TYPE_CHECKING:
+    from tritonrlhf.engine.data import PromptBatch
 
 
 def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
@@ -31,7 +35,7 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
 
     i = placement.rollout_index
     inbox, outbox = placement.to_rollout(i), placement.from_rollout(i)
-    engine = None
+    engine = scorer = None
     served = 0
     try:
         hello = inbox.recv(patient=True)
@@ -48,7 +52,7 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
             if kind == "generate":
                 groups = engine.generate(msg["prompts"], n=msg["n"], seed=msg["seed"])
                 events.append(_event("generate", t0, time.time(), msg["batch"]))
-                samples = [s for g in groups for s in g]
+                samples = with_columns(groups, msg.get("columns") or [])
                 if scorer is not None:
                     t1 = time.time()
                     scorer.score(samples)
@@ -74,6 +78,8 @@ def serve(cfg: Any, placement: Placement) -> dict[str, Any]:
     finally:
         if engine is not None:
             engine.close()
+        if scorer is not None:
+            scorer.reward.close()
     return {"role": "rollout", "batches": served}
 
 
@@ -134,15 +140,15 @@ class _Scorer:
         if not samples:
             return
         rb = collate_samples(samples, self.tokenizer, self.tokenizer.pad_token_id)
+        pending = self.reward.submit(  # a reward pool works while the reference runs
+            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons, rb.columns
+        )
         exp = Experience(rb.sequences, rb.attention_mask, rb.action_mask)
         ref = None if self.ref is None else self.ref.logprobs(exp, self.temperature).float().cpu()
-        scores, valid = self.reward.score(
-            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
-        )
-        for i, s in enumerate(samples):
-            if ref is not None:
+        if ref is not None:
+            for i, s in enumerate(samples):
                 s.ref_logprobs = ref[i, : len(s.response_ids)].tolist()
-            s.score, s.score_valid = float(scores[i]), bool(valid[i])
+        pending.result().set_on(samples)
 
 
 def _event(phase: str, t0: float, t1: float, tag: int, **extra: float) -> dict[str, Any]:
@@ -173,14 +179,24 @@ class RemoteRollout:
         for ch in self.inbox:
             ch.recv(timeout_s=startup_timeout_s, key="placement.startup_timeout_s")
 
-    def request(self, batch: int, prompts: list[list[int]], n: int, seed: int) -> None:
+    def request(self, batch: int, prompts: PromptBatch, n: int, seed: int) -> None:
+        """Ask for ``n`` samples of each prompt; the records' columns travel with them, so the rollout
+        ranks' reward functions (``placement.scoring=rollout``) get them too."""
+        ids, columns = prompts.input_ids, prompts.columns
         k = len(self.out)
-        bounds = [len(prompts) * j // k for j in range(k + 1)]
+        bounds = [len(ids) * j // k for j in range(k + 1)]
         self.outstanding.append(batch)
         for j, ch in enumerate(self.out):
             lo, hi = bounds[j], bounds[j + 1]
             ch.send(
-                {"kind": "generate", "batch": batch, "prompts": prompts[lo:hi], "n": n, "seed": seed + lo * n}
+                {
+                    "kind": "generate",
+                    "batch": batch,
+                    "prompts": ids[lo:hi],
+                    "columns": columns[lo:hi],
+                    "n": n,
+                    "seed": seed + lo * n,
+                }
             )
 
     def _receive_next(self) -> None:

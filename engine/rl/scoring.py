@@ -14,12 +14,14 @@ import copy
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
 from tritonrlhf.engine import distributed as dist
+from tritonrlhf.engine.rewards.functions import RewardFunctions, RewardTerm, reward_functions
 from tritonrlhf.engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
 from tritonrlhf.engine.rl.critic import reward_head_of
 from tritonrlhf.engine.rl.experience import Experience
@@ -112,10 +114,60 @@ class ReferenceModel:
         return torch.where(batch.action_mask.bool().to(logp.device), logp, torch.zeros_like(logp))
 
 
-class RewardScorer:
-    """Scores finished samples from a function of texts or from a frozen reward model.
+@dataclass
+class Scored:
+    """One batch's rewards as the trainer takes them.
 
-    ``score(prompts, responses, sequences, attention_mask) -> (scores[B] float32, valid[B] bool)``.
+    scores: [B] float32, clipped, 0 where invalid; valid: [B] bool.
+    parts:  name -> [B] float32 each reward function's own score (NaN: none), with several functions.
+    info:   [B] per-sample dicts a reward function returned (``RewardBatch.info``), or None.
+    errors, timeouts: reward functions that raised / ran past ``reward.timeout_s`` on this batch.
+    """
+
+    scores: torch.Tensor
+    valid: torch.Tensor
+    parts: dict[str, torch.Tensor] | None = None
+    info: list[dict[str, Any] | None] | None = None
+    errors: int = 0
+    timeouts: int = 0
+
+    def set_on(self, samples: Sequence[Any]) -> None:
+        """Copy each sample's share onto rollout ``Sample``s (``score``, ``score_valid``, parts, info)."""
+        for i, s in enumerate(samples):
+            s.score, s.score_valid = float(self.scores[i]), bool(self.valid[i])
+            s.reward_parts = {k: float(v[i]) for k, v in self.parts.items()} if self.parts else None
+            s.reward_info = self.info[i] if self.info else None
+
+    def stats(self) -> dict[str, float]:
+        """``reward/<name>`` (each function's mean over the samples it scored) and the failure counts."""
+        out = {"reward/errors": float(self.errors), "reward/timeouts": float(self.timeouts)}
+        for name, v in (self.parts or {}).items():
+            ok = torch.isfinite(v)
+            out[f"reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
+        return out
+
+
+class PendingScore:
+    """A batch being scored (``RewardScorer.submit``): a pool of reward functions works on it
+    while the caller runs its forwards; ``result()`` waits for it."""
+
+    def __init__(self, finish: Callable[[], Scored]) -> None:
+        self._finish = finish
+        self._result: Scored | None = None
+
+    def result(self) -> Scored:
+        if self._result is None:
+            self._result = self._finish()
+        return self._result
+
+
+class RewardScorer:
+    """Scores finished samples with reward functions of texts (``tritonrlhf.engine.rewards``: record
+    columns as keyword arguments, several weighted functions, a worker pool, HTTP) or with a frozen
+    reward model.
+
+    ``score(prompts, responses, sequences, attention_mask) -> (scores[B] float32, valid[B] bool)``;
+    ``score_detailed`` / ``submit`` also give each function's part and per-sample info.
     A score that is None, non-finite or fails to parse is invalid: it is set to 0,
     ``valid`` is False there (the trainer drops the sample) and ``num_invalid``
     counts it. Valid scores are clipped to ``[-clip, clip]`` when ``clip > 0``.
@@ -130,9 +182,13 @@ class RewardScorer:
         micro_batch_size: int | Batching = 8,
         text_route: TextRoute | None = None,
         partition: bool = False,
+        functions: RewardFunctions | None = None,
     ) -> None:
-        if (fn is None) == (model is None):
-            raise ValueError("RewardScorer needs exactly one of fn or model")
+        if sum(x is not None for x in (fn, model, functions)) != 1:
+            raise ValueError("RewardScorer needs exactly one of fn, functions or model")
+        if fn is not None:
+            functions = RewardFunctions([RewardTerm(getattr(fn, "__name__", "reward"), fn)])
+        self.functions = functions
         self.fn = fn
         self.clip = float(clip)
         self.batching = Batching.of(micro_batch_size)
@@ -184,43 +240,77 @@ class RewardScorer:
         sequences: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         finish_reasons: Sequence[str] | None = None,
+        columns: dict[str, list[Any]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(scores [B] float32, valid [B] bool) on CPU; a function scorer needs only the texts.
 
-        A reward function that takes a ``finish_reasons`` argument (or ``**kwargs``) also gets
-        each response's ``"stop"`` / ``"length"`` (cut at ``max_new_tokens``).
+        Reward functions get each response's ``finish_reasons`` (``"stop"`` / ``"length"``, cut at
+        ``max_new_tokens``) and the prompt records' ``columns`` as keyword arguments, where they take
+        them (``tritonrlhf.engine.rewards``).
         """
-        if self.fn is not None:
-            kwargs = {}
-            if finish_reasons is not None and _accepts(self.fn, "finish_reasons"):
-                kwargs["finish_reasons"] = list(finish_reasons)
-            raw = list(self.fn(list(prompts), list(responses), **kwargs))
-            if len(raw) != len(prompts):
-                raise ValueError(f"reward function returned {len(raw)} scores for {len(prompts)} samples")
-            values = [_as_float(r) for r in raw]
-        else:
+        out = self.score_detailed(prompts, responses, sequences, attention_mask, finish_reasons, columns)
+        return out.scores, out.valid
+
+    def submit(
+        self,
+        prompts: Sequence[str],
+        responses: Sequence[str],
+        sequences: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        finish_reasons: Sequence[str] | None = None,
+        columns: dict[str, list[Any]] | None = None,
+    ) -> PendingScore:
+        """Start scoring (reward functions in a pool run meanwhile; a reward model scores now)."""
+        if self.functions is None:
             values = self._route_scores(prompts, responses, sequences, attention_mask, finish_reasons)
-        scores = torch.tensor(values, dtype=torch.float32)
+            done = self._finish(values)
+            return PendingScore(lambda: done)
+        pending = self.functions.submit(prompts, responses, columns, finish_reasons)
+
+        def finish() -> Scored:
+            got = pending.result()
+            parts = None
+            if len(self.functions.terms) > 1:
+                parts = {k: torch.tensor(v, dtype=torch.float32) for k, v in got.parts.items()}
+            info = got.info if any(got.info) else None
+            return self._finish(got.scores, parts, info, got.errors, got.timeouts)
+
+        return PendingScore(finish)
+
+    def score_detailed(self, *args: Any, **kwargs: Any) -> Scored:
+        """``submit(...).result()``: scores, validity, each function's part and per-sample info."""
+        return self.submit(*args, **kwargs).result()
+
+    def _finish(
+        self, values: Sequence[float], parts=None, info=None, errors: int = 0, timeouts: int = 0
+    ) -> Scored:
+        scores = torch.tensor([_as_float(v) for v in values], dtype=torch.float32)
         valid = torch.isfinite(scores)
         scores = torch.where(valid, scores, torch.zeros_like(scores))
         if self.clip > 0:
             scores = scores.clamp(-self.clip, self.clip)
         self.num_scored += len(values)
         self.num_invalid += int((~valid).sum())
-        return scores, valid
+        return Scored(scores, valid, parts, info, errors, timeouts)
 
-    def score_samples(self, samples: Sequence[Any], tokenizer: Any) -> None:
-        """Set ``score`` and ``score_valid`` of rollout ``Sample``s in place (``score`` semantics)."""
+    def score_samples(self, samples: Sequence[Any], tokenizer: Any) -> Scored | None:
+        """Score rollout ``Sample``s in place (``score``, ``score_valid``, the parts and info); returns
+        the batch's ``Scored`` (None without samples)."""
         from tritonrlhf.engine.rl.experience import collate_samples
 
         if not samples:
-            return
+            return None
         rb = collate_samples(list(samples), tokenizer, tokenizer.pad_token_id)
-        scores, valid = self.score(
-            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+        out = self.score_detailed(
+            rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons, rb.columns
         )
-        for i, s in enumerate(samples):
-            s.score, s.score_valid = float(scores[i]), bool(valid[i])
+        out.set_on(samples)
+        return out
+
+    def close(self) -> None:
+        """Stop the reward functions' worker pool, if any."""
+        if self.functions is not None:
+            self.functions.close()
 
     def _route_scores(self, prompts, responses, sequences, attention_mask, finish_reasons) -> list[float]:
         """The model's scores on the policy's ids (token route) or on the re-tokenized texts (text route)."""
@@ -269,17 +359,6 @@ class RewardScorer:
         return out
 
 
-def _accepts(fn: Any, name: str) -> bool:
-    """Whether ``fn`` takes a keyword argument ``name`` (by name, or through ``**kwargs``)."""
-    import inspect
-
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):
-        return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
-
-
 def _as_float(x: object) -> float:
     """A reward value as a float; None / unparsable / non-finite -> NaN (invalid)."""
     if x is None:
@@ -300,7 +379,6 @@ def build_scoring(
     ``route``: how a reward model reads samples (``resolve_reward_route``; the token route if None).
     """
     from tritonrlhf.engine.models import load_causal_lm, load_reward_model
-    from tritonrlhf.engine.tasks import load_callable
 
     attn, mb = cfg.model.attn_implementation, Batching.from_config(cfg.ppo)
     part = cfg.placement.frozen_zero_stage == 3  # trainer ranks of a colocate launch only (validated)
@@ -309,8 +387,8 @@ def build_scoring(
     ref = None
     if cfg.ppo.kl.needs_reference:
         ref = ReferenceModel(load_causal_lm(policy_dir, dtype, attn, device), device, mb, partition=part)
-    if cfg.reward.kind == "function":
-        return ref, RewardScorer.from_function(load_callable(cfg.reward.function), clip=cfg.reward.clip)
+    if cfg.reward.kind in ("function", "http"):
+        return ref, RewardScorer(functions=reward_functions(cfg.reward), clip=cfg.reward.clip)
     rm = load_reward_model(cfg.reward.model_path, dtype, attn, device)
     text = route.text if route is not None else None
     rmb = dataclasses.replace(

@@ -20,6 +20,7 @@ Read ``PPOTrainer.step`` top to bottom for the algorithm.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -32,6 +33,7 @@ import torch
 from tritonrlhf.engine import distributed as dist
 from tritonrlhf.engine.checkpoint import writable_dir
 from tritonrlhf.engine.config import PPOConfig, save_config, to_dict
+from tritonrlhf.engine.data import PromptBatch
 from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
 from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
 from tritonrlhf.engine.rl.generation import GenerateMixin
@@ -91,8 +93,9 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.out = Path(cfg.output_dir)
         if self.rank == 0:
             writable_dir(self.out)
-        if cfg.reward.kind == "function":
-            load_callable(cfg.reward.function)  # fail in a second, not after building every role
+        if cfg.reward.kind == "function":  # fail in a second, not after building every role
+            for _, spec, _ in cfg.reward.terms():
+                load_callable(spec)
         from tritonrlhf.engine.checkpoint import CheckpointManager
 
         # Resolve `resume` now, so a bad path fails in a second rather than after building every role.
@@ -113,6 +116,11 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         if self.rank != 0:
             self.policy_dir, self.tokenizer = prepare_policy(cfg.model, self.out, cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
+        self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
+        if cfg.reward.kind == "function":  # each function's required keywords are columns of the data
+            from tritonrlhf.engine.rewards.functions import reward_functions
+
+            reward_functions(cfg.reward).check_columns(self.dataset.column_names(), cfg.data.prompts)
         # How the reward model reads samples, and whether the critic may start from it: decided
         # from config.json and tokenizer files, before any weights load.
         from tritonrlhf.engine.rl.critic import check_critic_init
@@ -135,7 +143,6 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
 
             hello = {"policy_dir": str(self.policy_dir), "scoring": cfg.placement.scoring}
             self.rollout = RemoteRollout(placement, {**hello, **self._vllm_args(dtype)})
-        self.dataset = PromptDataset(cfg.data, self.tokenizer, seed=cfg.seed)
         if self.reward_route is not None and self.reward_route.text is not None:
             self.reward_route.text.chats = self.dataset.chats  # chat prompts reach the RM as chats
         p = cfg.ppo
@@ -243,7 +250,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.last_samples: list[dict[str, Any]] = []  # the last step's samples.jsonl rows (trainer 0)
         self.requested = 0  # split: batches requested from the rollout ranks so far
         self.extra_requests = 0  # split + dynamic sampling: top-up batches get ids -1, -2, ...
-        self.pending: dict[int, tuple[list[list[int]], int]] = {}  # split: requested, not yet trained
+        self.pending: dict[int, tuple[PromptBatch, int]] = {}  # split: requested, not yet trained
         self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
         if self.rollout is not None and self.split:
             self.rollout.wait_ready(cfg.placement.startup_timeout_s)
@@ -442,6 +449,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             return summary
         finally:
             self.logger.close()
+            if self.reward is not None:
+                self.reward.close()  # its worker pool, if any
 
     # ------------------------------------------------------------------ checkpoint / resume
     def state_dict(self) -> dict[str, Any]:
@@ -457,7 +466,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             "gen": self._gen.get_state(),
             "rollout_rng": None if rollout_rng is None else rollout_rng.get_state(),
             "reward_invalid": self.invalid_rewards,
-            "pending": dict(self.pending),  # split: requested batches (prompts, seed) not yet trained
+            # split: requested batches (prompts, seed) not yet trained, as plain data
+            "pending": {j: (dataclasses.asdict(pb), seed) for j, (pb, seed) in self.pending.items()},
             "counters": {k: w.train.counters() for k, w in self._workers().items()},
         }
 
@@ -478,7 +488,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
                 worker.train.load_counters(state["counters"][name])
         # split: batches requested before the checkpoint are requested again, with the same
         # prompts and seeds (under async they are now sampled from the restored, newer policy).
-        self.pending = dict(state.get("pending", {}))
+        self.pending = {j: (PromptBatch(**pb), seed) for j, (pb, seed) in state.get("pending", {}).items()}
         self.requested = self.step_idx
 
     def calibrate_critic_once(self) -> None:

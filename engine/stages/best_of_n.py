@@ -104,7 +104,8 @@ class BoNConfig(StageConfig):
 
     def validate(self, world_size: int = 1) -> None:
         check_choice("resume", self.resume, ("auto", "never"), allow_path=True)
-        check_choice("reward.kind", self.reward.kind, ("function", "model"))
+        check_choice("reward.kind", self.reward.kind, ("function", "model", "http"))
+        self.reward.validate()
         check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
         if self.reward.missing_eos_penalty or self.reward.on_truncated != "score":
             raise ConfigError(
@@ -182,10 +183,10 @@ def build_reward(cfg: RewardConfig, tokenizer: Any, device: torch.device | None 
     reading the policy's ids or re-tokenized text as ``reward.tokenizer`` decides (logged)."""
     from tritonrlhf.engine.rl.scoring import RewardScorer
 
-    if cfg.kind == "function":
-        from tritonrlhf.engine.tasks import load_callable
+    if cfg.kind in ("function", "http"):
+        from tritonrlhf.engine.rewards.functions import reward_functions
 
-        return RewardScorer.from_function(load_callable(cfg.function), clip=cfg.clip)
+        return RewardScorer(functions=reward_functions(cfg), clip=cfg.clip)
     from tritonrlhf.engine.models import load_reward_model
     from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
@@ -275,6 +276,7 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     from tritonrlhf.engine.models import load_causal_lm, prepare_policy, resolve_dtype
     from tritonrlhf.engine.rl.actor import TrainEngine
     from tritonrlhf.engine.rl.experience import collate_samples
+    from tritonrlhf.engine.rl.generation import with_columns
     from tritonrlhf.engine.rl.weight_sync import ColocatedWeightSync
     from tritonrlhf.engine.stages.common import LoopState, finish_stage, setup_resumable_stage
 
@@ -330,11 +332,16 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
                     prompts = dataset.batch(prompt_sampler.next_batch())
                     groups = rollout.generate(prompts.input_ids, n=b.n, seed=round_seed(cfg.seed, rank, rnd))
                     rollout.sleep()
-                    samples = [s for g in groups for s in g]
+                    samples = with_columns(groups, prompts.columns)  # each record's columns, for the reward
                     rb = collate_samples(samples, tokenizer, pad)
                     t1 = time.perf_counter()
                     scores, valid = reward.score(
-                        rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons
+                        rb.prompts,
+                        rb.responses,
+                        rb.sequences,
+                        rb.attention_mask,
+                        rb.finish_reasons,
+                        rb.columns,
                     )
                     kept = select_best(scores, b.n, valid).tolist()
                     t2 = time.perf_counter()

@@ -216,7 +216,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
 
 def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
     from tritonrlhf.engine.config import DataConfig
-    from tritonrlhf.engine.data import PromptDataset
+    from tritonrlhf.engine.data import PromptDataset, columns_by_name
     from tritonrlhf.engine.models import (
         check_tokenizer_matches,
         load_causal_lm,
@@ -262,6 +262,7 @@ def _evaluate(cfg: EvalConfig) -> dict[str, Any]:
         if rm is not None and rm.text_route is not None:
             rm.text_route.chats = dataset.chats  # chat prompts reach the RM as chats
         ev = _PolicyEval(cfg, tokenizer, dataset.texts[:n], dataset.input_ids[:n], ref, rm, gold)
+        ev.columns = columns_by_name(dataset.columns[:n])  # each record's columns, for the gold function
         per_policy: dict[str, dict[str, Any]] = {}
         try:
             if baseline is not None:
@@ -352,6 +353,7 @@ class _PolicyEval:
         self.ref, self.scorers = ref, {"rm": rm, "gold": gold}
         self.sampler = PolicySampler(cfg.rollout, tokenizer, cfg.seed, cfg.data.max_prompt_len)
         self.base: dict[str, Any] | None = None  # baseline samples, batch, texts and scores
+        self.columns: dict[str, list[Any]] = {}  # the prompt records' columns, name -> [n]
 
     def close(self) -> None:
         self.sampler.close()
@@ -363,7 +365,8 @@ class _PolicyEval:
     def _scores(self, name: str, batch: Any, responses: list[str], samples: list[Any]) -> torch.Tensor:
         scorer = self.scorers[name]
         if name != "rm":
-            return scorer.score(self.texts, responses)[0]
+            reasons = [s.finish_reason for s in samples]
+            return scorer.score(self.texts, responses, finish_reasons=reasons, columns=self.columns)[0]
         prompts = self.tok.batch_decode(self.prompt_ids, skip_special_tokens=True)  # as PPO's batches
         return _rm_scores(scorer, batch, prompts, responses, [s.finish_reason for s in samples])
 

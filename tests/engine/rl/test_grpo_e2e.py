@@ -38,6 +38,9 @@ from ppo_launch import REPO, PPORun, launch, require  # noqa: E402
 pytestmark = pytest.mark.slow
 
 GRPO = REPO / "configs" / "grpo_tiny.yaml"
+# The same run with its reward read from the toy prompts' `target` column by two weighted functions
+# in a worker pool (tritonrlhf.engine.rewards): the same reward values as grpo_tiny's toy_reward.
+VERIFIABLE = REPO / "configs" / "grpo_verifiable.yaml"
 STEPS, KILL_IN = 16, 4
 UPDATES_PER_STEP = 2  # 32 samples, mini-batches of 16
 COMPARED = ("reward/mean", "kl/mean", "loss/policy", "actor/kl_loss", "actor/grad_norm")
@@ -69,7 +72,7 @@ def colocate(tmp_path_factory):
         runs = kill_and_resume(
             "ppo",
             tmp_path_factory.mktemp("grpo_colocate"),
-            ["--config", str(GRPO), *QUIET],
+            ["--config", str(VERIFIABLE), "reward.workers=0", *QUIET],  # columns, in-process
             total_steps=STEPS,
             kill_in=UPDATES_PER_STEP * (KILL_IN - 1) + 1,  # the first update of step KILL_IN
             timeout_s=480,
@@ -83,6 +86,7 @@ def split_async(tmp_path_factory) -> PPORun:
     extra = [
         f"total_steps={STEPS}",
         "placement.mode=split",
+        "placement.scoring=rollout",  # the rollout rank scores, with the records' columns it was sent
         "async.max_staleness=1",
         "placement.timeout_s=120",
         "algo.dynamic_sampling.enabled=true",
@@ -92,7 +96,7 @@ def split_async(tmp_path_factory) -> PPORun:
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
-        run = launch(tmp_path_factory.mktemp("grpo_split"), extra, ranks=2, timeout_s=540, config=GRPO)
+        run = launch(tmp_path_factory.mktemp("grpo_split"), extra, ranks=2, timeout_s=540, config=VERIFIABLE)
     print(f"split async: {run.wall_s:.0f}s")
     run.check()
     return run
@@ -118,6 +122,9 @@ def _check_no_critic(rows: list[dict], summary: dict) -> None:
 def test_colocate_reward_rises_without_a_critic(colocate) -> None:
     assert colocate.rc["a"] == 0, colocate.output["a"][-6000:]
     rows = [metrics(colocate.a)[s] for s in range(1, STEPS + 1)]
+    # configs/grpo_verifiable.yaml in-process: the target column's reward is the reward.
+    assert all(r["reward/target"] == pytest.approx(r["reward/mean"], abs=1e-6) for r in rows)
+    assert all(r["reward/errors"] == 0 and r["reward/timeouts"] == 0 for r in rows)
     import json
 
     summary = json.loads((colocate.a / "summary.json").read_text())
@@ -158,6 +165,16 @@ def test_split_async_reward_rises_without_a_critic(split_async) -> None:
     # Seeds 0-3 (SPLIT_MEASURED): the smallest rise, 0.071 (seed 2), is 2.8 times this margin.
     assert last > first + 0.025, f"reward did not rise: {first:.3f} -> {last:.3f}"
     assert all(r["async/staleness_max"] <= 1 for r in rows) and rows[-1]["async/staleness_max"] == 1
+
+
+def test_split_async_reward_reads_columns_on_the_rollout_rank(split_async) -> None:
+    """configs/grpo_verifiable.yaml: the `target` column reached the rollout rank's worker pool with
+    every prompt (top-up batches of dynamic sampling included), each function is logged on its own,
+    and the weighted sum (target x 1 + stopped x 0) is the reward."""
+    for r in split_async.metrics:
+        assert r["reward/target"] == pytest.approx(r["reward/mean"], abs=1e-6), r
+        assert 0.0 <= r["reward/stopped"] <= 1.0 and r["rollout/invalid_rewards"] == 0
+    assert "[reward]" not in split_async.output  # no function failed or timed out
 
 
 def test_split_dynamic_sampling_tops_up_and_logs(split_async) -> None:
