@@ -13,7 +13,8 @@
   GPU) joins trainer 0 (root) and every rollout rank; weights are broadcast through it in
   packed buckets (``tritonrlhf.engine.rl.weight_sync.BroadcastWeightSync``).
 * small **control messages** (generate requests, samples, weight-sync headers, errors) go
-  through the launch's TCP store, keyed ``rlhf/<channel>/<seq>``. A store ``set`` never blocks
+  through the launch's TCP store, keyed ``rlhf/<channel>/<seq>``, as JSON (``tritonrlhf.engine.rl.wire``:
+  the store listens on the network with more than one node, so nothing read from it may run code). A store ``set`` never blocks
   on the peer, so a trainer that is pushing weights and a rollout rank that is returning samples
   cannot deadlock each other. Every wait on the peer is bounded by ``placement.timeout_s``.
 
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import pickle
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +34,7 @@ import torch
 import torch.distributed as tdist
 
 from tritonrlhf.engine.distributed import DIST_ENV_VARS, launched
+from tritonrlhf.engine.rl import wire
 
 _PREFIX = "rlhf"
 
@@ -43,7 +44,7 @@ class RolloutLinkError(RuntimeError):
 
 
 class Channel:
-    """Ordered one-way messages ``src -> dst`` over the TCP store (pickled objects).
+    """Ordered one-way messages ``src -> dst`` over the TCP store (JSON, ``tritonrlhf.engine.rl.wire``).
 
     ``send`` never waits for the receiver; ``recv`` waits at most ``timeout_s`` for the next
     message and deletes it once read.
@@ -58,7 +59,7 @@ class Channel:
         return f"{_PREFIX}/{self.name}/{seq}"
 
     def send(self, obj: Any) -> None:
-        self.store.set(self._key(self._sent), pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+        self.store.set(self._key(self._sent), wire.encode(obj))
         self._sent += 1
 
     def recv(
@@ -90,7 +91,14 @@ class Channel:
                 f"({key}={wait:g}): it died or hung; check its log. ({e})"
             ) from None
         self._received += 1
-        msg = pickle.loads(data)
+        try:
+            msg = wire.decode(data)
+        except wire.WireError as e:
+            raise RolloutLinkError(
+                f"refused message {slot!r} (from {self.peer}'s side of the link): {e}. It is not one "
+                "this engine sends, and nothing in it was run; another process may be writing to "
+                "this launch's store (MASTER_PORT)"
+            ) from None
         if isinstance(msg, dict) and "error" in msg:
             raise RolloutLinkError(f"{self.peer} failed:\n{msg['error']}")
         return msg
