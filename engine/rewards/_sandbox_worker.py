@@ -176,7 +176,11 @@ def _isolate(req: dict, uid: int, workdir: str, input_fd: int, out_w: int, err_w
     os.chdir(workdir)
     os.environ.clear()
     os.environ.update(
-        HOME=workdir, TMPDIR=workdir, PATH="/usr/local/bin:/usr/bin:/bin", LANG="C.UTF-8", PYTHONIOENCODING="utf-8"
+        HOME=workdir,
+        TMPDIR=workdir,
+        PATH="/usr/local/bin:/usr/bin:/bin",
+        LANG="C.UTF-8",
+        PYTHONIOENCODING="utf-8",
     )
     tempfile.tempdir = workdir
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -188,7 +192,9 @@ def _run_program(path: str) -> int:
     import io
 
     sys.stdin = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding="utf-8")
-    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace")
+    sys.stdout = io.TextIOWrapper(
+        io.FileIO(1, "w", closefd=False), encoding="utf-8", errors="backslashreplace"
+    )
     sys.stderr = io.TextIOWrapper(
         io.FileIO(2, "w", closefd=False), encoding="utf-8", errors="backslashreplace", line_buffering=True
     )
@@ -198,7 +204,10 @@ def _run_program(path: str) -> int:
     try:
         with open(path, encoding="utf-8") as f:
             src = f.read()
-        exec(compile(src, path, "exec"), {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__})
+        exec(
+            compile(src, path, "exec"),
+            {"__name__": "__main__", "__file__": path, "__builtins__": __builtins__},
+        )
     except SystemExit as e:
         if e.code is None:
             code = 0
@@ -207,8 +216,9 @@ def _run_program(path: str) -> int:
         else:
             print(e.code, file=sys.stderr)
             code = 1
-    except BaseException:
-        traceback.print_exc()
+    except BaseException as e:
+        # As ``python path`` prints it: from the program's first frame, not this function's.
+        traceback.print_exception(type(e), e, e.__traceback__.tb_next if e.__traceback__ else None)
         code = 1
     try:
         atexit._run_exitfuncs()

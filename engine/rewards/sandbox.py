@@ -214,7 +214,9 @@ def check_isolation(cfg: SandboxConfig) -> None:
             "code sandbox: %s, read-only mounts but its directory, %s, rlimits (cpu %ss, memory %s MB, "
             "files %s MB, %s processes)",
             "network allowed" if cfg.allow_network else "no network (own namespace)",
-            f"uids from {cfg.uid_base}" if root else "the caller's uid (not root: RLIMIT_NPROC counts all its processes)",
+            f"uids from {cfg.uid_base}"
+            if root
+            else "the caller's uid (not root: RLIMIT_NPROC counts all its processes)",
             cfg.cpu_s,
             cfg.memory_mb,
             cfg.file_mb,
@@ -260,16 +262,24 @@ class SandboxPool:
         self._idle.put(w)
 
     def run(self, code: str, stdin: str = "") -> SandboxResult:
-        """Run one program on the next idle worker."""
+        """Run one program on the next idle worker.
+
+        A worker that breaks (no answer within ``wall_s`` plus a grace period) is replaced and the
+        program reported as killed (returncode -9, the reason in stderr); ``SandboxUnavailable``
+        is raised.
+        """
         w = self._idle.get()
         try:
             result = w.run(code, stdin, self.cfg)
-        except BaseException:
+        except Exception as e:
             with self._lock:
                 self._all.remove(w)
             w.close()
             self._add()
-            raise
+            if isinstance(e, SandboxUnavailable):
+                raise
+            log.warning("sandbox worker replaced: %s", e)
+            return SandboxResult(returncode=-9, stdout="", stderr=str(e), timed_out=True)
         self._idle.put(w)
         return result
 
