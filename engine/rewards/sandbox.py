@@ -143,6 +143,9 @@ class _Worker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             start_new_session=True,
+            # The programs are forks of this process, so its memory (/proc/self/environ included)
+            # must hold none of the caller's secrets (tokens, API keys).
+            env={"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
         )
 
     def run(self, code: str, stdin: str, cfg: SandboxConfig) -> SandboxResult:

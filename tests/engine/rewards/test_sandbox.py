@@ -61,6 +61,16 @@ def test_exception_traceback_and_own_directory(cfg):
     assert "ZeroDivisionError" in r.stderr and "main.py" in r.stderr and "_sandbox_worker" not in r.stderr
 
 
+def test_caller_environment_not_visible(cfg, monkeypatch):
+    monkeypatch.setenv("SANDBOX_TEST_SECRET", "hunter2")
+    code = (
+        "import os\nprint(os.environ.get('SANDBOX_TEST_SECRET'))\n"
+        "try:\n    print(open('/proc/self/environ').read())\nexcept OSError as e:\n    print(e)"
+    )
+    r = run_code(code, "", cfg)
+    assert r.returncode == 0 and r.stdout.startswith("None\n") and "hunter2" not in r.stdout
+
+
 def test_infinite_loop_killed_at_timeout(cfg):
     start = time.monotonic()
     r = run_code("while True:\n    pass", "", cfg)
