@@ -26,9 +26,10 @@ thread, so they are switched off here. In the main thread each sample's parse an
 under our own ``SIGALRM`` interval timer (``TIMEOUT_S``, fractional seconds; any timer and handler
 the caller had are restored). Called from any other thread (an HTTP server's handler, a thread
 pool), the batch is sent to a helper process (a fresh interpreter started once per process and
-reused, one batch at a time; a forked child starts its own) whose main thread applies the same per-sample timer; a helper that stops answering (a C-level
-computation that no signal interrupts) is killed after the whole batch's bound and the batch raises
-``RewardError``.
+reused, one batch at a time; a forked child starts its own) whose main thread applies the same
+per-sample timer. A helper that stops answering (a C-level computation that no signal interrupts)
+is killed after the whole batch's bound, and that batch raises ``RewardError``. A main-thread
+caller's own ``SIGALRM`` timer keeps its time, but one that falls due during a check fires just after it.
 """
 
 from __future__ import annotations
