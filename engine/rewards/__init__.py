@@ -23,7 +23,8 @@ def reward(prompts: list[str], responses: list[str], answer: list[str], **kwargs
 Ready-made functions: ``tritonrlhf.engine.rewards.code:code_reward`` (the record's ``tests`` run
 against the response's code in the sandbox, ``sandbox``), ``tritonrlhf.engine.rewards.math:math_reward``
 (the final answer against the record's ``answer`` with math-verify). ``reward.kind=http`` scores over
-HTTP (``http``; ``python -m tritonrlhf.engine.rewards.serve`` serves any reward function or RM).
+HTTP (``http``; ``python -m tritonrlhf.engine.rewards.serve`` serves any reward function,
+``python -m tritonrlhf.engine.rl.serve_reward`` a reward model). ``functions`` calls them all.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import inspect
 import json
 import math
 import os
@@ -29,7 +28,7 @@ from collections.abc import Callable, Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from tritonrlhf.engine.rewards import RewardBatch
+from tritonrlhf.engine.rewards import RewardBatch, functions
 
 MAX_BODY = 256 * 2**20  # bytes; a larger request is refused with 413
 
@@ -43,34 +42,13 @@ def call_reward(
     finish_reasons: list[str] | None = None,
     columns: dict[str, list[Any]] | None = None,
 ) -> RewardBatch:
-    """Call ``fn`` per the reward contract; its scores as floats or None (invalid), with its info.
-
-    ``fn`` receives the columns and ``finish_reasons`` it names, or all of them with ``**kwargs``.
-    """
-    kwargs: dict[str, Any] = dict(columns or {})
+    """Call ``fn`` per the reward contract (``functions.call_reward``: the columns and
+    ``finish_reasons`` it names, or all with ``**kwargs``); scores as floats or None (invalid), for JSON."""
+    keywords: dict[str, list[Any]] = dict(columns or {})
     if finish_reasons:
-        kwargs["finish_reasons"] = finish_reasons
-    try:
-        params = inspect.signature(fn).parameters.values()
-        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            names = {p.name for p in params}
-            kwargs = {k: v for k, v in kwargs.items() if k in names}
-    except (TypeError, ValueError):
-        pass  # no signature to read: pass everything
-    out = fn(prompts, responses, **kwargs)
-    scores, info = (out.scores, out.info) if isinstance(out, RewardBatch) else (out, [])
-    scores = [_as_reward(s) for s in scores]
-    if len(scores) != len(prompts) or (info and len(info) != len(prompts)):
-        raise ValueError(f"the reward function returned {len(scores)} scores for {len(prompts)} samples")
-    return RewardBatch(scores, list(info or []))
-
-
-def _as_reward(x: Any) -> float | None:
-    try:
-        v = float(x)
-    except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+        keywords["finish_reasons"] = list(finish_reasons)
+    scores, info = functions.call_reward(fn, prompts, responses, keywords)
+    return RewardBatch([s if math.isfinite(s) else None for s in scores], info if any(info) else [])
 
 
 def _list_of(doc: dict[str, Any], key: str, n: int | None) -> list[Any]:
