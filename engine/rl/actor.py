@@ -572,8 +572,8 @@ class ActorWorker:
             adv = mb.advantages if advantages_from is None else advantages_from(old, entropy.detach())
             adv = adv.to(self.device)
             if keep is not None and correction is not None:
-                w = rollout_correction_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), correction)[0]
-                adv = adv * w
+                is_w = rollout_correction_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), correction)
+                adv = adv * is_w[0]
             kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
