@@ -40,6 +40,9 @@ hidden, e = input element size; small per-row terms left out here, kept in the c
   writes Ne (per-block partials are negligible).
 - ppo_policy_loss_kl (the loss with GRPO's fused k3 term): fwd reads 4Ne + N; bwd the same and
   writes Ne. The unfused pair reads logp twice and writes and re-reads an N-sized fp32 KL.
+- ppo_policy_loss_gspo (GSPO's sequence ratio, seq_mean_token_mean): the PPO loss's traffic plus
+  the pre-pass computing each sequence's mean log-ratio (reads 2Ne + N again); the backward
+  reads the S saved log-ratios. ppo_policy_loss_cispo (CISPO): the PPO loss's traffic.
 - gae: reads 2Ne + N (bool mask), writes 8N (advantages and returns, fp32); fwd only.
 
 ``--memory`` adds one row (mode ``memory``): the peak memory growth of one
@@ -83,6 +86,8 @@ KERNELS = [
     "kl_penalty",
     "ppo_policy_loss",
     "ppo_policy_loss_kl",
+    "ppo_policy_loss_gspo",
+    "ppo_policy_loss_cispo",
     "ppo_value_loss",
     "gae",
 ]
@@ -236,6 +241,21 @@ def make_case(kernel: str, size: dict, dtype: torch.dtype, device: torch.device)
     if kernel == "ppo_policy_loss":
         fns = {"eager": K.ppo_policy_loss_reference, "triton": K.ppo_policy_loss}
         return Case(f"S={shape[0]},T={T}", (x, old, y, mask), [x], fns, bytes=bytes_)
+    if kernel in ("ppo_policy_loss_gspo", "ppo_policy_loss_cispo"):
+        kind = kernel.rsplit("_", 1)[1]
+        # GSPO's own clip range and per-sequence loss; CISPO with no lower bound (MiniMax-M1).
+        opts = (
+            dict(clip_low=3e-4, clip_high=4e-4, reduction="seq_mean_token_mean")
+            if kind == "gspo"
+            else dict(clip_low=1.0, clip_high=0.28)
+        )
+        fns = {
+            "eager": lambda *a: K.ppo_policy_loss_reference(*a, loss_type=kind, **opts),
+            "triton": lambda *a: K.ppo_policy_loss(*a, loss_type=kind, **opts),
+        }
+        extra = n * (2 * e + 1) if kind == "gspo" else 0
+        b = {"fwd": fwd_b + extra, "bwd": fwd_b + n * e, "full": 2 * fwd_b + n * e + extra}
+        return Case(f"S={shape[0]},T={T},{kind}", (x, old, y, mask), [x], fns, bytes=b)
     if kernel == "ppo_value_loss":
         fns = {"eager": K.ppo_value_loss_reference, "triton": K.ppo_value_loss}
         return Case(f"S={shape[0]},T={T}", (x, old, y, mask), [x], fns, bytes=bytes_)

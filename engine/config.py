@@ -332,6 +332,24 @@ class OverlongConfig:
 
 
 @dataclass
+class RolloutCorrectionConfig:
+    """Rollout correction against the behaviour policy (the rollout engine's log-probs), verl's
+    ``rollout_corr``: the weight ``pi_old / pi_rollout`` per token (``level=token``) or per
+    sequence (``level=sequence``: the ``product`` of its token weights or their ``geometric`` mean),
+    then ``truncate`` (TIS: ``min(w, high)``) or ``mask`` (leave out tokens or sequences whose
+    weight is outside ``[low, high]``). ``mode`` null: ``async.tis_cap``'s token truncation."""
+
+    mode: str | None = None  # null | truncate | mask
+    level: str = "token"  # token | sequence
+    aggregation: str = "geometric"  # level=sequence: product | geometric
+    low: float = 0.5  # mask: lower bound
+    high: float = 2.0  # truncate: the cap; mask: upper bound
+
+
+POLICY_LOSSES = ("ppo", "gspo", "cispo")
+
+
+@dataclass
 class AlgoConfig:
     """Which RL algorithm the PPO loop runs: the advantage estimator and how the loss is reduced.
 
@@ -348,6 +366,23 @@ class AlgoConfig:
     std_eps: float = 1e-6  # grpo: (r - mean) / (std + std_eps)
     dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
     overlong: OverlongConfig = field(default_factory=OverlongConfig)
+    # The policy objective (kernels.ppo_policy_loss's loss_type): ppo (ppo.clip_low/high), gspo
+    # (the sequence ratio, clipped per sequence in its own, much smaller range), cispo (REINFORCE
+    # weighted by the clipped, stop-gradient ratio; cispo_clip_low 1: no lower bound, as MiniMax-M1).
+    policy_loss: str = "ppo"
+    gspo_clip_low: float = 3.0e-4
+    gspo_clip_high: float = 4.0e-4
+    cispo_clip_low: float = 1.0
+    cispo_clip_high: float = 0.28
+    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
+
+    def policy_clip(self, ppo: PPOAlgoConfig) -> tuple[float, float | None]:
+        """``(clip_low, clip_high)`` of the chosen objective."""
+        if self.policy_loss == "gspo":
+            return self.gspo_clip_low, self.gspo_clip_high
+        if self.policy_loss == "cispo":
+            return self.cispo_clip_low, self.cispo_clip_high
+        return ppo.clip_low, ppo.clip_high
 
     @property
     def uses_critic(self) -> bool:
@@ -447,6 +482,16 @@ class PPOConfig(StageConfig):
             whiten if p.whiten_advantages is None else p.whiten_advantages,
             norm if p.reward_norm is None else p.reward_norm,
         )
+
+    def rollout_correction(self) -> RolloutCorrectionConfig | None:
+        """The correction against the rollout engine's log-probs: ``algo.rollout_correction``, or
+        with its mode null ``async.tis_cap``'s token truncation (None when that is 0)."""
+        rc = self.algo.rollout_correction
+        if rc.mode is not None:
+            return rc
+        if self.async_.tis_cap > 0:
+            return RolloutCorrectionConfig("truncate", "token", high=self.async_.tis_cap)
+        return None
 
     def validate(self, world_size: int = 1) -> None:
         """Range and consistency checks; raises ConfigError naming the key."""
@@ -600,6 +645,41 @@ class PPOConfig(StageConfig):
             )
         if a.overlong.penalty < 0:
             raise ConfigError(f"algo.overlong.penalty must be >= 0, got {a.overlong.penalty}")
+        self._validate_objective()
+
+    def _validate_objective(self) -> None:
+        a = self.algo
+        check_choice("algo.policy_loss", a.policy_loss, POLICY_LOSSES)
+        for key in ("gspo_clip_low", "gspo_clip_high", "cispo_clip_high"):
+            v = getattr(a, key)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"algo.{key} must be a finite number > 0, got {v}")
+        if not 0.0 <= a.cispo_clip_low <= 1.0:
+            raise ConfigError(
+                f"algo.cispo_clip_low must be in [0, 1] (the weight's floor is 1 - cispo_clip_low; "
+                f"1: no floor), got {a.cispo_clip_low}"
+            )
+        if a.gspo_clip_low >= 1.0:
+            raise ConfigError(f"algo.gspo_clip_low must be < 1, got {a.gspo_clip_low}")
+        if a.policy_loss != "ppo" and self.ppo.dual_clip is not None:
+            raise ConfigError(
+                f"ppo.dual_clip is PPO's dual clip; algo.policy_loss={a.policy_loss} has none (set ppo.dual_clip=null)"
+            )
+        if a.policy_loss == "gspo" and self.resolved()[0] != "seq_mean_token_mean":
+            raise ConfigError(
+                "algo.policy_loss=gspo clips and weights whole sequences, so its loss is a mean over "
+                f"sequences: it needs algo.loss_agg=seq_mean_token_mean, got {self.resolved()[0]}"
+            )
+        rc = a.rollout_correction
+        if rc.mode is None:
+            return
+        check_choice("algo.rollout_correction.mode", rc.mode, ("truncate", "mask"))
+        check_choice("algo.rollout_correction.level", rc.level, ("token", "sequence"))
+        check_choice("algo.rollout_correction.aggregation", rc.aggregation, ("product", "geometric"))
+        if not (math.isfinite(rc.high) and rc.high >= 1.0):
+            raise ConfigError(f"algo.rollout_correction.high must be finite and >= 1, got {rc.high}")
+        if rc.mode == "mask" and not 0.0 <= rc.low <= 1.0:
+            raise ConfigError(f"algo.rollout_correction.low must be in [0, 1], got {rc.low}")
 
 
 def check_stage_counts(cfg: StageConfig) -> None:

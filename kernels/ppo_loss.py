@@ -15,6 +15,12 @@ mask weights tokens). The scalar loss is one of three reductions:
 (``tritonrlhf.kernels.kl``'s k1/k2/k3 estimate of KL(policy || reference), GRPO's loss term) before the
 reduction, inside the same kernels: the launch count is unchanged.
 
+``loss_type`` picks the policy objective, each in the same kernels (``LOSS`` constexpr):
+``ppo`` (the clipped token ratio), ``gspo`` (the clipped sequence ratio, the geometric mean of the
+token ratios: one more forward launch computes each sequence's mean log-ratio first) and
+``cispo`` (REINFORCE weighted by the clipped, stop-gradient token ratio). The formulas are in
+``ppo_policy_loss_reference``.
+
 Masked tokens never contribute, even when their inputs are inf/NaN padding. Statistics
 are masked means (0 when nothing is unmasked), returned as 0-d float32 tensors without a
 host sync.
@@ -42,6 +48,7 @@ from tritonrlhf.kernels._dispatch import (
 )
 from tritonrlhf.kernels.kl import _KIND_ID, KINDS, _expm1, _k3
 from tritonrlhf.kernels.ppo_loss_reference import (  # noqa: F401 (re-exported)
+    LOSS_TYPES,
     REDUCTIONS,
     KLLossTerm,
     ppo_policy_loss_reference,
@@ -53,12 +60,12 @@ _NSTAT = 8  # partial-sum columns: count, loss, clipped, stat_a, stat_b, dual, m
 
 # --------------------------------------------------------------------------- kernels
 @triton.jit
-def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constexpr):
+def _token_terms(x, old, y, seq, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constexpr, LOSS: tl.constexpr):
     """Per-token (loss, dloss/dx, clipped, stat_a, stat_b, dual, max_val), all fp32 (flags 0/1).
 
     Policy: x=logp, old=old_logp, y=advantages, p0=1-clip_low, p1=1+clip_high, p2=dual
-    clip, FLAG=has dual clip. Value: x=values, old=old_values, y=returns, p0=clip,
-    FLAG=has clip.
+    clip, FLAG=has dual clip, LOSS 0 ppo / 1 gspo (seq: the row's mean log-ratio, [BLOCK_S, 1])
+    / 2 cispo. Value: x=values, old=old_values, y=returns, p0=clip, FLAG=has clip.
     """
     if IS_VALUE:
         diff = x - y
@@ -79,12 +86,21 @@ def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constex
         max_val = x
     else:
         d = x - old
-        ratio = tl.exp(d)
-        l1 = -y * ratio
-        l2 = -y * tl.minimum(tl.maximum(ratio, p0), p1)
-        clipped = (l2 > l1).to(tl.float32)
-        loss = tl.maximum(l1, l2)
-        coef = tl.where(l2 > l1, 0.0, l1)  # d(-A * ratio)/dlogp = -A * ratio
+        if LOSS == 1:  # GSPO: the sequence ratio on every token; d s_t / d logp_t = s (sg(s) pi / sg(pi))
+            ratio = tl.exp(seq + tl.zeros_like(d))
+        else:
+            ratio = tl.exp(d)
+        if LOSS == 2:  # CISPO: -sg(clamp(r)) * A * logp; the clamped weight keeps every gradient
+            w_is = tl.minimum(tl.maximum(ratio, p0), p1)
+            loss = -y * w_is * x
+            coef = -y * w_is
+            clipped = ((ratio < p0) | (ratio > p1)).to(tl.float32)
+        else:
+            l1 = -y * ratio
+            l2 = -y * tl.minimum(tl.maximum(ratio, p0), p1)
+            clipped = (l2 > l1).to(tl.float32)
+            loss = tl.maximum(l1, l2)
+            coef = tl.where(l2 > l1, 0.0, l1)  # d(-A * ratio)/dlogp = -A * ratio
         if FLAG:
             l3 = -y * p2
             is_dual = (y < 0.0) & (loss > l3)
@@ -92,7 +108,7 @@ def _token_terms(x, old, y, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.constex
             coef = tl.where(is_dual, 0.0, coef)
             dual = is_dual.to(tl.float32)
         else:
-            dual = tl.zeros_like(l1)
+            dual = tl.zeros_like(ratio)
         stat_a = _k3(d)
         stat_b = ratio
         max_val = ratio
@@ -115,12 +131,33 @@ def _kl_loss_term(x, ref, KL_KIND: tl.constexpr):
 
 
 @triton.jit
+def _gspo_seq_kernel(x_ptr, old_ptr, mask_ptr, seq_ptr, S, T, BLOCK_S: tl.constexpr, BLOCK_T: tl.constexpr):
+    """seq[s] = masked mean over t of (logp - old_logp)[s, t] (0 for an empty row): GSPO's log ratio."""
+    rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+    row_ok = rows < S
+    num = tl.zeros([BLOCK_S], dtype=tl.float32)
+    cnt = tl.zeros([BLOCK_S], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        cols = t0 + tl.arange(0, BLOCK_T)
+        inb = row_ok[:, None] & (cols < T)[None, :]
+        offs = rows.to(tl.int64)[:, None] * T + cols[None, :]
+        m = tl.load(mask_ptr + offs, mask=inb, other=0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        old = tl.load(old_ptr + offs, mask=inb, other=0.0).to(tl.float32)
+        on = m != 0.0
+        num += tl.sum(tl.where(on, (tl.where(on, x, 0.0) - tl.where(on, old, 0.0)) * m, 0.0), axis=1)
+        cnt += tl.sum(m, axis=1)
+    tl.store(seq_ptr + rows, tl.where(cnt > 0.0, num / tl.where(cnt > 0.0, cnt, 1.0), 0.0), mask=row_ok)
+
+
+@triton.jit
 def _ppo_fwd_kernel(
     x_ptr,
     old_ptr,
     y_ptr,
     mask_ptr,
     ref_ptr,
+    seq_ptr,
     part_ptr,
     rowpart_ptr,
     S,
@@ -134,6 +171,7 @@ def _ppo_fwd_kernel(
     FLAG: tl.constexpr,
     KL_KIND: tl.constexpr,
     SEQ: tl.constexpr,
+    LOSS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -149,7 +187,13 @@ def _ppo_fwd_kernel(
     y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
     x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
-    loss, coef, clipped, stat_a, stat_b, dual, max_val = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    if LOSS == 1:
+        seq = tl.load(seq_ptr + rows, mask=rows < S, other=0.0)[:, None]
+    else:
+        seq = 0.0
+    loss, coef, clipped, stat_a, stat_b, dual, max_val = _token_terms(
+        x, old, y, seq, p0, p1, p2, IS_VALUE, FLAG, LOSS
+    )
     kl = tl.zeros_like(x)
     if KL_KIND >= 0:  # the KL term against the reference (KL_KIND -1: none)
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
@@ -246,6 +290,7 @@ def _ppo_bwd_kernel(
     y_ptr,
     mask_ptr,
     ref_ptr,
+    seq_ptr,
     grad_ptr,
     S,
     T,
@@ -257,6 +302,7 @@ def _ppo_bwd_kernel(
     FLAG: tl.constexpr,
     KL_KIND: tl.constexpr,
     SEQ: tl.constexpr,
+    LOSS: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_T: tl.constexpr,
 ):
@@ -273,7 +319,11 @@ def _ppo_bwd_kernel(
     y = tl.load(y_ptr + offs, mask=inb, other=0.0).to(tl.float32)
     on = m != 0.0  # zero masked positions so inf/NaN padding never enters the math
     x, old, y = tl.where(on, x, 0.0), tl.where(on, old, 0.0), tl.where(on, y, 0.0)
-    _, coef, _, _, _, _, _ = _token_terms(x, old, y, p0, p1, p2, IS_VALUE, FLAG)
+    if LOSS == 1:
+        seq = tl.load(seq_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    else:
+        seq = 0.0
+    _, coef, _, _, _, _, _ = _token_terms(x, old, y, seq, p0, p1, p2, IS_VALUE, FLAG, LOSS)
     if KL_KIND >= 0:
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
         _, dkl = _kl_loss_term(x, tl.where(on, ref, 0.0), KL_KIND)
@@ -294,25 +344,39 @@ def _blocks(S: int, T: int) -> tuple[int, int]:
     return block_s, block_t
 
 
-def _loss_fwd(x, old, y, mask, ref, params, is_value: bool, flag: bool, reduction_id: int, kl_cfg):
+def _gspo_seq(x, old, mask) -> torch.Tensor:
+    S, T = x.shape
+    block_t = min(triton.next_power_of_2(T), 1024)
+    block_s = min(triton.next_power_of_2(S), max(1, 4096 // block_t))
+    seq = torch.empty((S,), dtype=torch.float32, device=x.device)
+    record_launch("ppo_policy_loss_gspo_seq")
+    _gspo_seq_kernel[(triton.cdiv(S, block_s),)](
+        x, old, mask, seq, S, T, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=4
+    )
+    return seq
+
+
+def _loss_fwd(
+    x, old, y, mask, ref, seq, params, is_value: bool, flag: bool, reduction_id: int, kl_cfg, loss_id
+):
     S, T = x.shape
     block_s, block_t = _blocks(S, T)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
     n_tb = grid[1]
     n_part = grid[0] * grid[1]
-    seq = reduction_id != 0
+    seq_red = reduction_id != 0
     dev = x.device
     part = torch.empty((n_part, _NSTAT), dtype=torch.float32, device=dev)
-    rowpart = torch.empty((2, S, n_tb) if seq else (1,), dtype=torch.float32, device=dev)
-    rowscale = torch.empty((S,) if seq else (1,), dtype=torch.float32, device=dev)
+    rowpart = torch.empty((2, S, n_tb) if seq_red else (1,), dtype=torch.float32, device=dev)
+    rowscale = torch.empty((S,) if seq_red else (1,), dtype=torch.float32, device=dev)
     loss = torch.empty((), dtype=torch.float32, device=dev)
     stats = torch.empty((_NSTAT,), dtype=torch.float32, device=dev)
     name = "ppo_value_loss" if is_value else "ppo_policy_loss"
     record_launch(f"{name}_fwd")
     _ppo_fwd_kernel[grid](
-        x, old, y, mask, x if ref is None else ref, part, rowpart, S, T, n_tb, *params, kl_cfg[0],
-        IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=seq, BLOCK_S=block_s, BLOCK_T=block_t,
-        num_warps=8,
+        x, old, y, mask, x if ref is None else ref, x if seq is None else seq, part, rowpart, S, T, n_tb,
+        *params, kl_cfg[0], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=seq_red,
+        LOSS=loss_id, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
     )  # fmt: skip
     record_launch(f"{name}_finalize")
     _ppo_finalize_kernel[(1,)](
@@ -323,17 +387,18 @@ def _loss_fwd(x, old, y, mask, ref, params, is_value: bool, flag: bool, reductio
 
 
 def _loss_bwd(
-    g, stats, rowscale, x, old, y, mask, ref, params, is_value: bool, flag: bool, reduction_id: int, kl_cfg
-):
+    g, stats, rowscale, x, old, y, mask, ref, seq, params, is_value: bool, flag: bool, reduction_id: int,
+    kl_cfg, loss_id,
+):  # fmt: skip
     S, T = x.shape
     block_s, block_t = _blocks(S, T)
     grid = (triton.cdiv(S, block_s), triton.cdiv(T, block_t))
     grad = torch.empty_like(x)
     record_launch("ppo_value_loss_bwd" if is_value else "ppo_policy_loss_bwd")
     _ppo_bwd_kernel[grid](
-        g, stats, rowscale, x, old, y, mask, x if ref is None else ref, grad, S, T, *params, kl_cfg[0],
-        IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=reduction_id != 0, BLOCK_S=block_s,
-        BLOCK_T=block_t, num_warps=8,
+        g, stats, rowscale, x, old, y, mask, x if ref is None else ref, x if seq is None else seq, grad,
+        S, T, *params, kl_cfg[0], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1],
+        SEQ=reduction_id != 0, LOSS=loss_id, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
     )  # fmt: skip
     return grad
 
@@ -343,21 +408,26 @@ class PPOLossFunction(torch.autograd.Function):
     """Shared autograd wrapper for both losses; differentiable w.r.t. ``x`` only.
 
     ``ref`` and ``kl_cfg = (coef, kind id)``: the policy loss's KL term (``ref`` None, kind -1: none).
+    ``loss_id``: the index of the policy objective in ``LOSS_TYPES`` (GSPO's sequence log-ratios
+    are computed once in the forward and saved for the backward).
     """
 
     @staticmethod
-    def forward(ctx, x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg=(0.0, -1)):
-        loss, stats, rowscale = _loss_fwd(x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg)
-        ctx.save_for_backward(x, old, y, mask, ref, stats, rowscale)
-        ctx.cfg = (params, is_value, flag, reduction_id, kl_cfg)
+    def forward(ctx, x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg=(0.0, -1), loss_id=0):
+        seq = _gspo_seq(x, old, mask) if loss_id == 1 else None
+        loss, stats, rowscale = _loss_fwd(
+            x, old, y, mask, ref, seq, params, is_value, flag, reduction_id, kl_cfg, loss_id
+        )
+        ctx.save_for_backward(x, old, y, mask, ref, seq, stats, rowscale)
+        ctx.cfg = (params, is_value, flag, reduction_id, kl_cfg, loss_id)
         ctx.mark_non_differentiable(stats)
         return loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
-        x, old, y, mask, ref, stats, rowscale = ctx.saved_tensors
-        grad = _loss_bwd(grad_loss.contiguous(), stats, rowscale, x, old, y, mask, ref, *ctx.cfg)
-        return grad, None, None, None, None, None, None, None, None, None
+        x, old, y, mask, ref, seq, stats, rowscale = ctx.saved_tensors
+        grad = _loss_bwd(grad_loss.contiguous(), stats, rowscale, x, old, y, mask, ref, seq, *ctx.cfg)
+        return grad, None, None, None, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------- public API
@@ -396,14 +466,18 @@ def ppo_policy_loss(
     dual_clip: float | None = None,
     reduction: str = "token_mean",
     kl: KLLossTerm | None = None,
+    loss_type: str = "ppo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss (optionally asymmetric and dual-clipped) and its stats.
+    """PPO clipped surrogate loss (optionally asymmetric and dual-clipped), or GSPO's or CISPO's, and its stats.
 
     Per token: ``ratio = exp(logp - old_logp)``,
     ``loss = max(-A * ratio, -A * clamp(ratio, 1 - clip_low, 1 + clip_high))``
     (``clip_high=None`` means ``clip_low``); with ``dual_clip=c``, tokens with ``A < 0`` are
     capped at ``-A * c``. ``kl``: add ``kl.coef * kl_t`` per token, the KL term against the
-    reference fused into the same launches. See the module docstring for the reductions.
+    reference fused into the same launches. ``loss_type``: ``ppo``, ``gspo`` (the ratio is the
+    sequence's geometric mean of token ratios, clipped per sequence with ``clip_low``/``clip_high``)
+    or ``cispo`` (``-sg(clamp(ratio, 1 - clip_low, 1 + clip_high)) * A * logp``); see
+    :func:`ppo_policy_loss_reference`. See the module docstring for the reductions.
 
     Args:
         logp, old_logp, advantages: ``[..., T]`` float tensors.
@@ -422,9 +496,13 @@ def ppo_policy_loss(
         raise ValueError(f"clip_low/clip_high must be >= 0, got {clip_low}, {clip_high}")
     if dual_clip is not None and dual_clip <= 1.0:
         raise ValueError(f"dual_clip must be > 1, got {dual_clip}")
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if dual_clip is not None and loss_type != "ppo":
+        raise ValueError(f"dual_clip is PPO's; loss_type={loss_type!r} takes none")
     if not use_triton(logp):
         return ppo_policy_loss_reference(
-            logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction, kl
+            logp, old_logp, advantages, mask, clip_low, clip_high, dual_clip, reduction, kl, loss_type
         )
     clip_high = clip_low if clip_high is None else clip_high
     params = (1.0 - clip_low, 1.0 + clip_high, float(dual_clip or 0.0))
@@ -432,8 +510,9 @@ def ppo_policy_loss(
     ref = None if kl is None else _as_2d(kl.ref_logp)
     kl_cfg = (0.0, -1) if kl is None else (float(kl.coef), _KIND_ID[kl.kind])
     loss, stats = PPOLossFunction.apply(
-        x, old, y, m, ref, params, False, dual_clip is not None, REDUCTIONS.index(reduction), kl_cfg
-    )
+        x, old, y, m, ref, params, False, dual_clip is not None, REDUCTIONS.index(reduction), kl_cfg,
+        LOSS_TYPES.index(loss_type),
+    )  # fmt: skip
     names = ("clipfrac", "approx_kl", "ratio_mean", "dual_clipfrac", "ratio_max", "", "kl_loss" if kl else "")
     return loss, _stat_views(stats, names)
 

@@ -15,6 +15,9 @@ import torch
 from tritonrlhf.kernels.kl import kl_penalty_reference
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
+# The policy objectives (``loss_type``): PPO's clipped token ratio, GSPO's clipped sequence ratio,
+# CISPO's REINFORCE weighted by the clipped, stop-gradient token ratio.
+LOSS_TYPES = ("ppo", "gspo", "cispo")
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,15 @@ def _masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(on.any(), x, 0.0)
 
 
+def gspo_seq_logratio(d: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's log sequence ratio: the masked mean of the token log-ratios ``d[..., T]`` per
+    sequence, ``[..., 1]`` (0 for a sequence with no unmasked token; a float mask weights tokens)."""
+    m = mask.float()
+    num = torch.where(mask != 0, d * m, 0.0).sum(-1, keepdim=True)
+    cnt = m.sum(-1, keepdim=True)
+    return torch.where(cnt > 0, num / torch.where(cnt > 0, cnt, torch.ones_like(cnt)), 0.0)
+
+
 def ppo_policy_loss_reference(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -70,8 +82,27 @@ def ppo_policy_loss_reference(
     dual_clip: float | None = None,
     reduction: str = "token_mean",
     kl: KLLossTerm | None = None,
+    loss_type: str = "ppo",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO clipped surrogate loss, PyTorch reference (CPU path and benchmarks' baseline).
+    """PPO clipped surrogate loss (or GSPO's, or CISPO's), PyTorch reference (CPU path and
+    benchmarks' baseline).
+
+    ``loss_type`` (the per-token term before the reduction; ``clip_low``/``clip_high`` are each
+    objective's own clip range):
+
+    - ``ppo``: ``max(-A r, -A clamp(r, 1 - clip_low, 1 + clip_high))``, ``r = exp(logp - old_logp)``.
+    - ``gspo``: the same with the sequence ratio ``s = exp(mean_t (logp - old_logp))`` (the
+      geometric mean of the token ratios, over the sequence's unmasked tokens) in place of ``r``,
+      in the token-level form of the GSPO paper and verl: ``s_t = sg(s) * pi_t / sg(pi_t)``, so
+      ``d loss_t / d logp_t = -A s`` where unclipped; with ``seq_mean_token_mean`` and one
+      advantage per sequence that is exactly the gradient of the sequence-level objective.
+    - ``cispo``: ``-sg(clamp(r, 1 - clip_low, 1 + clip_high)) * A * logp``: REINFORCE weighted
+      by the clipped, stop-gradient ratio, so clipped tokens keep their gradient (MiniMax-M1).
+      The loss *value* is that surrogate (it includes ``logp``); only its gradient is meaningful.
+
+    ``clipfrac`` counts the tokens whose term was clipped (``cispo``: whose weight was clamped;
+    ``gspo``: every token of a clipped sequence); ``ratio_mean``/``ratio_max`` are of ``s`` for
+    ``gspo``. ``dual_clip`` is PPO's only.
 
     Shapes: all inputs ``[..., T]``; returns a 0-d float32 loss and a dict of 0-d float32
     stats: ``clipfrac`` (clipped term strictly larger), ``approx_kl`` (masked mean of the k3
@@ -84,12 +115,21 @@ def ppo_policy_loss_reference(
     clip_high = clip_low if clip_high is None else clip_high
     on = mask != 0  # zero masked positions first so inf/NaN padding can't reach the gradient
     adv = torch.where(on, advantages.float(), 0.0)
+    x = torch.where(on, logp.float(), 0.0)
     d = torch.where(on, logp.float() - old_logp.float(), 0.0)
-    ratio = torch.exp(d)
-    l1 = -adv * ratio
-    l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    loss = torch.maximum(l1, l2)
-    clipped = l2 > l1
+    if loss_type == "gspo":  # sg(s) * pi / sg(pi): the value of s, the gradient of each token's log-prob
+        ratio = torch.exp(x - x.detach() + gspo_seq_logratio(d, mask).detach())
+    else:
+        ratio = torch.exp(d)
+    if loss_type == "cispo":
+        weight = ratio.detach().clamp(1.0 - clip_low, 1.0 + clip_high)
+        loss = -adv * weight * x
+        clipped = (ratio < 1.0 - clip_low) | (ratio > 1.0 + clip_high)
+    else:
+        l1 = -adv * ratio
+        l2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
+        loss = torch.maximum(l1, l2)
+        clipped = l2 > l1
     if dual_clip is not None:
         l3 = -adv * dual_clip
         dual = (adv < 0) & (loss > l3)

@@ -23,8 +23,8 @@ from torch import nn
 
 from tritonrlhf import kernels
 from tritonrlhf.engine import distributed as D
-from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
-from tritonrlhf.engine.rl.experience import Experience, masked_mean, truncated_is_weights
+from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig, PPOConfig, RolloutCorrectionConfig
+from tritonrlhf.engine.rl.experience import Experience, masked_mean, rollout_correction_weights
 from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
 
 
@@ -402,22 +402,27 @@ class PolicyLossSpec:
 
     ``reduction``: a ``kernels.ppo_policy_loss`` reduction; ``scale`` multiplies the loss (Dr.
     GRPO's ``1 / constant`` on ``seq_mean_token_sum``); ``kl_kind``: the KL term's estimator when
-    ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None.
+    ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None;
+    ``loss_type``: ``ppo`` | ``gspo`` | ``cispo`` (``algo.policy_loss``) and ``clip``: its
+    ``(clip_low, clip_high)``, None for the actor's ``ppo.clip_low`` / ``clip_high``.
     """
 
     reduction: str = "token_mean"
     scale: float = 1.0
     kl_kind: str | None = None
+    loss_type: str = "ppo"
+    clip: tuple[float, float | None] | None = None
 
     @classmethod
     def from_config(cls, cfg: PPOConfig) -> PolicyLossSpec:
         agg = cfg.resolved()[0]
         kl = cfg.ppo.kl
         kl_kind = kl.kind if kl.placement == "loss" and kl.needs_reference else None
+        objective = (cfg.algo.policy_loss, cfg.algo.policy_clip(cfg.ppo))
         if agg == "seq_mean_token_sum_norm":
             const = cfg.algo.loss_agg_constant or cfg.rollout.max_new_tokens
-            return cls("seq_mean_token_sum", 1.0 / const, kl_kind)
-        return cls(agg, 1.0, kl_kind)
+            return cls("seq_mean_token_sum", 1.0 / const, kl_kind, *objective)
+        return cls(agg, 1.0, kl_kind, *objective)
 
 
 class ActorWorker:
@@ -512,6 +517,7 @@ class ActorWorker:
         keep: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
         tis_cap: float = 0.0,
         advantages_from: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        correction: RolloutCorrectionConfig | None = None,
     ) -> dict[str, float]:
         """One optimizer step over ``micro_batches`` (as many as gradient_accumulation_steps; any
         number with a token budget).
@@ -526,7 +532,8 @@ class ActorWorker:
         and each micro-batch's ``(logp, entropy)``, detached, is appended to ``keep``; with
         ``tis_cap`` > 0 the advantages are then scaled here by the truncated importance weights
         ``min(pi_old / pi_rollout, tis_cap)`` (which the trainer applies itself when it scored the
-        old log-probs beforehand). Loss = clipped PPO policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
+        old log-probs beforehand); ``correction`` (with ``keep``) replaces that truncation with
+        ``rollout_correction_weights``. Loss = clipped PPO (or GSPO / CISPO) policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
         is set; reduced as ``loss`` says over the mini-batch) - entropy_coef x mean entropy.
         Returns this rank's means of policy_loss (the kernel's loss, KL term included), entropy,
         clipfrac, approx_kl, loss (and kl_loss with a KL term), plus grad_norm, lr and skipped
@@ -545,6 +552,9 @@ class ActorWorker:
         if tokens:
             self.train.begin(len(micro_batches))
         a = self.algo
+        clip_low, clip_high = spec.clip or (a.clip_low, a.clip_high)
+        if correction is None and tis_cap > 0:
+            correction = RolloutCorrectionConfig("truncate", "token", high=tis_cap)
         self.engine.train()
         sums: dict[str, float] = {}
         per_seq = spec.reduction != "token_mean"
@@ -561,19 +571,21 @@ class ActorWorker:
             old = mb.old_logprobs if keep is None else logp.detach()
             adv = mb.advantages if advantages_from is None else advantages_from(old, entropy.detach())
             adv = adv.to(self.device)
-            if keep is not None and tis_cap > 0:
-                adv = adv * truncated_is_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), tis_cap)[0]
+            if keep is not None and correction is not None:
+                is_w = rollout_correction_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), correction)
+                adv = adv * is_w[0]
             kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
                 old,
                 adv,
                 mb.action_mask,
-                clip_low=a.clip_low,
-                clip_high=a.clip_high,
+                clip_low=clip_low,
+                clip_high=clip_high,
                 dual_clip=a.dual_clip,
                 reduction=spec.reduction,
                 kl=kl,
+                loss_type=spec.loss_type,
             )
             if spec.scale != 1.0:
                 pg_loss = pg_loss * spec.scale

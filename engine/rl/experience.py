@@ -517,22 +517,67 @@ def truncated_is_weights(
 
     old_logprobs, behaviour_logprobs: [B, R] float (the trainer's recomputation before the update,
     and the rollout engine's sampled-token log-probs); action_mask: [B, R] bool. Returns
-    (w [B, R] float32, 1 where masked; stats ``is/mean``, ``is/max`` of the untruncated weights
-    and ``is/truncated_frac``) over valid tokens. Truncation bounds the variance that stale or
-    mismatched rollouts add (Espeholt et al. 2018; "truncated IS" in verl / AReaL).
+    (w [B, R] float32, 1 where masked; stats as ``rollout_correction_weights``) over valid tokens.
+    Truncation bounds the variance that stale or mismatched rollouts add (Espeholt et al. 2018;
+    "truncated IS" in verl / AReaL).
     """
-    raw = torch.exp((old_logprobs.float() - behaviour_logprobs.float()).clamp(max=30.0))
-    raw = torch.where(action_mask, raw, torch.ones_like(raw))
-    w = raw.clamp(max=cap)
-    if action_mask.any():
-        valid = raw[action_mask]
+    from tritonrlhf.engine.config import RolloutCorrectionConfig
+
+    rc = RolloutCorrectionConfig("truncate", "token", high=cap)
+    return rollout_correction_weights(old_logprobs, behaviour_logprobs, action_mask, rc)
+
+
+def rollout_correction_weights(
+    old_logprobs: torch.Tensor, behaviour_logprobs: torch.Tensor, action_mask: torch.Tensor, rc
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Importance weights of the trainer's policy against the behaviour policy (what the rollout
+    engine sampled from), truncated or masked as ``rc`` (a ``RolloutCorrectionConfig``) says.
+
+    old_logprobs, behaviour_logprobs: [B, R] float; action_mask: [B, R] bool. The raw weight is
+    ``exp(old - behaviour)`` per token, or per sequence (``rc.level=sequence``) ``exp(sum)``
+    (``product``) or ``exp(mean)`` (``geometric``) of its valid tokens' log-ratios, broadcast to
+    them. ``truncate``: ``min(w, rc.high)``; ``mask``: 1 inside ``[rc.low, rc.high]``, 0 outside,
+    so a left-out token or sequence adds no loss and no gradient (it still counts in the loss's
+    token or sequence count). Returns (w [B, R] float32, 1 where ``action_mask`` is 0; stats over
+    the valid units, tokens or sequences: ``is/mean``, ``is/max`` of the raw weights,
+    ``is/truncated_frac`` (truncate) and ``is/masked_frac`` (mask), and ``is/ess``, the normalised
+    effective sample size ``(sum w)^2 / (n sum w^2)`` of the raw weights, 1 when they are equal).
+    """
+    mask = action_mask.bool()
+    logw = torch.where(mask, old_logprobs.float() - behaviour_logprobs.float(), 0.0)
+    if rc.level == "sequence":
+        n = mask.sum(-1, keepdim=True)
+        seq = logw.sum(-1, keepdim=True)
+        if rc.aggregation == "geometric":
+            seq = seq / n.clamp(min=1)
+        unit_log, units = seq.squeeze(-1), n.squeeze(-1) > 0
+        logw = seq.expand_as(logw)
+    raw = torch.exp(logw.clamp(min=-30.0, max=30.0))
+    if rc.level != "sequence":
+        unit_log, units = logw, mask
+    if rc.mode == "mask":
+        w = ((raw >= rc.low) & (raw <= rc.high)).float()
+    else:
+        w = raw.clamp(max=rc.high)
+    w = torch.where(mask, w, torch.ones_like(w))
+    valid = torch.exp(unit_log.clamp(min=-30.0, max=30.0))[units].double()
+    if valid.numel():
+        out = (valid < rc.low) | (valid > rc.high) if rc.mode == "mask" else valid > rc.high
         stats = {
             "is/mean": float(valid.mean()),
             "is/max": float(valid.max()),
-            "is/truncated_frac": float((valid > cap).float().mean()),
+            "is/truncated_frac": float(out.double().mean()) if rc.mode != "mask" else 0.0,
+            "is/masked_frac": float(out.double().mean()) if rc.mode == "mask" else 0.0,
+            "is/ess": float(valid.sum() ** 2 / (valid.numel() * (valid**2).sum())),
         }
     else:
-        stats = {"is/mean": 1.0, "is/max": 1.0, "is/truncated_frac": 0.0}
+        stats = {
+            "is/mean": 1.0,
+            "is/max": 1.0,
+            "is/truncated_frac": 0.0,
+            "is/masked_frac": 0.0,
+            "is/ess": 1.0,
+        }
     return w, stats
 
 

@@ -140,7 +140,7 @@ class ExperienceMixin:
             compute_advantages,
             compute_rewards,
             masked_mean,
-            truncated_is_weights,
+            rollout_correction_weights,
         )
 
         p, algo = self.cfg.ppo, self.cfg.algo
@@ -163,10 +163,9 @@ class ExperienceMixin:
                 seq, kl, exp.action_mask, kl_in_reward, p.gamma, self.whiten, across_ranks=True
             )
         stats = {}
-        if self.cfg.async_.tis_cap > 0 and tis:
-            w, stats = truncated_is_weights(
-                exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, self.cfg.async_.tis_cap
-            )
+        rc = self.cfg.rollout_correction()
+        if rc is not None and tis:
+            w, stats = rollout_correction_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, rc)
             exp.advantages = exp.advantages * w  # w >= 0, so clip-loss(w * A) = w * clip-loss(A)
         m = exp.action_mask
         stats["advantages/mean"] = float(masked_mean(exp.advantages, m))
@@ -196,9 +195,9 @@ class ExperienceMixin:
                 mb = exp.select(perm[i : i + self.mini_per_rank])
                 micro = self.batching.split(mb)  # consecutive: `kept` below stays in perm's order
                 kept: list[tuple[torch.Tensor, torch.Tensor]] | None = [] if deferred else None
-                tis = self.cfg.async_.tis_cap if deferred else 0.0
+                rc = self.cfg.rollout_correction() if deferred else None
                 with timed("time/train/actor_s"):
-                    a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, tis_cap=tis)
+                    a = self.actor.train_minibatch(micro, kl_in_loss, keep=kept, correction=rc)
                 if kept is not None:  # one mini-batch: perm covers the batch
                     idx = perm[i : i + self.mini_per_rank]
                     shape, dev = exp.action_mask.shape, exp.action_mask.device
@@ -219,12 +218,12 @@ class ExperienceMixin:
         stats.update(timed)  # time/train/actor_s, time/train/critic_s
         if deferred:
             stats.update(self.logprob_stats(exp, entropy))
-            if self.cfg.async_.tis_cap > 0:
-                from tritonrlhf.engine.rl.experience import truncated_is_weights
+            rc = self.cfg.rollout_correction()
+            if rc is not None:
+                from tritonrlhf.engine.rl.experience import rollout_correction_weights
 
-                cap = self.cfg.async_.tis_cap
                 stats.update(
-                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, cap)[1]
+                    rollout_correction_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, rc)[1]
                 )
         return stats
 
@@ -241,7 +240,7 @@ class ExperienceMixin:
         """
         p = self.cfg.ppo
         kl_in_loss = self.kl_ctl.value if p.kl.placement == "loss" else 0.0
-        tis = self.cfg.async_.tis_cap
+        rc = self.cfg.rollout_correction()
         perm = torch.randperm(exp.batch_size, generator=self._gen)
         mb = exp.select(perm)
         shape, dev = exp.action_mask.shape, exp.action_mask.device
@@ -258,18 +257,18 @@ class ExperienceMixin:
             exp.old_logprobs = in_order(logp)
             stats.update(self.advantages_for(exp, tis=False))  # the actor applies the IS weights
             stats.update(self.logprob_stats(exp, in_order(entropy)))
-            if tis > 0:
-                from tritonrlhf.engine.rl.experience import truncated_is_weights
+            if rc is not None:
+                from tritonrlhf.engine.rl.experience import rollout_correction_weights
 
                 stats.update(
-                    truncated_is_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, tis)[1]
+                    rollout_correction_weights(exp.old_logprobs, exp.rollout_logprobs, exp.action_mask, rc)[1]
                 )
             return exp.advantages[perm]
 
         def actor_update() -> None:
             with timed("time/train/actor_s"):
                 out["actor"] = self.actor.train_minibatch(
-                    [mb], kl_in_loss, keep=[], tis_cap=tis, advantages_from=advantages_from
+                    [mb], kl_in_loss, keep=[], advantages_from=advantages_from, correction=rc
                 )
 
         def returns_from(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

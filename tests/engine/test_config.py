@@ -273,3 +273,34 @@ def test_critic_free_ignores_the_critic_checkpoint_and_reinforce_pp_needs_no_gro
     ).validate(1)
     with pytest.raises(ConfigError, match="unknown config key 'algo.advantages'"):
         _load("algo.advantages=grpo", path=GRPO)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["algo.policy_loss=grpo"], "algo.policy_loss"),
+        (["algo.policy_loss=gspo", "algo.advantage=rloo", "ppo.samples_per_prompt=2"], "seq_mean_token_mean"),
+        (["algo.policy_loss=cispo", "ppo.dual_clip=3"], "dual_clip"),
+        (["algo.gspo_clip_high=0"], "gspo_clip_high"),
+        (["algo.cispo_clip_low=1.5"], "cispo_clip_low"),
+        (["algo.rollout_correction.mode=reject"], "rollout_correction.mode"),
+        (["algo.rollout_correction.mode=mask", "algo.rollout_correction.level=batch"], "level"),
+        (["algo.rollout_correction.mode=mask", "algo.rollout_correction.aggregation=sum"], "aggregation"),
+        (["algo.rollout_correction.mode=truncate", "algo.rollout_correction.high=0.5"], "high"),
+        (["algo.rollout_correction.mode=mask", "algo.rollout_correction.low=-1"], "low"),
+    ],
+)
+def test_objective_and_rollout_correction_errors(overrides, match) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(PPOConfig, None, overrides).validate()
+
+
+def test_rollout_correction_defaults_to_tis_cap() -> None:
+    cfg = load_config(PPOConfig, None, ["async.tis_cap=3"])
+    rc = cfg.rollout_correction()
+    assert (rc.mode, rc.level, rc.high) == ("truncate", "token", 3.0)
+    assert load_config(PPOConfig, None, ["async.tis_cap=0"]).rollout_correction() is None
+    gspo = ["algo.policy_loss=gspo", "algo.advantage=grpo", "ppo.samples_per_prompt=2"]
+    cfg = load_config(PPOConfig, None, ["algo.rollout_correction.mode=mask", *gspo])
+    cfg.validate()
+    assert cfg.rollout_correction().mode == "mask" and cfg.algo.policy_clip(cfg.ppo) == (3e-4, 4e-4)

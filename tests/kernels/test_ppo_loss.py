@@ -393,3 +393,177 @@ def test_kl_term_bad_inputs() -> None:
         ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x, float("nan")))
     with pytest.raises(TypeError, match="KLLossTerm"):
         ppo_policy_loss(x, x, x, m, kl=(x, 0.1))
+
+
+# --------------------------------------------------------------------------- GSPO and CISPO
+def _objective64(logp, old, adv, m, loss_type, clip_low, clip_high, reduction):
+    """GSPO's or CISPO's loss in float64, written from the papers (x: the differentiable fp64 leaf).
+
+    GSPO: s = exp(masked mean of the token log-ratios) per sequence, per token
+    max(-A s_t, -A clamp(s_t)) with s_t = sg(s) * pi_t / sg(pi_t) (verl's token-level form).
+    CISPO: -sg(clamp(r, 1 - low, 1 + high)) * A * logp.
+    """
+    x = logp.double().requires_grad_()
+    old, adv = old.double(), adv.double()
+    d = x - old
+    if loss_type == "gspo":
+        rows = m.reshape(-1, m.shape[-1])
+        cnt = rows.sum(-1)
+        seq = ((d.detach() * m).reshape(-1, m.shape[-1]).sum(-1) / cnt.clamp(min=1e-300)).where(cnt > 0, 0.0)
+        ratio = torch.exp(x - x.detach() + seq.reshape(*m.shape[:-1], 1))
+        l1, l2 = -adv * ratio, -adv * ratio.clamp(1 - clip_low, 1 + clip_high)
+        loss, clipped = torch.maximum(l1, l2), l2 > l1
+    else:
+        ratio = torch.exp(d.detach())
+        loss = -adv * ratio.clamp(1 - clip_low, 1 + clip_high) * x
+        clipped = (ratio < 1 - clip_low) | (ratio > 1 + clip_high)
+    on = m > 0
+    stats = {
+        "clipfrac": _mmean64(clipped.double(), m),
+        "approx_kl": _mmean64(torch.expm1(d.detach()) - d.detach(), m),
+        "ratio_mean": _mmean64(ratio.detach(), m),
+        "ratio_max": float(ratio.detach()[on].max()) if on.any() else 0.0,
+    }
+    return x, _reduce64(loss * m.ne(0), m, reduction), stats
+
+
+OBJECTIVES = [("gspo", 0.03, 0.04), ("gspo", 3e-4, 4e-4), ("cispo", 1.0, 0.2), ("cispo", 0.2, 0.28)]
+
+
+@pytest.mark.parametrize("objective", OBJECTIVES, ids=["gspo", "gspo_tiny", "cispo", "cispo_low"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(4, 23), (2, 3, 19), (7, 131)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gspo_cispo_match_fp64(objective, reduction, shape, dtype) -> None:
+    """Loss, stats and the gradient of a random upstream scale against float64, Triton and torch."""
+    loss_type, lo, hi = objective
+    logp = (-2.0 * torch.rand(shape)).to(dtype)
+    # Per-row offsets around the clip range, so some sequences (GSPO) and tokens fall inside it.
+    rows = torch.randn(*shape[:-1], 1) * (hi if loss_type == "gspo" else 0.2)
+    old = (logp.float() + rows + (0.02 if loss_type == "gspo" else 0.2) * torch.randn(shape)).to(dtype)
+    adv = torch.randn(shape).to(dtype)
+    mask = _mask(shape)
+    cfg = dict(clip_low=lo, clip_high=hi, reduction=reduction, loss_type=loss_type)
+    x = logp.clone().requires_grad_()
+    before = dict(LAUNCHES)
+    loss, stats = ppo_policy_loss(x, old, adv, mask, **cfg)
+    scale = torch.randn(())
+    (loss * scale).backward()
+    extra = ("ppo_policy_loss_gspo_seq",) if loss_type == "gspo" else ()
+    names = ("ppo_policy_loss_fwd", "ppo_policy_loss_finalize", "ppo_policy_loss_bwd", *extra)
+    check_launched(before, names, count=1)
+
+    x64, loss64, stats64 = _objective64(logp, old, adv, mask.double(), loss_type, lo, hi, reduction)
+    (loss64 * scale.double()).backward()
+    assert loss.dim() == 0 and loss.dtype == torch.float32 and x.grad.dtype == dtype
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), dtype, name="loss")
+    xe = logp.clone().requires_grad_()
+    eager_loss, _ = ppo_policy_loss_reference(xe, old, adv, mask, **cfg)
+    (eager_loss * scale).backward()
+    eager = xe.grad.float() if dtype != torch.float32 else None
+    assert_close_fp64(x.grad.float(), x64.grad, dtype, eager=eager, name="grad logp")
+    assert_close_fp64(eager_loss.reshape(1), loss64.detach().reshape(1), dtype, name="reference loss")
+    # GSPO flags whole sequences: one on a clip boundary may flip a row's worth of tokens.
+    row = shape[-1] if loss_type == "gspo" else 1
+    for key, value in stats64.items():
+        got = stats[key]
+        if key == "clipfrac":
+            assert abs(float(got) - value) <= 1.01 * row / max(float(mask.sum()), 1.0) + 1e-6, (got, value)
+        else:
+            assert_close_fp64(got.reshape(1), torch.tensor([value], dtype=torch.float64), dtype, name=key)
+
+
+@pytest.mark.parametrize("kind", ["k1", "k3"])
+def test_gspo_cispo_with_kl_term_match_fp64(kind) -> None:
+    """The fused KL term adds to GSPO's and CISPO's losses as to PPO's (loss and gradient, fp32)."""
+    shape = (5, 37)
+    logp = -2.0 * torch.rand(shape)
+    old = logp + 0.05 * torch.randn(shape)
+    ref = logp + 0.3 * torch.randn(shape)
+    adv = torch.randn(shape)
+    mask = _mask(shape)
+    for loss_type in ("gspo", "cispo"):
+        x = logp.clone().requires_grad_()
+        kl = KLLossTerm(ref, 0.1, kind)
+        loss, stats = ppo_policy_loss(
+            x, old, adv, mask, 0.03, 0.04, reduction="seq_mean_token_mean", kl=kl, loss_type=loss_type
+        )
+        g = torch.randn(())
+        (loss * g).backward()
+        x64 = logp.double().requires_grad_()
+        base = _objective64(logp, old, adv, mask.double(), loss_type, 0.03, 0.04, "seq_mean_token_mean")
+        x64 = base[0]
+        d = x64 - ref.double()
+        per = (torch.expm1(-d) + d) if kind == "k3" else d
+        m = mask.double()
+        rows = ((per * m).sum(-1) / m.sum(-1).clamp(min=1))[m.sum(-1) > 0].mean()
+        (g.double() * (base[1] + 0.1 * rows)).backward()
+        assert_close_fp64(loss.reshape(1), (base[1] + 0.1 * rows).detach().reshape(1), torch.float32)
+        assert_close_fp64(x.grad, x64.grad, torch.float32, name=f"{loss_type} grad")
+        assert "kl_loss" in stats
+
+
+def test_gspo_gradient_is_the_sequence_objectives() -> None:
+    """With one advantage per sequence and seq_mean_token_mean, GSPO's token-level form has the
+    gradient of the sequence-level objective mean_i max(-A_i s_i, -A_i clip(s_i)), s_i = exp(mean d)
+    (differentiated through s itself here): the paper's length-normalised sequence gradient."""
+    S, T = 6, 29
+    logp = -2.0 * torch.rand(S, T, dtype=torch.float64)
+    old = logp + torch.tensor([0.0, 1e-4, -1e-4, 0.3, -0.3, 2e-4], dtype=torch.float64)[:, None]
+    old = old + 1e-5 * torch.randn(S, T, dtype=torch.float64)
+    adv = torch.tensor([1.0, -1.0, 0.5, -2.0, 2.0, -0.7], dtype=torch.float64)[:, None].expand(S, T)
+    mask = torch.rand(S, T) > 0.2
+    x = logp.clone().float().requires_grad_()
+    loss, stats = ppo_policy_loss(
+        x, old.float(), adv.float(), mask, 3e-4, 4e-4, reduction="seq_mean_token_mean", loss_type="gspo"
+    )
+    loss.backward()
+    x64 = logp.clone().requires_grad_()
+    m = mask.double()
+    s = torch.exp(((x64 - old) * m).sum(-1) / m.sum(-1))
+    a = adv[:, 0]
+    want = torch.maximum(-a * s, -a * s.clamp(1 - 3e-4, 1 + 4e-4)).mean()
+    want.backward()
+    assert_close_fp64(loss.reshape(1), want.detach().reshape(1), torch.float32)
+    assert_close_fp64(x.grad, x64.grad, torch.float32, name="grad")
+    # Rows 3 and 4 leave the range (clipped: no gradient); row 0's ratio is 1 (gradient -A/L).
+    assert (x.grad[3] == 0).all() and (x.grad[4] == 0).all() and (x.grad[0][mask[0]] != 0).all()
+    assert abs(float(stats["ratio_max"]) - float(s.detach().max())) < 1e-4
+
+
+def test_cispo_keeps_the_gradient_of_clipped_tokens() -> None:
+    """A token whose ratio is far above 1 + clip_high: PPO gives it no gradient, CISPO gives it
+    -A * (1 + clip_high) / n (the clamped weight times the advantage, per token of the mean)."""
+    logp = torch.tensor([[1.0, 0.0, -1.0, 0.0]])
+    old = torch.zeros(1, 4)
+    adv = torch.tensor([[1.0, 1.0, -1.0, -2.0]])
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    grads = {}
+    for loss_type in ("ppo", "cispo"):
+        x = logp.clone().requires_grad_()
+        loss, stats = ppo_policy_loss(x, old, adv, mask, 0.2, 0.28, loss_type=loss_type)
+        loss.backward()
+        grads[loss_type] = x.grad[0]
+        assert abs(float(stats["clipfrac"]) - 0.5) < 1e-6  # tokens 0 (e > 1.28) and 2 (1/e < 0.8)
+    assert grads["ppo"][0] == 0 and grads["ppo"][2] == 0
+    want = torch.tensor([-1.28, -1.0, 0.8, 2.0]) / 4
+    torch.testing.assert_close(grads["cispo"], want, rtol=1e-6, atol=1e-7)
+
+
+def test_gspo_cispo_masked_padding_and_bad_inputs() -> None:
+    logp = torch.randn(3, 7, requires_grad=True)
+    mask = torch.zeros(3, 7, dtype=torch.bool)
+    mask[0, :3] = True
+    junk = torch.where(mask, torch.zeros(3, 7), torch.full((3, 7), float("nan")))
+    for loss_type in ("gspo", "cispo"):
+        for reduction in REDUCTIONS:
+            loss, stats = ppo_policy_loss(logp, junk, junk, mask, reduction=reduction, loss_type=loss_type)
+            loss.backward()
+            assert torch.isfinite(loss) and all(torch.isfinite(v) for v in stats.values())
+            assert torch.isfinite(logp.grad).all() and (logp.grad[~mask] == 0).all()
+    x = torch.zeros(2, 3)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    with pytest.raises(ValueError, match="loss_type"):
+        ppo_policy_loss(x, x, x, m, loss_type="grpo")
+    with pytest.raises(ValueError, match="dual_clip is PPO's"):
+        ppo_policy_loss(x, x, x, m, dual_clip=3.0, loss_type="gspo")

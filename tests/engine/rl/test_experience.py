@@ -344,3 +344,40 @@ def test_too_stale_rows_are_refused_masked_and_left_out_of_their_groups() -> Non
     got = torch.where(exp.action_mask, exp.advantages, torch.nan).nanmean(1).double()
     torch.testing.assert_close(got[~refused], fresh_adv[~refused], atol=1e-5, rtol=1e-5)
     assert (fresh_adv - with_refused)[~refused].abs().min() > 0.1  # the test can tell the two apart
+
+
+@pytest.mark.parametrize(
+    "level,aggregation", [("token", "geometric"), ("sequence", "product"), ("sequence", "geometric")]
+)
+@pytest.mark.parametrize("mode", ["truncate", "mask"])
+def test_rollout_correction_weights_against_float64(level, aggregation, mode) -> None:
+    """Token or sequence weights (product or geometric mean), truncated or masked, and the
+    masked fraction and normalised ESS, against float64 formulas."""
+    from tritonrlhf.engine.config import RolloutCorrectionConfig
+    from tritonrlhf.engine.rl.experience import rollout_correction_weights
+
+    g = torch.Generator().manual_seed(5)
+    old = -torch.rand(6, 11, generator=g, dtype=torch.float64) * 3
+    behaviour = old + 0.1 * torch.randn(6, 11, generator=g, dtype=torch.float64)
+    # Per-row shifts: sequences whose weight falls above, below and inside [0.7, 1.3].
+    behaviour = behaviour + torch.tensor([0.6, -0.6, 0.0, 0.05, -0.05, 0.0], dtype=torch.float64)[:, None]
+    mask = torch.rand(6, 11, generator=g) > 0.3
+    mask[2] = False  # an empty row: no unit, weight 1
+    rc = RolloutCorrectionConfig(mode, level, aggregation, low=0.7, high=1.3)
+    w, stats = rollout_correction_weights(old.float(), behaviour.float(), mask, rc)
+    d = torch.where(mask, old - behaviour, 0.0)
+    if level == "token":
+        units, raw = mask, torch.exp(d)
+    else:
+        n = mask.sum(-1, keepdim=True).double()
+        s = d.sum(-1, keepdim=True) / (n.clamp(min=1) if aggregation == "geometric" else 1)
+        units, raw = mask.any(-1), torch.exp(s).expand_as(d)
+    want = ((raw >= 0.7) & (raw <= 1.3)).double() if mode == "mask" else raw.clamp(max=1.3)
+    torch.testing.assert_close(w.double(), torch.where(mask, want, 1.0), rtol=1e-5, atol=1e-6)
+    u = raw[mask] if level == "token" else raw[:, 0][units]
+    out = ((u < 0.7) | (u > 1.3)) if mode == "mask" else u > 1.3
+    assert 0 < out.double().mean() < 1
+    key = "is/masked_frac" if mode == "mask" else "is/truncated_frac"
+    assert stats[key] == pytest.approx(float(out.double().mean()))
+    assert stats["is/ess"] == pytest.approx(float(u.sum() ** 2 / (u.numel() * (u**2).sum())), rel=1e-5)
+    assert stats["is/ess"] < 1 and stats["is/mean"] == pytest.approx(float(u.mean()), rel=1e-5)
