@@ -514,6 +514,13 @@ class PPOConfig(StageConfig):
             raise ConfigError(
                 f"algo.advantage={a.advantage} needs groups: ppo.samples_per_prompt must be >= 2, got {n}"
             )
+        if a.advantage in GROUP_ESTIMATORS and self.ppo.gamma != 1.0:
+            raise ConfigError(
+                f"ppo.gamma={self.ppo.gamma} with algo.advantage={a.advantage}: a group estimator's advantage "
+                "is one outcome for the whole sequence, and a discount would scale it by gamma^(L-1-t), "
+                "weighting a response's first tokens less the longer it is (OpenRLHF forces gamma to 1 for "
+                "these estimators, verl ignores it); set ppo.gamma=1 (gae and reinforce_pp use it)"
+            )
         if a.loss_agg_constant < 0:
             raise ConfigError(
                 f"algo.loss_agg_constant must be >= 0 (0: rollout.max_new_tokens), got {a.loss_agg_constant}"
