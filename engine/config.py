@@ -173,6 +173,9 @@ class KLConfig:
     # there is no reference model, no reference forward and no kl/ stats.
     # always: build it anyway, to log the KL at coef 0 (the KL sweep's coefficient 0).
     reference: str = "auto"
+    # k3 only: |ref_logp - logp| is clamped to this before exp() (verl's 10), in the reward and the loss;
+    # the clamped tokens get no KL gradient. A token pushed to logp -30 would otherwise give ~1e13.
+    log_ratio_clamp: float = 10.0
 
     @property
     def needs_reference(self) -> bool:
@@ -503,6 +506,10 @@ class PPOConfig(StageConfig):
         check_choice("ppo.kl.reference", kl.reference, ("auto", "always"))
         if not math.isfinite(kl.coef):
             raise ConfigError(f"ppo.kl.coef must be finite, got {kl.coef}")
+        if not kl.log_ratio_clamp > 0:
+            raise ConfigError(
+                f"ppo.kl.log_ratio_clamp must be > 0 (k3's bound on |log ratio|), got {kl.log_ratio_clamp}"
+            )
         if kl.adaptive and kl.coef <= 0:
             raise ConfigError(
                 f"ppo.kl.adaptive=true scales ppo.kl.coef multiplicatively, so it needs ppo.kl.coef > 0 "

@@ -26,6 +26,7 @@ from tritonrlhf.engine import distributed as D
 from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig, PPOConfig
 from tritonrlhf.engine.rl.experience import Experience, masked_mean, truncated_is_weights
 from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
+from tritonrlhf.kernels.kl import LOG_RATIO_CLAMP
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -402,12 +403,14 @@ class PolicyLossSpec:
 
     ``reduction``: a ``kernels.ppo_policy_loss`` reduction; ``scale`` multiplies the loss (Dr.
     GRPO's ``1 / constant`` on ``seq_mean_token_sum``); ``kl_kind``: the KL term's estimator when
-    ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None.
+    ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None;
+    ``kl_clamp``: k3's log-ratio bound (``ppo.kl.log_ratio_clamp``).
     """
 
     reduction: str = "token_mean"
     scale: float = 1.0
     kl_kind: str | None = None
+    kl_clamp: float = LOG_RATIO_CLAMP
 
     @classmethod
     def from_config(cls, cfg: PPOConfig) -> PolicyLossSpec:
@@ -416,8 +419,8 @@ class PolicyLossSpec:
         kl_kind = kl.kind if kl.placement == "loss" and kl.needs_reference else None
         if agg == "seq_mean_token_sum_norm":
             const = cfg.algo.loss_agg_constant or cfg.rollout.max_new_tokens
-            return cls("seq_mean_token_sum", 1.0 / const, kl_kind)
-        return cls(agg, 1.0, kl_kind)
+            return cls("seq_mean_token_sum", 1.0 / const, kl_kind, kl.log_ratio_clamp)
+        return cls(agg, 1.0, kl_kind, kl.log_ratio_clamp)
 
 
 class ActorWorker:
@@ -563,7 +566,11 @@ class ActorWorker:
             adv = adv.to(self.device)
             if keep is not None and tis_cap > 0:
                 adv = adv * truncated_is_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), tis_cap)[0]
-            kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
+            kl = (
+                kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind, spec.kl_clamp)
+                if spec.kl_kind
+                else None
+            )
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
                 old,
