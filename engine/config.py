@@ -99,6 +99,10 @@ class RewardConfig:
     # How a reward model reads samples: auto (its own tokenizer differs from the policy's ->
     # re-tokenized text, else the policy's ids), policy (always the ids), own (always text).
     tokenizer: str = "auto"
+    # The text route's layout: auto (the one the RM was trained in: the rm stage records plain in its
+    # checkpoint; chat prompts and RMs trained elsewhere take the RM's chat template where it has one),
+    # plain (<bos> prompt response <eos> for every sample) or chat (the RM's chat template for every sample).
+    layout: str = "auto"
 
 
 @dataclass
@@ -390,6 +394,7 @@ class PPOConfig(StageConfig):
         check_choice("reward.kind", self.reward.kind, ("function", "model"))
         check_choice("reward.on_truncated", self.reward.on_truncated, ("score", "mask"))
         check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
+        check_choice("reward.layout", self.reward.layout, ("auto", "plain", "chat"))
         if not (math.isfinite(self.reward.missing_eos_penalty) and self.reward.missing_eos_penalty >= 0):
             raise ConfigError(
                 f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"
