@@ -166,6 +166,10 @@ class RewardConfig:
     # How a reward model reads samples: auto (its own tokenizer differs from the policy's ->
     # re-tokenized text, else the policy's ids), policy (always the ids), own (always text).
     tokenizer: str = "auto"
+    # The text route's layout: auto (the one the RM was trained in: the rm stage records plain in its
+    # checkpoint; chat prompts and RMs trained elsewhere take the RM's chat template where it has one),
+    # plain (<bos> prompt response <eos> for every sample) or chat (the RM's chat template for every sample).
+    layout: str = "auto"
 
 
 @dataclass
@@ -240,6 +244,9 @@ class KLConfig:
     # there is no reference model, no reference forward and no kl/ stats.
     # always: build it anyway, to log the KL at coef 0 (the KL sweep's coefficient 0).
     reference: str = "auto"
+    # k3 only: |ref_logp - logp| is clamped to this before exp() (verl's 10), in the reward and the loss;
+    # the clamped tokens get no KL gradient. A token pushed to logp -30 would otherwise give ~1e13.
+    log_ratio_clamp: float = 10.0
 
     @property
     def needs_reference(self) -> bool:
@@ -500,6 +507,7 @@ class PPOConfig(StageConfig):
         self.reward.validate()
         check_choice("reward.on_truncated", self.reward.on_truncated, ("score", "mask"))
         check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
+        check_choice("reward.layout", self.reward.layout, ("auto", "plain", "chat"))
         if not (math.isfinite(self.reward.missing_eos_penalty) and self.reward.missing_eos_penalty >= 0):
             raise ConfigError(
                 f"reward.missing_eos_penalty must be >= 0 (subtracted from the score), got {self.reward.missing_eos_penalty}"
@@ -616,6 +624,10 @@ class PPOConfig(StageConfig):
         check_choice("ppo.kl.reference", kl.reference, ("auto", "always"))
         if not math.isfinite(kl.coef):
             raise ConfigError(f"ppo.kl.coef must be finite, got {kl.coef}")
+        if not kl.log_ratio_clamp > 0:
+            raise ConfigError(
+                f"ppo.kl.log_ratio_clamp must be > 0 (k3's bound on |log ratio|), got {kl.log_ratio_clamp}"
+            )
         if kl.adaptive and kl.coef <= 0:
             raise ConfigError(
                 f"ppo.kl.adaptive=true scales ppo.kl.coef multiplicatively, so it needs ppo.kl.coef > 0 "
@@ -626,6 +638,13 @@ class PPOConfig(StageConfig):
         if a.advantage in GROUP_ESTIMATORS and n < 2:
             raise ConfigError(
                 f"algo.advantage={a.advantage} needs groups: ppo.samples_per_prompt must be >= 2, got {n}"
+            )
+        if a.advantage in GROUP_ESTIMATORS and self.ppo.gamma != 1.0:
+            raise ConfigError(
+                f"ppo.gamma={self.ppo.gamma} with algo.advantage={a.advantage}: a group estimator's advantage "
+                "is one outcome for the whole sequence, and a discount would scale it by gamma^(L-1-t), "
+                "weighting a response's first tokens less the longer it is (OpenRLHF forces gamma to 1 for "
+                "these estimators, verl ignores it); set ppo.gamma=1 (gae and reinforce_pp use it)"
             )
         if a.loss_agg_constant < 0:
             raise ConfigError(

@@ -46,7 +46,7 @@ from tritonrlhf.kernels._dispatch import (
     record_launch,
     use_triton,
 )
-from tritonrlhf.kernels.kl import _KIND_ID, KINDS, _expm1, _k3
+from tritonrlhf.kernels.kl import _KIND_ID, KINDS, _k3, _k3_clamped, check_log_ratio_clamp
 from tritonrlhf.kernels.ppo_loss_reference import (  # noqa: F401 (re-exported)
     LOSS_TYPES,
     REDUCTIONS,
@@ -116,8 +116,9 @@ def _token_terms(x, old, y, seq, p0, p1, p2, IS_VALUE: tl.constexpr, FLAG: tl.co
 
 
 @triton.jit
-def _kl_loss_term(x, ref, KL_KIND: tl.constexpr):
-    """Per-token (kl, dkl/dx) of the policy's KL term, x = logp: k1, k2 or k3 (``tritonrlhf.kernels.kl``)."""
+def _kl_loss_term(x, ref, kl_clamp, KL_KIND: tl.constexpr):
+    """Per-token (kl, dkl/dx) of the policy's KL term, x = logp: k1, k2 or k3 (``tritonrlhf.kernels.kl``;
+    k3's log-ratio clamped to ``[-kl_clamp, kl_clamp]``)."""
     if KL_KIND == 0:
         kl = x - ref
         dkl = tl.full(x.shape, 1.0, tl.float32)
@@ -125,8 +126,7 @@ def _kl_loss_term(x, ref, KL_KIND: tl.constexpr):
         kl = 0.5 * (x - ref) * (x - ref)
         dkl = x - ref
     else:
-        kl = _k3(ref - x)
-        dkl = -_expm1(ref - x)  # d/dx [expm1(r) - r], r = ref - x
+        kl, dkl = _k3_clamped(x, ref, kl_clamp)
     return kl, dkl
 
 
@@ -167,6 +167,7 @@ def _ppo_fwd_kernel(
     p1,
     p2,
     kl_coef,
+    kl_clamp,
     IS_VALUE: tl.constexpr,
     FLAG: tl.constexpr,
     KL_KIND: tl.constexpr,
@@ -197,7 +198,7 @@ def _ppo_fwd_kernel(
     kl = tl.zeros_like(x)
     if KL_KIND >= 0:  # the KL term against the reference (KL_KIND -1: none)
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        kl, _ = _kl_loss_term(x, tl.where(on, ref, 0.0), KL_KIND)
+        kl, _ = _kl_loss_term(x, tl.where(on, ref, 0.0), kl_clamp, KL_KIND)
         loss = loss + kl_coef * kl
     lm = tl.where(on, loss * m, 0.0)
     base = part_ptr + (pid_s * n_tb + pid_t) * 8
@@ -298,6 +299,7 @@ def _ppo_bwd_kernel(
     p1,
     p2,
     kl_coef,
+    kl_clamp,
     IS_VALUE: tl.constexpr,
     FLAG: tl.constexpr,
     KL_KIND: tl.constexpr,
@@ -326,7 +328,7 @@ def _ppo_bwd_kernel(
     _, coef, _, _, _, _, _ = _token_terms(x, old, y, seq, p0, p1, p2, IS_VALUE, FLAG, LOSS)
     if KL_KIND >= 0:
         ref = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32)
-        _, dkl = _kl_loss_term(x, tl.where(on, ref, 0.0), KL_KIND)
+        _, dkl = _kl_loss_term(x, tl.where(on, ref, 0.0), kl_clamp, KL_KIND)
         coef = coef + kl_coef * dkl
     scale = tl.load(g_ptr).to(tl.float32) * tl.load(stats_ptr + 5)
     if SEQ:
@@ -375,7 +377,7 @@ def _loss_fwd(
     record_launch(f"{name}_fwd")
     _ppo_fwd_kernel[grid](
         x, old, y, mask, x if ref is None else ref, x if seq is None else seq, part, rowpart, S, T, n_tb,
-        *params, kl_cfg[0], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=seq_red,
+        *params, kl_cfg[0], kl_cfg[2], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1], SEQ=seq_red,
         LOSS=loss_id, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
     )  # fmt: skip
     record_launch(f"{name}_finalize")
@@ -397,7 +399,7 @@ def _loss_bwd(
     record_launch("ppo_value_loss_bwd" if is_value else "ppo_policy_loss_bwd")
     _ppo_bwd_kernel[grid](
         g, stats, rowscale, x, old, y, mask, x if ref is None else ref, x if seq is None else seq, grad,
-        S, T, *params, kl_cfg[0], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1],
+        S, T, *params, kl_cfg[0], kl_cfg[2], IS_VALUE=is_value, FLAG=flag, KL_KIND=kl_cfg[1],
         SEQ=reduction_id != 0, LOSS=loss_id, BLOCK_S=block_s, BLOCK_T=block_t, num_warps=8,
     )  # fmt: skip
     return grad
@@ -407,13 +409,15 @@ def _loss_bwd(
 class PPOLossFunction(torch.autograd.Function):
     """Shared autograd wrapper for both losses; differentiable w.r.t. ``x`` only.
 
-    ``ref`` and ``kl_cfg = (coef, kind id)``: the policy loss's KL term (``ref`` None, kind -1: none).
-    ``loss_id``: the index of the policy objective in ``LOSS_TYPES`` (GSPO's sequence log-ratios
-    are computed once in the forward and saved for the backward).
+    ``ref`` and ``kl_cfg = (coef, kind id, k3 log-ratio clamp)``: the policy loss's KL term (``ref`` None,
+    kind -1: none). ``loss_id``: the index of the policy objective in ``LOSS_TYPES`` (GSPO's sequence
+    log-ratios are computed once in the forward and saved for the backward).
     """
 
     @staticmethod
-    def forward(ctx, x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg=(0.0, -1), loss_id=0):
+    def forward(
+        ctx, x, old, y, mask, ref, params, is_value, flag, reduction_id, kl_cfg=(0.0, -1, 0.0), loss_id=0
+    ):
         seq = _gspo_seq(x, old, mask) if loss_id == 1 else None
         loss, stats, rowscale = _loss_fwd(
             x, old, y, mask, ref, seq, params, is_value, flag, reduction_id, kl_cfg, loss_id
@@ -508,7 +512,7 @@ def ppo_policy_loss(
     params = (1.0 - clip_low, 1.0 + clip_high, float(dual_clip or 0.0))
     x, old, y, m = (_as_2d(t) for t in (logp, old_logp, advantages, mask))
     ref = None if kl is None else _as_2d(kl.ref_logp)
-    kl_cfg = (0.0, -1) if kl is None else (float(kl.coef), _KIND_ID[kl.kind])
+    kl_cfg = (0.0, -1, 0.0) if kl is None else (float(kl.coef), _KIND_ID[kl.kind], float(kl.log_ratio_clamp))
     loss, stats = PPOLossFunction.apply(
         x, old, y, m, ref, params, False, dual_clip is not None, REDUCTIONS.index(reduction), kl_cfg,
         LOSS_TYPES.index(loss_type),
@@ -524,6 +528,7 @@ def _validate_kl(kl: KLLossTerm, logp: torch.Tensor) -> None:
         raise ValueError(f"kl.kind must be one of {KINDS}, got {kl.kind!r}")
     if not isinstance(kl.coef, (int, float)) or not float("-inf") < float(kl.coef) < float("inf"):
         raise ValueError(f"kl.coef must be a finite number, got {kl.coef!r}")
+    check_log_ratio_clamp(kl.log_ratio_clamp)
     check_float("kl.ref_logp", kl.ref_logp)
     check_same_device(logp=logp, **{"kl.ref_logp": kl.ref_logp})
     check_same_shape(logp=logp, **{"kl.ref_logp": kl.ref_logp})

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tritonrlhf.kernels.kl import kl_penalty_reference
+from tritonrlhf.kernels.kl import LOG_RATIO_CLAMP, kl_penalty_reference
 
 REDUCTIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum")
 # The policy objectives (``loss_type``): PPO's clipped token ratio, GSPO's clipped sequence ratio,
@@ -26,12 +26,14 @@ class KLLossTerm:
 
     ``ref_logp``: ``[..., T]`` reference log-probs, the shape of ``logp`` (not differentiated);
     ``coef``: its weight (GRPO's beta); ``kind``: ``k1`` | ``k2`` | ``k3`` (``tritonrlhf.kernels.kl``; GRPO
-    uses k3, the low-variance unbiased estimator of KL(policy || reference)).
+    uses k3, the low-variance unbiased estimator of KL(policy || reference)); ``log_ratio_clamp``:
+    k3's bound on ``|ref_logp - logp|`` (``tritonrlhf.kernels.kl``).
     """
 
     ref_logp: torch.Tensor
     coef: float
     kind: str = "k3"
+    log_ratio_clamp: float = LOG_RATIO_CLAMP
 
 
 # --------------------------------------------------------------------------- reference
@@ -138,7 +140,10 @@ def ppo_policy_loss_reference(
         dual = torch.zeros_like(clipped)
     if kl is not None:
         kl_t = kl_penalty_reference(
-            torch.where(on, logp.float(), 0.0), torch.where(on, kl.ref_logp.float(), 0.0), kl.kind
+            torch.where(on, logp.float(), 0.0),
+            torch.where(on, kl.ref_logp.float(), 0.0),
+            kl.kind,
+            kl.log_ratio_clamp,
         )
         loss = loss + float(kl.coef) * kl_t
     out = _masked_reduce(loss, mask, reduction)

@@ -26,6 +26,7 @@ from tritonrlhf.engine import distributed as D
 from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig, PPOConfig, RolloutCorrectionConfig
 from tritonrlhf.engine.rl.experience import Experience, masked_mean, rollout_correction_weights
 from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
+from tritonrlhf.kernels.kl import LOG_RATIO_CLAMP
 
 
 # --------------------------------------------------------------------------- log-probs
@@ -405,6 +406,7 @@ class PolicyLossSpec:
     ``ppo.kl.placement=loss`` (fused into the loss kernel) with a reference, else None;
     ``loss_type``: ``ppo`` | ``gspo`` | ``cispo`` (``algo.policy_loss``) and ``clip``: its
     ``(clip_low, clip_high)``, None for the actor's ``ppo.clip_low`` / ``clip_high``.
+    ``kl_clamp``: k3's log-ratio bound (``ppo.kl.log_ratio_clamp``).
     """
 
     reduction: str = "token_mean"
@@ -412,6 +414,7 @@ class PolicyLossSpec:
     kl_kind: str | None = None
     loss_type: str = "ppo"
     clip: tuple[float, float | None] | None = None
+    kl_clamp: float = LOG_RATIO_CLAMP
 
     @classmethod
     def from_config(cls, cfg: PPOConfig) -> PolicyLossSpec:
@@ -421,8 +424,8 @@ class PolicyLossSpec:
         objective = (cfg.algo.policy_loss, cfg.algo.policy_clip(cfg.ppo))
         if agg == "seq_mean_token_sum_norm":
             const = cfg.algo.loss_agg_constant or cfg.rollout.max_new_tokens
-            return cls("seq_mean_token_sum", 1.0 / const, kl_kind, *objective)
-        return cls(agg, 1.0, kl_kind, *objective)
+            return cls("seq_mean_token_sum", 1.0 / const, kl_kind, *objective, kl.log_ratio_clamp)
+        return cls(agg, 1.0, kl_kind, *objective, kl.log_ratio_clamp)
 
 
 class ActorWorker:
@@ -574,7 +577,11 @@ class ActorWorker:
             if keep is not None and correction is not None:
                 is_w = rollout_correction_weights(old, mb.rollout_logprobs, mb.action_mask.bool(), correction)
                 adv = adv * is_w[0]
-            kl = kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind) if spec.kl_kind else None
+            kl = (
+                kernels.KLLossTerm(mb.ref_logprobs, kl_coef, spec.kl_kind, spec.kl_clamp)
+                if spec.kl_kind
+                else None
+            )
             pg_loss, st = kernels.ppo_policy_loss(
                 logp,
                 old,

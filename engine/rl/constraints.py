@@ -24,6 +24,10 @@ How a step is checked (the response text so far never matches: that is what the 
   of the response matches it (``$`` matches the end of the text so far).
 * Tokens whose piece is not plain text (a lone byte of a multi-byte character decodes to
   U+FFFD) are checked exactly instead: ``decode(ids + [t])`` searched in full.
+* The response's first token is what ``decode([t])`` gives alone, its *first piece*: SentencePiece
+  decoders drop the leading space there (``'▁hello'`` decodes to ``'hello'``, so ``^hello``
+  must ban it and ``' hello'`` must not), byte-level BPEs keep it. The first step uses those
+  pieces; a response whose tokens so far decode to nothing is checked exactly.
 
 If every token would be banned, the stop token (EOS) is allowed: the response ends there and no
 banned text is emitted. Special tokens decode to nothing, so EOS is never banned otherwise.
@@ -70,8 +74,13 @@ class BannedText:
         self.eos_token_id = tokenizer.eos_token_id
         self.pieces, self.exact = _pieces(tokenizer)
         n = len(self.pieces)
+        # the first response token's text: decode([t]) (SentencePiece drops the piece's leading space)
+        self.first_pieces = tokenizer.batch_decode([[t] for t in range(n)], skip_special_tokens=True)
         # contains[j][t]: strings[j] lies inside piece t; starts[j][k][t]: piece t starts with strings[j][k:]
         self.contains = [torch.tensor([b in p for p in self.pieces], dtype=torch.bool) for b in self.strings]
+        self.first_contains = [
+            torch.tensor([b in p for p in self.first_pieces], dtype=torch.bool) for b in self.strings
+        ]
         self.starts = [
             {
                 k: torch.tensor([p.startswith(b[k:]) for p in self.pieces], dtype=torch.bool)
@@ -103,8 +112,14 @@ class BannedText:
         n = len(self.pieces)
         ids = [int(i) for i in ids if 0 <= int(i) < n]
         text = self.decode(ids)
+        if ids and not text:  # tokens that decode to nothing so far: what the next adds is unknown
+            return self._exact_mask(ids, range(n), n, vocab_size)
+        first = not ids
+        pieces = self.first_pieces if first else self.pieces
         mask = torch.zeros(n, dtype=torch.bool)
-        for b, contains, starts in zip(self.strings, self.contains, self.starts):
+        for b, contains, starts in zip(
+            self.strings, self.first_contains if first else self.contains, self.starts
+        ):
             mask |= contains
             for k, table in starts.items():
                 if text.endswith(b[:k]):
@@ -116,11 +131,18 @@ class BannedText:
                 keep = width + _LOOKAROUND_MARGIN
                 tail, pos = (text, 0) if len(text) <= keep else (text[-keep:], 1)  # pos 1: no false ^
             todo = (~mask & self._plain).nonzero().flatten().tolist()
-            hits = [t for t in todo if pattern.search(tail + self.pieces[t], pos)]
+            hits = [t for t in todo if pattern.search(tail + pieces[t], pos)]
             mask[hits] = True
-        if self.exact:
-            texts = self._decode_many([ids + [t] for t in self.exact])
-            mask[self.exact] = torch.tensor([self.violates(text) for text in texts])
+        return self._exact_mask(ids, self.exact, n, vocab_size, mask)
+
+    def _exact_mask(self, ids, tokens, n, vocab_size, mask=None) -> torch.Tensor:
+        """``mask`` with ``tokens`` checked by decoding ``ids + [t]`` in full, the EOS fallback, sized
+        to ``vocab_size``."""
+        mask = torch.zeros(n, dtype=torch.bool) if mask is None else mask
+        tokens = list(tokens)
+        if tokens:
+            texts = self._decode_many([ids + [t] for t in tokens])
+            mask[tokens] = torch.tensor([self.violates(text) for text in texts])
         if mask.all() and self.eos_token_id is not None:
             mask[self.eos_token_id] = False
         out = torch.zeros(max(vocab_size or n, n), dtype=torch.bool)

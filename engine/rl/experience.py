@@ -22,6 +22,7 @@ import torch
 
 from tritonrlhf import kernels
 from tritonrlhf.engine.data import columns_by_name
+from tritonrlhf.kernels.kl import LOG_RATIO_CLAMP
 
 _TENSOR_FIELDS = (
     "sequences",
@@ -449,12 +450,14 @@ def compute_rewards(
     action_mask: torch.Tensor,
     kl_coef: float,
     kl_kind: str = "k1",
+    log_ratio_clamp: float = LOG_RATIO_CLAMP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: ``-kl_coef * kl`` on every response token plus the score on the last one.
 
     scores [B], logprobs/ref_logprobs/action_mask [B, R] -> (rewards [B, R], kl [B, R]),
     float32, zero where ``action_mask`` is 0. A row with no response tokens gets no score.
     ``ref_logprobs`` None (no reference model: the KL is off, ``kl_coef`` must be 0): kl is zero.
+    ``log_ratio_clamp``: k3's bound on the log-ratio (``ppo.kl.log_ratio_clamp``).
     """
     mask = action_mask.bool()
     if ref_logprobs is None:
@@ -462,7 +465,7 @@ def compute_rewards(
             raise ValueError(f"compute_rewards: kl_coef={kl_coef} needs ref_logprobs")
         kl = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
     else:
-        kl = kernels.kl_penalty(logprobs, ref_logprobs, kind=kl_kind).float()
+        kl = kernels.kl_penalty(logprobs, ref_logprobs, kl_kind, log_ratio_clamp).float()
         kl = torch.where(mask, kl, torch.zeros_like(kl))
     rewards = -float(kl_coef) * kl
     last = last_token_index(mask)

@@ -150,7 +150,7 @@ class ExperienceMixin:
         # logged after train(). No reference: the KL is zero here and absent from the stats.
         old = exp.old_logprobs if exp.old_logprobs is not None else exp.ref_logprobs
         exp.rewards, kl = compute_rewards(
-            exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind
+            exp.scores, old, exp.ref_logprobs, exp.action_mask, kl_in_reward, p.kl.kind, p.kl.log_ratio_clamp
         )
         if self.critic is not None:
             exp.advantages, exp.returns = compute_advantages(
@@ -304,7 +304,10 @@ class ExperienceMixin:
         m = exp.action_mask
         out = {}
         if exp.ref_logprobs is not None:
-            kl = kernels.kl_penalty(exp.old_logprobs, exp.ref_logprobs, kind=self.cfg.ppo.kl.kind).float()
+            kl_cfg = self.cfg.ppo.kl
+            kl = kernels.kl_penalty(
+                exp.old_logprobs, exp.ref_logprobs, kl_cfg.kind, kl_cfg.log_ratio_clamp
+            ).float()
             kl = torch.where(m.bool(), kl, torch.zeros_like(kl))
             # Per-sequence KL summed over tokens, averaged over the rows that train on every rank
             # (rows dropped by an invalid reward, staleness or on_truncated=mask have no unmasked token).
@@ -334,7 +337,10 @@ class ExperienceMixin:
         n = min(self.cfg.logging.samples_per_step, exp.batch_size)
         seq_kl = None
         if exp.ref_logprobs is not None:
-            kl = kernels.kl_penalty(exp.old_logprobs[:n], exp.ref_logprobs[:n], kind=self.cfg.ppo.kl.kind)
+            kl_cfg = self.cfg.ppo.kl
+            kl = kernels.kl_penalty(
+                exp.old_logprobs[:n], exp.ref_logprobs[:n], kl_cfg.kind, kl_cfg.log_ratio_clamp
+            )
             seq_kl, _ = sequence_kl(kl, rb.action_mask[:n])
         lengths = rb.action_mask[:n].sum(1)
         reasons = rb.finish_reasons or ["stop"] * n

@@ -51,6 +51,61 @@ def check_packable(model: nn.Module, role: str) -> None:
             f"ppo.packing: the {role} ({model_type}) uses attn_implementation={attn!r}, which does not "
             f"read packed position_ids; use one of {list(PACKABLE_ATTENTION)} or ppo.packing=false"
         )
+    if attn in ("eager", "sdpa"):
+        err = packed_row_error(type(config), attn)
+        if err > PACKED_ROW_TOL:
+            import transformers
+
+            raise ValueError(
+                f"ppo.packing: the {role} ({model_type}, attn_implementation={attn}): a two-sample packed row "
+                f"differs from its padded forward by {err:.3g} (> {PACKED_ROW_TOL}) on a tiny {model_type} "
+                f"model under the installed transformers {transformers.__version__}: its masking does not "
+                "turn restarting position_ids into a block-diagonal mask, so packed samples would attend to "
+                "each other. Upgrade transformers (tested with 5.x) or set ppo.packing=false."
+            )
+
+
+PACKED_ROW_TOL = 1e-4  # fp32; a leaky mask differs by ~1e-2 or more (tests/engine/rl/test_packing.py)
+_PACKED_ROW_ERRORS: dict[tuple[type, str], float] = {}
+
+
+def packed_row_error(config_cls: type, attn: str) -> float:
+    """Max |packed - padded| of the final hidden states of a tiny fp32 base model of ``config_cls``'s
+    family under ``attn``: two samples (5 and 3 tokens) in one packed row against their padded
+    ``[2, 5]`` forward. What packing relies on is the installed transformers' masking (it must
+    detect the restarting ``position_ids``), not the checkpoint, so a tiny model of the same
+    class checks it in milliseconds; cached per (class, attention)."""
+    key = (config_cls, attn)
+    if key not in _PACKED_ROW_ERRORS:
+        from transformers import AutoModel
+
+        config = config_cls(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            head_dim=8,
+            max_position_embeddings=64,
+        )
+        config._attn_implementation = attn
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            body = AutoModel.from_config(config, attn_implementation=attn).float().eval()
+            seqs = torch.randint(1, 32, (2, 5))
+        mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+        with torch.no_grad():
+            padded = body(
+                input_ids=seqs * mask,
+                attention_mask=mask,
+                position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
+                use_cache=False,
+            ).last_hidden_state
+            pk = pack(seqs, mask)  # one row: [1, 8], positions 0..4, 0..2
+            packed = packed_hidden(body, pk)[pk.slot[mask.bool()]]
+        _PACKED_ROW_ERRORS[key] = float((packed - padded[mask.bool()]).abs().max())
+    return _PACKED_ROW_ERRORS[key]
 
 
 @dataclass(frozen=True)

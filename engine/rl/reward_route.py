@@ -4,12 +4,17 @@
 the policy's EOS) are scored as they are. *Text route*: the RM has its own tokenizer (another
 vocabulary, other special-token ids or another chat template), so each sample is decoded with the
 policy's tokenizer (special tokens dropped, so no policy EOS in the text) and re-tokenized with the
-RM's: rendered with the RM's chat template (user turn = prompt, assistant turn = response, no
-generation prompt) where it has one, else laid out as the rm stage trains (``<bos> prompt
-response <eos>``, ``tritonrlhf.engine.data.encode_prompt`` / ``encode_response``; a response cut at
-``max_new_tokens`` gets no EOS there, as on the token route; a chat template closes every turn its
-own way). A sample longer than the RM's positions is not cut: its score is invalid (dropped from
-the loss and counted) and a warning says so.
+RM's, in one of two layouts: the RM's chat template (user turn = prompt, assistant turn = response,
+no generation prompt), or the rm stage's (``<bos> prompt response <eos>``,
+``tritonrlhf.engine.data.encode_prompt`` / ``encode_response``; a response cut at ``max_new_tokens``
+gets no EOS there, as on the token route; a chat template closes every turn its own way).
+Which one (``reward.layout``, auto): an RM is scored in the layout it was trained in. The rm stage
+records it in the checkpoint's ``config.json`` (``rm_layout: plain``), so plain-string prompts reach
+such an RM as ``<bos> prompt response <eos>`` even when its tokenizer carries a chat template;
+chat prompts (``{"messages"}``) and RMs trained elsewhere (no record) take the chat template where
+the tokenizer has one. ``reward.layout=plain`` / ``chat`` forces one layout for every sample.
+A sample longer than the RM's positions is not cut: its score is invalid (dropped from the loss
+and counted) and a warning says so.
 
 ``resolve_reward_route`` decides from ``reward.tokenizer`` (auto | policy | own), reading only the
 RM's ``config.json`` and tokenizer files, so it runs before any weights load.
@@ -28,6 +33,9 @@ import torch
 from tritonrlhf.engine.config import ConfigError
 
 TOKENIZER_SETTINGS = ("auto", "policy", "own")
+LAYOUT_SETTINGS = ("auto", "plain", "chat")
+# config.json key the rm stage writes: the layout its pairs were trained in ("plain": <bos> p r <eos>)
+RM_LAYOUT_KEY = "rm_layout"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
@@ -63,19 +71,23 @@ class TextRoute:
     tokenizer: Any
     max_len: int
     chat: bool = True  # False: the rm stage's layout even where the tokenizer has a chat template
+    # True: plain-string prompts take the rm stage's layout (the RM was trained so: its checkpoint
+    # records rm_layout=plain); chat prompts still take the chat template
+    plain_prompts: bool = False
     # Chat prompts' conversations by their decoded prompt text (PromptDataset.chats): rendered as
     # the conversation itself, not as the policy's rendering of it.
     chats: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     num_too_long: int = field(default=0, init=False)
 
     def render(self, prompt: str, response: str, stopped: bool = True) -> list[int]:
-        """One sample's RM ids: the RM's chat template if it has one, else the rm stage's layout.
+        """One sample's RM ids: the RM's chat template if it has one (and, with ``plain_prompts``, the
+        prompt was a chat), else the rm stage's layout.
 
         A prompt found in ``chats`` was a chat: the RM's template renders that conversation (system
         turns included) and the response; the rm stage's layout takes its last user turn."""
         tok = self.tokenizer
         chat = self.chats.get(prompt)
-        if self.chat and tok.chat_template:
+        if self.chat and tok.chat_template and (chat is not None or not self.plain_prompts):
             turns = list(chat) if chat is not None else [{"role": "user", "content": prompt}]
             text = tok.apply_chat_template(
                 [*turns, {"role": "assistant", "content": response}],
@@ -144,8 +156,10 @@ def resolve_reward_route(
     rm_path: str | os.PathLike,
     role: str = "reward.model_path",
     key: str = "reward.tokenizer",
+    layout: str = "auto",
 ) -> RewardRoute:
-    """Decide how the RM at ``rm_path`` reads samples (``setting``: auto | policy | own).
+    """Decide how the RM at ``rm_path`` reads samples (``setting``: auto | policy | own) and, on the
+    text route, in which layout (``layout``: auto | plain | chat, ``reward.layout``; see the module doc).
 
     Reads ``config.json`` and the tokenizer files only. ConfigError (naming ``key`` / ``role``) when
     ``policy`` is forced but the policy can emit ids the RM has no embedding row for, when ``own``
@@ -156,6 +170,8 @@ def resolve_reward_route(
 
     if setting not in TOKENIZER_SETTINGS:
         raise ConfigError(f"{key} must be one of {list(TOKENIZER_SETTINGS)}, got {setting!r}")
+    if layout not in LAYOUT_SETTINGS:
+        raise ConfigError(f"reward.layout must be one of {list(LAYOUT_SETTINGS)}, got {layout!r}")
     config = require_checkpoint_kind(rm_path, role, "seq_cls")
     n_emb, n_pol = int(config.vocab_size), len(policy_tok)
     rm_tok = load_tokenizer(rm_path, role=role) if _has_tokenizer(rm_path) else None
@@ -168,9 +184,19 @@ def resolve_reward_route(
             )
         limit = int(getattr(config, "max_position_embeddings", 0) or 0) or int(rm_tok.model_max_length)
         why = f"{key}={setting}" + (f"; tokenizers differ: {', '.join(diffs)}" if diffs else "")
-        return RewardRoute(
-            "text", why + "; samples are re-tokenized as text", diffs, TextRoute(rm_tok, limit)
+        if layout == "chat" and not rm_tok.chat_template:
+            raise ConfigError(f"reward.layout=chat but {role}={rm_path}'s tokenizer has no chat template")
+        trained = getattr(config, RM_LAYOUT_KEY, None)
+        text = TextRoute(
+            rm_tok, limit, chat=layout != "plain", plain_prompts=layout == "auto" and trained == "plain"
         )
+        if not rm_tok.chat_template or layout == "plain":
+            how = "the rm stage's layout <bos> prompt response <eos>"
+        elif text.plain_prompts:
+            how = f"its recorded {RM_LAYOUT_KEY}=plain for plain prompts, its chat template for chat prompts"
+        else:
+            how = "its chat template"
+        return RewardRoute("text", why + f"; samples are re-tokenized as text in {how}", diffs, text)
     if n_pol > n_emb:
         what = f"{key}=policy" if setting == "policy" else f"{role} has no tokenizer files, so"
         raise ConfigError(

@@ -125,7 +125,9 @@ class _Scorer:
         if cfg.reward.kind == "model":  # the trainer ranks checked it and logged the route
             from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
-            route = resolve_reward_route(cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path)
+            route = resolve_reward_route(
+                cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path, layout=cfg.reward.layout
+            )
             if route.text is not None:  # chat prompts reach the RM as chats, as on the trainer ranks
                 from tritonrlhf.engine.data import PromptDataset
 

@@ -130,7 +130,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
             self.reward_route = resolve_reward_route(
-                cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path
+                cfg.reward.tokenizer, self.tokenizer, cfg.reward.model_path, layout=cfg.reward.layout
             )
             if self.rank == 0:
                 print(self.reward_route.log_line(), flush=True)

@@ -107,6 +107,7 @@ class BoNConfig(StageConfig):
         check_choice("reward.kind", self.reward.kind, ("function", "model", "http"))
         self.reward.validate()
         check_choice("reward.tokenizer", self.reward.tokenizer, ("auto", "policy", "own"))
+        check_choice("reward.layout", self.reward.layout, ("auto", "plain", "chat"))
         if self.reward.missing_eos_penalty or self.reward.on_truncated != "score":
             raise ConfigError(
                 "reward.missing_eos_penalty and reward.on_truncated apply to RL runs (engine.cli ppo); "
@@ -190,7 +191,7 @@ def build_reward(cfg: RewardConfig, tokenizer: Any, device: torch.device | None 
     from tritonrlhf.engine.models import load_reward_model
     from tritonrlhf.engine.rl.reward_route import resolve_reward_route
 
-    route = resolve_reward_route(cfg.tokenizer, tokenizer, cfg.model_path)
+    route = resolve_reward_route(cfg.tokenizer, tokenizer, cfg.model_path, layout=cfg.layout)
     if D.is_main():
         print(route.log_line(), flush=True)
     rm = load_reward_model(cfg.model_path, torch.float32, "auto", device)

@@ -6,7 +6,8 @@ N(0, std) (default std = 1 / (H + 1), as the critic's value head) so rewards sta
 near zero whatever transformers' default init does. A sequence
 ``<bos> prompt response <eos>`` (the layout every stage uses) is scored at its
 last real token, from the attention mask, exactly as ``tritonrlhf.engine.rl.scoring`` scores
-PPO rollouts.
+PPO rollouts. The checkpoint's ``config.json`` records that layout (``rm_layout: plain``), so the
+text route scores plain prompts in it even when the tokenizer has a chat template.
 
 Loss per pair: ``-log sigmoid(r_chosen - r_rejected - margin)``, with ``margin``
 from ``train.margin`` plus, with ``train.margin_from_data``, each record's numeric
@@ -245,6 +246,7 @@ def load_rm_model(cfg: RMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
         resolve_dtype,
     )
     from tritonrlhf.engine.rl.critic import reward_head_of
+    from tritonrlhf.engine.rl.reward_route import RM_LAYOUT_KEY
 
     path = cfg.model.path
     require_checkpoint_kind(path, "model.path", "causal_lm")
@@ -273,6 +275,9 @@ def load_rm_model(cfg: RMConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBa
             nn.init.zeros_(head.bias)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
+    # Recorded in every checkpoint this stage writes (config.json): the pairs' layout, which a reward
+    # model with its own tokenizer is then scored in (engine.rl.reward_route), chat template or not.
+    setattr(model.config, RM_LAYOUT_KEY, "plain")
     return model.train(), tokenizer
 
 

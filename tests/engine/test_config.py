@@ -245,6 +245,13 @@ def test_grpo_tiny_loads_and_resolves_the_estimators_defaults():
         (["algo.loss_agg=sum"], "algo.loss_agg must be one of"),
         (["ppo.samples_per_prompt=1"], "algo.advantage=grpo needs groups: ppo.samples_per_prompt"),
         (["algo.advantage=rloo", "ppo.samples_per_prompt=1"], "algo.advantage=rloo needs groups"),
+        (["ppo.gamma=0.99"], r"ppo.gamma=0.99 with algo.advantage=grpo: .*OpenRLHF forces gamma to 1"),
+        (["algo.advantage=rloo", "ppo.gamma=0.9"], "ppo.gamma=0.9 with algo.advantage=rloo"),
+        (["algo.advantage=dr_grpo", "ppo.gamma=0.9"], "ppo.gamma=0.9 with algo.advantage=dr_grpo"),
+        (
+            ["algo.advantage=reinforce_pp_baseline", "ppo.gamma=0.9"],
+            "with algo.advantage=reinforce_pp_baseline",
+        ),
         (["algo.loss_agg_constant=-1"], "algo.loss_agg_constant must be >= 0"),
         (["algo.std_eps=0"], "algo.std_eps must be > 0"),
         (["algo.dynamic_sampling.max_draws=0"], "algo.dynamic_sampling.max_draws must be >= 1"),
@@ -273,6 +280,9 @@ def test_critic_free_ignores_the_critic_checkpoint_and_reinforce_pp_needs_no_gro
     ).validate(1)
     with pytest.raises(ConfigError, match="unknown config key 'algo.advantages'"):
         _load("algo.advantages=grpo", path=GRPO)
+    # gamma discounts a per-token return: fine where the advantage is one (gae, reinforce_pp)
+    _load("algo.advantage=reinforce_pp", "ppo.gamma=0.9", path=GRPO).validate(1)
+    _load("ppo.gamma=0.9").validate(1)
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -12,8 +14,9 @@ from tritonrlhf.kernels._dispatch import LAUNCHES
 SHAPES = [(37,), (3, 41), (2, 3, 17)]
 
 
-def _formula64(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str):
-    """(kl, dkl/dlogp * g, dkl/dref * g) in float64, written out by hand."""
+def _formula64(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str, clamp: float = 10.0):
+    """(kl, dkl/dlogp * g, dkl/dref * g) in float64, written out by hand (k3: r clamped to
+    [-clamp, clamp], gradient 0 outside)."""
     lp, rf, g = logp.double(), ref.double(), g.double()
     d = lp - rf
     if kind == "k1":
@@ -21,7 +24,10 @@ def _formula64(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str
     if kind == "k2":
         return 0.5 * d * d, g * d, -g * d
     r = rf - lp
-    return torch.expm1(r) - r, -g * torch.expm1(r), g * torch.expm1(r)
+    inside = r.abs() <= clamp
+    r = r.clamp(-clamp, clamp)
+    dref = torch.where(inside, g * torch.expm1(r), 0.0)
+    return torch.expm1(r) - r, -dref, dref
 
 
 def _eager(logp: torch.Tensor, ref: torch.Tensor, g: torch.Tensor, kind: str):
@@ -75,11 +81,47 @@ def test_k3_tiny_differences_do_not_cancel() -> None:
 
 
 def test_k3_large_differences() -> None:
-    logp = torch.tensor([-20.0, -0.1, -5.0, -1e-3])
-    ref = torch.tensor([-0.1, -20.0, -4.0, -1e-3 - 0.3])
+    logp = torch.tensor([-9.0, -0.1, -5.0, -1e-3])
+    ref = torch.tensor([-0.1, -9.0, -4.0, -1e-3 - 0.3])
     out = kl_penalty(logp, ref, "k3")
     want, _, _ = _formula64(logp, ref, torch.ones(4), "k3")
     assert_close_fp64(out, want, name="k3 forward")
+
+
+@pytest.mark.parametrize("clamp", [10.0, 3.0])
+def test_k3_log_ratio_is_clamped(clamp: float) -> None:
+    """A token pushed to logp -30 (r = ref - logp ~ 30): unclamped exp(30) ~ 1e13; clamped to
+    exp(clamp) - clamp - 1, with gradient 0 outside [-clamp, clamp] (torch.clamp's, as verl's)."""
+    before = dict(LAUNCHES)
+    logp = torch.tensor([-30.0, -0.5, -1.0, -2.0, -20.0, -12.5, -0.2])
+    ref = torch.tensor(
+        [-0.5, -30.0, -1.0 - 0.9 * clamp, -2.0 + 0.99 * clamp, -20.0 + clamp + 1.0, -1.0, -0.3]
+    )
+    a, b = logp.clone().requires_grad_(), ref.clone().requires_grad_()
+    out = kl_penalty(a, b, "k3", log_ratio_clamp=clamp)
+    g = torch.randn(7)
+    out.backward(g)
+    check_launched(before, ("kl_fwd", "kl_bwd"))
+    want, want_da, want_db = _formula64(logp, ref, g, "k3", clamp)
+    assert want[0] == math.expm1(clamp) - clamp and want[1] == math.expm1(-clamp) + clamp
+    assert torch.isfinite(out).all() and float(out.detach().max()) <= math.expm1(
+        clamp
+    ) - clamp + 1e-3 * math.exp(clamp)
+    assert_close_fp64(out, want, torch.float32, name="k3 clamped forward")
+    assert_close_fp64(a.grad, want_da, torch.float32, name="k3 clamped grad logp")
+    assert_close_fp64(b.grad, want_db, torch.float32, name="k3 clamped grad ref")
+    outside = torch.tensor([True, True, False, False, True, True, False])
+    assert (a.grad[outside] == 0).all() and (a.grad[~outside] != 0).all()
+    # unclamped (inf) it is the raw estimator again: ~1e13 at logp -30
+    raw = kl_penalty(logp, ref, "k3", log_ratio_clamp=math.inf)
+    assert float(raw[0]) > 1e12
+
+
+def test_k3_clamp_leaves_k1_k2_alone() -> None:
+    logp, ref = torch.tensor([-30.0, -0.5]), torch.tensor([-0.5, -30.0])
+    for kind in ("k1", "k2"):
+        want, _, _ = _formula64(logp, ref, torch.ones(2), kind)
+        assert_close_fp64(kl_penalty(logp, ref, kind, log_ratio_clamp=1.0), want, torch.float32)
 
 
 def test_kl_mixed_input_dtypes() -> None:
@@ -105,3 +147,6 @@ def test_kl_bad_inputs() -> None:
         kl_penalty(x, torch.zeros(2, 3, device="meta"))
     with pytest.raises(ValueError, match="kind"):
         kl_penalty(x, x, "k4")
+    for bad in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="log_ratio_clamp must be > 0"):
+            kl_penalty(x, x, "k3", log_ratio_clamp=bad)

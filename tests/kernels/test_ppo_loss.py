@@ -293,13 +293,15 @@ def test_bad_inputs() -> None:
 
 
 # --------------------------------------------------------------------------- fused KL term
-def _kl64(x: torch.Tensor, ref: torch.Tensor, kind: str) -> torch.Tensor:
-    """Schulman's estimators of KL(policy || ref) per token, float64 (x = logp, differentiable)."""
+def _kl64(x: torch.Tensor, ref: torch.Tensor, kind: str, clamp: float = 10.0) -> torch.Tensor:
+    """Schulman's estimators of KL(policy || ref) per token, float64 (x = logp, differentiable;
+    k3's log-ratio clamped to [-clamp, clamp], so its gradient is 0 outside)."""
     d = x - ref.double()
     if kind == "k1":
         return d
     if kind == "k2":
         return 0.5 * d * d
+    d = d.clamp(-clamp, clamp)
     return torch.expm1(-d) + d
 
 
@@ -380,6 +382,54 @@ def test_kl_term_equals_the_unfused_pair_and_zero_coef_changes_nothing() -> None
     torch.testing.assert_close(out, fused, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_kl_term_k3_log_ratio_is_clamped(reduction) -> None:
+    """A token at logp -30 against the reference's -0.5 (and the reverse): the fused k3 term uses
+    the clamped log-ratio (|r| <= 10, verl's), so the loss stays finite and near float64's clamped
+    value, and the KL term's gradient is 0 outside the clamp."""
+    shape = (3, 9)
+    g = torch.Generator().manual_seed(3)
+    logp = -2.0 * torch.rand(shape, generator=g)
+    logp[0, 2], logp[2, 5] = -30.0, -0.5
+    old = logp + 0.05 * torch.randn(shape, generator=g)
+    ref = logp + 0.5 * torch.randn(shape, generator=g)
+    ref[0, 2], ref[2, 5] = -0.5, -30.0
+    adv = torch.randn(shape, generator=g)
+    mask = torch.ones(shape, dtype=torch.bool)
+    mask[1, 7:] = False
+    coef = 0.1
+    x = logp.clone().requires_grad_()
+    before = dict(LAUNCHES)
+    loss, stats = ppo_policy_loss(x, old, adv, mask, reduction=reduction, kl=KLLossTerm(ref, coef, "k3"))
+    scale = torch.randn(())
+    (loss * scale).backward()
+    check_launched(before, ("ppo_policy_loss_fwd", "ppo_policy_loss_bwd"), count=1)
+
+    m = mask.double()
+    x64 = logp.double().requires_grad_()
+    ratio = torch.exp(x64 - old.double())
+    a64 = adv.double()
+    surr = torch.maximum(-a64 * ratio, -a64 * ratio.clamp(0.8, 1.2))
+    kl64 = _kl64(x64, ref, "k3", clamp=10.0)
+    loss64 = _reduce64(surr + coef * kl64, m, reduction)
+    (loss64 * scale.double()).backward()
+    assert torch.isfinite(loss) and abs(float(loss.detach())) < 1e4  # unclamped: ~1e11
+    assert_close_fp64(loss.reshape(1), loss64.detach().reshape(1), torch.float32, name="loss")
+    assert_close_fp64(x.grad, x64.grad, torch.float32, name="grad logp")
+    want_kl = _mmean64(kl64.detach(), m)
+    assert_close_fp64(
+        stats["kl_loss"].reshape(1), torch.tensor([want_kl], dtype=torch.float64), torch.float32
+    )
+    # at the clamped tokens only the surrogate's gradient is left
+    x_s = logp.double().requires_grad_()
+    r_s = torch.exp(x_s - old.double())
+    (
+        _reduce64(torch.maximum(-a64 * r_s, -a64 * r_s.clamp(0.8, 1.2)), m, reduction) * scale.double()
+    ).backward()
+    for i, j in ((0, 2), (2, 5)):
+        torch.testing.assert_close(x.grad[i, j].double(), x_s.grad[i, j], rtol=1e-4, atol=1e-6)
+
+
 def test_kl_term_bad_inputs() -> None:
     x = torch.zeros(2, 3)
     m = torch.ones(2, 3, dtype=torch.bool)
@@ -393,6 +443,8 @@ def test_kl_term_bad_inputs() -> None:
         ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x, float("nan")))
     with pytest.raises(TypeError, match="KLLossTerm"):
         ppo_policy_loss(x, x, x, m, kl=(x, 0.1))
+    with pytest.raises(ValueError, match="log_ratio_clamp must be > 0"):
+        ppo_policy_loss(x, x, x, m, kl=KLLossTerm(x, 0.1, "k3", log_ratio_clamp=0.0))
 
 
 # --------------------------------------------------------------------------- GSPO and CISPO

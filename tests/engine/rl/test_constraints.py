@@ -262,3 +262,111 @@ def test_grpo_run_never_samples_banned_text(tmp_path):
     print([(m["rollout/logprob_gap"], m["rollout/constraint_kl"]) for m in metrics])
     assert all(m["rollout/logprob_gap"] < GAP_TOL_FP32 for m in metrics)
     assert all(m["rollout/constraint_kl"] > 1e-3 for m in metrics)
+
+
+# --------------------------------------------------------------------------- real tokenizers
+_WORDS = [
+    "hello",
+    "world",
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "bad",
+    "word",
+    "good",
+    "day",
+    "über",
+    "naïve",
+    "42",
+    "q1",
+]
+
+
+def _corpus(n: int = 2000) -> list[str]:
+    rng = random.Random(0)
+    return [
+        " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10))) + rng.choice(".!? ") for _ in range(n)
+    ]
+
+
+@pytest.fixture(scope="module", params=["sentencepiece", "byte_level_bpe"])
+def real_tok(request, tmp_path_factory):
+    """A SentencePiece BPE model (byte fallback; loaded as transformers' Llama tokenizer, whose
+    decode drops the first piece's leading space) and a byte-level BPE (GPT-2 style, which keeps
+    it), both trained here on generated text in well under a second."""
+    if request.param == "sentencepiece":
+        import io
+
+        spm = pytest.importorskip("sentencepiece")
+        from transformers import LlamaTokenizer
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(_corpus()), model_writer=buf, vocab_size=400, model_type="bpe",
+            byte_fallback=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
+            minloglevel=2,
+        )  # fmt: skip
+        d = tmp_path_factory.mktemp("sp")
+        (d / "tokenizer.model").write_bytes(buf.getvalue())
+        tok = LlamaTokenizer.from_pretrained(str(d))
+        assert tok.convert_ids_to_tokens(enc(tok, "hello world"))[0] == "\u2581hello"
+        return tok
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(_corpus(), vocab_size=320, min_frequency=2, special_tokens=["<|endoftext|>"])
+    return PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+
+
+def _brute(ban: BannedText, tok, ids: list[int]) -> torch.Tensor:
+    return torch.tensor([ban.violates(ban.decode(ids + [t])) for t in range(len(tok))])
+
+
+def test_first_token_anchor_and_leading_space_on_real_tokenizers(real_tok):
+    """The response's first token decodes alone: SentencePiece drops its leading space ('▁hello'
+    -> 'hello'), a byte-level BPE keeps it ('Ġhello' -> ' hello'). So on the first token ``^hello``
+    must ban '▁hello', and the string ' hello' must not (it cannot appear there); later, ' hello'
+    is banned after text and ``^hello`` no longer applies."""
+    tok = real_tok
+    sp = "\u2581hello" in tok.get_vocab()
+    hello = tok.convert_tokens_to_ids("\u2581hello" if sp else "\u0120hello")  # the word with its space
+    bare = tok.convert_tokens_to_ids("hello")
+    anchored, spaced = BannedText(tok, [], [r"^hello"]), BannedText(tok, [" hello"])
+    first = tok.decode([hello], skip_special_tokens=True)
+    assert first == ("hello" if sp else " hello")
+    assert bool(anchored.banned_mask([])[hello]) is sp  # '^hello' matches 'hello', not ' hello'
+    assert bool(spaced.banned_mask([])[hello]) is not sp
+    if bare != tok.unk_token_id and bare is not None:
+        assert anchored.banned_mask([])[bare] and not spaced.banned_mask([])[bare]
+    for ban in (anchored, spaced):
+        assert torch.equal(ban.banned_mask([]), _brute(ban, tok, []))
+    after = enc(tok, "the cat")
+    assert spaced.banned_mask(after)[hello] and not anchored.banned_mask(after)[hello]
+
+
+@pytest.mark.parametrize(
+    "strings, patterns",
+    [
+        ([" hello", "d w", "über", "t."], []),
+        ([], [r"^hel", r"^\s", r"\bcat\b", r"ü", r"[0-9]{2}", r"^the c"]),
+    ],
+)
+def test_mask_equals_brute_force_decoding_on_real_tokenizers(real_tok, strings, patterns):
+    """As test_mask_equals_brute_force_decoding, on the two trained tokenizers, from the empty
+    response on (where SentencePiece's first piece loses its space)."""
+    tok = real_tok
+    ban = BannedText(tok, strings, patterns)
+    rng = random.Random(1)
+    checked = 0
+    for i in range(25):
+        words = [rng.choice(_WORDS) for _ in range(rng.randint(0, 4))]
+        ids = [] if i < 3 else enc(tok, " ".join(words))[: rng.randint(0, 6)]
+        if ban.violates(ban.decode(ids)):
+            continue
+        got = ban.banned_mask(ids)
+        want = _brute(ban, tok, ids)
+        assert torch.equal(got, want), (ban.decode(ids), names(tok, got ^ want))
+        checked += 1
+    assert checked > 12

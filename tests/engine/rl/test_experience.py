@@ -49,6 +49,18 @@ def test_compute_rewards_matches_float64_formula(kind: str) -> None:
     assert (rewards[~mask] == 0).all()
 
 
+def test_k3_reward_clamps_the_log_ratio() -> None:
+    """A token the policy pushed to logp -30 (reference -0.5): the k3 reward term is the clamped
+    exp(10) - 11, not exp(29.5) ~ 6e12, and ``log_ratio_clamp`` (ppo.kl.log_ratio_clamp) moves it."""
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    logp, ref = torch.tensor([[-30.0, -1.0]]), torch.tensor([[-0.5, -1.2]])
+    _, kl = compute_rewards(torch.zeros(1), logp, ref, mask, 0.1, "k3")
+    assert math.isclose(float(kl[0, 0]), math.expm1(10.0) - 10.0, rel_tol=1e-5)
+    assert math.isclose(float(kl[0, 1]), math.expm1(-0.2) + 0.2, rel_tol=1e-4)
+    _, kl5 = compute_rewards(torch.zeros(1), logp, ref, mask, 0.1, "k3", log_ratio_clamp=5.0)
+    assert math.isclose(float(kl5[0, 0]), math.expm1(5.0) - 5.0, rel_tol=1e-5)
+
+
 def test_adaptive_kl_moves_toward_target_and_fixed_does_not() -> None:
     ada = AdaptiveKLController(init_coef=0.1, target=6.0, horizon=100)
     ada.update(current_kl=12.0, n_steps=10)  # error clipped to +0.2
@@ -251,6 +263,7 @@ def test_kl_mean_averages_over_training_rows_only() -> None:
     ``kl/mean``, which also feeds the adaptive KL controller."""
     from types import SimpleNamespace
 
+    from tritonrlhf.engine.config import KLConfig
     from tritonrlhf.engine.rl.experience import sequence_kl
     from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
 
@@ -265,7 +278,7 @@ def test_kl_mean_averages_over_training_rows_only() -> None:
     exp = Experience(
         seq, torch.ones_like(seq), trained, old_logprobs=old, rollout_logprobs=old, ref_logprobs=ref
     )
-    trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(kl=SimpleNamespace(kind="k1"))))
+    trainer = SimpleNamespace(cfg=SimpleNamespace(ppo=SimpleNamespace(kl=KLConfig(kind="k1"))))
     stats = ExperienceMixin.logprob_stats(trainer, exp, torch.zeros(B, R))
 
     per_row = ((old - ref).double() * full).sum(1)  # k1, summed over each row's tokens

@@ -265,6 +265,30 @@ def test_unverified_family_or_attention_is_refused_by_name() -> None:
         check_packable(lm, "actor")
 
 
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_transformers_that_does_not_detect_packed_rows_is_refused(monkeypatch, attn) -> None:
+    """Packing is exact only because transformers' masking detects restarting position_ids. With that
+    detection gone (what an older transformers does; here find_packed_sequence_indices patched to
+    find nothing, so the packed row gets one causal mask), check_packable's start-up probe sees the
+    two-sample packed row differ from its padded forward and refuses, naming the role and the
+    version; the ActorWorker refuses with it. Unpatched, the probe passes (the other tests)."""
+    import transformers.masking_utils
+
+    from tritonrlhf.engine.rl import packing
+
+    lm = tiny_lm("qwen2", attn)
+    check_packable(lm, "actor")
+    assert packing.packed_row_error(type(lm.config), attn) <= packing.PACKED_ROW_TOL
+    monkeypatch.setattr(packing, "_PACKED_ROW_ERRORS", {})
+    monkeypatch.setattr(transformers.masking_utils, "find_packed_sequence_indices", lambda *a, **k: None)
+    msg = rf"the reward model \(qwen2, attn_implementation={attn}\): a two-sample packed row differs"
+    with pytest.raises(ValueError, match=msg):
+        check_packable(lm, "reward model")
+    with pytest.raises(ValueError, match="installed transformers .*attend to each other"):
+        ActorWorker(lm, optim(), PPOAlgoConfig(), Batching(2, packing=True), 1)
+    ActorWorker(lm, optim(), PPOAlgoConfig(), Batching(2), 1)  # unpacked: nothing to check
+
+
 def test_config_keys_are_validated() -> None:
     cfg = PPOConfig()
     cfg.ppo.micro_batch_tokens = 256

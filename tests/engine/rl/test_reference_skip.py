@@ -46,12 +46,15 @@ def test_reference_is_needed_when_the_kl_acts_or_is_asked_for(overrides, needs) 
     # The KL term of the loss (placement=loss) reads the reference: none without one.
     expected = "k3" if needs and cfg.ppo.kl.placement == "loss" else None
     assert PolicyLossSpec.from_config(cfg).kl_kind == expected
+    assert PolicyLossSpec.from_config(cfg).kl_clamp == 10.0
+    assert PolicyLossSpec.from_config(_load(*overrides, "ppo.kl.log_ratio_clamp=4")).kl_clamp == 4.0
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["ppo.kl.reference=never"], "ppo.kl.reference must be one of"),
+        (["ppo.kl.log_ratio_clamp=0"], "ppo.kl.log_ratio_clamp must be > 0"),
         (["ppo.kl.coef=0", "ppo.kl.adaptive=true"], r"ppo.kl.adaptive=true .* needs ppo.kl.coef > 0"),
         (["ppo.kl.coef=-0.1", "ppo.kl.adaptive=true"], r"needs ppo.kl.coef > 0"),
         (["ppo.kl.coef=nan"], "ppo.kl.coef must be finite"),

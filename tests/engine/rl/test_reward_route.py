@@ -50,7 +50,11 @@ def ckpts(tmp_path_factory) -> dict[str, Path]:
             root / "other_plain", build_other_tokenizer(chat_template=False)
         ),
         "toy": save_tiny_reward_model(root / "toy", build_tokenizer()),
+        # trained by the rm stage (its config.json records rm_layout: plain), tokenizer with a template
+        "other_rm_stage": save_tiny_reward_model(root / "other_rm_stage", build_other_tokenizer()),
     }
+    cfg_path = out["other_rm_stage"] / "config.json"
+    cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "rm_layout": "plain"}))
     bare = root / "bare"
     build_tiny_reward_model(build_tokenizer(), TinyModelConfig(), 3).save_pretrained(bare)
     out["bare"] = bare
@@ -151,6 +155,46 @@ def test_text_route_scores_equal_the_rms_own(ckpts, kind) -> None:
     expected = _own_scores(rm, route.text.tokenizer, texts)
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
     assert len(set(expected.tolist())) == 3  # distinct texts, distinct scores: the check can fail
+
+
+def test_text_route_scores_an_rm_stage_checkpoint_in_its_trained_layout(ckpts) -> None:
+    """The rm stage trains plain pairs as <bos> prompt response <eos> and records it (rm_layout:
+    plain). Its RM with a chat-templated tokenizer scores plain prompts in that layout (before:
+    through the chat template, a layout it never saw); chat prompts still take the template; an
+    RM trained elsewhere (no record) takes its template; reward.layout overrides both ways."""
+    toy = build_tokenizer()
+    route = resolve_reward_route("auto", toy, ckpts["other_rm_stage"])
+    assert route.route == "text" and "rm_layout=plain for plain prompts" in route.reason
+    rm = load_reward_model(ckpts["other_rm_stage"])
+    scores, valid = RewardScorer(model=rm, text_route=route.text).score(PROMPTS, RESPONSES)
+    assert valid.all()
+    plain = [f"<s>{p}{r}</s>" for p, r in zip(PROMPTS, RESPONSES)]
+    templated = [f"<s><|user|>{p}<|bot|>{r}</s>" for p, r in zip(PROMPTS, RESPONSES)]
+    other = route.text.tokenizer
+    torch.testing.assert_close(scores, _own_scores(rm, other, plain), atol=1e-5, rtol=1e-5)
+    assert (scores - _own_scores(rm, other, templated)).abs().min() > 1e-4  # the layouts score apart
+    # A chat prompt reaches it as the conversation, through the template.
+    chat = [{"role": "user", "content": "say b:"}]
+    route.text.chats = {"CHAT": chat}
+    want = other.apply_chat_template([*chat, {"role": "assistant", "content": "b"}], tokenize=False)
+    assert route.text.render("CHAT", "b") == other(want, add_special_tokens=False)["input_ids"]
+    assert route.text.render("say b:", "b") == other("<s>say b:b</s>", add_special_tokens=False)["input_ids"]
+    # Trained elsewhere (no record): the template for every prompt.
+    elsewhere = resolve_reward_route("auto", toy, ckpts["other"]).text
+    assert (
+        elsewhere.render("say b:", "b")
+        == other("<s><|user|>say b:<|bot|>b</s>", add_special_tokens=False)["input_ids"]
+    )
+    # reward.layout overrides: chat forces the template, plain the rm stage's layout (chats too).
+    forced = resolve_reward_route("auto", toy, ckpts["other_rm_stage"], layout="chat").text
+    assert forced.render("say b:", "b") == elsewhere.render("say b:", "b")
+    flat = resolve_reward_route("auto", toy, ckpts["other"], layout="plain").text
+    flat.chats = {"CHAT": chat}
+    assert flat.render("CHAT", "b") == flat.render("say b:", "b") == route.text.render("say b:", "b")
+    with pytest.raises(ConfigError, match="reward.layout=chat but .* has no chat template"):
+        resolve_reward_route("auto", toy, ckpts["other_plain"], layout="chat")
+    with pytest.raises(ConfigError, match="reward.layout must be one of"):
+        resolve_reward_route("auto", toy, ckpts["other"], layout="jinja")
 
 
 def test_text_route_marks_over_long_samples_invalid(ckpts, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import signal
 from pathlib import Path
@@ -105,6 +106,7 @@ def test_rm_init_scores_last_real_token(tmp_path, sft_dir, tok) -> None:
     cfg = RMConfig(model=ModelConfig(path=str(sft_dir)))
     model, _ = load_rm_model(cfg)
     assert model.score.weight.abs().max() < 0.2 and model.config.num_labels == 1
+    assert model.config.rm_layout == "plain"  # recorded for the text route (engine.rl.reward_route)
     pairs, _ = load_pairs(
         RMDataConfig(train=str(write_jsonl(make_preference_data(6, 0), tmp_path / "p.jsonl"))),
         RMTrainConfig(),
@@ -187,6 +189,7 @@ def test_rm_run_learns_training_pairs_and_checkpoint_loads(tmp_path, sft_dir, to
     rm_dir = tmp_path / "rm"
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir)
     assert model.config.num_labels == 1 and model.config.architectures == ["LlamaForSequenceClassification"]
+    assert json.loads((rm_dir / "config.json").read_text())["rm_layout"] == "plain"
     assert train_accuracy(model) > 0.7, train_accuracy(model)
     assert load_reward_model(rm_dir).config.pad_token_id == tok.pad_token_id  # the PPO loader accepts it
 
