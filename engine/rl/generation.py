@@ -22,13 +22,28 @@ from tritonrlhf.engine import distributed as dist
 from tritonrlhf.engine.rl.experience import RolloutBatch, collate_samples
 
 
+def rollout_seed_stream(seed: int) -> torch.Generator:
+    """The stream the rollout seeds of successive batches are drawn from (``PPOTrainer._gen``,
+    checkpointed): seeded by the run's seed alone, so it is the same on every rank."""
+    return torch.Generator().manual_seed(seed)
+
+
 class GenerateMixin:
     """``generate()`` and its helpers, for ``tritonrlhf.engine.rl.trainer.PPOTrainer``."""
 
     def _draw_batch(self) -> tuple[list[list[int]], int]:
-        """The next batch of prompt ids (this rank's share) and its sampling seed."""
+        """The next batch of prompt ids (this rank's share) and the seed of its first request.
+
+        Request j of the global batch (prompt-major, ``samples_per_prompt`` per prompt) samples
+        with seed ``base + j`` (``share_seed``), ``base`` drawn from the run's seed stream (the
+        same on every rank): the same seed samples the same rollout on any number of ranks,
+        colocate or split."""
+        from tritonrlhf.engine.rl.rollout import share_seed
+
         prompts = self.dataset.batch(self.sampler.next_batch())
-        return prompts.input_ids, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        n = self.cfg.ppo.samples_per_prompt
+        return prompts.input_ids, share_seed(base, self.sampler.rank, len(prompts.input_ids), n)
 
     def _sample(self, ids: list[list[int]], n: int, seed: int) -> list:
         """Colocate: ``n`` samples of each prompt from this rank's engine, prompt-major."""

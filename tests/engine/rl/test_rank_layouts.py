@@ -1,7 +1,10 @@
-"""The same data on any number of ranks: one loss, one gradient.
+"""The same data on any number of ranks: one loss, one gradient, one rollout.
 
 * ``mean_weights``: the micro-batch weights make the gradient a mean over the whole mini-batch
   (checked by hand on the arithmetic DeepSpeed does: 1/n_micro per micro-batch, mean over ranks).
+* The prompts and sampling seeds of a step follow the sample's global index (1, 2, 4 ranks,
+  split), and the HF backend's static loop samples a row by its own seed
+  (``test_static_decode.py``), as vLLM does per request.
 * The slow test trains one fixed rollout on 1 rank and on 2 (``tests/engine/_scripts/rank_layouts.py``),
   with 1, 2 and token-budget micro-batches, for every loss aggregation, actor and critic, ZeRO 0-3:
   every layout makes the 1-rank update.
@@ -15,6 +18,7 @@ import pytest
 import torch
 
 from tritonrlhf.engine.rl.actor import mean_weights
+from tritonrlhf.engine.rl.generation import GenerateMixin, rollout_seed_stream
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -72,3 +76,52 @@ def test_one_rollout_trains_the_same_on_one_and_two_ranks(tmp_path: Path) -> Non
             if err > 1e-4 or norm_err > 1e-4:
                 bad.append(f"{case} {name}: weight change off by {err:.1e}, grad norm by {norm_err:.1e}")
     assert not bad, "\n".join(bad)
+
+
+# --------------------------------------------------------------------------- the same rollout
+class _Draws(GenerateMixin):
+    """The trainer's prompt draw on rank ``rank`` of ``world`` (colocate), or trainer 0's (split)."""
+
+    def __init__(self, rank: int, world: int, seed: int = 3, n: int = 2) -> None:
+        from types import SimpleNamespace
+
+        from tritonrlhf.engine.data import PromptSampler
+
+        self.sampler = PromptSampler(21, 8, seed, True, rank, world)
+        self.dataset = SimpleNamespace(batch=lambda idx: SimpleNamespace(input_ids=[[7, i] for i in idx]))
+        self.cfg = SimpleNamespace(ppo=SimpleNamespace(samples_per_prompt=n))
+        self._gen = rollout_seed_stream(seed)
+
+    def requests(self) -> list[tuple[list[int], int]]:
+        """This rank's share of the next batch: (prompt, sampling seed) per request, prompt-major."""
+        ids, seed = self._draw_batch()
+        n = self.cfg.ppo.samples_per_prompt
+        return [(p, s) for p, s in zip([p for p in ids for _ in range(n)], range(seed, seed + len(ids) * n))]
+
+
+def test_prompts_and_sampling_seeds_follow_the_global_index_on_any_number_of_ranks() -> None:
+    """Step after step (the sampler wraps epochs), ranks 0..W-1's requests in rank order are the
+    1-rank run's, for W = 2 and 4, and so are those trainer 0 sends to 2 rollout ranks (split)."""
+    from types import SimpleNamespace
+
+    from tritonrlhf.engine.rl.rollout_server import RemoteRollout
+
+    one = _Draws(0, 1)
+    many = {w: [_Draws(r, w) for r in range(w)] for w in (2, 4)}
+    sent: list[list[dict]] = [[], []]
+    channels = [SimpleNamespace(send=box.append) for box in sent]
+    placement = SimpleNamespace(num_rollout=2, to_rollout=channels.__getitem__, from_rollout=lambda i: None)
+    remote = RemoteRollout(placement, {})
+    split = _Draws(0, 1)
+    for _step in range(5):
+        want = one.requests()
+        assert len({s for _, s in want}) == len(want)  # one seed per request
+        for ranks in many.values():
+            assert [q for d in ranks for q in d.requests()] == want
+        ids, seed = split._draw_batch()
+        remote.request(0, ids, 2, seed)
+        msgs = [box.pop() for box in sent]
+        got = [
+            (p, m["seed"] + i) for m in msgs for i, p in enumerate(q for q in m["prompts"] for _ in range(2))
+        ]
+        assert got == want
