@@ -381,19 +381,32 @@ def check_micro_batches(micro_batches: Sequence[Experience], grad_accum: int | N
             raise ValueError(f"micro-batch is missing {missing}")
 
 
-def token_weights(micro_batches: Sequence[Experience], per_sequence: bool = False) -> list[float]:
-    """Per-micro-batch loss weights so the mini-batch loss is a token mean over all its micro-batches.
+def loss_counts(micro_batches: Sequence[Experience]) -> tuple[list[float], list[float]]:
+    """Per micro-batch: (response tokens, sequences with at least one response token)."""
+    tokens = [float(mb.action_mask.sum()) for mb in micro_batches]
+    seqs = [float(mb.action_mask.any(1).sum()) for mb in micro_batches]
+    return tokens, seqs
 
-    ``per_sequence``: weights by the sequences with at least one valid token instead, for the
-    sequence-mean reductions (the mini-batch loss is then a mean over all its sequences).
+
+def mean_weights(counts: Sequence[float], total: float, scale: float) -> list[float]:
+    """``count * scale / total`` per micro-batch (0 where ``total`` is 0): the weights that turn
+    micro-batch means into one mean over ``total`` items.
+
+    Pure. For the loss, ``total`` is the mini-batch's count over every rank and ``scale`` is
+    ``n_micro * world`` (``TrainEngine.micro_step`` divides each micro-batch loss by this rank's
+    ``n_micro`` and DeepSpeed averages gradients over the ``world`` data-parallel ranks), so the
+    gradient is that of the mean over the whole mini-batch whatever the rank layout, micro-batch
+    count or token budget. With this rank's own ``total`` and ``scale = n_micro`` they give the
+    rank's mean (the returned stats).
     """
-    if per_sequence:
-        counts = [float(mb.action_mask.any(1).sum()) for mb in micro_batches]
-    else:
-        counts = [float(mb.action_mask.sum()) for mb in micro_batches]
-    total = sum(counts)
-    n = len(counts)
-    return [c * n / total if total > 0 else 1.0 for c in counts]
+    return [c * scale / total if total > 0 else 0.0 for c in counts]
+
+
+def global_counts(tokens: Sequence[float], seqs: Sequence[float]) -> tuple[float, float]:
+    """The mini-batch's response-token and valid-sequence counts summed over the data-parallel
+    ranks (one small all-reduce; collective: every rank calls it once per mini-batch)."""
+    tot = D.all_reduce_sum({"tokens": sum(tokens), "seqs": sum(seqs)})
+    return tot["tokens"], tot["seqs"]
 
 
 # --------------------------------------------------------------------------- actor
@@ -538,7 +551,9 @@ class ActorWorker:
         old log-probs beforehand); ``correction`` (with ``keep``) replaces that truncation with
         ``rollout_correction_weights``. Loss = clipped PPO (or GSPO / CISPO) policy loss (with ``kl_coef`` x the KL term when ``loss.kl_kind``
         is set; reduced as ``loss`` says over the mini-batch) - entropy_coef x mean entropy.
-        Returns this rank's means of policy_loss (the kernel's loss, KL term included), entropy,
+        The loss is a mean over the whole mini-batch on every rank (``mean_weights``; one small
+        all-reduce of its counts, so every rank calls this once per mini-batch). Returns this
+        rank's means of policy_loss (the kernel's loss, KL term included), entropy,
         clipfrac, approx_kl, loss (and kl_loss with a KL term), plus grad_norm, lr and skipped
         (0/1, agreed on all ranks).
         """
@@ -561,10 +576,22 @@ class ActorWorker:
         self.engine.train()
         sums: dict[str, float] = {}
         per_seq = spec.reduction != "token_mean"
-        # w: the loss reduction's weights (tokens or sequences); wt: tokens, for the entropy bonus and
-        # the token-mean stats, so neither depends on how the mini-batch is cut into micro-batches.
-        weights = zip(token_weights(micro_batches, per_seq), token_weights(micro_batches))
-        for mb, (w, wt) in zip(micro_batches, weights):
+        # w: the loss reduction's weights (tokens or sequences); wt: tokens, for the entropy bonus.
+        # Both are shares of the mini-batch's counts over every rank, so the gradient is the mean
+        # over the whole mini-batch however it is cut into ranks and micro-batches; sw, swt: this
+        # rank's shares, for the stats (this rank's means).
+        n = len(micro_batches)
+        tok, seq = loss_counts(micro_batches)
+        g_tok, g_seq = global_counts(tok, seq)
+        scale = n * self.engine.dp_world_size
+        counts, g_counts = (seq, g_seq) if per_seq else (tok, g_tok)
+        weights = zip(
+            mean_weights(counts, g_counts, scale),
+            mean_weights(tok, g_tok, scale),
+            mean_weights(counts, sum(counts), n),
+            mean_weights(tok, sum(tok), n),
+        )
+        for mb, (w, wt, sw, swt) in zip(micro_batches, weights):
             mb = mb.to(self.device)
             logp, entropy = self.engine(
                 mb.sequences, mb.attention_mask, mb.response_len, self.temperature, self.batching.packing
@@ -600,14 +627,13 @@ class ActorWorker:
             loss = pg_loss * w - a.entropy_coef * ent * wt if a.entropy_coef else pg_loss * w
             self.train.micro_step(loss, bool(torch.isfinite(loss)))
             for k, v, weight in (
-                ("policy_loss", pg_loss, w),
-                ("entropy", ent, wt),
-                ("clipfrac", st["clipfrac"], wt),
-                ("approx_kl", st["approx_kl"], wt),
-                *([("kl_loss", st["kl_loss"], wt)] if kl is not None else []),
+                ("policy_loss", pg_loss, sw),
+                ("entropy", ent, swt),
+                ("clipfrac", st["clipfrac"], swt),
+                ("approx_kl", st["approx_kl"], swt),
+                *([("kl_loss", st["kl_loss"], swt)] if kl is not None else []),
             ):
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) * weight
-        n = len(micro_batches)
         stats = {k: v / n for k, v in sums.items()}
         stats["loss"] = stats["policy_loss"] - a.entropy_coef * stats["entropy"]
         stats.update(self.train.finish())

@@ -23,8 +23,10 @@ from tritonrlhf.engine.rl.actor import (
     TrainEngine,
     base_model_of,
     check_micro_batches,
+    global_counts,
+    loss_counts,
+    mean_weights,
     position_ids_from_mask,
-    token_weights,
 )
 from tritonrlhf.engine.rl.experience import Experience, masked_mean
 from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
@@ -239,7 +241,12 @@ class CriticWorker:
             self.train.begin(len(micro_batches))
         self.engine.train()
         sums: dict[str, float] = {}
-        for mb, w in zip(micro_batches, token_weights(micro_batches)):
+        # The value loss is a token mean over the whole mini-batch (on every rank); stats per rank.
+        n = len(micro_batches)
+        tok, seq = loss_counts(micro_batches)
+        g_tok, _ = global_counts(tok, seq)
+        weights = zip(mean_weights(tok, g_tok, n * self.engine.dp_world_size), mean_weights(tok, sum(tok), n))
+        for mb, (w, sw) in zip(micro_batches, weights):
             mb = mb.to(self.device)
             values = self._response_values(mb)
             old, returns = (mb.values, mb.returns) if returns_from is None else returns_from(values.detach())
@@ -256,7 +263,7 @@ class CriticWorker:
             parts = {"value_loss": vloss, "values": masked_mean(values, mb.action_mask)}
             parts.update({k if k.startswith("vf_") else f"vf_{k}": v for k, v in st.items()})
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v.detach()) * w
-        stats = {k: v / len(micro_batches) for k, v in sums.items()}
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) * sw
+        stats = {k: v / n for k, v in sums.items()}
         stats.update(self.train.finish())
         return stats

@@ -34,13 +34,29 @@ def with_columns(groups: list[list], columns: list[dict[str, Any]]) -> list:
     return out
 
 
+def rollout_seed_stream(seed: int) -> torch.Generator:
+    """The stream the rollout seeds of successive batches are drawn from (``PPOTrainer._gen``,
+    checkpointed): seeded by the run's seed alone, so it is the same on every rank."""
+    return torch.Generator().manual_seed(seed)
+
+
 class GenerateMixin:
     """``generate()`` and its helpers, for ``tritonrlhf.engine.rl.trainer.PPOTrainer``."""
 
     def _draw_batch(self) -> tuple[PromptBatch, int]:
-        """The next batch of prompts (this rank's share) and its sampling seed."""
+        """The next batch of prompts (this rank's share, with their records' columns) and the seed of
+        its first request.
+
+        Request j of the global batch (prompt-major, ``samples_per_prompt`` per prompt) samples
+        with seed ``base + j`` (``share_seed``), ``base`` drawn from the run's seed stream (the
+        same on every rank): the same seed samples the same rollout on any number of ranks,
+        colocate or split."""
+        from tritonrlhf.engine.rl.rollout import share_seed
+
         prompts = self.dataset.batch(self.sampler.next_batch())
-        return prompts, int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        base = int(torch.randint(0, 2**31 - 1, (1,), generator=self._gen))
+        n = self.cfg.ppo.samples_per_prompt
+        return prompts, share_seed(base, self.sampler.rank, len(prompts.input_ids), n)
 
     def _sample(self, prompts: PromptBatch, n: int, seed: int) -> list:
         """Colocate: ``n`` samples of each prompt from this rank's engine, prompt-major, each carrying

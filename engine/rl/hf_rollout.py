@@ -129,8 +129,8 @@ class HFRollout:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
     ) -> list[list[Sample]]:
-        seed = sample_seeds(seed, self._rng, 1)[0]
         flat = [list(p) for p in prompt_ids for _ in range(n)]
+        seeds = sample_seeds(seed, self._rng, max(len(flat), 1))  # request i: seed + i, as in vLLM
         if not flat:
             return [[] for _ in prompt_ids]
         width = max(map(len, flat))
@@ -141,9 +141,9 @@ class HFRollout:
         self.model.eval()
         try:
             if self.decoder is not None and self.decoder.fits(width + self.cfg.max_new_tokens):
-                new, lps, kept = self._static_generate(ids, mask, seed)
+                new, lps, kept = self._static_generate(ids, mask, seeds)
             else:
-                new, lps, kept = self._hf_generate(ids, mask, seed)
+                new, lps, kept = self._hf_generate(ids, mask, seeds[0])
         finally:
             self.model.train(was_training)
         return self._samples(flat, n, new, lps, kept)
@@ -182,13 +182,14 @@ class HFRollout:
         return new, lps, kept
 
     def _static_generate(
-        self, ids: torch.Tensor, mask: torch.Tensor, seed: int
+        self, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The static-cache loop: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
+        """The static-cache loop: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None).
+        Row i draws from its own generator seeded with ``seeds[i]``."""
         from tritonrlhf.engine.rl.constraints import HFBanProcessor
 
         c, width = self.cfg, ids.shape[1]
-        gen = torch.Generator(device=ids.device).manual_seed(seed)
+        gens = [torch.Generator(device=ids.device).manual_seed(s) for s in seeds]
         ban = self._ban()
         proc = HFBanProcessor(ban, width, self.stop_ids, c.temperature) if ban is not None else None
         kept = torch.zeros(ids.shape[0], c.max_new_tokens) if proc is not None else None
@@ -200,11 +201,14 @@ class HFRollout:
                 logits = proc(torch.cat([ids[rows], tokens[rows, :t]], dim=1), logits)
                 kept[rows.cpu(), t] = proc.kept[-1]
             lp = processed_logits(logits, c.temperature, c.top_k, c.top_p).log_softmax(-1)
-            # The exponential race (argmax p / E, E ~ Exp(1)) on noise drawn for every row of the
-            # batch each step: a row's draws depend on the seed, its index and the step only, not
-            # on which other rows have stopped and left the batch.
-            noise = torch.empty((ids.shape[0], lp.shape[-1]), device=lp.device).exponential_(generator=gen)
-            tok = (lp.exp() / noise[rows]).argmax(-1)
+            # The exponential race (argmax p / E, E ~ Exp(1)) on noise from each row's own generator:
+            # a row's draws depend on its seed and the step only, not on which other rows share the
+            # call or have stopped, so a batch cut between ranks samples what it samples whole.
+            V = lp.shape[-1]
+            noise = torch.stack(
+                [torch.empty(V, device=lp.device).exponential_(generator=gens[r]) for r in rows.tolist()]
+            )
+            tok = (lp.exp() / noise).argmax(-1)
             return tok, lp.gather(-1, tok[:, None])[:, 0]
 
         new, lps = self.decoder.generate(ids, mask, c.max_new_tokens, choose, self.stop_ids, self.pad_id)

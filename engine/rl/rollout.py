@@ -186,6 +186,13 @@ def sample_seeds(base: int | None, fallback: torch.Generator, count: int) -> lis
     return [base + i for i in range(count)]
 
 
+def share_seed(base: int, rank: int, prompts_per_rank: int, n: int) -> int:
+    """The seed of the first request of rank ``rank``'s contiguous share of a global batch whose
+    request j (prompt-major, ``n`` per prompt) samples with ``base + j``: a sample's seed follows
+    its global index, whatever the number of ranks."""
+    return base + rank * prompts_per_rank * n
+
+
 # --------------------------------------------------------------------------- vLLM
 def keep_torch_threads() -> None:
     """Keep this process's torch intra-op threads when an in-process vLLM starts on CPU.

@@ -88,9 +88,10 @@ def build_engine(
 ) -> Any:
     """The rollout engine of ``cfg.rollout.backend`` on the PPO run's policy checkpoint (colocate:
     the trainer's; split: a rollout rank's). ``args``: ``seed``, ``max_len`` and ``dtype``
-    (``"float32"`` / ``"bfloat16"`` / ``"float16"``). With ``rollout.backend=hf`` sampling takes one
-    seed per ``generate`` call rather than vLLM's one per request, so its samples depend on how a
-    batch is cut between rollout ranks."""
+    (``"float32"`` / ``"bfloat16"`` / ``"float16"``). Request i of a ``generate`` call samples with
+    seed ``seed + i`` (vLLM, and the HF backend's static-cache loop), so a batch cut between ranks
+    samples what it samples whole; only the HF backend's transformers ``generate`` fallback takes
+    one seed per call."""
     from tritonrlhf.engine.models import load_tokenizer, resolve_dtype
     from tritonrlhf.engine.rl.engines import open_rollout
 

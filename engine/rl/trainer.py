@@ -36,7 +36,7 @@ from tritonrlhf.engine.config import PPOConfig, save_config, to_dict
 from tritonrlhf.engine.data import PromptBatch
 from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
 from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
-from tritonrlhf.engine.rl.generation import GenerateMixin
+from tritonrlhf.engine.rl.generation import GenerateMixin, rollout_seed_stream
 
 
 def seed_everything(seed: int) -> None:
@@ -251,7 +251,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
         self.requested = 0  # split: batches requested from the rollout ranks so far
         self.extra_requests = 0  # split + dynamic sampling: top-up batches get ids -1, -2, ...
         self.pending: dict[int, tuple[PromptBatch, int]] = {}  # split: requested, not yet trained
-        self._gen = torch.Generator().manual_seed(cfg.seed + 7919 * self.rank)
+        self._gen = rollout_seed_stream(cfg.seed)  # the same on every rank
         if self.rollout is not None and self.split:
             self.rollout.wait_ready(cfg.placement.startup_timeout_s)
         self._maybe_resume()

@@ -162,6 +162,7 @@ def test_rows_draw_the_same_tokens_whichever_rows_stop():
     assert r.decoder is not None  # auto picks the loop for qwen2
     plain = [s for g in r.generate(PROMPTS, n=2, seed=4) for s in g]
     emitted = torch.bincount(torch.tensor([t for s in plain for t in s.response_ids[:4]]), minlength=VOCAB)
+    emitted[r.stop_ids] = 0  # a token that does not stop a row already
     extra = int(emitted.argmax())
     r.stop_ids = [*r.stop_ids, extra]
     cut = [s for g in r.generate(PROMPTS, n=2, seed=4) for s in g]
@@ -170,6 +171,22 @@ def test_rows_draw_the_same_tokens_whichever_rows_stop():
         end = next((k + 1 for k, t in enumerate(a.response_ids) if t in r.stop_ids), None)
         assert b.response_ids == a.response_ids[:end]
         assert b.logprobs == pytest.approx(a.logprobs[:end], abs=1e-6)
+
+
+def test_a_batch_cut_in_two_samples_what_it_samples_whole():
+    """Request i samples with seed + i (as each vLLM request has its own seed): the two halves of a
+    batch, the second at seed + its first request's index, give the whole batch's samples, as two
+    ranks' shares of a step do."""
+    r = HFRollout(tiny_lm("llama"), build_tokenizer(), RolloutConfig(backend="hf", max_new_tokens=8))
+    assert r.decoder is not None
+    whole = [s for g in r.generate(PROMPTS, n=2, seed=11) for s in g]
+    halves = [
+        s for g in r.generate(PROMPTS[:2], n=2, seed=11) + r.generate(PROMPTS[2:], n=2, seed=15) for s in g
+    ]
+    assert len({tuple(s.response_ids) for s in whole}) > 1
+    for a, b in zip(whole, halves, strict=True):
+        assert a.response_ids == b.response_ids
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
 
 
 def test_models_it_cannot_run_fall_back_to_generate_or_are_refused(capsys):
