@@ -222,3 +222,24 @@ def run_two_rank_script(script: Path, out: Path, timeout_s: float = 480) -> list
     print(f"deepspeed run: {time.time() - t0:.1f}s")
     assert proc.returncode == 0, proc.stdout[-8000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+
+def start_reward_server(tmp: Path, *args: str, port: int | None = None, name: str = "serve", **env: str):
+    """``python -m tritonrlhf.engine.rewards.serve ARGS`` (``engine.rl.serve_reward`` with
+    ``--reward-model``) on 127.0.0.1: ``(Launch, url)`` once ``/health`` answers."""
+    from tritonrlhf.engine.rewards import RewardError
+    from tritonrlhf.engine.rewards.http import wait_healthy
+
+    port = port or free_port()
+    module = (
+        "tritonrlhf.engine.rl.serve_reward" if "--reward-model" in args else "tritonrlhf.engine.rewards.serve"
+    )
+    cmd = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)]
+    launch = Launch(cmd, tmp / f"{name}.log", port=port, **env)
+    url = f"http://127.0.0.1:{port}/score"
+    try:
+        wait_healthy(url, timeout_s=90)
+    except RewardError:
+        launch.kill_group()
+        raise AssertionError(f"server did not start:\n{launch.output[-3000:]}") from None
+    return launch, url

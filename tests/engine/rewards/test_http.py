@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import pickle
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine._scripts.launch import REPO, Launch, free_port
+from tests.engine._scripts.launch import REPO, Launch, free_port, start_reward_server
 from tritonrlhf.engine.rewards import RewardBatch, RewardError
-from tritonrlhf.engine.rewards.http import HttpReward, wait_healthy
+from tritonrlhf.engine.rewards.http import HttpReward
 from tritonrlhf.engine.rewards.serve import call_reward
 
 TOKEN = "s3cret-token-0123456789"
@@ -26,23 +25,8 @@ TOKEN_ENV = "TEST_REWARD_TOKEN"
 FN = f"{REPO}/tests/engine/_scripts/reward_fns.py:echo_reward"
 
 
-def _serve(
-    tmp: Path, *args: str, port: int | None = None, name: str = "serve", **env: str
-) -> tuple[Launch, str]:
-    """Start a server subprocess; (launch, url) once /health answers."""
-    port = port or free_port()
-    module = (
-        "tritonrlhf.engine.rl.serve_reward" if "--reward-model" in args else "tritonrlhf.engine.rewards.serve"
-    )
-    cmd = [sys.executable, "-m", module, *args, "--host", "127.0.0.1", "--port", str(port)]
-    launch = Launch(cmd, tmp / f"{name}.log", port=port, **env)
-    url = f"http://127.0.0.1:{port}/score"
-    try:
-        wait_healthy(url, timeout_s=90)
-    except RewardError:
-        launch.kill_group()
-        raise AssertionError(f"server did not start:\n{launch.output[-3000:]}") from None
-    return launch, url
+def _serve(tmp: Path, *args: str, port: int | None = None, name: str = "serve", **env: str):
+    return start_reward_server(tmp, *args, port=port, name=name, **env)
 
 
 @pytest.fixture(scope="module")

@@ -35,6 +35,8 @@ from tests.engine._scripts.stage_launch import kill_and_resume, max_weight_diff,
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import REPO, PPORun, launch, require  # noqa: E402
 
+from tests.engine._scripts.launch import start_reward_server  # noqa: E402
+
 pytestmark = pytest.mark.slow
 
 GRPO = REPO / "configs" / "grpo_tiny.yaml"
@@ -80,11 +82,38 @@ def colocate(tmp_path_factory):
     return runs
 
 
+def _verifiable_records(path: Path) -> Path:
+    """grpo_tiny's toy prompts (the same 256, in order) as a JSONL whose records carry ground truth
+    for every ready-made reward: ``target`` (the toy reward's), ``answer`` (math-verify) and ``tests``
+    (the code sandbox; an assert the responses' "code" is run against)."""
+    import json
+
+    from tritonrlhf.engine.tasks import toy_prompts, toy_target
+
+    rows = []
+    for prompt in toy_prompts(256, seed=0):
+        c = toy_target(prompt)
+        rows.append({"prompt": prompt, "target": c, "answer": c, "tests": [f"assert {c!r} * 2 == {c * 2!r}"]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+READY_MADE = (
+    "reward.functions=[{fn: tritonrlhf.engine.tasks:target_reward, name: target},"
+    " {fn: tritonrlhf.engine.tasks:stopped, weight: 0.0},"
+    " {fn: tritonrlhf.engine.rewards.math:math_reward, weight: 0.0, name: math},"
+    " {fn: tritonrlhf.engine.rewards.code:code_reward, weight: 0.0, name: code}]"
+)
+
+
 @pytest.fixture(scope="module")
 def split_async(tmp_path_factory) -> PPORun:
     require("vllm", "deepspeed")
+    data = _verifiable_records(tmp_path_factory.mktemp("data") / "verifiable.jsonl")
     extra = [
         f"total_steps={STEPS}",
+        f"data.prompts={data}",  # the same prompts as the toy set, with ground-truth columns
+        READY_MADE,
         "placement.mode=split",
         "placement.scoring=rollout",  # the rollout rank scores, with the records' columns it was sent
         "async.max_staleness=1",
@@ -168,12 +197,15 @@ def test_split_async_reward_rises_without_a_critic(split_async) -> None:
 
 
 def test_split_async_reward_reads_columns_on_the_rollout_rank(split_async) -> None:
-    """configs/grpo_verifiable.yaml: the `target` column reached the rollout rank's worker pool with
-    every prompt (top-up batches of dynamic sampling included), each function is logged on its own,
-    and the weighted sum (target x 1 + stopped x 0) is the reward."""
+    """configs/grpo_verifiable.yaml's worker pool on the rollout rank, with a JSONL of the same
+    prompts carrying `target`, `answer` and `tests`: every column reached the ready-made rewards
+    (math-verify and the code sandbox among them) with every prompt (dynamic sampling's top-ups
+    included), each function is logged on its own, and the weighted sum (target x 1, the others
+    x 0) is the reward."""
     for r in split_async.metrics:
         assert r["reward/target"] == pytest.approx(r["reward/mean"], abs=1e-6), r
         assert 0.0 <= r["reward/stopped"] <= 1.0 and r["rollout/invalid_rewards"] == 0
+        assert 0.0 <= r["reward/math"] <= 1.0 and 0.0 <= r["reward/code"] <= 1.0
     assert "[reward]" not in split_async.output  # no function failed or timed out
 
 
@@ -190,14 +222,27 @@ def test_split_dynamic_sampling_tops_up_and_logs(split_async) -> None:
 
 
 # --------------------------------------------------------------------------- one update per step
-def test_one_update_per_step_takes_old_logprobs_from_the_update(tmp_path) -> None:
+def test_one_update_per_step_takes_old_logprobs_from_the_update(tmp_path, monkeypatch) -> None:
     """64 samples and mini-batches of 64: the old log-probs come from the update's forward, not a
     scoring pass (PPOTrainer.old_from_update). The stats computed from them put each sample back in
-    its place: the rollout/trainer gap stays at fp32 noise (a misplaced row would be nats off)."""
+    its place: the rollout/trainer gap stays at fp32 noise (a misplaced row would be nats off).
+    The reward comes over HTTP (``reward.kind=http``) from ``tritonrlhf.engine.rewards.serve``
+    serving ``target_reward`` behind a bearer token read from the environment."""
     require("vllm", "deepspeed")
-    extra = ["total_steps=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=64", *QUIET]
-    run = launch(tmp_path / "one_update", extra, timeout_s=300, config=GRPO)
+    token_env, token = "TRITONRLHF_TEST_REWARD_TOKEN", "e2e-secret-7f3a"
+    monkeypatch.setenv(token_env, token)
+    server, url = start_reward_server(
+        tmp_path, "--function", "tritonrlhf.engine.tasks:target_reward", "--auth-env", token_env
+    )
+    http = ["reward.kind=http", f"reward.url={url}", f"reward.http.auth_env={token_env}"]
+    extra = ["total_steps=3", "ppo.rollout_batch_size=16", "ppo.mini_batch_size=64", *http, *QUIET]
+    try:
+        run = launch(tmp_path / "one_update", extra, timeout_s=300, config=GRPO)
+    finally:
+        server.kill_group()
     run.check()
+    assert all(r["rollout/invalid_rewards"] == 0 and r["reward/errors"] == 0 for r in run.metrics)
+    assert token not in (tmp_path / "one_update" / "config.yaml").read_text() and token not in run.output
     assert run.summary["algo/old_logprobs"] == "update"
     assert "old log-probs come from the update's own forward" in run.output
     rows = run.metrics
