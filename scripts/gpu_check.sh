@@ -104,9 +104,9 @@ if [[ -n $PREPARE ]]; then
     "$PYTHON" -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
       --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
       --platform manylinux2014_x86_64 -d "$CARRY" "${CARRY_WHEELS[@]}" || exit 1
-    # --no-build-isolation: pip reads the sdist's metadata with this environment's setuptools
-    # and torch instead of installing a build environment
-    DS_BUILD_OPS=0 "$PYTHON" -m pip download --quiet --no-deps --no-binary=:all: --no-build-isolation \
+    # pip reads the sdist's metadata in an isolated build environment (setuptools and wheel from
+    # PyPI; DeepSpeed's setup.py runs without torch there, building nothing)
+    DS_BUILD_OPS=0 "$PYTHON" -m pip download --quiet --no-deps --no-binary=:all: \
       -d "$CARRY" "${DEEPSPEED_SDIST[@]}" || exit 1
     ls -1 "$CARRY"
   fi
