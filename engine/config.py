@@ -195,6 +195,9 @@ class RolloutConfig:
     # backend=hf: auto = the static-cache decode loop for Llama-family models (engine.rl.static_decode),
     # generate elsewhere; static = that loop or an error; generate = transformers' generate.
     hf_decode: str = "auto"
+    # The static-cache loop's decode step as a CUDA graph: auto = on CUDA (eager elsewhere, or if
+    # capture fails, with a line saying why); on = graph or an error; off = eager.
+    cuda_graph: str = "auto"
     # Hard constraints (engine.rl.constraints): the decoded response never contains one of
     # banned_strings (literal substrings) nor matches one of banned_patterns (Python regexes).
     banned_strings: list[str] = field(default_factory=list)
@@ -204,6 +207,7 @@ class RolloutConfig:
         """The checks every stage makes on its sampling section: backend, lengths, bans."""
         check_choice(f"{prefix}.backend", self.backend, ("vllm", "hf"))
         check_choice(f"{prefix}.hf_decode", self.hf_decode, ("auto", "static", "generate"))
+        check_choice(f"{prefix}.cuda_graph", self.cuda_graph, ("auto", "on", "off"))
         check_positive(f"{prefix}.max_new_tokens", self.max_new_tokens)
         check_positive(f"{prefix}.temperature", self.temperature)
         check_banned(f"{prefix}.banned_strings", self.banned_strings)

@@ -5,6 +5,9 @@ Rules (the kernels' contract):
 - CPU tensors run the PyTorch reference, unless the environment has
   ``TRITON_INTERPRET=1``, in which case they run the Triton kernels through
   Triton's interpreter (how CI checks the kernels without a GPU).
+- ``TRITONRLHF_KERNELS=reference`` overrides both: every op runs its PyTorch reference, on any
+  device (the GPU check's baseline row for the in-engine speed-up of the kernels). ``auto`` (or
+  unset) is the rule above; any other value is an error, so a typo never benchmarks the wrong path.
 
 ``LAUNCHES`` counts Triton launches per kernel name so tests can prove that a
 kernel really ran rather than the fallback.
@@ -25,8 +28,21 @@ def interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+KERNELS_ENV = "TRITONRLHF_KERNELS"
+
+
+def forced_reference() -> bool:
+    """True when ``TRITONRLHF_KERNELS=reference`` sends every op to its PyTorch reference."""
+    mode = os.environ.get(KERNELS_ENV, "auto") or "auto"
+    if mode not in ("auto", "reference"):
+        raise ValueError(f"{KERNELS_ENV}={mode!r}: expected 'auto' (Triton where it runs) or 'reference'")
+    return mode == "reference"
+
+
 def use_triton(t: torch.Tensor) -> bool:
     """Whether ops on ``t`` go through the Triton kernels."""
+    if forced_reference():
+        return False
     if t.device.type == "cuda":
         return True
     return t.device.type == "cpu" and interpret_mode()

@@ -211,8 +211,32 @@ class HFRollout:
             tok = (lp.exp() / noise).argmax(-1)
             return tok, lp.gather(-1, tok[:, None])[:, 0]
 
-        new, lps = self.decoder.generate(ids, mask, c.max_new_tokens, choose, self.stop_ids, self.pad_id)
+        step = self._decode_step(ids.device)
+        try:
+            new, lps = self.decoder.generate(
+                ids, mask, c.max_new_tokens, choose, self.stop_ids, self.pad_id, step=step
+            )
+        except RuntimeError as e:
+            if step != "graph" or getattr(c, "cuda_graph", "auto") != "auto":
+                raise
+            self._graph_failed = f"its capture failed ({type(e).__name__}: {str(e)[:200]})"
+            return self._static_generate(ids, mask, seed)  # again, eagerly, from the same seed
         return new, lps, kept[:, : new.shape[1]] if kept is not None else None
+
+    def _decode_step(self, device: torch.device) -> str:
+        """The static loop's step for ``rollout.cuda_graph`` on ``device`` (``graph`` or ``loop``);
+        prints a line whenever the choice changes, with the reason."""
+        from tritonrlhf.engine.rl.static_decode import decode_step
+
+        step, why = decode_step(getattr(self.cfg, "cuda_graph", "auto"), device)
+        failed = getattr(self, "_graph_failed", None)
+        if step == "graph" and failed:
+            step, why = "loop", f"the CUDA graph is off: {failed}"
+        if (step, why) != getattr(self, "_step_note", None):
+            self._step_note = (step, why)
+            how = "as a CUDA graph" if step == "graph" else "eagerly"
+            print(f"[rollout] HF backend: the static-cache decode step runs {how} ({why})", flush=True)
+        return step
 
     def _samples(
         self,

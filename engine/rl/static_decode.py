@@ -19,6 +19,13 @@ can't read, is left to ``generate``; and at construction the loop is checked aga
 own forward on a small batch (:meth:`StaticDecoder.self_check`), so a variant it does not know
 about is refused rather than decoded wrongly. Sampling is the caller's: ``generate`` hands each
 step's next-token logits to a ``choose`` callback.
+
+On CUDA the per-token work outside the matmuls (about 70 small launches per token: norms, rotary,
+cache writes, masks) is what a CUDA graph removes. ``generate(step="graph")`` decodes with one
+fixed-shape step -- every row stays in the batch, the key/value caches are attended over their
+whole length under a mask, the cache column is a tensor -- captured once per call and replayed
+per token; ``step="fixed"`` runs that same step eagerly (how CPU tests check it against the
+shrinking loop, ``step="loop"``). :func:`decode_step` picks the step for ``rollout.cuda_graph``.
 """
 
 from __future__ import annotations
@@ -73,6 +80,22 @@ def unsupported(model: nn.Module) -> str | None:
         if not hasattr(attn, "scaling") or not hasattr(attn, "head_dim"):
             return f"layer {i}'s attention has no scaling/head_dim"
     return None
+
+
+STEPS = ("loop", "fixed", "graph")
+
+
+def decode_step(setting: str, device: torch.device) -> tuple[str, str]:
+    """The decode step for ``rollout.cuda_graph`` (``auto`` | ``on`` | ``off``) on ``device``:
+    (``"graph"`` or ``"loop"``, the reason in words). ``on`` off CUDA raises ValueError."""
+    if setting == "off":
+        return "loop", "rollout.cuda_graph=off"
+    if device.type != "cuda":
+        why = f"the model is on {device.type}, and CUDA graphs need a CUDA device"
+        if setting == "on":
+            raise ValueError(f"rollout.cuda_graph=on: {why}")
+        return "loop", why
+    return "graph", f"rollout.cuda_graph={setting} on {device}"
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -138,7 +161,7 @@ class StaticDecoder:
         x: torch.Tensor,
         positions: torch.Tensor,
         caches: list[tuple[torch.Tensor, torch.Tensor]],
-        start: int,
+        start: int | torch.Tensor,
         attn_mask: torch.Tensor,
         weights: list[tuple],
         rope: tuple[torch.Tensor, torch.Tensor],
@@ -146,7 +169,9 @@ class StaticDecoder:
         """``x`` [b, n, H] at ``positions`` [b, n] through every layer, writing keys/values into
         ``caches`` at ``start .. start+n`` and attending to ``0 .. start+n`` under ``attn_mask``
         (bool, broadcastable to [b, heads, n, start+n]); ``rope``: cos and sin of every position,
-        [total, head_dim] each. Returns the final-normed hidden states."""
+        [total, head_dim] each. Returns the final-normed hidden states. A tensor ``start`` ([1],
+        n = 1: the fixed-shape step) writes that column and attends over the whole cache, so the
+        shapes never change (``attn_mask`` then spans the cache: [b, 1, 1, total])."""
         b, n, _ = x.shape
         # One additive mask for every layer (sdpa would convert a bool mask in each call).
         attn_mask = torch.zeros(attn_mask.shape, dtype=x.dtype, device=x.device).masked_fill_(
@@ -154,7 +179,8 @@ class StaticDecoder:
         )
         nh, nkv, hd = self.n_heads, self.n_kv, self.head_dim
         cos, sin = rope[0][positions][:, :, None], rope[1][positions][:, :, None]  # [b, n, 1, hd]
-        end = start + n
+        fixed = isinstance(start, torch.Tensor)
+        end = None if fixed else start + n
         for layer, (qkv_w, qkv_b, o_w, o_b, gate_up, down), (kc, vc) in zip(
             self.inner.layers, weights, caches
         ):
@@ -169,8 +195,12 @@ class StaticDecoder:
                 )
             qk = qk * cos + _rotate_half(qk) * sin  # q and k rotate together
             q, k = qk[:, :, :nh].transpose(1, 2), qk[:, :, nh:].transpose(1, 2)
-            kc[:, :, start:end] = k
-            vc[:, :, start:end] = v.transpose(1, 2)
+            if fixed:
+                kc.index_copy_(2, start, k)
+                vc.index_copy_(2, start, v.transpose(1, 2))
+            else:
+                kc[:, :, start:end] = k
+                vc[:, :, start:end] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(
                 q, kc[:, :, :end], vc[:, :, :end], attn_mask=attn_mask, scale=self.scaling,
                 enable_gqa=nkv != nh,
@@ -194,11 +224,16 @@ class StaticDecoder:
         choose: Chooser,
         stop_ids: Sequence[int],
         pad_id: int,
+        step: str = "loop",
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode up to ``max_new_tokens`` after left-padded prompts ``ids`` [B, W] (``attention_mask``
         1 on real tokens). Each step ``choose`` picks the live rows' tokens from their next-token
         logits; a row stops after a ``stop_ids`` token. Returns (tokens [B, T], log-probs [B, T]):
-        ``pad_id`` / 0 after a row's stop; T <= ``max_new_tokens`` (the longest row)."""
+        ``pad_id`` / 0 after a row's stop; T <= ``max_new_tokens`` (the longest row).
+        ``step``: ``loop`` (stopped rows leave the batch), ``fixed`` (the fixed-shape step, eager)
+        or ``graph`` (that step as a CUDA graph; CUDA only)."""
+        if step not in STEPS:
+            raise ValueError(f"step must be one of {', '.join(STEPS)}, got {step!r}")
         B, W = ids.shape
         dev, dt = ids.device, self.model.get_output_embeddings().weight.dtype
         total = W + max_new_tokens
@@ -210,7 +245,9 @@ class StaticDecoder:
         cos, sin = self.inner.rotary_emb(probe, torch.arange(total, device=dev)[None])
         rope = (cos[0], sin[0])
         shape = (B, self.n_kv, total, self.head_dim)
-        caches = [(torch.empty(shape, dtype=dt, device=dev), torch.empty(shape, dtype=dt, device=dev))
+        # The fixed step reads the whole cache under a mask: unwritten entries must be finite.
+        alloc = torch.empty if step == "loop" else torch.zeros
+        caches = [(alloc(shape, dtype=dt, device=dev), alloc(shape, dtype=dt, device=dev))
                   for _ in weights]  # fmt: skip
         real = attention_mask.bool()
         valid = torch.zeros(B, total, dtype=torch.bool, device=dev)  # which cached keys are real
@@ -226,6 +263,9 @@ class StaticDecoder:
         rows = torch.arange(B, device=dev)
         pos = positions[:, -1] + 1
         stops = torch.tensor(list(stop_ids), dtype=torch.long, device=dev)
+        if step != "loop":
+            state = (caches, valid, pos, weights, rope)
+            return self._decode_fixed(logits, tokens, logps, W, state, choose, stops, step == "graph")
         steps = 0
         for t in range(max_new_tokens):
             tok, lp = choose(logits, rows, t, tokens)
@@ -247,6 +287,59 @@ class StaticDecoder:
                 self._layers(x, pos[:, None], caches, W + t, key_mask, weights, rope)[:, -1]
             )
             pos = pos + 1
+        return tokens[:, :steps], logps[:, :steps]
+
+    def _decode_fixed(
+        self,
+        logits: torch.Tensor,
+        tokens: torch.Tensor,
+        logps: torch.Tensor,
+        width: int,
+        state: tuple,
+        choose: Chooser,
+        stops: torch.Tensor,
+        graph: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode after prefill with one fixed-shape step (see the module doc): every row stays
+        in the batch (a stopped row's results are dropped), so the step's inputs are static
+        buffers -- token [B], position [B], cache column [1], valid keys [B, total] -- that a CUDA
+        graph (``graph``) captures once and replays per token. ``logits`` [B, V]: the prefill's."""
+        caches, valid, pos, weights, rope = state
+        B, max_new = tokens.shape
+        dev = tokens.device
+        tok_in = torch.zeros(B, dtype=torch.long, device=dev)
+        col = torch.full((1,), width, dtype=torch.long, device=dev)
+        key_mask = valid[:, None, None, :]
+
+        def run() -> torch.Tensor:
+            x = self.inner.embed_tokens(tok_in[:, None])
+            return self._logits(self._layers(x, pos[:, None], caches, col, key_mask, weights, rope)[:, -1])
+
+        captured, out = None, None
+        rows = torch.arange(B, device=dev)
+        steps = 0
+        for t in range(max_new):
+            tok, lp = choose(logits if rows.numel() == B else logits[rows], rows, t, tokens)
+            tokens[rows, t], logps[rows, t] = tok, lp
+            steps = t + 1
+            if t == max_new - 1:
+                break
+            tok_in.index_copy_(0, rows, tok)
+            done = torch.isin(tok, stops)
+            if bool(done.any()):
+                rows = rows[~done]
+                if rows.numel() == 0:
+                    break
+            valid[:, width + t] = True
+            col.fill_(width + t)
+            if not graph:
+                logits = run()
+            else:
+                if captured is None:
+                    captured, out = _capture(run)
+                captured.replay()
+                logits = out
+            pos += 1
         return tokens[:, :steps], logps[:, :steps]
 
     # ------------------------------------------------------------------ check
@@ -292,3 +385,19 @@ class StaticDecoder:
                 f"the static-cache decoder disagrees with {type(self.model).__name__}'s forward "
                 f"(log-prob gap {gap:.2e} > {atol:g}); this variant needs transformers' generate"
             )
+
+
+def _capture(fn: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """``fn`` (reading and writing only static buffers) captured as a CUDA graph: (graph, its
+    output buffer). Warmed up on a side stream first, as capture requires; the warm-up runs write
+    what the first replay writes again (the same column, the same inputs)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out

@@ -285,12 +285,16 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
     def step(self) -> dict[str, float]:
         """Generate, score, compute advantages, update, sync; returns this step's metrics."""
         t0 = time.time()
+        _cuda_peak_gib()  # resets the peak: each phase's own follows
         rb, events, dynamic = self.generate()
         t1 = time.time()
+        peaks = {"memory/generate_peak_gib": _cuda_peak_gib()}
         exp, stats = self.make_experience(rb)
         t2 = time.time()
+        peaks["memory/score_peak_gib"] = _cuda_peak_gib()
         train_stats = self.train(exp)
         t3 = time.time()
+        peaks["memory/train_peak_gib"] = _cuda_peak_gib()
         if self.split:  # the rollout ranks join the sync only after the batches queued before it
             if self.rollout is not None:
                 self.rollout.drain()
@@ -323,6 +327,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             **dynamic,
             **train_stats,
             **{k: v for k, v in sync_stats.items() if k != "time/sync_s"},
+            **{k: v for k, v in peaks.items() if v is not None},
         }
         local.update(
             {
@@ -570,3 +575,14 @@ def run_ppo(cfg: PPOConfig) -> dict[str, Any]:
         return trainer.fit()
     finally:
         trainer.close()
+
+
+def _cuda_peak_gib() -> float | None:
+    """The CUDA allocator's peak (GiB) since the last call on this rank's device, then reset; None
+    off CUDA. Colocated roles share the device, so each phase's peak is what its roles needed
+    (generate: the rollout engine; score: reference, critic and old log-probs; train: updates)."""
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak
