@@ -220,7 +220,7 @@ class HFRollout:
             if step != "graph" or getattr(c, "cuda_graph", "auto") != "auto":
                 raise
             self._graph_failed = f"its capture failed ({type(e).__name__}: {str(e)[:200]})"
-            return self._static_generate(ids, mask, seed)  # again, eagerly, from the same seed
+            return self._static_generate(ids, mask, seeds)  # again, eagerly, from the same seeds
         return new, lps, kept[:, : new.shape[1]] if kept is not None else None
 
     def _decode_step(self, device: torch.device) -> str:
