@@ -77,8 +77,11 @@ def _coerce(path: str, tp: Any, value: Any, base: Any = None) -> Any:
             raise ConfigError(f"{path} must be a mapping, got {value!r}")
         return _build(tp, value, path, base if dataclasses.is_dataclass(base) else None)
     if origin is list:
+        item_name = {str: "strings", int: "integers", float: "numbers"}.get(
+            args[0] if args else None, "values"
+        )
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{path} must be a list, got {value!r}")
+            raise ConfigError(f"{path} must be a list of {item_name}, got {value!r}")
         item = args[0] if args else Any
         return [_coerce(f"{path}[{i}]", item, v) for i, v in enumerate(value)]
     if origin is tuple:

@@ -113,7 +113,8 @@ def test_sample_rows_decode_the_responses_and_carry_raw_reward_and_kl() -> None:
     dropped[1] = False  # invalid reward: out of the loss, but its KL is still the sample's
     exp = Experience(rb.sequences, rb.attention_mask, dropped, old_logprobs=old, ref_logprobs=ref)
     cfg = SimpleNamespace(
-        logging=SimpleNamespace(samples_per_step=2), ppo=SimpleNamespace(kl=SimpleNamespace(kind="k1"))
+        logging=SimpleNamespace(samples_per_step=2),
+        ppo=SimpleNamespace(kl=SimpleNamespace(kind="k1", log_ratio_clamp=10.0)),
     )
     rows = ExperienceMixin.sample_rows(SimpleNamespace(cfg=cfg), rb, exp)
     assert [(r["prompt"], r["response"], r["response_len"], r["finish_reason"]) for r in rows] == [

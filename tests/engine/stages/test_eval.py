@@ -103,7 +103,9 @@ def _cfg(ckpts, tmp_path: Path, *extra: str) -> EvalConfig:
             f"models.policy={ckpts['policy']}",
             f"models.baseline={ckpts['sft']}",
             f"models.reward_model={ckpts['rm']}",
-            "models.gold=tritonrlhf.engine.tasks:toy_reward",
+            # A gold that sees every character: the toy reward scores most of these random answers 0
+            # for both policies alike, and then no pair would differ (rm_gold_agreement NaN).
+            "models.gold=tests.engine.rewards.reward_fns:char_mean",
             f"data.prompts={ckpts['prompts']}",
             f"data.pairs={ckpts['pairs']}",
             "rollout.max_new_tokens=6",
