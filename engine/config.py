@@ -83,10 +83,21 @@ class ModelConfig:
     attn_implementation: str = "auto"  # auto = flash_attention_2 on GPU when installed, else sdpa
 
 
+def is_url(spec: str) -> bool:
+    """Whether a reward spec names an HTTP endpoint rather than ``module:function``."""
+    return spec.startswith(("http://", "https://"))
+
+
+def _function_name(spec: str) -> str:
+    """The default ``reward/<name>`` of a spec: the function's name, or ``http`` for an endpoint."""
+    return "http" if is_url(spec) else spec.rsplit(":", 1)[-1]
+
+
 @dataclass
 class RewardFunctionConfig:
-    """One of ``reward.functions``: a ``module:function`` (or ``file.py:function``), its weight in the
-    sum, and the name of its ``reward/<name>`` metric (default: the function's name)."""
+    """One of ``reward.functions``: a ``module:function`` (or ``file.py:function``, or an ``http(s)://``
+    endpoint speaking ``tritonrlhf.engine.rewards.http``'s protocol), its weight in the sum, and the
+    name of its ``reward/<name>`` metric (default: the function's name; ``http`` for an endpoint)."""
 
     fn: str = ""
     weight: float = 1.0
@@ -125,37 +136,6 @@ class RewardConfig:
     url: str = ""  # kind=http: where batches are posted
     http: HttpRewardConfig = field(default_factory=HttpRewardConfig)
 
-    def validate(self, prefix: str = "reward") -> None:
-        """The function / functions / http keys agree; raises ConfigError naming the key."""
-        default_fn = type(self)().function
-        if self.functions and self.function != default_fn:
-            raise ConfigError(f"{prefix}.function and {prefix}.functions are both set: give one")
-        for i, f in enumerate(self.functions):
-            if not f.fn:
-                raise ConfigError(f"{prefix}.functions[{i}].fn is empty (want 'module:function')")
-            if not math.isfinite(f.weight):
-                raise ConfigError(f"{prefix}.functions[{i}].weight must be finite, got {f.weight}")
-        if self.workers < 0:
-            raise ConfigError(f"{prefix}.workers must be >= 0, got {self.workers}")
-        check_positive(f"{prefix}.timeout_s", self.timeout_s)
-        if self.kind == "http":
-            if not self.url.startswith(("http://", "https://")):
-                raise ConfigError(
-                    f"{prefix}.kind=http needs {prefix}.url=http(s)://host:port/..., got {self.url!r}"
-                )
-            h = self.http
-            check_positive(f"{prefix}.http.timeout_s", h.timeout_s)
-            if h.retries < 0 or h.max_concurrency < 1 or h.batch_size < 1 or h.backoff_s < 0:
-                raise ConfigError(
-                    f"{prefix}.http: retries >= 0, backoff_s >= 0, max_concurrency >= 1 and batch_size >= 1, got {h}"
-                )
-
-    def terms(self) -> list[tuple[str, str, float]]:
-        """``(name, "module:function", weight)`` of each function (kind=function)."""
-        if not self.functions:
-            return [(self.function.rsplit(":", 1)[-1], self.function, 1.0)]
-        return [(f.name or f.fn.rsplit(":", 1)[-1], f.fn, f.weight) for f in self.functions]
-
     model_path: str = ""
     clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
     # Responses cut at rollout.max_new_tokens (no stop token): subtract this from their score
@@ -170,6 +150,40 @@ class RewardConfig:
     # checkpoint; chat prompts and RMs trained elsewhere take the RM's chat template where it has one),
     # plain (<bos> prompt response <eos> for every sample) or chat (the RM's chat template for every sample).
     layout: str = "auto"
+
+    def validate(self, prefix: str = "reward") -> None:
+        """The function / functions / http keys agree; raises ConfigError naming the key."""
+        default_fn = type(self)().function
+        if self.functions and self.function != default_fn:
+            raise ConfigError(f"{prefix}.function and {prefix}.functions are both set: give one")
+        for i, f in enumerate(self.functions):
+            if not f.fn:
+                raise ConfigError(
+                    f"{prefix}.functions[{i}].fn is empty (want 'module:function' or an http(s):// URL)"
+                )
+            if not math.isfinite(f.weight):
+                raise ConfigError(f"{prefix}.functions[{i}].weight must be finite, got {f.weight}")
+        if self.workers < 0:
+            raise ConfigError(f"{prefix}.workers must be >= 0, got {self.workers}")
+        check_positive(f"{prefix}.timeout_s", self.timeout_s)
+        if self.kind == "http" or any(is_url(f.fn) for f in self.functions):
+            if self.kind == "http" and not is_url(self.url):
+                raise ConfigError(
+                    f"{prefix}.kind=http needs {prefix}.url=http(s)://host:port/..., got {self.url!r}"
+                )
+            h = self.http
+            check_positive(f"{prefix}.http.timeout_s", h.timeout_s)
+            if h.retries < 0 or h.max_concurrency < 1 or h.batch_size < 1 or h.backoff_s < 0:
+                raise ConfigError(
+                    f"{prefix}.http: retries >= 0, backoff_s >= 0, max_concurrency >= 1 and batch_size >= 1, got {h}"
+                )
+
+    def terms(self) -> list[tuple[str, str, float]]:
+        """``(name, spec, weight)`` of each function (kind=function); a spec is ``module:function``
+        or an ``http(s)://`` endpoint (``HttpReward`` with ``reward.http``'s options)."""
+        if not self.functions:
+            return [(self.function.rsplit(":", 1)[-1], self.function, 1.0)]
+        return [(f.name or _function_name(f.fn), f.fn, f.weight) for f in self.functions]
 
 
 @dataclass

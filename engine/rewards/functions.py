@@ -31,8 +31,9 @@ CALL_KEYWORDS = ("finish_reasons",)
 
 @dataclass
 class RewardTerm:
-    """One reward function: ``fn`` is a callable, or a ``"module:function"`` spec (needed in a pool,
-    where each worker imports it). ``name`` labels its ``reward/<name>`` metric."""
+    """One reward function: ``fn`` is a callable, a ``"module:function"`` spec (needed in a pool,
+    where each worker imports it) or an ``http(s)://`` endpoint (``HttpReward``; called from a thread,
+    its own concurrency and timeouts apply). ``name`` labels its ``reward/<name>`` metric."""
 
     name: str
     fn: Callable[..., Any] | str
@@ -133,7 +134,8 @@ class PendingRewards:
                     scores, extra = fut()
             except cf.TimeoutError:
                 timeouts += 1
-                owner.restart_pool()
+                if owner.workers:
+                    owner.restart_pool()
                 print(
                     f"[reward] {term.name}: no result within reward.timeout_s={owner.timeout_s:g}s; "
                     "this batch's rewards are invalid",
@@ -167,7 +169,13 @@ class RewardFunctions:
     ``workers`` processes (spawned; each imports the functions by their ``module:function`` spec)
     with ``timeout_s`` per batch. Call ``check_columns`` at start-up, ``close`` at the end."""
 
-    def __init__(self, terms: Sequence[RewardTerm], workers: int = 0, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        terms: Sequence[RewardTerm],
+        workers: int = 0,
+        timeout_s: float = 60.0,
+        http: dict[str, Any] | None = None,
+    ) -> None:
         if not terms:
             raise ConfigError("reward: no reward function given")
         names = [t.name for t in terms]
@@ -180,8 +188,14 @@ class RewardFunctions:
         self.terms = list(terms)
         self.workers, self.timeout_s = int(workers), float(timeout_s)
         self._fns: list[Callable[..., Any]] = []
+        self._remote: list[bool] = []  # HTTP endpoints: called from a thread, never in the pool
         for t in self.terms:
-            if isinstance(t.fn, str):
+            remote = isinstance(t.fn, str) and t.fn.startswith(("http://", "https://"))
+            if remote:
+                from tritonrlhf.engine.rewards.http import HttpReward
+
+                self._fns.append(HttpReward(t.fn, **(http or {})))
+            elif isinstance(t.fn, str):
                 from tritonrlhf.engine.tasks import load_callable
 
                 self._fns.append(load_callable(t.fn))
@@ -189,7 +203,9 @@ class RewardFunctions:
                 raise ConfigError(f"reward function {t.name!r}: a worker pool needs a 'module:function' spec")
             else:
                 self._fns.append(t.fn)
+            self._remote.append(remote)
         self._pool: cf.ProcessPoolExecutor | None = None
+        self._threads: cf.ThreadPoolExecutor | None = None
 
     def check_columns(self, columns: Sequence[str], where: str = "data.prompts") -> None:
         """ConfigError when a function requires a keyword that neither the records' columns nor the
@@ -230,8 +246,12 @@ class RewardFunctions:
         if finish_reasons is not None:
             keywords["finish_reasons"] = list(finish_reasons)
         futures: list[Any] = []
-        for term, fn in zip(self.terms, self._fns):
-            if self.workers:
+        for term, fn, remote in zip(self.terms, self._fns, self._remote):
+            if remote:  # I/O: a thread waits on the service while the caller goes on
+                if self._threads is None:
+                    self._threads = cf.ThreadPoolExecutor(max(1, sum(self._remote)), "reward-http")
+                futures.append(self._threads.submit(call_reward, fn, prompts, responses, keywords))
+            elif self.workers:
                 futures.append(self._get_pool().submit(_worker_call, term.fn, prompts, responses, keywords))
             else:
                 futures.append(lambda fn=fn: call_reward(fn, prompts, responses, keywords))
@@ -244,6 +264,9 @@ class RewardFunctions:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._threads is not None:
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            self._threads = None
 
 
 def reward_functions(cfg: Any) -> RewardFunctions:
@@ -252,16 +275,13 @@ def reward_functions(cfg: Any) -> RewardFunctions:
     if cfg.kind == "http":
         from tritonrlhf.engine.rewards.http import HttpReward
 
-        h = cfg.http
-        fn = HttpReward(
-            cfg.url,
-            timeout_s=h.timeout_s,
-            retries=h.retries,
-            backoff_s=h.backoff_s,
-            max_concurrency=h.max_concurrency,
-            batch_size=h.batch_size,
-            auth_env=h.auth_env,
-        )
+        fn = HttpReward(cfg.url, **_http_options(cfg.http))
         return RewardFunctions([RewardTerm("http", fn)], workers=0, timeout_s=cfg.timeout_s)
     terms = [RewardTerm(name, spec, weight) for name, spec, weight in cfg.terms()]
-    return RewardFunctions(terms, workers=cfg.workers, timeout_s=cfg.timeout_s)
+    return RewardFunctions(terms, workers=cfg.workers, timeout_s=cfg.timeout_s, http=_http_options(cfg.http))
+
+
+def _http_options(h: Any) -> dict[str, Any]:
+    """``HttpReward``'s keyword arguments from ``reward.http``."""
+    keys = ("timeout_s", "retries", "backoff_s", "max_concurrency", "batch_size", "auth_env")
+    return {k: getattr(h, k) for k in keys}

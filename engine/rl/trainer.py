@@ -32,7 +32,7 @@ import torch
 
 from tritonrlhf.engine import distributed as dist
 from tritonrlhf.engine.checkpoint import writable_dir
-from tritonrlhf.engine.config import PPOConfig, save_config, to_dict
+from tritonrlhf.engine.config import PPOConfig, is_url, save_config, to_dict
 from tritonrlhf.engine.data import PromptBatch
 from tritonrlhf.engine.metrics import MetricsLogger, drop_rows_after
 from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
@@ -95,7 +95,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
             writable_dir(self.out)
         if cfg.reward.kind == "function":  # fail in a second, not after building every role
             for _, spec, _ in cfg.reward.terms():
-                load_callable(spec)
+                if not is_url(spec):  # an endpoint is checked by its first batch
+                    load_callable(spec)
         from tritonrlhf.engine.checkpoint import CheckpointManager
 
         # Resolve `resume` now, so a bad path fails in a second rather than after building every role.

@@ -179,3 +179,33 @@ def test_score_samples_sets_parts_and_info_on_the_samples():
     }
     rb = collate_samples(samples, tok, tok.pad_token_id)
     assert torch.equal(rb.reward_parts["m"], torch.tensor([1.0, 0.0])) and rb.reward_info[1]["got"] == "4"
+
+
+def test_an_http_endpoint_is_one_of_the_functions(tmp_path):
+    """``reward.functions`` mixes a local function (in the worker pool) with a remote one
+    (``http://...``, called from a thread beside it): each is logged, and they add up."""
+    from tests.engine._scripts.launch import start_reward_server
+
+    server, url = start_reward_server(tmp_path, "--function", f"{FNS}:answer_match")
+    try:
+        cfg = load_config(
+            PPOConfig,
+            None,
+            [
+                f"reward.functions=[{{fn: '{FNS}:length', weight: 0.5}}, {{fn: '{url}', weight: 2, name: remote}}]",
+                "reward.workers=1",
+                "reward.http.retries=0",
+            ],  # fmt: skip
+        )
+        cfg.reward.validate()
+        fns = reward_functions(cfg.reward)
+        try:
+            out = fns(PROMPTS, RESPONSES, COLUMNS)
+        finally:
+            fns.close()
+        assert out.parts["remote"] == [1.0, 0.0, 0.0] and out.parts["length"][:2] == [1.0, 1.0]
+        assert out.scores == [2.0 + 0.5, 0.5, 0.0] and out.errors == 0
+    finally:
+        server.kill_group()
+    dead = RewardFunctions([RewardTerm("remote", url)], http={"retries": 0, "timeout_s": 2})
+    assert dead(PROMPTS, RESPONSES).errors == 1  # the server is gone: that batch is invalid, no crash

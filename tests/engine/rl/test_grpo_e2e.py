@@ -98,22 +98,29 @@ def _verifiable_records(path: Path) -> Path:
     return path
 
 
-READY_MADE = (
-    "reward.functions=[{fn: tritonrlhf.engine.tasks:target_reward, name: target},"
-    " {fn: tritonrlhf.engine.tasks:stopped, weight: 0.0},"
-    " {fn: tritonrlhf.engine.rewards.math:math_reward, weight: 0.0, name: math},"
-    " {fn: tritonrlhf.engine.rewards.code:code_reward, weight: 0.0, name: code}]"
-)
+def _ready_made(url: str) -> str:
+    """reward.functions: the target column's reward, and at weight 0 the stop flag, math-verify, the
+    code sandbox and the same target reward served over HTTP at ``url`` (a remote function)."""
+    return (
+        "reward.functions=[{fn: tritonrlhf.engine.tasks:target_reward, name: target},"
+        " {fn: tritonrlhf.engine.tasks:stopped, weight: 0.0},"
+        " {fn: tritonrlhf.engine.rewards.math:math_reward, weight: 0.0, name: math},"
+        " {fn: tritonrlhf.engine.rewards.code:code_reward, weight: 0.0, name: code},"
+        f" {{fn: '{url}', weight: 0.0, name: remote}}]"
+    )
 
 
 @pytest.fixture(scope="module")
 def split_async(tmp_path_factory) -> PPORun:
     require("vllm", "deepspeed")
     data = _verifiable_records(tmp_path_factory.mktemp("data") / "verifiable.jsonl")
+    server, url = start_reward_server(
+        tmp_path_factory.mktemp("server"), "--function", "tritonrlhf.engine.tasks:target_reward"
+    )
     extra = [
         f"total_steps={STEPS}",
         f"data.prompts={data}",  # the same prompts as the toy set, with ground-truth columns
-        READY_MADE,
+        _ready_made(url),
         "placement.mode=split",
         "placement.scoring=rollout",  # the rollout rank scores, with the records' columns it was sent
         "async.max_staleness=1",
@@ -125,7 +132,12 @@ def split_async(tmp_path_factory) -> PPORun:
     ]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OMP_NUM_THREADS", "1")
-        run = launch(tmp_path_factory.mktemp("grpo_split"), extra, ranks=2, timeout_s=540, config=VERIFIABLE)
+        try:
+            run = launch(
+                tmp_path_factory.mktemp("grpo_split"), extra, ranks=2, timeout_s=540, config=VERIFIABLE
+            )
+        finally:
+            server.kill_group()
     print(f"split async: {run.wall_s:.0f}s")
     run.check()
     return run
@@ -199,13 +211,14 @@ def test_split_async_reward_rises_without_a_critic(split_async) -> None:
 def test_split_async_reward_reads_columns_on_the_rollout_rank(split_async) -> None:
     """configs/grpo_verifiable.yaml's worker pool on the rollout rank, with a JSONL of the same
     prompts carrying `target`, `answer` and `tests`: every column reached the ready-made rewards
-    (math-verify and the code sandbox among them) with every prompt (dynamic sampling's top-ups
-    included), each function is logged on its own, and the weighted sum (target x 1, the others
-    x 0) is the reward."""
+    (math-verify, the code sandbox, and the target reward served over HTTP) with every prompt
+    (dynamic sampling's top-ups included), each function is logged on its own, and the weighted sum
+    (target x 1, the others x 0) is the reward."""
     for r in split_async.metrics:
         assert r["reward/target"] == pytest.approx(r["reward/mean"], abs=1e-6), r
         assert 0.0 <= r["reward/stopped"] <= 1.0 and r["rollout/invalid_rewards"] == 0
         assert 0.0 <= r["reward/math"] <= 1.0 and 0.0 <= r["reward/code"] <= 1.0
+        assert r["reward/remote"] == pytest.approx(r["reward/target"], abs=1e-6)  # the same, over HTTP
     assert "[reward]" not in split_async.output  # no function failed or timed out
 
 
