@@ -207,6 +207,11 @@ class RewardFunctions:
         self._pool: cf.ProcessPoolExecutor | None = None
         self._threads: cf.ThreadPoolExecutor | None = None
 
+    @property
+    def background(self) -> bool:
+        """Whether ``submit`` returns before scoring is done (a worker pool, or an HTTP endpoint)."""
+        return self.workers > 0 or any(self._remote)
+
     def check_columns(self, columns: Sequence[str], where: str = "data.prompts") -> None:
         """ConfigError when a function requires a keyword that neither the records' columns nor the
         call provide (e.g. ``answer`` with a data set that has no ``answer`` column)."""

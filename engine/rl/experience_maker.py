@@ -49,12 +49,16 @@ class ExperienceMixin:
         exp.policy_version = int(rb.versions.min())
         entropy = None
         timed = PhaseTimes()  # each pass this rank runs (time/score/*_s)
-        pending = None
-        if rb.scores is None:  # reward functions in a worker pool score while the forwards below run
-            with timed("time/score/reward_s"):
-                pending = self.reward.submit(
-                    rb.prompts, rb.responses, rb.sequences, rb.attention_mask, rb.finish_reasons, rb.columns
-                )
+        score_args = (
+            rb.prompts,
+            rb.responses,
+            rb.sequences,
+            rb.attention_mask,
+            rb.finish_reasons,
+            rb.columns,
+        )
+        # Reward functions in a worker pool (or behind HTTP) score while the forwards below run.
+        pending = self.reward.submit(*score_args) if rb.scores is None and self.reward.in_background else None
         if not self.old_from_update:  # else train() takes them from the update's forward
             with timed("time/score/old_logprobs_s"):
                 exp.old_logprobs, entropy = self.actor.logprobs(exp)
@@ -66,11 +70,11 @@ class ExperienceMixin:
             with timed("time/score/ref_s"):
                 exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
         reward_stats: dict[str, float] = {}
-        if pending is None:  # scored beside the rollout engine, or for dynamic sampling
+        if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
         else:
-            with timed("time/score/reward_s"):
-                scored = pending.result()
+            with timed("time/score/reward_s"):  # with a pool: only the wait left after the forwards
+                scored = (pending or self.reward.submit(*score_args)).result()
             raw, valid = scored.scores, scored.valid
             rb.reward_parts, rb.reward_info = scored.parts, scored.info
             reward_stats = scored.stats()

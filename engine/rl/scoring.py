@@ -277,6 +277,12 @@ class RewardScorer:
 
         return PendingScore(finish)
 
+    @property
+    def in_background(self) -> bool:
+        """Whether ``submit`` returns before the scores exist (a worker pool or an HTTP endpoint), so
+        a caller gains by submitting before its other work."""
+        return self.functions is not None and self.functions.background
+
     def score_detailed(self, *args: Any, **kwargs: Any) -> Scored:
         """``submit(...).result()``: scores, validity, each function's part and per-sample info."""
         return self.submit(*args, **kwargs).result()
