@@ -37,6 +37,7 @@ _TENSOR_FIELDS = (
     "advantages",
     "returns",
     "kept_logmass",
+    "trunc_logmass",
 )
 
 
@@ -61,6 +62,9 @@ class Experience:
     - ``returns``          [B, R]   GAE returns (value targets)
     - ``kept_logmass``     [B, R]   with banned text: log of the mass the ban left per token
       (``rollout_logprobs + kept_logmass`` is the unconstrained log-prob); None without bans
+    - ``trunc_logmass``    [B, R]   with top-k/top-p: log of the mass the truncation kept per token
+      (``rollout_logprobs + kept_logmass + trunc_logmass`` is the untruncated, unconstrained
+      log-prob); None without truncation
     - ``policy_version``   int      actor optimizer steps taken when the rollout was generated
 
     Fields not yet computed may be ``None``; ``split``/``cat``/``select``/``to``
@@ -79,6 +83,7 @@ class Experience:
     advantages: torch.Tensor | None = None
     returns: torch.Tensor | None = None
     kept_logmass: torch.Tensor | None = None
+    trunc_logmass: torch.Tensor | None = None
     policy_version: int = 0
 
     @property
@@ -167,6 +172,7 @@ class RolloutBatch:
     finish_reasons:   B of ``"stop"`` (ended with the stop token) or ``"length"`` (cut at
                       ``max_new_tokens``); ``truncated`` is the latter as [B] bool.
     kept_logmass:     [B, R] float32 with banned text (``Sample.kept_logmass``, 0 on padding), else None.
+    trunc_logmass:    [B, R] float32 with top-k/top-p (``Sample.trunc_logmass``, 0 on padding), else None.
     columns:          name -> [B] values of the prompt records' other columns (``answer``, ...; None
                       where a record lacks one), passed to reward functions; {} without any.
     reward_parts:     name -> [B] float32 each reward function's score (NaN: none), when scored by
@@ -185,6 +191,7 @@ class RolloutBatch:
     score_valid: torch.Tensor | None = None
     finish_reasons: list[str] | None = None
     kept_logmass: torch.Tensor | None = None
+    trunc_logmass: torch.Tensor | None = None
     columns: dict[str, list[Any]] = field(default_factory=dict)
     reward_parts: dict[str, torch.Tensor] | None = None
     reward_info: list[dict[str, Any] | None] | None = None
@@ -227,10 +234,12 @@ def collate_samples(samples: list, tokenizer: Any, pad_id: int) -> RolloutBatch:
         rb.ref_logprobs = torch.zeros((B, R), dtype=torch.float32)
         for i, s in enumerate(samples):
             rb.ref_logprobs[i, : len(s.ref_logprobs)] = torch.tensor(s.ref_logprobs, dtype=torch.float32)
-    if samples and all(s.kept_logmass is not None for s in samples):
-        rb.kept_logmass = torch.zeros((B, R), dtype=torch.float32)
-        for i, s in enumerate(samples):
-            rb.kept_logmass[i, : len(s.kept_logmass)] = torch.tensor(s.kept_logmass, dtype=torch.float32)
+    for name in ("kept_logmass", "trunc_logmass"):
+        if samples and all(getattr(s, name) is not None for s in samples):
+            t = torch.zeros((B, R), dtype=torch.float32)
+            for i, s in enumerate(samples):
+                t[i, : len(getattr(s, name))] = torch.tensor(getattr(s, name), dtype=torch.float32)
+            setattr(rb, name, t)
     rb.columns = columns_by_name([s.columns or {} for s in samples])
     if samples and all(s.score is not None for s in samples):
         rb.scores = torch.tensor([s.score for s in samples], dtype=torch.float32)

@@ -45,6 +45,7 @@ class ExperienceMixin:
             rb.action_mask,
             rollout_logprobs=rb.rollout_logprobs,
             kept_logmass=rb.kept_logmass,
+            trunc_logmass=rb.trunc_logmass,
         )
         exp.policy_version = int(rb.versions.min())
         entropy = None
@@ -297,9 +298,11 @@ class ExperienceMixin:
         Without a reference (``exp.ref_logprobs`` None) there are no ``kl/`` stats (absent, not 0).
 
         ``rollout/logprob_gap`` compares the trainer with the rollout engine's log-probs *without*
-        the banned-text renormalisation (``rollout_logprobs + kept_logmass``): the engine mismatch
-        alone. ``rollout/constraint_kl`` (with bans) is the mean per-token KL(constrained ||
-        unconstrained) = ``-kept_logmass``, what the ban moved the behaviour policy.
+        the banned-text and top-k/top-p renormalisations (``rollout_logprobs + kept_logmass +
+        trunc_logmass``): the engine mismatch alone. ``rollout/constraint_kl`` (with bans) is the mean
+        per-token KL(constrained || unconstrained) = ``-kept_logmass``, what the ban moved the
+        behaviour policy; ``rollout/truncation_kl`` (with top-k/top-p) is the mean ``-trunc_logmass``,
+        KL(truncated || untruncated), what the truncation moved it.
 
         Collective (every trainer rank calls it): ``kl/mean`` is over the training rows of all ranks.
         """
@@ -324,6 +327,9 @@ class ExperienceMixin:
         if exp.kept_logmass is not None:
             rollout = rollout + exp.kept_logmass
             out["rollout/constraint_kl"] = float(masked_mean(-exp.kept_logmass, m))
+        if exp.trunc_logmass is not None:
+            rollout = rollout + exp.trunc_logmass
+            out["rollout/truncation_kl"] = float(masked_mean(-exp.trunc_logmass, m))
         out["rollout/logprob_gap"] = float(masked_mean((rollout - exp.old_logprobs).abs(), m))
         return out
 

@@ -10,7 +10,14 @@ from typing import Any
 import torch
 
 from tritonrlhf.engine.config import RolloutConfig
-from tritonrlhf.engine.rl.rollout import Sample, processed_logits, processed_logprobs, sample_seeds
+from tritonrlhf.engine.rl.rollout import (
+    Sample,
+    processed_logits,
+    processed_logprobs,
+    sample_seeds,
+    truncates,
+    truncation_logmass,
+)
 
 
 def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
@@ -141,17 +148,18 @@ class HFRollout:
         self.model.eval()
         try:
             if self.decoder is not None and self.decoder.fits(width + self.cfg.max_new_tokens):
-                new, lps, kept = self._static_generate(ids, mask, seeds)
+                new, lps, kept, trunc = self._static_generate(ids, mask, seeds)
             else:
-                new, lps, kept = self._hf_generate(ids, mask, seeds[0])
+                new, lps, kept, trunc = self._hf_generate(ids, mask, seeds[0])
         finally:
             self.model.train(was_training)
-        return self._samples(flat, n, new, lps, kept)
+        return self._samples(flat, n, new, lps, kept, trunc)
 
     def _hf_generate(
         self, ids: torch.Tensor, mask: torch.Tensor, seed: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """transformers ``generate``: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None)."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """transformers ``generate``: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None,
+        truncation log-mass [B, T] or None)."""
         from transformers import GenerationConfig, LogitsProcessorList
 
         from tritonrlhf.engine.rl.constraints import HFBanProcessor
@@ -163,6 +171,9 @@ class HFRollout:
         self.model.generation_config = GenerationConfig()
         ban = self._ban()
         procs = [HFBanProcessor(ban, width, self.stop_ids, self.cfg.temperature)] if ban is not None else []
+        # Custom processors run before generate's temperature/top-k/top-p warpers: this one sees the
+        # banned logits the warpers truncate.
+        trunc = _TruncationRecorder(self.cfg) if truncates(self.cfg) else None
         try:
             with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
                 torch.manual_seed(seed)
@@ -170,7 +181,7 @@ class HFRollout:
                     input_ids=ids,
                     attention_mask=mask,
                     generation_config=self._generation_config(),
-                    logits_processor=LogitsProcessorList(procs),
+                    logits_processor=LogitsProcessorList(procs + ([trunc] if trunc else [])),
                 )
         finally:
             self.model.generation_config = saved
@@ -179,13 +190,13 @@ class HFRollout:
         scores = torch.stack(out.scores, dim=1)  # [B, T, V]
         lps = processed_logprobs(scores, new)
         kept = torch.stack(procs[0].kept, dim=1) if procs else None  # [B, T]
-        return new, lps, kept
+        return new, lps, kept, torch.stack(trunc.mass, dim=1) if trunc else None
 
     def _static_generate(
         self, ids: torch.Tensor, mask: torch.Tensor, seeds: list[int]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """The static-cache loop: (tokens [B, T], log-probs [B, T], kept log-mass [B, T] or None).
-        Row i draws from its own generator seeded with ``seeds[i]``."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The static-cache loop: (tokens [B, T], log-probs [B, T], kept and truncation log-mass
+        [B, T] or None). Row i draws from its own generator seeded with ``seeds[i]``."""
         from tritonrlhf.engine.rl.constraints import HFBanProcessor
 
         c, width = self.cfg, ids.shape[1]
@@ -193,6 +204,7 @@ class HFRollout:
         ban = self._ban()
         proc = HFBanProcessor(ban, width, self.stop_ids, c.temperature) if ban is not None else None
         kept = torch.zeros(ids.shape[0], c.max_new_tokens) if proc is not None else None
+        trunc = torch.zeros(ids.shape[0], c.max_new_tokens, device=ids.device) if truncates(c) else None
 
         def choose(
             logits: torch.Tensor, rows: torch.Tensor, t: int, tokens: torch.Tensor
@@ -201,6 +213,8 @@ class HFRollout:
                 logits = proc(torch.cat([ids[rows], tokens[rows, :t]], dim=1), logits)
                 kept[rows.cpu(), t] = proc.kept[-1]
             lp = processed_logits(logits, c.temperature, c.top_k, c.top_p).log_softmax(-1)
+            if trunc is not None:
+                trunc[rows, t] = truncation_logmass(logits, c.temperature, c.top_k, c.top_p)
             # The exponential race (argmax p / E, E ~ Exp(1)) on noise from each row's own generator:
             # a row's draws depend on its seed and the step only, not on which other rows share the
             # call or have stopped, so a batch cut between ranks samples what it samples whole.
@@ -221,7 +235,8 @@ class HFRollout:
                 raise
             self._graph_failed = f"its capture failed ({type(e).__name__}: {str(e)[:200]})"
             return self._static_generate(ids, mask, seeds)  # again, eagerly, from the same seeds
-        return new, lps, kept[:, : new.shape[1]] if kept is not None else None
+        cut = new.shape[1]
+        return new, lps, *(x[:, :cut].cpu() if x is not None else None for x in (kept, trunc))
 
     def _decode_step(self, device: torch.device) -> str:
         """The static loop's step for ``rollout.cuda_graph`` on ``device`` (``graph`` or ``loop``);
@@ -245,9 +260,10 @@ class HFRollout:
         new: torch.Tensor,
         lps: torch.Tensor,
         kept: torch.Tensor | None,
+        trunc: torch.Tensor | None = None,
     ) -> list[list[Sample]]:
-        """Per prompt, its ``n`` samples from the generated ``new`` tokens [B, T], their log-probs
-        and kept log-mass (each cut after the row's first stop token)."""
+        """Per prompt, its ``n`` samples from the generated ``new`` tokens [B, T], their log-probs,
+        kept and truncation log-mass (each cut after the row's first stop token)."""
         stops = set(self.stop_ids)
         samples = []
         for i, p in enumerate(flat):
@@ -262,6 +278,7 @@ class HFRollout:
                     "length" if end is None else "stop",
                     self.policy_version,
                     kept_logmass=kept[i, :length].tolist() if kept is not None else None,
+                    trunc_logmass=trunc[i, :length].tolist() if trunc is not None else None,
                 )
             )
         return [samples[i * n : (i + 1) * n] for i in range(len(flat) // n)]
@@ -294,3 +311,17 @@ class HFRollout:
 
     def close(self) -> None:
         self.model = None
+
+
+class _TruncationRecorder:
+    """A pass-through transformers logits processor that collects
+    :func:`~engine.rl.rollout.truncation_logmass` per step as ``[B]`` tensors (in ``mass``)."""
+
+    def __init__(self, cfg: RolloutConfig):
+        self.cfg = cfg
+        self.mass: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        self.mass.append(truncation_logmass(scores, c.temperature, c.top_k, c.top_p).cpu())
+        return scores

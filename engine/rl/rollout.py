@@ -53,6 +53,11 @@ importance weights ``min(pi_old / pi_rollout, async.tis_cap)``, which at a const
 the kept mass ``Z <= 1``. ``Sample.kept_logmass`` is ``log Z`` per token, so the trainer reports
 ``rollout/logprob_gap`` as ``|(rollout + kept_logmass) - trainer|`` (the engine mismatch alone, as
 without bans) and ``rollout/constraint_kl`` as the mean ``-log Z`` = KL(constrained || unconstrained).
+
+Top-k/top-p truncate the same way (after the ban): ``Sample.trunc_logmass`` is the log of the mass
+they kept per token (:func:`truncation_logmass`; vLLM: ``vllm_logits.TruncationLogitsProcessor``,
+registered when ``cfg`` truncates or ``truncation=True``), the gap adds it back too, and
+``rollout/truncation_kl`` is its mean ``-log`` kept mass.
 """
 
 from __future__ import annotations
@@ -93,6 +98,9 @@ class Sample:
     # With banned text (rollout.banned_*): log of the probability mass under softmax(logits / T)
     # the ban left at each step (0 where nothing was banned); None without bans.
     kept_logmass: list[float] | None = None
+    # With top-k/top-p (rollout.top_k/top_p): log of the probability mass the truncation kept at each
+    # step under the (banned) softmax(logits / T) (0 where nothing was cut); None without truncation.
+    trunc_logmass: list[float] | None = None
     # The prompt record's other columns (answer, tests, ...), for reward functions; None: none.
     columns: dict[str, Any] | None = None
     # Set with score: each reward function's own score (reward.functions) and the per-sample info
@@ -175,6 +183,32 @@ def processed_logits(
     return x
 
 
+def truncation_logmass(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int = -1,
+    top_p: float = 1.0,
+    banned: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Log of the probability mass top-k/top-p keep under ``softmax(logits / T)`` (after the ban),
+    ``<= 0``: ``[..., V] -> [...]`` fp32.
+
+    The sampled token's processed log-prob (:func:`processed_logprobs`) minus this is its log-prob
+    under the untruncated (but banned) distribution, and ``-truncation_logmass`` is the per-token
+    KL(truncated || untruncated). 0 exactly where nothing is cut (top-k/top-p off, or a step whose
+    nucleus is the whole support).
+    """
+    x = logits.float() / temperature
+    if banned is not None:
+        x = x.masked_fill(banned.to(x.device), float("-inf"))
+    return processed_logits(x, 1.0, top_k, top_p).logsumexp(-1) - x.logsumexp(-1)
+
+
+def truncates(cfg: Any) -> bool:
+    """Whether ``cfg`` (a :class:`RolloutConfig`) samples with top-k or top-p truncation."""
+    return 0 < cfg.top_k or cfg.top_p < 1.0
+
+
 def _on_gpu() -> bool:
     return torch.cuda.is_available()
 
@@ -223,6 +257,7 @@ class VLLMRollout:
         max_model_len: int,
         dtype: str = "float32",
         bans: bool | None = None,
+        truncation: bool | None = None,
     ):
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # in-process: tensors pass by reference
         gpu = _on_gpu()
@@ -239,6 +274,12 @@ class VLLMRollout:
             from tritonrlhf.engine.rl.vllm_logits import BanLogitsProcessor  # imports vllm
 
             kwargs["logits_processors"] = [BanLogitsProcessor]
+        # Likewise the truncation recorder (Sample.trunc_logmass), where top-k/top-p may truncate.
+        self._trunc_on = truncates(cfg) if truncation is None else truncation
+        if self._trunc_on:
+            from tritonrlhf.engine.rl.vllm_logits import TruncationLogitsProcessor  # imports vllm
+
+            kwargs.setdefault("logits_processors", []).append(TruncationLogitsProcessor)
         shares_dist = torch.distributed.is_available() and torch.distributed.is_initialized()
         if shares_dist and torch.distributed.get_world_size() > 1:
             kwargs["distributed_executor_backend"] = "external_launcher"
@@ -253,7 +294,7 @@ class VLLMRollout:
         self._asleep = False
         self._reloading = False
         self._rng = torch.Generator().manual_seed(seed)
-        self._requests = 0  # tags the banned-text requests' kept-mass records
+        self._requests = 0  # tags the requests' kept-mass (ban, truncation) records
         self.llm = LLM(
             model=model_dir,
             dtype=dtype,
@@ -299,6 +340,11 @@ class VLLMRollout:
             tag = f"{id(self)}:{self._requests}"
             spec = {"strings": list(c.banned_strings), "patterns": list(c.banned_patterns), "tag": tag}
             over.setdefault("extra_args", {"banned_text": spec})
+        if truncates(c) and self._trunc_on:
+            self._requests += 1
+            extra = over.setdefault("extra_args", {})
+            if extra is not None:
+                extra["truncation_tag"] = f"{id(self)}:{self._requests}"
         kw: dict[str, Any] = dict(
             temperature=c.temperature,
             top_p=c.top_p,
@@ -314,7 +360,7 @@ class VLLMRollout:
     def generate(
         self, prompt_ids: list[list[int]], n: int = 1, seed: int | None = None
     ) -> list[list[Sample]]:
-        from tritonrlhf.engine.rl.vllm_logits import pop_kept_logmass
+        from tritonrlhf.engine.rl.vllm_logits import pop_kept_logmass, pop_trunc_logmass
 
         self.wake()
         seeds = sample_seeds(seed, self._rng, len(prompt_ids) * n)
@@ -328,6 +374,7 @@ class VLLMRollout:
             reason = "stop" if o.finish_reason == "stop" else "length"
             smp = Sample(req["prompt_token_ids"], list(o.token_ids), lps, reason, self.policy_version)
             smp.kept_logmass = pop_kept_logmass(sp, len(lps))
+            smp.trunc_logmass = pop_trunc_logmass(sp, len(lps))
             samples.append(smp)
         return [samples[i * n : (i + 1) * n] for i in range(len(prompt_ids))]
 

@@ -15,6 +15,14 @@ With a ``tag``, the processor records :func:`~engine.rl.constraints.kept_logmass
 :data:`KEPT_LOGMASS` (``tag -> {position: value}``), which the rollout pops after ``generate``.
 That side channel only exists in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as ``VLLMRollout``
 runs); elsewhere the table stays empty and the rollout reports no kept mass.
+
+:class:`TruncationLogitsProcessor` records, the same way (:data:`TRUNC_LOGMASS`, opted in with
+``extra_args={"truncation_tag": str}``), :func:`~engine.rl.rollout.truncation_logmass`: the log of
+the mass top-k/top-p keep at each step. It is argmax-invariant (it returns the logits unchanged),
+so vLLM runs it after temperature and before top-k/top-p, on exactly the logits the sampler
+truncates, and skips it for greedy requests. Cost per decode step, only while a request records:
+one batched top-k and sort over the vocabulary for the recording rows (what the sampler's own
+top-k/top-p does once more), no host sync (values stay tensors until the rollout pops them).
 """
 
 from __future__ import annotations
@@ -23,11 +31,14 @@ from typing import Any
 
 import torch
 from vllm import SamplingParams
-from vllm.v1.sample.logits_processor import AdapterLogitsProcessor
+from vllm.v1.sample.logits_processor import AdapterLogitsProcessor, LogitsProcessor
+from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 
 from tritonrlhf.engine.rl.constraints import banned_text_for, kept_logmass
+from tritonrlhf.engine.rl.rollout import truncation_logmass
 
 KEPT_LOGMASS: dict[str, dict[int, float]] = {}
+TRUNC_LOGMASS: dict[str, dict[int, torch.Tensor]] = {}
 
 
 class BanLogitsProcessor(AdapterLogitsProcessor):
@@ -75,3 +86,55 @@ def pop_kept_logmass(params: SamplingParams, length: int) -> list[float] | None:
         return None
     record = KEPT_LOGMASS.pop(spec["tag"], {})
     return [record[i] for i in range(length)] if len(record) >= length else None
+
+
+class TruncationLogitsProcessor(LogitsProcessor):
+    """Records each tagged request's :func:`~engine.rl.rollout.truncation_logmass` per step; leaves
+    the logits as they are. Rows are grouped by (top_k, top_p), one batched call per group."""
+
+    def __init__(self, vllm_config: Any, device: torch.device, is_pin_memory: bool):
+        # batch row -> (record, top_k, top_p, the request's live output ids)
+        self.rows: dict[int, tuple[dict[int, torch.Tensor], int, float, list[int]]] = {}
+
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        tag = (sampling_params.extra_args or {}).get("truncation_tag")
+        if tag is not None and not isinstance(tag, str):
+            raise ValueError(f"extra_args['truncation_tag'] must be a string, got {tag!r}")
+
+    @staticmethod
+    def _new_state(params: SamplingParams, prompt_ids: Any, output_ids: list[int]):
+        tag = (params.extra_args or {}).get("truncation_tag")
+        if not tag:
+            return None
+        return TRUNC_LOGMASS.setdefault(tag, {}), params.top_k, params.top_p, output_ids
+
+    def update_state(self, batch_update: Any) -> None:
+        process_dict_updates(self.rows, batch_update, self._new_state)
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        groups: dict[tuple[int, float], list[int]] = {}
+        for row, (_, k, p, _) in self.rows.items():
+            groups.setdefault((k, p), []).append(row)
+        for (k, p), rows in groups.items():
+            # The logits are already divided by the temperature here.
+            mass = truncation_logmass(logits[rows], 1.0, k, p)
+            for i, row in enumerate(rows):
+                record, _, _, out = self.rows[row]
+                record[len(out)] = mass[i]
+        return logits
+
+
+def pop_trunc_logmass(params: SamplingParams, length: int) -> list[float] | None:
+    """The truncation record of the request ``params`` tagged, removed from :data:`TRUNC_LOGMASS`:
+    ``length`` values, or None (untagged, greedy, or not in-process)."""
+    tag = (params.extra_args or {}).get("truncation_tag")
+    if not tag:
+        return None
+    record = TRUNC_LOGMASS.pop(tag, {})
+    if len(record) < length:
+        return None
+    return torch.stack([record[i] for i in range(length)]).float().cpu().tolist() if length else []

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import GAP_TOL_FP32
 from tritonrlhf.engine.config import RolloutConfig
 from tritonrlhf.engine.rl.hf_rollout import HFRollout
-from tritonrlhf.engine.rl.rollout import RolloutEngine, Sample, processed_logprobs
+from tritonrlhf.engine.rl.rollout import RolloutEngine, Sample, processed_logprobs, truncation_logmass
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from rollout_tiny import build_tokenizer, save_tiny_llama  # noqa: E402
@@ -50,6 +51,7 @@ def vllm_rollout(tiny_dir):
         seed=0,
         max_model_len=128,
         bans=True,  # test_constraints shares this engine and swaps in configs that ban text
+        truncation=True,  # and the top-k/top-p test below swaps in a truncating config
     )
     r.threads_before = threads
     yield r
@@ -82,6 +84,69 @@ def test_processed_logprobs_matches_explicit_formula():
     )
     # top-p tiny: only the argmax survives, with log-prob 0.
     assert torch.allclose(processed_logprobs(logits, logits.argmax(-1), 1.0, top_p=1e-6), torch.zeros(5))
+
+
+def _brute_truncation_logmass(logits, T, top_k, top_p, banned) -> torch.Tensor:
+    """float64, one row at a time, from the definitions: the mass of the kept tokens under the
+    banned softmax(logits / T); top-k keeps every token tied with the k-th; top-p then drops the
+    least likely tokens (of the top-k renormalised distribution) while their cumulative mass stays
+    <= 1 - p, keeping at least the most likely one."""
+    out = []
+    for x, ban in zip(logits.double() / T, banned):
+        p = torch.where(ban, 0.0, (x - x[~ban].max()).exp())
+        p = p / p.sum()
+        keep = ~ban
+        if 0 < top_k < len(x):
+            kth = sorted(x[keep].tolist(), reverse=True)[min(top_k, int(keep.sum())) - 1]
+            keep = keep & (x >= kth)
+        if top_p < 1.0:
+            q = torch.where(keep, p, 0.0)
+            q = q / q.sum()
+            order = sorted(torch.nonzero(keep).flatten().tolist(), key=lambda i: float(q[i]))
+            cum = 0.0
+            for i in order[:-1]:
+                cum += float(q[i])
+                if cum > 1.0 - top_p:
+                    break
+                keep[i] = False
+        out.append(float(p[keep].sum()))
+    return torch.tensor(out, dtype=torch.float64).log()
+
+
+@pytest.mark.parametrize(
+    "top_k, top_p, T, ties, ban",
+    [
+        (5, 1.0, 1.0, False, False),
+        (-1, 0.8, 1.0, False, False),
+        (7, 0.6, 0.7, False, False),
+        (3, 0.9, 1.3, True, False),  # logits in steps of 1: ties at the k-th and in the nucleus
+        (-1, 0.5, 0.7, True, False),
+        (6, 0.7, 0.7, False, True),  # after a ban: the mass kept of the banned distribution
+        (500, 1.0, 0.7, False, False),  # k >= V: nothing cut
+        (-1, 1.0, 0.7, False, True),  # neither: 0 even with a ban
+    ],
+)
+def test_truncation_logmass_matches_float64_brute_force(top_k, top_p, T, ties, ban):
+    g = torch.Generator().manual_seed(top_k + int(100 * top_p))
+    L, V = 6, 41
+    logits = torch.randn(L, V, generator=g) * 2.5
+    if ties:
+        logits = logits.round()
+    banned = torch.rand(L, V, generator=g) < (0.3 if ban else 0.0)
+    got = truncation_logmass(logits, T, top_k, top_p, banned if ban else None)
+    want = _brute_truncation_logmass(logits, T, top_k, top_p, banned)
+    assert got.dtype == torch.float32 and got.shape == (L,)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    if top_k in (-1, 500) and top_p == 1.0:
+        assert (got == 0).all()
+    else:
+        assert (got < -1e-3).any()
+    # The sampled token's processed log-prob minus the kept mass is its untruncated log-prob.
+    ban_mask = banned if ban else None
+    tok = logits.masked_fill(banned, float("-inf")).argmax(-1)  # always inside the nucleus
+    truncated = processed_logprobs(logits, tok, T, top_k, top_p, ban_mask)
+    full = processed_logprobs(logits, tok, T, banned=ban_mask)
+    torch.testing.assert_close(truncated + got, full, atol=1e-5, rtol=0)
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -124,6 +189,31 @@ def test_vllm_sequence_logprobs_match_hf_forward(vllm_rollout, hf_model):
     got = torch.tensor(vllm_rollout.sequence_logprobs(PROMPT, response))
     ref = hf_logprobs(hf_model, PROMPT, response)
     assert got.shape == ref.shape and (got - ref).abs().max() < 1e-4
+
+
+def test_vllm_logprob_gap_excludes_top_k_top_p_truncation(vllm_rollout, hf_model):
+    """vLLM's truncation recorder (vllm_logits.TruncationLogitsProcessor): with top-k/top-p the
+    gap to an untruncated fp32 forward is the engine mismatch alone once ``trunc_logmass`` is
+    added back, and the truncation's cost shows as ``rollout/truncation_kl``."""
+    import dataclasses
+
+    base = vllm_rollout.cfg
+    vllm_rollout.cfg = dataclasses.replace(base, top_k=20, top_p=0.9)
+    try:
+        samples = [s for g in vllm_rollout.generate([PROMPT, PROMPT[:3]], n=3, seed=4) for s in g]
+    finally:
+        vllm_rollout.cfg = base
+    for s in samples:
+        assert len(s.trunc_logmass) == len(s.response_ids) and max(s.trunc_logmass) <= 0
+    stats = _gap_stats(samples, hf_model)
+    print(stats)
+    assert stats["rollout/logprob_gap"] < GAP_TOL_FP32
+    assert stats["rollout/truncation_kl"] > 1e-2
+    assert stats["mixed_gap"] == pytest.approx(stats["rollout/truncation_kl"], rel=1e-3)
+    # Untruncated requests are not tagged: no record, no metric (and nothing left in the table).
+    from tritonrlhf.engine.rl.vllm_logits import TRUNC_LOGMASS
+
+    assert vllm_rollout.generate([PROMPT], n=1, seed=4)[0][0].trunc_logmass is None and not TRUNC_LOGMASS
 
 
 # --------------------------------------------------------------------------- HF fallback
@@ -190,3 +280,55 @@ def test_hf_rollout_ignores_generation_config_sampling_defaults_and_stops_on_its
         assert s.finish_reason == ("stop" if cut else "length")
         stopped_on_extra += s.response_ids[-1] == extra
     assert stopped_on_extra >= 1
+
+
+def _gap_stats(samples, model) -> dict[str, float]:
+    """``logprob_stats`` of ``samples`` collated as the trainer does, against the trainer's
+    log-probs (an untruncated fp32 forward at temperature T)."""
+    from types import SimpleNamespace
+
+    from tritonrlhf.engine.rl.experience import Experience, collate_samples
+    from tritonrlhf.engine.rl.experience_maker import ExperienceMixin
+
+    rb = collate_samples(samples, build_tokenizer(), pad_id=257)
+    old = torch.zeros_like(rb.rollout_logprobs)
+    for i, s in enumerate(samples):
+        old[i, : len(s.response_ids)] = hf_logprobs(model, s.prompt_ids, s.response_ids)
+    exp = Experience(
+        rb.sequences,
+        rb.attention_mask,
+        rb.action_mask,
+        old_logprobs=old,
+        rollout_logprobs=rb.rollout_logprobs,
+        kept_logmass=rb.kept_logmass,
+        trunc_logmass=rb.trunc_logmass,
+    )
+    trainer = SimpleNamespace(cfg=None)
+    with_trunc = ExperienceMixin.logprob_stats(trainer, exp, torch.zeros_like(old))
+    exp.trunc_logmass = None  # what the gap was before the truncation had its own metric
+    mixed = ExperienceMixin.logprob_stats(trainer, exp, torch.zeros_like(old))["rollout/logprob_gap"]
+    return with_trunc | {"mixed_gap": mixed}
+
+
+@pytest.mark.parametrize("decode", ["static", "generate"])
+def test_hf_rollout_logprob_gap_excludes_top_k_top_p_truncation(hf_model, decode):
+    """With top-k/top-p the rollout's log-probs are those of the truncated, renormalised
+    distribution, the trainer's are not: ``rollout/logprob_gap`` adds the recorded
+    ``trunc_logmass`` back and is the engine mismatch alone (fp32 noise here, the same model),
+    ``rollout/truncation_kl`` is the truncation's cost."""
+    cfg = RolloutConfig(backend="hf", temperature=T, top_k=20, top_p=0.9, max_new_tokens=10, hf_decode=decode)
+    r = HFRollout(hf_model, build_tokenizer(), cfg)
+    samples = [s for g in r.generate([PROMPT, PROMPT[:2]], n=3, seed=4) for s in g]
+    for s in samples:
+        assert len(s.trunc_logmass) == len(s.response_ids) and max(s.trunc_logmass) <= 0
+    stats = _gap_stats(samples, hf_model)
+    print(decode, stats)
+    assert stats["rollout/logprob_gap"] < 1e-5
+    assert stats["rollout/truncation_kl"] > 1e-2
+    assert stats["mixed_gap"] == pytest.approx(stats["rollout/truncation_kl"], rel=1e-3)
+    # Without truncation there is nothing to record, and no metric.
+    plain = HFRollout(
+        hf_model, build_tokenizer(), RolloutConfig(backend="hf", temperature=T, hf_decode=decode)
+    )
+    s = plain.generate([PROMPT], n=1, seed=4)[0][0]
+    assert s.trunc_logmass is None and "rollout/truncation_kl" not in _gap_stats([s], hf_model)
