@@ -102,18 +102,21 @@ def build_tokenizer(merges: int = 0, family: str = "llama") -> PreTrainedTokeniz
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", vocab["<bos>"])]
     )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        pad_token="<pad>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        unk_token="<unk>",
-        additional_special_tokens=list(ROLE_TOKENS),
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
-    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **_TOY_TOKENIZER_ARGS)
+
+
+# What every toy tokenizer class is built with: its special tokens, left padding, the chat template.
+_TOY_TOKENIZER_ARGS: dict[str, Any] = dict(
+    pad_token="<pad>",
+    bos_token="<bos>",
+    eos_token="<eos>",
+    unk_token="<unk>",
+    additional_special_tokens=list(ROLE_TOKENS),
+    padding_side="left",
+    clean_up_tokenization_spaces=False,
+    chat_template=CHAT_TEMPLATE,
+    model_max_length=4096,
+)
 
 
 # Families whose AutoTokenizer class (transformers >= 5) ignores tokenizer.json's pipeline and
@@ -137,15 +140,7 @@ def _byte_level_toy(
     return getattr(transformers, class_name)(
         vocab={byte_level(k): i for k, i in vocab.items()},
         merges=[(byte_level(a), byte_level(b)) for a, b in pairs],
-        unk_token="<unk>",
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        additional_special_tokens=list(ROLE_TOKENS),
-        padding_side="left",
-        clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
-        model_max_length=4096,
+        **_TOY_TOKENIZER_ARGS,
     )
 
 
