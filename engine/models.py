@@ -78,7 +78,7 @@ def build_tokenizer(merges: int = 0, family: str = "llama") -> PreTrainedTokeniz
     BPE with Qwen's split pattern, whatever ``tokenizer.json`` says), the toy vocabulary is built as
     that class, so the ids this tokenizer gives are the ids every loader of the saved checkpoint gets
     (``save_tokenizer`` checks it). Such a toy keeps case and drops characters outside the alphabet,
-    as that family's tokenizer does with unknown bytes, and encoding adds no <bos>.
+    as that family's tokenizer does with unknown bytes; encoding prepends <bos> as the others do.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, processors
     from transformers import PreTrainedTokenizerFast
@@ -140,6 +140,7 @@ def _byte_level_toy(
     return getattr(transformers, class_name)(
         vocab={byte_level(k): i for k, i in vocab.items()},
         merges=[(byte_level(a), byte_level(b)) for a, b in pairs],
+        add_bos_token=True,  # as the other families' toy: <bos> first (that class adds none by default)
         **_TOY_TOKENIZER_ARGS,
     )
 

@@ -74,16 +74,16 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 300, **env: str) -> subproces
 
 
 def _missing_from_stack(wheelhouse: Path) -> list[str]:
-    """The wheels in ``wheelhouse`` whose distribution this interpreter (the .venv stack) lacks."""
-    from importlib.metadata import PackageNotFoundError, version
+    """The wheels in ``wheelhouse`` whose distribution the .venv stack's site-packages lacks (read
+    from its ``*.dist-info`` folders: importlib.metadata would also see packages vendored on the path
+    of this process, such as setuptools' platformdirs, which the new environment does not have)."""
 
-    missing = []
-    for wheel in sorted(wheelhouse.glob("*.whl")):
-        try:
-            version(wheel.name.split("-")[0])
-        except PackageNotFoundError:
-            missing.append(str(wheel))
-    return missing
+    def norm(name: str) -> str:
+        return name.lower().replace("-", "_").replace(".", "_")
+
+    site = Path(sysconfig.get_paths()["purelib"])
+    have = {norm(d.name.split("-")[0]) for d in site.glob("*.dist-info")}
+    return [str(w) for w in sorted(wheelhouse.glob("*.whl")) if norm(w.name.split("-")[0]) not in have]
 
 
 @pytest.fixture(scope="module")

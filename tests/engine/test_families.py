@@ -120,4 +120,12 @@ def test_dpo_and_eval_run_on_the_family(runs, name):
     for pol, m in ev.items():
         assert m["num_prompts"] == 4 and m["response_len"] > 0, pol
         assert all(math.isfinite(m[k]) for k in ("kl", "rm_reward", "gold_reward")), (pol, m)
-    assert ev["ppo"]["kl"] > ev["dpo"]["kl"]  # 4 PPO steps at lr 5e-3 move further than 2 DPO steps
+    # 4 PPO steps at lr 5e-3 move further from the SFT weights than 2 DPO steps. (Measured on the
+    # weights: eval's KL is a 4-sample estimate, whose per-sequence terms here spread over +-2.6
+    # nats, so its sign is noise; qwen2_tied's PPO came out at -0.62 once the sampling seeds changed.)
+    ppo = _tensors(out / "ppo" / "final")
+
+    def moved(tensors: dict) -> float:
+        return sum(float((tensors[k].float() - init[k].float()).pow(2).sum()) for k in init)
+
+    assert moved(ppo) > moved(dpo)

@@ -31,22 +31,25 @@ class RecordingTrainer(trainer_mod.PPOTrainer):
         self.record = {"route": None if route is None else route.route, "scored": [], "first_values": None}
         if self.reward is None:  # placement.scoring=rollout: the rollout ranks score (see make_experience)
             return
-        inner = self.reward.score
+        inner = self.reward.submit  # every scoring path of RewardScorer goes through it
 
-        def score(prompts, responses, sequences=None, attention_mask=None, finish_reasons=None):
-            scores, valid = inner(prompts, responses, sequences, attention_mask, finish_reasons)
+        def submit(
+            prompts, responses, sequences=None, attention_mask=None, finish_reasons=None, columns=None
+        ):
+            pending = inner(prompts, responses, sequences, attention_mask, finish_reasons, columns)
+            out = pending.result()
             self.record["scored"].append(
                 {
                     "prompts": list(prompts),
                     "responses": list(responses),
                     "finish_reasons": list(finish_reasons or []),
-                    "scores": scores.tolist(),
-                    "valid": valid.tolist(),
+                    "scores": out.scores.tolist(),
+                    "valid": out.valid.tolist(),
                 }
             )
-            return scores, valid
+            return pending
 
-        self.reward.score = score
+        self.reward.submit = submit
 
     def make_experience(self, rb):
         if self.reward is None and rb.scores is not None:  # scored beside the rollout engine
