@@ -18,6 +18,13 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tritonrlhf.engine.algo_config import (  # noqa: F401 (re-exported: sections of this module's trees)
+    POLICY_LOSSES,
+    AlgoConfig,
+    DynamicSamplingConfig,
+    OverlongConfig,
+    RolloutCorrectionConfig,
+)
 from tritonrlhf.engine.config_loader import (  # noqa: F401 (re-exported: the loader's names are part of this module's API)
     ConfigError,
     check_choice,
@@ -26,6 +33,12 @@ from tritonrlhf.engine.config_loader import (  # noqa: F401 (re-exported: the lo
     parse_override,
     save_config,
     to_dict,
+)
+from tritonrlhf.engine.reward_config import (  # noqa: F401 (re-exported: sections of this module's trees)
+    HttpRewardConfig,
+    RewardConfig,
+    RewardFunctionConfig,
+    is_url,
 )
 
 
@@ -81,109 +94,6 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
     dtype: str = "auto"  # auto = bf16 on GPU, fp32 on CPU
     attn_implementation: str = "auto"  # auto = flash_attention_2 on GPU when installed, else sdpa
-
-
-def is_url(spec: str) -> bool:
-    """Whether a reward spec names an HTTP endpoint rather than ``module:function``."""
-    return spec.startswith(("http://", "https://"))
-
-
-def _function_name(spec: str) -> str:
-    """The default ``reward/<name>`` of a spec: the function's name, or ``http`` for an endpoint."""
-    return "http" if is_url(spec) else spec.rsplit(":", 1)[-1]
-
-
-@dataclass
-class RewardFunctionConfig:
-    """One of ``reward.functions``: a ``module:function`` (or ``file.py:function``, or an ``http(s)://``
-    endpoint speaking ``tritonrlhf.engine.rewards.http``'s protocol), its weight in the sum, and the
-    name of its ``reward/<name>`` metric (default: the function's name; ``http`` for an endpoint)."""
-
-    fn: str = ""
-    weight: float = 1.0
-    name: str = ""
-
-
-@dataclass
-class HttpRewardConfig:
-    """``reward.kind=http``: how batches are posted to ``reward.url``
-    (``tritonrlhf.engine.rewards.http.HttpReward``). ``auth_env`` names an environment variable whose
-    value is sent as ``Authorization: Bearer ...``; the token itself is never written anywhere."""
-
-    timeout_s: float = 30.0
-    retries: int = 3
-    backoff_s: float = 0.5
-    max_concurrency: int = 4
-    batch_size: int = 64
-    auth_env: str = ""
-
-
-@dataclass
-class RewardConfig:
-    """The frozen reward: Python callables ``module:function``, a sequence-classification model, or a
-    service over HTTP (``tritonrlhf.engine.rewards``: the columns of each prompt record reach a
-    function as keyword arguments)."""
-
-    kind: str = "function"  # function | model | http
-    function: str = "tritonrlhf.engine.tasks:toy_reward"
-    # Several weighted functions instead of ``function`` (TRL's reward_funcs + reward_weights):
-    # [{fn: module:function, weight: 1.0, name: ...}, ...]; each logged as reward/<name>.
-    functions: list[RewardFunctionConfig] = field(default_factory=list)
-    # Functions run in this many worker processes (0: in the trainer's process), each batch within
-    # timeout_s (pool only); an exception or a timeout makes that batch's rewards invalid, counted.
-    workers: int = 0
-    timeout_s: float = 60.0
-    url: str = ""  # kind=http: where batches are posted
-    http: HttpRewardConfig = field(default_factory=HttpRewardConfig)
-
-    model_path: str = ""
-    clip: float = 10.0  # scores are clipped to [-clip, clip]; 0 disables
-    # Responses cut at rollout.max_new_tokens (no stop token): subtract this from their score
-    # (TRL's missing_eos_penalty; 0: off), and score them ("score") or leave them out of the loss
-    # ("mask": they still count in their group's baseline).
-    missing_eos_penalty: float = 0.0
-    on_truncated: str = "score"
-    # How a reward model reads samples: auto (its own tokenizer differs from the policy's ->
-    # re-tokenized text, else the policy's ids), policy (always the ids), own (always text).
-    tokenizer: str = "auto"
-    # The text route's layout: auto (the one the RM was trained in: the rm stage records plain in its
-    # checkpoint; chat prompts and RMs trained elsewhere take the RM's chat template where it has one),
-    # plain (<bos> prompt response <eos> for every sample) or chat (the RM's chat template for every sample).
-    layout: str = "auto"
-
-    def validate(self, prefix: str = "reward") -> None:
-        """The function / functions / http keys agree; raises ConfigError naming the key."""
-        default_fn = type(self)().function
-        if self.functions and self.function != default_fn:
-            raise ConfigError(f"{prefix}.function and {prefix}.functions are both set: give one")
-        for i, f in enumerate(self.functions):
-            if not f.fn:
-                raise ConfigError(
-                    f"{prefix}.functions[{i}].fn is empty (want 'module:function' or an http(s):// URL)"
-                )
-            if not math.isfinite(f.weight):
-                raise ConfigError(f"{prefix}.functions[{i}].weight must be finite, got {f.weight}")
-        if self.workers < 0:
-            raise ConfigError(f"{prefix}.workers must be >= 0, got {self.workers}")
-        check_positive(f"{prefix}.timeout_s", self.timeout_s)
-        if self.kind == "http" or any(is_url(f.fn) for f in self.functions):
-            if self.kind == "http" and not is_url(self.url):
-                raise ConfigError(
-                    f"{prefix}.kind=http needs {prefix}.url=http(s)://host:port/..., got {self.url!r}"
-                )
-            h = self.http
-            check_positive(f"{prefix}.http.timeout_s", h.timeout_s)
-            if h.retries < 0 or h.max_concurrency < 1 or h.batch_size < 1 or h.backoff_s < 0:
-                raise ConfigError(
-                    f"{prefix}.http: retries >= 0, backoff_s >= 0, max_concurrency >= 1 and batch_size >= 1, got {h}"
-                )
-
-    def terms(self) -> list[tuple[str, str, float]]:
-        """``(name, spec, weight)`` of each function (kind=function); a spec is ``module:function``
-        or an ``http(s)://`` endpoint (``HttpReward`` with ``reward.http``'s options)."""
-        if not self.functions:
-            return [(self.function.rsplit(":", 1)[-1], self.function, 1.0)]
-        return [(f.name or _function_name(f.fn), f.fn, f.weight) for f in self.functions]
 
 
 @dataclass
@@ -334,84 +244,6 @@ ESTIMATOR_DEFAULTS: dict[str, tuple[str, bool, bool]] = {
     "reinforce_pp": ("token_mean", True, False),
     "reinforce_pp_baseline": ("token_mean", True, False),
 }
-
-
-@dataclass
-class DynamicSamplingConfig:
-    """DAPO's dynamic sampling: groups whose valid rewards are all equal carry no group-relative
-    signal; they are dropped and more prompts are drawn until the batch is full, at most
-    ``max_draws`` prompt batches per step (the first included). A batch still short after that is
-    filled with dropped groups (``dynamic/padded_groups`` counts them)."""
-
-    enabled: bool = False
-    max_draws: int = 4
-
-
-@dataclass
-class OverlongConfig:
-    """DAPO's soft overlong punishment, added to the score: 0 up to ``max_new_tokens - buffer``
-    response tokens, then falling linearly to ``-penalty`` at ``max_new_tokens``. ``buffer`` 0: off."""
-
-    buffer: int = 0
-    penalty: float = 1.0
-
-
-@dataclass
-class RolloutCorrectionConfig:
-    """Rollout correction against the behaviour policy (the rollout engine's log-probs), verl's
-    ``rollout_corr``: the weight ``pi_old / pi_rollout`` per token (``level=token``) or per
-    sequence (``level=sequence``: the ``product`` of its token weights or their ``geometric`` mean),
-    then ``truncate`` (TIS: ``min(w, high)``) or ``mask`` (leave out tokens or sequences whose
-    weight is outside ``[low, high]``). ``mode`` null: ``async.tis_cap``'s token truncation."""
-
-    mode: str | None = None  # null | truncate | mask
-    level: str = "token"  # token | sequence
-    aggregation: str = "geometric"  # level=sequence: product | geometric
-    low: float = 0.5  # mask: lower bound
-    high: float = 2.0  # truncate: the cap; mask: upper bound
-
-
-POLICY_LOSSES = ("ppo", "gspo", "cispo")
-
-
-@dataclass
-class AlgoConfig:
-    """Which RL algorithm the PPO loop runs: the advantage estimator and how the loss is reduced.
-
-    ``advantage``: ``gae`` (PPO with a critic) or a critic-free estimator over the
-    ``ppo.samples_per_prompt`` samples of each prompt (``tritonrlhf.engine.rl.advantages``).
-    ``loss_agg``: ``token_mean`` (over the mini-batch's tokens), ``seq_mean_token_mean`` (mean of
-    each sequence's token mean), ``seq_mean_token_sum_norm`` (each sequence's token sum over
-    ``loss_agg_constant``, averaged over sequences: Dr. GRPO); null: the estimator's default.
-    """
-
-    advantage: str = "gae"
-    loss_agg: str | None = None
-    loss_agg_constant: int = 0  # seq_mean_token_sum_norm's constant; 0: rollout.max_new_tokens
-    std_eps: float = 1e-6  # grpo: (r - mean) / (std + std_eps)
-    dynamic_sampling: DynamicSamplingConfig = field(default_factory=DynamicSamplingConfig)
-    overlong: OverlongConfig = field(default_factory=OverlongConfig)
-    # The policy objective (kernels.ppo_policy_loss's loss_type): ppo (ppo.clip_low/high), gspo
-    # (the sequence ratio, clipped per sequence in its own, much smaller range), cispo (REINFORCE
-    # weighted by the clipped, stop-gradient ratio; cispo_clip_low 1: no lower bound, as MiniMax-M1).
-    policy_loss: str = "ppo"
-    gspo_clip_low: float = 3.0e-4
-    gspo_clip_high: float = 4.0e-4
-    cispo_clip_low: float = 1.0
-    cispo_clip_high: float = 0.28
-    rollout_correction: RolloutCorrectionConfig = field(default_factory=RolloutCorrectionConfig)
-
-    def policy_clip(self, ppo: PPOAlgoConfig) -> tuple[float, float | None]:
-        """``(clip_low, clip_high)`` of the chosen objective."""
-        if self.policy_loss == "gspo":
-            return self.gspo_clip_low, self.gspo_clip_high
-        if self.policy_loss == "cispo":
-            return self.cispo_clip_low, self.cispo_clip_high
-        return ppo.clip_low, ppo.clip_high
-
-    @property
-    def uses_critic(self) -> bool:
-        return self.advantage == "gae"
 
 
 @dataclass

@@ -4,7 +4,7 @@
 positions P-1 .. P+R-2 (the state before each response token, the same
 positions whose hidden states predict the response) and trains them toward the
 GAE returns with ``kernels.ppo_value_loss``. The DeepSpeed setup and the
-non-finite step guard are shared with the actor (``tritonrlhf.engine.rl.actor.TrainEngine``).
+non-finite step guard are shared with the actor (``tritonrlhf.engine.rl.train_engine.TrainEngine``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from torch import nn
 from tritonrlhf import kernels
 from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig
 from tritonrlhf.engine.rl.actor import (
-    TrainEngine,
     base_model_of,
     check_micro_batches,
     global_counts,
@@ -30,6 +29,7 @@ from tritonrlhf.engine.rl.actor import (
 )
 from tritonrlhf.engine.rl.experience import Experience, masked_mean
 from tritonrlhf.engine.rl.packing import Batching, check_packable, response_hidden, unflatten
+from tritonrlhf.engine.rl.train_engine import TrainEngine
 
 
 class ValueModel(nn.Module):

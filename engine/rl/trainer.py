@@ -71,7 +71,8 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
     def __init__(self, cfg: PPOConfig, placement: Any = None) -> None:
         from tritonrlhf.engine.config import ConfigError
         from tritonrlhf.engine.data import PromptDataset, PromptSampler
-        from tritonrlhf.engine.rl.experience import RunningMoments, make_kl_controller
+        from tritonrlhf.engine.rl.experience import RunningMoments
+        from tritonrlhf.engine.rl.kl_control import make_kl_controller
         from tritonrlhf.engine.tasks import load_callable
 
         self.placement = placement  # engine.rl.placement.Placement in split mode (a trainer rank)
@@ -406,7 +407,7 @@ class PPOTrainer(GenerateMixin, ExperienceMixin):
     def fit(self) -> dict[str, Any]:
         """Run until ``total_steps``; writes metrics.jsonl per step and summary.json at the end."""
         from tritonrlhf.engine.checkpoint import GracefulShutdown, save_hf_checkpoint
-        from tritonrlhf.engine.rl.actor import stop_on_consecutive_skips
+        from tritonrlhf.engine.rl.train_engine import stop_on_consecutive_skips
 
         every = self.cfg.save_every
         try:

@@ -275,9 +275,9 @@ def run_bon(cfg: BoNConfig) -> dict[str, Any]:
     from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from tritonrlhf.engine.data import PromptDataset, PromptSampler
     from tritonrlhf.engine.models import load_causal_lm, prepare_policy, resolve_dtype
-    from tritonrlhf.engine.rl.actor import TrainEngine
     from tritonrlhf.engine.rl.experience import collate_samples
     from tritonrlhf.engine.rl.generation import with_columns
+    from tritonrlhf.engine.rl.train_engine import TrainEngine
     from tritonrlhf.engine.rl.weight_sync import ColocatedWeightSync
     from tritonrlhf.engine.stages.common import LoopState, finish_stage, setup_resumable_stage
 

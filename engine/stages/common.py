@@ -1,7 +1,7 @@
 """What the offline stages (SFT, RM, DPO) share: setup, checkpoints and resume, the loop's logging
 and summary, tokenizing, eval splits.
 
-The DeepSpeed engine itself is ``tritonrlhf.engine.rl.actor.TrainEngine`` (AdamW, clipping,
+The DeepSpeed engine itself is ``tritonrlhf.engine.rl.train_engine.TrainEngine`` (AdamW, clipping,
 warmup, ZeRO stage from ``OptimConfig``, the non-finite step guard), reused as is.
 
 Sequences follow the layout of every stage: ``<bos> prompt response <eos>``,
@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from tritonrlhf.engine.checkpoint import GracefulShutdown
     from tritonrlhf.engine.data import PromptSampler
     from tritonrlhf.engine.metrics import MetricsLogger
-    from tritonrlhf.engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.rl.train_engine import TrainEngine
 
 
 # --------------------------------------------------------------------------- setup
@@ -220,7 +220,7 @@ class StageCheckpoints:
         ``max_consecutive_skips`` skipped updates in a row, saves and raises ``NonFiniteError``
         naming the step.
         """
-        from tritonrlhf.engine.rl.actor import stop_on_consecutive_skips
+        from tritonrlhf.engine.rl.train_engine import stop_on_consecutive_skips
 
         cfg, step = self.cfg, loop.step
         signalled = stop.should_stop_all() and step < cfg.total_steps

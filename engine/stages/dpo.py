@@ -266,8 +266,9 @@ def run_dpo(cfg: DPOConfig) -> dict[str, Any]:
     """
     from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from tritonrlhf.engine.models import resolve_dtype
-    from tritonrlhf.engine.rl.actor import PolicyLogprobs, TrainEngine
+    from tritonrlhf.engine.rl.actor import PolicyLogprobs
     from tritonrlhf.engine.rl.scoring import ReferenceModel
+    from tritonrlhf.engine.rl.train_engine import TrainEngine
     from tritonrlhf.engine.stages.sft import load_sft_model
 
     logger, ckpt = setup_resumable_stage(cfg, "dpo")

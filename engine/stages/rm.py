@@ -329,7 +329,7 @@ def run_rm(cfg: RMConfig) -> dict[str, Any]:
     """
     from tritonrlhf.engine.checkpoint import GracefulShutdown, hf_exporter, save_hf_checkpoint
     from tritonrlhf.engine.models import resolve_dtype
-    from tritonrlhf.engine.rl.actor import TrainEngine
+    from tritonrlhf.engine.rl.train_engine import TrainEngine
 
     logger, ckpt = setup_resumable_stage(cfg, "rm")
     t_start = time.time()

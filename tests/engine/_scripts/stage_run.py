@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 
 from tritonrlhf.engine import cli  # noqa: E402
-from tritonrlhf.engine.rl.actor import TrainEngine  # noqa: E402
+from tritonrlhf.engine.rl.train_engine import TrainEngine  # noqa: E402
 
 
 def pause_in_step(step: int, marker: Path, seconds: float) -> None:

@@ -15,10 +15,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 
 from tests.engine._scripts.launch import run_two_rank_script
 from tritonrlhf.engine.config import OptimConfig, PPOAlgoConfig
-from tritonrlhf.engine.rl.actor import ActorWorker, NonFiniteError, PolicyLogprobs, stop_on_consecutive_skips
+from tritonrlhf.engine.rl.actor import ActorWorker, PolicyLogprobs
 from tritonrlhf.engine.rl.critic import CriticWorker, ValueModel
 from tritonrlhf.engine.rl.experience import Experience, truncated_is_weights
 from tritonrlhf.engine.rl.scoring import ReferenceModel, RewardScorer
+from tritonrlhf.engine.rl.train_engine import NonFiniteError, stop_on_consecutive_skips
 
 ROOT = Path(__file__).resolve().parents[3]
 VOCAB, P, R = 96, 5, 6

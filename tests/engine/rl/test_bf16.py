@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from tritonrlhf.engine.config import ConfigError, OptimConfig, PPOConfig, load_config
 from tritonrlhf.engine.models import resolve_dtype
-from tritonrlhf.engine.rl.actor import TrainEngine
+from tritonrlhf.engine.rl.train_engine import TrainEngine
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "_scripts"))
 from ppo_launch import PPORun, launch, require  # noqa: E402
@@ -92,7 +92,7 @@ def test_fp16_is_refused_on_cpu_before_any_work() -> None:
 @pytest.mark.slow  # 30 steps of bf16 GEMMs: about a minute on a loaded 2-core VM
 def test_sft_in_bf16_trains_from_fp32_masters(tmp_path, monkeypatch) -> None:
     """The offline stages pass model.dtype to TrainEngine (SFT here; RM, DPO and best-of-n alike)."""
-    import tritonrlhf.engine.rl.actor as actor_mod
+    import tritonrlhf.engine.rl.train_engine as actor_mod
     from tests.engine.stages.test_sft import _tiny_cfg
     from tritonrlhf.engine.demo.task import make_sft_data, write_jsonl
     from tritonrlhf.engine.stages.sft import run_sft

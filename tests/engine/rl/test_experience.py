@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from tritonrlhf.engine.rl.experience import (
-    AdaptiveKLController,
     Experience,
-    FixedKLController,
     RunningMoments,
     compute_advantages,
     compute_rewards,
     masked_mean,
     masked_whiten,
 )
+from tritonrlhf.engine.rl.kl_control import AdaptiveKLController, FixedKLController
 
 
 def _action_mask(lengths: list[int], R: int) -> torch.Tensor:

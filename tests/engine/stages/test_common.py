@@ -22,7 +22,7 @@ from tritonrlhf.engine.checkpoint import verify_checkpoint
 from tritonrlhf.engine.config import TinyModelConfig, load_config
 from tritonrlhf.engine.demo.task import make_preference_data, make_sft_data, write_jsonl
 from tritonrlhf.engine.models import build_tiny_model, build_tokenizer
-from tritonrlhf.engine.rl.actor import NonFiniteError
+from tritonrlhf.engine.rl.train_engine import NonFiniteError
 from tritonrlhf.engine.stages.dpo import DPOConfig, run_dpo
 from tritonrlhf.engine.stages.rm import RMConfig, run_rm
 from tritonrlhf.engine.stages.sft import SFTConfig, run_sft
