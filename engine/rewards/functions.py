@@ -57,7 +57,7 @@ class RewardScores:
     timeouts: int = 0
 
 
-def _as_score(x: Any) -> float:
+def as_score(x: Any) -> float:
     if x is None:
         return math.nan
     try:
@@ -97,7 +97,7 @@ def call_reward(
     raw = list(out)
     if len(raw) != len(prompts):
         raise ValueError(f"returned {len(raw)} scores for {len(prompts)} samples")
-    return [_as_score(r) for r in raw], info
+    return [as_score(r) for r in raw], info
 
 
 # --------------------------------------------------------------------------- worker pool

@@ -19,6 +19,7 @@ from tritonrlhf import kernels
 from tritonrlhf.engine import distributed as dist
 from tritonrlhf.engine.metrics import PhaseTimes
 from tritonrlhf.engine.rl.experience import RolloutBatch
+from tritonrlhf.engine.rl.scoring import part_means
 
 
 class ExperienceMixin:
@@ -70,19 +71,15 @@ class ExperienceMixin:
         else:
             with timed("time/score/ref_s"):
                 exp.ref_logprobs = self.ref.logprobs(exp, self.cfg.rollout.temperature).float()
-        reward_stats: dict[str, float] = {}
         if rb.scores is not None:  # scored beside the rollout engine, or for dynamic sampling
             raw, valid = rb.scores, rb.score_valid
+            reward_stats = part_means(rb.reward_parts)
         else:
             with timed("time/score/reward_s"):  # with a pool: only the wait left after the forwards
                 scored = (pending or self.reward.submit(*score_args)).result()
             raw, valid = scored.scores, scored.valid
             rb.reward_parts, rb.reward_info = scored.parts, scored.info
             reward_stats = scored.stats()
-        if rb.reward_parts:
-            for name, v in rb.reward_parts.items():
-                ok = torch.isfinite(v)
-                reward_stats[f"reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
         raw = raw.float()
         rb.scores, rb.score_valid = raw, valid  # the raw scores, for the samples log (sample_rows)
         self.invalid_rewards += int((~valid).sum())

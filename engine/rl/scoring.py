@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tritonrlhf.engine import distributed as dist
-from tritonrlhf.engine.rewards.functions import RewardFunctions, RewardTerm, reward_functions
+from tritonrlhf.engine.rewards.functions import RewardFunctions, RewardTerm, as_score, reward_functions
 from tritonrlhf.engine.rl.actor import PolicyLogprobs, base_model_of, position_ids_from_mask
 from tritonrlhf.engine.rl.critic import reward_head_of
 from tritonrlhf.engine.rl.experience import Experience
@@ -140,11 +140,20 @@ class Scored:
 
     def stats(self) -> dict[str, float]:
         """``reward/<name>`` (each function's mean over the samples it scored) and the failure counts."""
-        out = {"reward/errors": float(self.errors), "reward/timeouts": float(self.timeouts)}
-        for name, v in (self.parts or {}).items():
-            ok = torch.isfinite(v)
-            out[f"reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
-        return out
+        return {
+            "reward/errors": float(self.errors),
+            "reward/timeouts": float(self.timeouts),
+            **part_means(self.parts),
+        }
+
+
+def part_means(parts: dict[str, torch.Tensor] | None) -> dict[str, float]:
+    """``reward/<name>``: each reward function's mean over the samples it scored (NaN where none)."""
+    out = {}
+    for name, v in (parts or {}).items():
+        ok = torch.isfinite(v)
+        out[f"reward/{name}"] = float(v[ok].mean()) if ok.any() else float("nan")
+    return out
 
 
 class PendingScore:
@@ -189,7 +198,6 @@ class RewardScorer:
         if fn is not None:
             functions = RewardFunctions([RewardTerm(getattr(fn, "__name__", "reward"), fn)])
         self.functions = functions
-        self.fn = fn
         self.clip = float(clip)
         self.batching = Batching.of(micro_batch_size)
         self.micro_batch_size = self.batching.micro_batch_size
@@ -290,7 +298,7 @@ class RewardScorer:
     def _finish(
         self, values: Sequence[float], parts=None, info=None, errors: int = 0, timeouts: int = 0
     ) -> Scored:
-        scores = torch.tensor([_as_float(v) for v in values], dtype=torch.float32)
+        scores = torch.tensor([as_score(v) for v in values], dtype=torch.float32)
         valid = torch.isfinite(scores)
         scores = torch.where(valid, scores, torch.zeros_like(scores))
         if self.clip > 0:
@@ -363,16 +371,6 @@ class RewardScorer:
         out = torch.full((ids.shape[0],), float("nan"))
         out[has.cpu()] = self.head(h).squeeze(-1).float().cpu()
         return out
-
-
-def _as_float(x: object) -> float:
-    """A reward value as a float; None / unparsable / non-finite -> NaN (invalid)."""
-    if x is None:
-        return math.nan
-    try:
-        return float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def build_scoring(
